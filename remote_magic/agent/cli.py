@@ -1,0 +1,251 @@
+"""The agent's command line, run by the client over SSH (or locally).
+
+Every command is short-lived except ``attach``, which streams a job's events
+until the job ends.  Results go to stdout as JSON (or raw bytes for blobs);
+a problem is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from . import bootstrap, jobs, protocol
+
+EXIT_PROBLEM = 2
+POLL_SECONDS = 0.02
+CANCEL_GRACE_SECONDS = 5.0
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_hello(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    """What the host offers: interpreter, packages (found, not imported), root."""
+    from .runner import package_versions
+
+    _print_json(
+        {
+            "agent": agent_hash,
+            "schema": protocol.SCHEMA_VERSION,
+            "python": sys.executable,
+            "python_version": platform.python_version(),
+            "hostname": socket.gethostname(),
+            "root": root,
+            "packages": package_versions(),
+        }
+    )
+    return 0
+
+
+def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    """Create a job and start its runner detached; answer at once.
+
+    stdin: one JSON line (the spec, with ``blobs`` and ``inputs_size``), then
+    the inputs pickle.  When blobs are missing, nothing is created and the
+    answer lists them so the client can upload just those.
+    """
+    stdin = sys.stdin.buffer
+    spec = json.loads(stdin.readline())
+    inputs = stdin.read(spec.pop("inputs_size"))
+    missing = jobs.missing_blobs(root, [(d, s) for d, s in spec.get("blobs", [])])
+    if missing:
+        _print_json({"missing": missing})
+        return 0
+    job_id, path = jobs.create_job(root, spec, inputs)
+    log = os.open(os.path.join(path, protocol.RUNNER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, jobs.FILE_MODE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        cwd=os.path.expanduser(spec.get("workdir") or "~"),
+        start_new_session=True,  # own session and process group: survives the SSH channel
+        close_fds=True,
+    )
+    os.close(log)
+    jobs.atomic_write(os.path.join(path, protocol.PID_FILE), str(process.pid).encode())
+    _print_json({"job_id": job_id, "pid": process.pid})
+    return 0
+
+
+def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    jobs.receive_blob(root, args.digest, args.size, sys.stdin.buffer)
+    _print_json({"stored": args.digest})
+    return 0
+
+
+def cmd_cat_blob(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    return _copy_file_to_stdout(jobs.blob_path(root, args.digest))
+
+
+def cmd_cat_outputs(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    path = jobs.job_dir(root, args.job_id)
+    outputs = os.path.join(path, protocol.OUTPUTS_FILE)
+    if not os.path.exists(outputs):
+        raise jobs.AgentError(f"job {args.job_id} has no outputs (it did not finish successfully)")
+    return _copy_file_to_stdout(outputs)
+
+
+def _copy_file_to_stdout(path: str) -> int:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise jobs.AgentError(f"{os.path.basename(path)} is not on the host any more") from None
+    with f:
+        out = sys.stdout.buffer
+        while chunk := f.read(4 * 1024 * 1024):
+            out.write(chunk)
+        out.flush()
+    return 0
+
+
+def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    """Stream events from ``--from`` until the job's final event.
+
+    If the runner died without one (SIGKILL, OOM, reboot) a ``lost`` event
+    is printed, not stored, so the client always sees an end.
+    """
+    path = jobs.job_dir(root, args.job_id)
+    next_seq = args.from_seq
+    out = sys.stdout
+    while True:
+        ended = False
+        for seq, line in jobs.iter_event_lines(path, next_seq):
+            out.write(line)
+            next_seq = seq + 1
+            ended = ended or json.loads(line)["type"] in protocol.TERMINAL
+        out.flush()
+        if ended:
+            return 0
+        pid = jobs.read_pid(path)
+        if pid is not None and not jobs.process_alive(pid):
+            # Read once more: the runner may have written its last event just before exiting.
+            if any(True for _ in jobs.iter_event_lines(path, next_seq)):
+                continue
+            out.write(
+                protocol.encode_event(
+                    protocol.make_event(next_seq, protocol.LOST, message="the runner process ended without a final event")
+                )
+            )
+            out.flush()
+            return 0
+        time.sleep(POLL_SECONDS)
+
+
+def cmd_status(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    if args.job_id is None:
+        _print_json(jobs.list_jobs(root))
+        return 0
+    path = jobs.job_dir(root, args.job_id)
+    row = jobs.summarize(path)
+    tail: list[str] = []
+    error = None
+    for _, line in jobs.iter_event_lines(path):
+        event = json.loads(line)
+        if event["type"] in (protocol.STDOUT, protocol.STDERR):
+            tail.append(event["text"])
+            del tail[: -args.lines]
+        elif event["type"] == protocol.ERROR:
+            error = event.get("traceback")
+    row.update(spec=jobs.read_spec(path), log_tail=tail, traceback=error)
+    row["spec"].pop("source", None)
+    row["source"] = jobs.read_spec(path).get("source")
+    _print_json(row)
+    return 0
+
+
+def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    """SIGTERM to the job's process group, SIGKILL after a grace period."""
+    path = jobs.job_dir(root, args.job_id)
+    pid = jobs.read_pid(path)
+    if not jobs.process_alive(pid):
+        _print_json({"job_id": args.job_id, "cancelled": False, "state": jobs.summarize(path)["state"]})
+        return 0
+    assert pid is not None
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.grace
+    while jobs.process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = jobs.process_alive(pid)
+    if killed:
+        _signal_group(pid, signal.SIGKILL)
+        while jobs.process_alive(pid) and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
+    # Children the cell started are in the same group: make sure they are gone too.
+    _signal_group(pid, signal.SIGKILL)
+    last = jobs.last_event(path)
+    if last is None or last["type"] not in protocol.TERMINAL:
+        log = jobs.EventLog(path)
+        log.append(protocol.CANCELLED, message="cancelled on request (killed after the grace period)")
+        log.close()
+    _print_json({"job_id": args.job_id, "cancelled": True, "killed": killed})
+    return 0
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    from . import runner
+
+    return runner.main(root, args.job_id)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remote_magic agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("hello").set_defaults(fn=cmd_hello)
+    sub.add_parser("submit").set_defaults(fn=cmd_submit)
+    p = sub.add_parser("put-blob")
+    p.add_argument("digest")
+    p.add_argument("size", type=int)
+    p.set_defaults(fn=cmd_put_blob)
+    p = sub.add_parser("cat-blob")
+    p.add_argument("digest")
+    p.set_defaults(fn=cmd_cat_blob)
+    p = sub.add_parser("cat-outputs")
+    p.add_argument("job_id")
+    p.set_defaults(fn=cmd_cat_outputs)
+    p = sub.add_parser("attach")
+    p.add_argument("job_id")
+    p.add_argument("--from", dest="from_seq", type=int, default=0)
+    p.set_defaults(fn=cmd_attach)
+    p = sub.add_parser("status")
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--lines", type=int, default=20)
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("cancel")
+    p.add_argument("job_id")
+    p.add_argument("--grace", type=float, default=CANCEL_GRACE_SECONDS)
+    p.set_defaults(fn=cmd_cancel)
+    p = sub.add_parser("run-job")
+    p.add_argument("job_id")
+    p.set_defaults(fn=cmd_run_job)
+    return parser
+
+
+def main(root: str, agent_hash: str, argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        jobs.ensure_dir(root)
+        return args.fn(root, agent_hash, args)
+    except jobs.AgentError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_PROBLEM
+    except BrokenPipeError:
+        return 0  # the client went away; the job itself is unaffected

@@ -1,0 +1,222 @@
+"""Runs one job: load inputs, run the cell, record events, write outputs.
+
+Started by ``cli submit`` in its own session and process group, detached
+from the SSH connection, so the job survives the client going away.  The
+job's events.jsonl belongs to this process while it runs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import linecache
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import types
+from importlib import metadata, util
+from typing import Any
+
+from . import callbacks, codec, jobs, protocol
+
+CELL_FILENAME = "<remote_train cell>"
+_VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax")
+# Import name -> the distributions that may provide it.
+_DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos")}
+
+
+class Cancelled(BaseException):
+    """Raised in the cell's thread by SIGTERM (``%remote_cancel``)."""
+
+
+class EventStream(io.TextIOBase):
+    """A text stream that turns each complete line into a stdout/stderr event.
+
+    A carriage return starts the line over (progress bars), so only what a
+    terminal would finally show is recorded.
+    """
+
+    def __init__(self, emit: Any, kind: str) -> None:
+        self.emit = emit
+        self.kind = kind
+        self.pending = ""
+        self.lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self.emit(self.kind, text=line.rsplit("\r", 1)[-1] + "\n")
+        return len(text)
+
+    def close_line(self) -> None:
+        with self.lock:
+            if self.pending:
+                self.emit(self.kind, text=self.pending.rsplit("\r", 1)[-1])
+                self.pending = ""
+
+
+def device_info() -> dict[str, Any]:
+    """GPU names and memory from nvidia-smi when the host has one, else CPU."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=5, check=True,
+            ).stdout
+            gpus = [line.strip() for line in out.splitlines() if line.strip()]
+            if gpus:
+                return {"kind": "GPU", "gpus": gpus, "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {"kind": "CPU", "gpus": []}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that matter for loading results, without importing them."""
+    versions: dict[str, str | None] = {}
+    for name in _VERSION_PACKAGES:
+        versions[name] = None
+        for distribution in _DISTRIBUTIONS.get(name, (name,)):
+            try:
+                versions[name] = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        if versions[name] is None and util.find_spec(name) is not None:
+            versions[name] = "unknown"
+    return versions
+
+
+def run_job(root: str, path: str) -> int:
+    log = jobs.EventLog(path)
+    lock = threading.Lock()
+
+    def emit(type_: str, **fields: Any) -> dict[str, Any]:
+        with lock:
+            return log.append(type_, **fields)
+
+    stop = callbacks.StopFlag()
+    signal.signal(signal.SIGINT, lambda *_: stop.requested.set())
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+
+    spec = jobs.read_spec(path)
+    emit(
+        protocol.STARTED,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        python=sys.executable,
+        python_version=platform.python_version(),
+        device=device_info(),
+        versions=package_versions(),
+    )
+    out, err = EventStream(emit, protocol.STDOUT), EventStream(emit, protocol.STDERR)
+    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    started = time.time()
+    try:
+        namespace = _load_inputs(root, path, spec)
+        callbacks.watch_keras(emit, stop)
+        _run_cell(spec["source"], namespace)
+        out.close_line()
+        err.close_line()
+        manifest = _write_outputs(root, path, spec, namespace, emit)
+        emit(protocol.DONE, seconds=round(time.time() - started, 3), stopped=stop.requested.is_set(), **manifest)
+        return 0
+    except Cancelled:
+        out.close_line()
+        err.close_line()
+        emit(protocol.CANCELLED, message="cancelled on request")
+        return 1
+    except BaseException as exc:  # noqa: BLE001  (everything the cell raises is reported)
+        out.close_line()
+        err.close_line()
+        emit(protocol.ERROR, **describe_exception(exc, spec["source"]))
+        return 1
+    finally:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        log.close()
+
+
+def _raise_cancelled(*_: Any) -> None:
+    raise Cancelled()
+
+
+def _load_inputs(root: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
+    with open(os.path.join(path, protocol.INPUTS_FILE), "rb") as f:
+        data = f.read()
+    buffers = [jobs.read_blob(root, digest) for digest, _ in spec.get("blobs", [])]
+    values = codec.loads(data, buffers)
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    namespace.update(values)
+    return namespace
+
+
+def _run_cell(source: str, namespace: dict[str, Any]) -> None:
+    # Registering the source lets tracebacks show the cell's own lines.
+    linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
+    code = compile(source, CELL_FILENAME, "exec")
+    exec(code, namespace)
+
+
+def describe_exception(exc: BaseException, source: str) -> dict[str, Any]:
+    """The error event: the traceback from the cell's frame on, with its line."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
+        tb = tb.tb_next
+    if tb is None:  # raised outside the cell (loading inputs, writing outputs)
+        tb = exc.__traceback__
+    cell_line = None
+    walk = tb
+    while walk is not None:
+        if walk.tb_frame.f_code.co_filename == CELL_FILENAME:
+            cell_line = walk.tb_lineno
+        walk = walk.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return {
+        "exc_type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": text,
+        "cell_line": cell_line,
+    }
+
+
+def _write_outputs(root: str, path: str, spec: dict[str, Any], namespace: dict[str, Any], emit: Any) -> dict[str, Any]:
+    names = [n for n in spec.get("outputs", []) if n in namespace and not isinstance(namespace[n], types.ModuleType)]
+    values = {n: namespace[n] for n in names}
+    notebook_objects = codec.notebook_defined(namespace)
+    skipped: dict[str, str] = {}
+    while True:
+        try:
+            data, buffers = codec.dumps(values, notebook_objects)
+            break
+        except Exception:  # noqa: BLE001  (find and drop the value that cannot travel)
+            culprit, reason = codec.first_unpicklable(values, notebook_objects)
+            if culprit is None:
+                raise
+            skipped[culprit] = reason
+            del values[culprit]
+            emit(protocol.WARNING, message=f"output {culprit!r} cannot be sent back and was left out: {reason}")
+    blobs = [jobs.write_blob(root, buf) for buf in buffers]
+    jobs.atomic_write(os.path.join(path, protocol.OUTPUTS_FILE), data)
+    return {"outputs": list(values), "blobs": blobs, "skipped": skipped, "pickle_bytes": len(data)}
+
+
+def main(root: str, job_id: str) -> int:
+    path = jobs.job_dir(root, job_id)
+    return run_job(root, path)
+

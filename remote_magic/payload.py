@@ -1,0 +1,53 @@
+"""Turning a namespace into bytes + blobs and back.
+
+The pickling rules themselves (cloudpickle protocol 5, Keras models with
+their custom objects) live in ``agent/codec.py`` because the runner applies
+the same rules to outputs; this module is the client's side: it chooses what
+goes, names the variable that cannot travel, and addresses each large buffer
+by its sha256 so the host keeps only one copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .agent import codec
+
+
+class PayloadError(ValueError):
+    """A value cannot be sent; the message names it and says why."""
+
+
+@dataclass
+class Payload:
+    data: bytes
+    buffers: list[memoryview]
+    blobs: list[tuple[str, int]] = field(default_factory=list)  # (sha256, size), in buffer order
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.data) + sum(size for _, size in self.blobs)
+
+
+def pack(values: dict[str, Any], namespace: dict[str, Any]) -> Payload:
+    """Pickle ``values``; functions and classes defined in ``namespace`` travel by value."""
+    notebook_objects = codec.notebook_defined(namespace)
+    try:
+        data, buffers = codec.dumps(values, notebook_objects)
+    except Exception as exc:  # noqa: BLE001  (name the culprit, whatever the pickler raised)
+        name, reason = codec.first_unpicklable(values, notebook_objects)
+        if name is None:
+            raise PayloadError(f"the inputs cannot be pickled: {type(exc).__name__}: {exc}") from None
+        raise PayloadError(
+            f"variable {name!r} ({type(values[name]).__name__}) cannot be sent to the host: {reason}. "
+            f"Create it inside the cell instead, or leave it out of the cell"
+        ) from None
+    blobs = [(hashlib.sha256(buf).hexdigest(), buf.nbytes) for buf in buffers]
+    return Payload(data, buffers, blobs)
+
+
+def unpack(data: bytes, buffers: Iterable[Any]) -> dict[str, Any]:
+    return codec.loads(data, buffers)

@@ -1,0 +1,7 @@
+"""How the client reaches a host: SSH, or the embedded local default."""
+
+from .base import CommandResult, Transport
+from .local import LOCAL_HOST, LocalTransport
+from .ssh import SSHTransport
+
+__all__ = ["LOCAL_HOST", "CommandResult", "LocalTransport", "SSHTransport", "Transport"]

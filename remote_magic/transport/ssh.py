@@ -1,0 +1,257 @@
+"""SSH hosts through paramiko, configured like OpenSSH.
+
+Reads ``~/.ssh/config`` (HostName, User, Port, IdentityFile, IdentitiesOnly,
+UserKnownHostsFile, ProxyJump), uses ssh-agent and the default keys, and
+verifies host keys against known_hosts.  An unknown or changed key is an
+error that says how to check and accept it; nothing is ever added to
+known_hosts automatically.  One connection per host is kept and reused; each
+command is a new channel on it (a few ms on an open connection).
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import os
+import shlex
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import paramiko
+
+from ..errors import AuthenticationError, ConnectionFailed, HostKeyError
+from .base import CommandResult, StdinData, Transport
+
+DEFAULT_SSH_CONFIG = os.path.join("~", ".ssh", "config")
+DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
+DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+CONNECT_TIMEOUT = 15.0
+KEEPALIVE_SECONDS = 15
+_READ_SIZE = 4 * 1024 * 1024
+
+
+@dataclass
+class SSHTarget:
+    """Where and how to connect, as OpenSSH would resolve it."""
+
+    name: str
+    hostname: str
+    port: int
+    user: str
+    identity_files: list[str] = field(default_factory=list)
+    identities_only: bool = False
+    known_hosts_files: list[str] = field(default_factory=list)
+    proxy_jump: list[str] = field(default_factory=list)
+
+    @property
+    def known_hosts_name(self) -> str:
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+
+def load_ssh_config(path: str | None) -> paramiko.SSHConfig:
+    path = os.path.expanduser(path or DEFAULT_SSH_CONFIG)
+    if os.path.exists(path):
+        return paramiko.SSHConfig.from_path(path)
+    return paramiko.SSHConfig()
+
+
+def resolve_target(host: str, config: paramiko.SSHConfig) -> SSHTarget:
+    """``alias``, ``host``, ``user@host`` or ``user@host:port`` -> an SSHTarget."""
+    user, _, rest = host.rpartition("@")
+    name, port = rest, None
+    if rest.count(":") == 1:
+        name, port_text = rest.split(":")
+        if not port_text.isdigit():
+            raise ConnectionFailed(f"bad port in host {host!r}; write it as user@host:PORT")
+        port = int(port_text)
+    options = config.lookup(name)
+    known_hosts = options.get("userknownhostsfile")
+    jump = options.get("proxyjump")
+    return SSHTarget(
+        name=name,
+        hostname=options.get("hostname", name),
+        port=port or int(options.get("port", 22)),
+        user=user or options.get("user") or getpass.getuser(),
+        identity_files=[os.path.expanduser(p) for p in options.get("identityfile", [])],
+        identities_only=options.get("identitiesonly", "no").lower() == "yes",
+        known_hosts_files=[os.path.expanduser(p) for p in (known_hosts.split() if known_hosts else DEFAULT_KNOWN_HOSTS)],
+        proxy_jump=[] if not jump or jump.lower() == "none" else jump.split(","),
+    )
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's SHA256 fingerprint, as `ssh` prints it when asking to trust a key."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
+    def __init__(self, target: SSHTarget) -> None:
+        self.target = target
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        t = self.target
+        raise HostKeyError(
+            f"host {t.name} ({t.known_hosts_name}) is not in known_hosts ({', '.join(t.known_hosts_files)}); "
+            f"it offered the {key.get_name()} key {fingerprint(key)}. Nothing was sent. "
+            f"Run `ssh {t.name}` once in a terminal to check that fingerprint and accept the key, then re-run."
+        )
+
+
+class SSHTransport(Transport):
+    def __init__(self, host: str, python: str = "python3", root: str | None = None, ssh_config: str | None = None):
+        super().__init__(host, python, root)
+        self.config = load_ssh_config(ssh_config)
+        self.target = resolve_target(host, self.config)
+        self._clients: list[paramiko.SSHClient] = []  # jump hosts first, the target last
+        self._lock = threading.Lock()
+
+    # ---- connection
+    def _transport(self) -> paramiko.Transport:
+        with self._lock:
+            if self._clients:
+                transport = self._clients[-1].get_transport()
+                if transport is not None and transport.is_active():
+                    return transport
+                self._close_clients()
+            sock = None
+            for hop in [resolve_target(jump, self.config) for jump in self.target.proxy_jump] + [self.target]:
+                if self._clients:
+                    sock = self._clients[-1].get_transport().open_channel(  # type: ignore[union-attr]
+                        "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0)
+                    )
+                self._clients.append(self._connect(hop, sock))
+            transport = self._clients[-1].get_transport()
+            assert transport is not None
+            transport.set_keepalive(KEEPALIVE_SECONDS)
+            return transport
+
+    def _connect(self, target: SSHTarget, sock: Any) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        for path in target.known_hosts_files:
+            if os.path.exists(path):
+                client.load_host_keys(path)
+        client.set_missing_host_key_policy(_RefuseUnknownHost(target))
+        try:
+            client.connect(
+                target.hostname,
+                port=target.port,
+                username=target.user,
+                key_filename=target.identity_files or None,
+                allow_agent=not target.identities_only,
+                look_for_keys=not target.identities_only,
+                sock=sock,
+                timeout=CONNECT_TIMEOUT,
+                banner_timeout=CONNECT_TIMEOUT,
+                auth_timeout=CONNECT_TIMEOUT,
+            )
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyError(
+                f"the key of host {target.name} ({target.known_hosts_name}) does not match known_hosts: it offered "
+                f"{fingerprint(exc.key)}, known_hosts has {fingerprint(exc.expected_key)}. This can mean someone is "
+                "intercepting the connection; nothing was sent. If the host was reinstalled, remove the old key with "
+                f"`ssh-keygen -R '{target.known_hosts_name}'` and run `ssh {target.name}` to check and accept the new one."
+            ) from None
+        except paramiko.AuthenticationException:
+            client.close()
+            raise AuthenticationError(
+                f"host {target.name} refused to log in {target.user}@{target.hostname} (port {target.port}) "
+                f"with {self._keys_tried(target)}; check that `ssh {target.name}` logs in without a password "
+                "(add your public key to ~/.ssh/authorized_keys there, or set IdentityFile in ~/.ssh/config)"
+            ) from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            client.close()
+            raise ConnectionFailed(
+                f"cannot connect to host {target.name} ({target.hostname} port {target.port}): {exc}; "
+                f"check the name and port in your ssh config and that `ssh {target.name}` works"
+            ) from None
+        return client
+
+    @staticmethod
+    def _keys_tried(target: SSHTarget) -> str:
+        keys = list(target.identity_files)
+        if not target.identities_only:
+            keys += [p for p in map(os.path.expanduser, DEFAULT_KEYS) if os.path.exists(p) and p not in keys]
+            if os.environ.get("SSH_AUTH_SOCK"):
+                keys.append("the keys in ssh-agent")
+        return "keys " + ", ".join(keys) if keys else "no keys at all (no IdentityFile, no ~/.ssh/id_*, no ssh-agent)"
+
+    def _close_clients(self) -> None:
+        for client in reversed(self._clients):
+            client.close()
+        self._clients = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_clients()
+
+    def is_alive(self) -> bool:
+        transport = self._clients[-1].get_transport() if self._clients else None
+        return transport is not None and transport.is_active()
+
+    def _open_channel(self, argv: list[str]) -> paramiko.Channel:
+        try:
+            channel = self._transport().open_session()
+            channel.exec_command(shlex.join(argv))
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            self.close()
+            raise ConnectionFailed(f"lost the connection to host {self.host}: {exc}") from None
+        return channel
+
+    # ---- commands
+    def execute(self, argv: list[str], stdin: StdinData = None) -> CommandResult:
+        channel = self._open_channel(argv)
+        try:
+            if stdin is not None:
+                for part in [stdin] if isinstance(stdin, bytes) else stdin:
+                    view = memoryview(part)  # sendall(bytes) would copy the rest per packet
+                    channel.sendall(view)
+                    self.bytes_sent += view.nbytes
+            channel.shutdown_write()
+            stdout = _read_all(channel.makefile("rb"))
+            stderr = _read_all(channel.makefile_stderr("rb"))
+            self.bytes_received += len(stdout)
+            if not channel.exit_status_ready() and not self.is_alive():
+                raise ConnectionFailed(f"lost the connection to host {self.host} during `{argv[5] if len(argv) > 5 else argv[0]}`")
+            return CommandResult(channel.recv_exit_status(), stdout, stderr)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            self.close()
+            raise ConnectionFailed(f"lost the connection to host {self.host}: {exc}") from None
+        finally:
+            channel.close()
+
+    @contextmanager
+    def stream_lines(self, argv: list[str]) -> Iterator[Iterator[bytes]]:
+        channel = self._open_channel(argv)
+        channel.shutdown_write()
+        stdout = channel.makefile("rb")
+
+        def lines() -> Iterator[bytes]:
+            try:
+                for line in stdout:
+                    self.bytes_received += len(line)
+                    yield line
+            except (OSError, paramiko.SSHException, EOFError):
+                self.close()
+                return  # dropped: the caller resumes from its last event
+            if channel.exit_status_ready():
+                self.raise_for_stream(argv, channel.recv_exit_status(), _read_all(channel.makefile_stderr("rb")))
+
+        try:
+            yield lines()
+        finally:
+            channel.close()
+
+
+def _read_all(stream: Any) -> bytes:
+    parts = []
+    while chunk := stream.read(_READ_SIZE):
+        parts.append(chunk)
+    return b"".join(parts)
