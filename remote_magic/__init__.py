@@ -1,0 +1,20 @@
+"""remote_magic: train on a GPU host over SSH from a Jupyter cell."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext remote_magic``: register %%remote_train, %remote_status, %remote_attach, %remote_cancel."""
+    from .magics import RemoteMagics
+
+    ipython.register_magics(RemoteMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    magics = ipython.magics_manager.registry.get("RemoteMagics")
+    if magics is not None:
+        magics.connections.close()

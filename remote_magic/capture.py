@@ -217,7 +217,9 @@ class _CellVisitor(ast.NodeVisitor):
                     _add(self.names.lazy_reads, name)
 
 
-def select_inputs(names: CellNames, namespace: dict[str, object], hidden: set[str] | frozenset[str] = frozenset()) -> list[str]:
+def select_inputs(
+    names: CellNames, namespace: dict[str, object], hidden: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
     """The names to send; an undefined top-level read is an error naming it."""
     inputs: list[str] = []
     for name in names.reads:

@@ -135,7 +135,9 @@ def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace) -> int:
                 continue
             out.write(
                 protocol.encode_event(
-                    protocol.make_event(next_seq, protocol.LOST, message="the runner process ended without a final event")
+                    protocol.make_event(
+                        next_seq, protocol.LOST, message="the runner process ended without a final event"
+                    )
                 )
             )
             out.flush()
@@ -193,6 +195,18 @@ def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    """Ask the runner to stop training at the end of the current batch (SIGINT)."""
+    path = jobs.job_dir(root, args.job_id)
+    pid = jobs.read_pid(path)
+    alive = jobs.process_alive(pid)
+    if alive:
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)
+    _print_json({"job_id": args.job_id, "stop_requested": alive})
+    return 0
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -233,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--grace", type=float, default=CANCEL_GRACE_SECONDS)
     p.set_defaults(fn=cmd_cancel)
+    p = sub.add_parser("stop")
+    p.add_argument("job_id")
+    p.set_defaults(fn=cmd_stop)
     p = sub.add_parser("run-job")
     p.add_argument("job_id")
     p.set_defaults(fn=cmd_run_job)

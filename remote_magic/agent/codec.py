@@ -21,6 +21,7 @@ import pickle
 import sys
 import tempfile
 import types
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -93,7 +94,7 @@ def _pickler_class() -> type:
         import cloudpickle
 
         class Pickler(cloudpickle.Pickler):
-            notebook_objects: list[Any] = []
+            notebook_objects: list[Any]
 
             def reducer_override(self, obj: Any) -> Any:
                 if _is_keras_model(obj):
@@ -126,8 +127,12 @@ def _rebuild_keras_model(archive: Any, custom_objects: dict[str, Any]) -> Any:
         path = os.path.join(tmp, "model.keras")
         with open(path, "wb") as f:
             f.write(memoryview(archive))
-        # Unpickling already trusts the sender, so Lambda layers may load too.
-        return keras.saving.load_model(path, custom_objects=custom_objects, safe_mode=False)
+        with warnings.catch_warnings():
+            # A compiled model whose optimizer never ran saves 2 optimizer
+            # variables and expects more on load; Keras warns, nothing is lost.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            # Unpickling already trusts the sender, so Lambda layers may load too.
+            return keras.saving.load_model(path, custom_objects=custom_objects, safe_mode=False)
 
 
 def _custom_objects(model: Any, notebook_objects: list[Any]) -> dict[str, Any]:

@@ -280,7 +280,9 @@ def summarize(path: str) -> dict[str, Any]:
         event = json.loads(line)
         kind = event["type"]
         if kind == protocol.STARTED:
-            row.update(state=protocol.STATE_RUNNING, started=event["t"], pid=event.get("pid"), device=event.get("device"))
+            row.update(
+                state=protocol.STATE_RUNNING, started=event["t"], pid=event.get("pid"), device=event.get("device")
+            )
         elif kind == protocol.TRAIN_BEGIN:
             row["epochs"] = event.get("epochs")
         elif kind == protocol.EPOCH:

@@ -77,7 +77,10 @@ def device_info() -> dict[str, Any]:
         try:
             out = subprocess.run(
                 [smi, "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             ).stdout
             gpus = [line.strip() for line in out.splitlines() if line.strip()]
             if gpus:
@@ -204,7 +207,7 @@ def _write_outputs(root: str, path: str, spec: dict[str, Any], namespace: dict[s
         try:
             data, buffers = codec.dumps(values, notebook_objects)
             break
-        except Exception:  # noqa: BLE001  (find and drop the value that cannot travel)
+        except Exception:
             culprit, reason = codec.first_unpicklable(values, notebook_objects)
             if culprit is None:
                 raise
@@ -219,4 +222,3 @@ def _write_outputs(root: str, path: str, spec: dict[str, Any], namespace: dict[s
 def main(root: str, job_id: str) -> int:
     path = jobs.job_dir(root, job_id)
     return run_job(root, path)
-

@@ -106,7 +106,7 @@ class Transport(ABC):
 
     def _command_error(self, command: str, result: CommandResult) -> Exception:
         stderr = result.stderr.decode(errors="replace").strip()
-        if result.returncode == 127 or "No such file" in stderr and self.python in stderr:
+        if result.returncode == 127 or ("No such file" in stderr and self.python in stderr):
             return HostSetupError(
                 f"host {self.host} has no Python at `{self.python}`; pass --python PATH "
                 f"(or set c.RemoteMagics.hosts = {{{self.host!r}: {{'python': PATH}}}})"

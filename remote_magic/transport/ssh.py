@@ -78,7 +78,9 @@ def resolve_target(host: str, config: paramiko.SSHConfig) -> SSHTarget:
         user=user or options.get("user") or getpass.getuser(),
         identity_files=[os.path.expanduser(p) for p in options.get("identityfile", [])],
         identities_only=options.get("identitiesonly", "no").lower() == "yes",
-        known_hosts_files=[os.path.expanduser(p) for p in (known_hosts.split() if known_hosts else DEFAULT_KNOWN_HOSTS)],
+        known_hosts_files=[
+            os.path.expanduser(p) for p in (known_hosts.split() if known_hosts else DEFAULT_KNOWN_HOSTS)
+        ],
         proxy_jump=[] if not jump or jump.lower() == "none" else jump.split(","),
     )
 
@@ -120,8 +122,12 @@ class SSHTransport(Transport):
             sock = None
             for hop in [resolve_target(jump, self.config) for jump in self.target.proxy_jump] + [self.target]:
                 if self._clients:
-                    sock = self._clients[-1].get_transport().open_channel(  # type: ignore[union-attr]
-                        "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0)
+                    sock = (
+                        self._clients[-1]
+                        .get_transport()
+                        .open_channel(  # type: ignore[union-attr]
+                            "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0)
+                        )
                     )
                 self._clients.append(self._connect(hop, sock))
             transport = self._clients[-1].get_transport()
@@ -219,7 +225,9 @@ class SSHTransport(Transport):
             stderr = _read_all(channel.makefile_stderr("rb"))
             self.bytes_received += len(stdout)
             if not channel.exit_status_ready() and not self.is_alive():
-                raise ConnectionFailed(f"lost the connection to host {self.host} during `{argv[5] if len(argv) > 5 else argv[0]}`")
+                raise ConnectionFailed(
+                    f"lost the connection to host {self.host} during `{argv[5] if len(argv) > 5 else argv[0]}`"
+                )
             return CommandResult(channel.recv_exit_status(), stdout, stderr)
         except (OSError, paramiko.SSHException, EOFError) as exc:
             self.close()

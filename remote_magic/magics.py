@@ -1,0 +1,199 @@
+"""``%%remote_train`` and friends: argument parsing and user errors only.
+
+Everything else is delegated: ``session`` runs the job's life, ``ui`` shows
+it.  Defaults are traitlets, so they can be set in ``ipython_config.py`` or
+with ``%config RemoteMagics.default_host = "gpu1"``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Dict, Enum, Float, Unicode
+
+from . import session
+from .capture import CaptureError
+from .payload import PayloadError
+from .transport import LOCAL_HOST, Transport
+from .ui.panel import TextPanel, make_panel
+from .ui.status import JobDetail, StatusTable
+
+
+def host_argument(func: Any) -> Any:
+    return argument(
+        "--host",
+        help="an alias from ~/.ssh/config, or user@host[:port]; default: RemoteMagics.default_host "
+        "('local' runs the job in a subprocess on this machine)",
+    )(func)
+
+
+def job_argument(func: Any) -> Any:
+    return argument("job", help="the job id, as shown by %%remote_status")(func)
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.replace(" ", ",").split(",") if n.strip()]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise UsageError(f"--out takes variable names separated by commas; {', '.join(map(repr, bad))} is not one")
+    return names
+
+
+@magics_class
+class RemoteMagics(Magics):
+    """Run a cell on a GPU host over SSH and get its results back."""
+
+    default_host = Unicode(
+        os.environ.get("REMOTE_MAGIC_DEFAULT_HOST", LOCAL_HOST),
+        help="Host used when --host is not given ($REMOTE_MAGIC_DEFAULT_HOST, else 'local').",
+    ).tag(config=True)
+    hosts = Dict(
+        help="Per-host settings, e.g. {'gpu1': {'python': '/opt/venv/bin/python', 'root': '~/.remote_magic'}}."
+    ).tag(config=True)
+    ssh_config = Unicode(
+        os.environ.get("REMOTE_MAGIC_SSH_CONFIG", os.path.join("~", ".ssh", "config")),
+        help="The OpenSSH client config to read host aliases from ($REMOTE_MAGIC_SSH_CONFIG).",
+    ).tag(config=True)
+    panel = Enum(("auto", "widget", "text"), "auto", help="How a job is shown: widgets in Jupyter, else text.").tag(
+        config=True
+    )
+    reconnect_timeout = Float(
+        session.RECONNECT_TIMEOUT, help="Seconds to keep trying to reconnect after the link drops."
+    ).tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        self.connections = session.Connections()
+
+    # ------------------------------------------------------------- helpers
+    def _transport(self, host: str | None, python: str | None = None) -> Transport:
+        name = host or self.default_host
+        settings = dict(self.hosts.get(name, {}))
+        unknown = set(settings) - {"python", "root"}
+        if unknown:
+            raise UsageError(
+                f"c.RemoteMagics.hosts[{name!r}] has unknown keys {sorted(unknown)}; use 'python' and 'root'"
+            )
+        return self.connections.get(
+            name,
+            session.HostSettings(
+                python=python or settings.get("python"), root=settings.get("root"), ssh_config=self.ssh_config
+            ),
+        )
+
+    def _follow_and_inject(self, transport: Transport, job_id: str, panel: TextPanel) -> None:
+        """Show the job until it ends, then put its outputs into the namespace.
+
+        The first interrupt asks the host to stop after the current batch and
+        still returns the partly trained outputs; a second one cancels.
+        """
+
+        def follow(from_seq: int) -> dict[str, Any]:
+            return session.follow(
+                transport,
+                job_id,
+                panel.handle,
+                from_seq=from_seq,
+                reconnect_timeout=self.reconnect_timeout,
+                on_reconnecting=lambda reason: panel.note(f"reconnecting: {reason}"),
+            )
+
+        try:
+            final = follow(0)
+        except KeyboardInterrupt:
+            panel.note("interrupted: the host stops training after the current batch (interrupt again to cancel)")
+            session.request_stop(transport, job_id)
+            try:
+                final = follow(panel.view.next_seq)
+            except KeyboardInterrupt:
+                session.cancel(transport, job_id)
+                panel.note(f"job {job_id} cancelled")
+                raise
+        session.raise_for_final(final, job_id, transport.host)
+        values = session.fetch_outputs(transport, job_id, final)
+        self.shell.user_ns.update(values)
+        if final.get("stopped"):
+            view = panel.view
+            panel.note(f"stopped at epoch {view.epoch} of {view.epochs or '?'}")
+        panel.note(f"injected: {session.describe_injection(list(values))}")
+
+    # -------------------------------------------------------------- magics
+    @magic_arguments()
+    @host_argument
+    @argument("--python", help="the Python interpreter on the host (default: python3; 'local' uses this kernel's)")
+    @argument("--out", help="comma-separated names to bring back (default: what the cell assigns or trains)")
+    @argument("--name", help="a name for the job, shown by %%remote_status")
+    @argument("--detach", action="store_true", help="return at once with the job id; the job runs on")
+    @cell_magic
+    def remote_train(self, line: str, cell: str) -> None:
+        """Run this cell on a host and bring back what it assigned.
+
+        The variables the cell reads are sent; each Keras epoch is shown live;
+        when the cell ends, the variables it assigns (and inputs it trains or
+        changes in place, such as a model whose fit ran) appear here.
+        """
+        args = parse_argstring(self.remote_train, line)
+        shell = self.shell
+        try:
+            submission = session.prepare(
+                cell, shell.user_ns, set(shell.user_ns_hidden), outputs=_names(args.out), name=args.name
+            )
+        except (CaptureError, PayloadError) as exc:
+            raise UsageError(str(exc)) from None
+        transport = self._transport(args.host, args.python)
+        session.check_host(transport, submission, shell.user_ns)
+        job_id = session.submit(transport, submission)
+        if args.detach:
+            print(
+                f"job {job_id} submitted to host {transport.host}; it runs on. "
+                f"`%remote_status --host {transport.host}` lists it, "
+                f"`%remote_attach {job_id} --host {transport.host}` follows it and brings its outputs back."
+            )
+            return
+        panel = make_panel(transport.host, self.panel)
+        panel.start(job_id, args.name)
+        self._follow_and_inject(transport, job_id, panel)
+
+    @magic_arguments()
+    @host_argument
+    @argument("job", nargs="?", help="a job id: show its detail and last log lines")
+    @line_magic
+    def remote_status(self, line: str) -> StatusTable | JobDetail:
+        """List the jobs on a host (state, epoch, last loss, timing), or one job in detail."""
+        args = parse_argstring(self.remote_status, line)
+        transport = self._transport(args.host)
+        if args.job:
+            return JobDetail(transport.host, session.status(transport, args.job))
+        return StatusTable(transport.host, session.status(transport))
+
+    @magic_arguments()
+    @host_argument
+    @job_argument
+    @line_magic
+    def remote_attach(self, line: str) -> None:
+        """Replay a job's events, follow it live, and inject its outputs when it ends."""
+        args = parse_argstring(self.remote_attach, line)
+        transport = self._transport(args.host)
+        panel = make_panel(transport.host, self.panel)
+        panel.start(args.job)
+        self._follow_and_inject(transport, args.job, panel)
+
+    @magic_arguments()
+    @host_argument
+    @job_argument
+    @line_magic
+    def remote_cancel(self, line: str) -> None:
+        """Stop a job now: its whole process group is ended (SIGTERM, then SIGKILL)."""
+        args = parse_argstring(self.remote_cancel, line)
+        transport = self._transport(args.host)
+        result = session.cancel(transport, args.job)
+        if result.get("cancelled"):
+            print(f"job {args.job} on host {transport.host} cancelled")
+        else:
+            print(f"job {args.job} on host {transport.host} was not running (state: {result.get('state')})")

@@ -1,0 +1,213 @@
+"""The client side of a job's life: submit, follow, reattach, cancel, fetch, inject.
+
+Works on any ``Transport``; knows nothing about widgets (a panel is anything
+with ``handle(event)``) and nothing about IPython beyond a namespace dict.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Protocol
+
+from . import capture, payload
+from .agent import protocol
+from .errors import ConnectionFailed, HostSetupError, JobLost, RemoteExecutionError, RemoteMagicError
+from .transport import LOCAL_HOST, LocalTransport, SSHTransport, Transport
+
+RECONNECT_TIMEOUT = 600.0
+_BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
+
+
+class Panel(Protocol):
+    def handle(self, event: dict[str, Any]) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
+@dataclass
+class HostSettings:
+    python: str | None = None
+    root: str | None = None
+    ssh_config: str | None = None
+
+
+class Connections:
+    """One transport per host for the life of a kernel, reopened after a drop."""
+
+    def __init__(self) -> None:
+        self._transports: dict[tuple[str, str | None, str | None], Transport] = {}
+
+    def get(self, host: str, settings: HostSettings) -> Transport:
+        key = (host, settings.python, settings.root)
+        transport = self._transports.get(key)
+        if transport is None:
+            if host == LOCAL_HOST:
+                transport = LocalTransport(python=settings.python, root=settings.root)
+            else:
+                transport = SSHTransport(
+                    host, python=settings.python or "python3", root=settings.root, ssh_config=settings.ssh_config
+                )
+            self._transports[key] = transport
+        return transport
+
+    def close(self) -> None:
+        for transport in self._transports.values():
+            transport.close()
+        self._transports.clear()
+
+
+@dataclass
+class Submission:
+    """What a cell asks for, worked out locally before anything is sent."""
+
+    source: str
+    inputs: list[str]
+    outputs: list[str]
+    payload: payload.Payload
+    name: str | None = None
+
+
+def prepare(
+    source: str,
+    namespace: dict[str, Any],
+    hidden: set[str] | frozenset[str] = frozenset(),
+    outputs: list[str] | None = None,
+    name: str | None = None,
+) -> Submission:
+    """Analyse the cell and pickle its inputs; raises before any I/O on a bad input."""
+    names = capture.analyze(source)
+    inputs = capture.select_inputs(names, namespace, hidden)
+    packed = payload.pack({n: namespace[n] for n in inputs}, namespace)
+    wanted = outputs if outputs is not None else capture.default_outputs(names, inputs)
+    return Submission(source, inputs, wanted, packed, name)
+
+
+def check_host(transport: Transport, submission: Submission, namespace: dict[str, Any]) -> None:
+    """Refuse to send what the host cannot load: a Keras model to a host without (the same major) Keras."""
+    hello = transport.hello()
+    uses_keras = any(type(namespace[n]).__module__.startswith("keras") for n in submission.inputs)
+    if not uses_keras:
+        return
+    host_keras = hello["packages"].get("keras")
+    local_keras = metadata.version("keras")
+    if not host_keras:
+        raise HostSetupError(
+            f"the cell sends a Keras model but the Python on host {transport.host} ({hello['python']}) has no keras; "
+            f"install it there with `{hello['python']} -m pip install keras=={local_keras} tensorflow`"
+        )
+    if host_keras.split(".")[0] != local_keras.split(".")[0]:
+        raise HostSetupError(
+            f"host {transport.host} has keras {host_keras} but this kernel has keras {local_keras}; a model saved by "
+            f"one major version may not load in the other. Install keras=={local_keras} on the host."
+        )
+
+
+def submit(transport: Transport, submission: Submission) -> str:
+    """Upload the blobs the host lacks, create the job, return its id."""
+    spec = {
+        "source": submission.source,
+        "name": submission.name,
+        "inputs": submission.inputs,
+        "outputs": submission.outputs,
+        "blobs": submission.payload.blobs,
+        "inputs_size": len(submission.payload.data),
+        "client": {"python": sys.version.split()[0], "agent_schema": protocol.SCHEMA_VERSION},
+    }
+    request = [json.dumps(spec).encode() + b"\n", submission.payload.data]
+    for _attempt in range(3):
+        answer = transport.agent_json("submit", stdin=request)
+        if "job_id" in answer:
+            return answer["job_id"]
+        missing = set(answer["missing"])
+        for (digest, size), buffer in zip(submission.payload.blobs, submission.payload.buffers, strict=True):
+            if digest in missing:
+                transport.agent("put-blob", digest, str(size), stdin=[buffer])
+                missing.discard(digest)
+    raise RemoteMagicError(f"host {transport.host} kept asking for the same inputs; its disk may be full")
+
+
+def follow(
+    transport: Transport,
+    job_id: str,
+    on_event: Callable[[dict[str, Any]], None],
+    from_seq: int = 0,
+    reconnect_timeout: float = RECONNECT_TIMEOUT,
+    on_reconnecting: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Feed every event from ``from_seq`` to ``on_event`` until the job ends.
+
+    When the link drops, reconnect with backoff and resume at the next
+    event, so none is missed and none is seen twice.
+    """
+    next_seq = from_seq
+    failures = 0
+    give_up_at: float | None = None
+    while True:
+        try:
+            with transport.stream_lines(transport.agent_argv("attach", job_id, "--from", str(next_seq))) as lines:
+                for line in lines:
+                    event = protocol.decode_event(line)
+                    if event["seq"] < next_seq:
+                        continue
+                    next_seq = event["seq"] + 1
+                    failures, give_up_at = 0, None
+                    on_event(event)
+                    if event["type"] in protocol.TERMINAL:
+                        return event
+        except ConnectionFailed as exc:
+            reason = str(exc)
+        else:
+            reason = f"the connection to host {transport.host} dropped"
+        now = time.monotonic()
+        give_up_at = give_up_at or now + reconnect_timeout
+        if now >= give_up_at:
+            raise ConnectionFailed(
+                f"{reason}; gave up reconnecting after {reconnect_timeout:.0f} s. The job keeps running: "
+                f"`%remote_attach {job_id} --host {transport.host}` picks it up again"
+            )
+        if on_reconnecting is not None:
+            on_reconnecting(reason)
+        time.sleep(min(_BACKOFF[min(failures, len(_BACKOFF) - 1)], max(0.0, give_up_at - now)))
+        failures += 1
+
+
+def fetch_outputs(transport: Transport, job_id: str, done: dict[str, Any]) -> dict[str, Any]:
+    data = transport.agent("cat-outputs", job_id).stdout
+    buffers = [bytearray(transport.agent("cat-blob", digest).stdout) for digest, _ in done.get("blobs", [])]
+    return payload.unpack(data, buffers)
+
+
+def raise_for_final(final: dict[str, Any], job_id: str, host: str) -> None:
+    kind = final["type"]
+    if kind == protocol.ERROR:
+        raise RemoteExecutionError(
+            final.get("message", ""), final.get("traceback", ""), final.get("exc_type", ""), final.get("cell_line")
+        )
+    if kind == protocol.CANCELLED:
+        raise RemoteMagicError(f"job {job_id} on host {host} was cancelled; nothing was injected")
+    if kind == protocol.LOST:
+        raise JobLost(
+            f"job {job_id} on host {host} ended without finishing ({final.get('message')}); "
+            f"its log is in `%remote_status {job_id} --host {host}`"
+        )
+
+
+def status(transport: Transport, job_id: str | None = None) -> Any:
+    return transport.agent_json("status", *([job_id] if job_id else []))
+
+
+def cancel(transport: Transport, job_id: str) -> dict[str, Any]:
+    return transport.agent_json("cancel", job_id)
+
+
+def request_stop(transport: Transport, job_id: str) -> dict[str, Any]:
+    return transport.agent_json("stop", job_id)
+
+
+def describe_injection(names: list[str]) -> str:
+    return ", ".join(names) if names else "nothing"

@@ -1,0 +1,87 @@
+"""``%remote_status`` output: an HTML table in a notebook, text elsewhere."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from .panel import describe_device, format_seconds
+
+_COLUMNS = ("job", "name", "state", "epoch", "loss", "started", "duration")
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    epoch = "" if row.get("epoch") is None else f"{row['epoch']}/{row.get('epochs') or '?'}"
+    loss = row.get("logs", {}).get("loss")
+    started = row.get("started") or row.get("submitted")
+    end = row.get("ended") or (time.time() if row["state"] in ("running", "queued") else None)
+    duration = format_seconds(end - row["started"]) if row.get("started") and end else ""
+    return [
+        row["job_id"],
+        row.get("name") or "",
+        row["state"],
+        epoch,
+        "" if loss is None else f"{loss:.4f}",
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "",
+        duration,
+    ]
+
+
+class StatusTable:
+    def __init__(self, host: str, rows: list[dict[str, Any]]) -> None:
+        self.host = host
+        self.rows = rows
+
+    def _repr_html_(self) -> str:
+        if not self.rows:
+            return f"<p>No jobs on host {html.escape(self.host)}.</p>"
+        head = "".join(f"<th>{c}</th>" for c in _COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(row)) + "</tr>" for row in self.rows
+        )
+        return f"<p>Jobs on host <b>{html.escape(self.host)}</b></p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return f"No jobs on host {self.host}."
+        table = [list(_COLUMNS)] + [_cells(row) for row in self.rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+        return f"Jobs on host {self.host}\n" + "\n".join(lines)
+
+
+class JobDetail:
+    def __init__(self, host: str, row: dict[str, Any]) -> None:
+        self.host = host
+        self.row = row
+
+    def _lines(self) -> list[str]:
+        row = self.row
+        cells = dict(zip(_COLUMNS, _cells(row), strict=True))
+        lines = [f"job {row['job_id']} on host {self.host}: {row['state']}"]
+        for key in ("name", "epoch", "loss", "started", "duration"):
+            if cells[key]:
+                lines.append(f"  {key}: {cells[key]}")
+        lines.append(f"  device: {describe_device(row.get('device'))}")
+        spec = row.get("spec", {})
+        lines.append(
+            f"  inputs: {', '.join(spec.get('inputs', [])) or '-'}; outputs: {', '.join(spec.get('outputs', [])) or '-'}"
+        )
+        if row.get("logs"):
+            lines.append("  last metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in row["logs"].items()))
+        if row.get("message"):
+            lines.append(f"  {row['message']}")
+        if row.get("log_tail"):
+            lines.append("  last output lines:")
+            lines += ["    " + line.rstrip("\n") for line in row["log_tail"]]
+        if row.get("traceback"):
+            lines.append("  error:")
+            lines += ["    " + line for line in row["traceback"].rstrip().splitlines()]
+        return lines
+
+    def __repr__(self) -> str:
+        return "\n".join(self._lines())
+
+    def _repr_html_(self) -> str:
+        return "<pre>" + html.escape(repr(self)) + "</pre>"
