@@ -1,0 +1,71 @@
+"""Shared fixtures: a real sshd on loopback, a real IPython shell, tiny Keras data."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Keep every job root of the tests in a throw-away folder, never the user's.
+_TMP = Path(tempfile.mkdtemp(prefix="remote_magic-tests-"))
+os.environ["REMOTE_MAGIC_LOCAL_ROOT"] = str(_TMP / "localroot")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from sshd import Sshd, make_sshd  # noqa: E402
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def sshd() -> Iterator[Sshd]:
+    server = make_sshd(_TMP / "sshd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def shell():  # type: ignore[no-untyped-def]
+    from IPython.testing.globalipapp import start_ipython
+
+    ip = start_ipython()
+    ip.run_line_magic("load_ext", "remote_magic")
+    return ip
+
+
+@pytest.fixture
+def ip(shell, sshd: Sshd):  # type: ignore[no-untyped-def]
+    """The IPython shell with a clean namespace, pointed at the test sshd."""
+    shell.reset(new_session=False)
+    magics = shell.magics_manager.registry["RemoteMagics"]
+    magics.ssh_config = str(sshd.ssh_config)
+    magics.hosts = {sshd.alias: {"python": PYTHON}}
+    magics.default_host = "local"
+    magics.panel = "text"
+    yield shell
+    magics.connections.close()
+
+
+def run(shell, source: str):  # type: ignore[no-untyped-def]
+    """Run a cell; return IPython's ExecutionResult (errors are in it, not raised)."""
+    return shell.run_cell(source, store_history=False)
+
+
+MODEL_CELL = """
+import numpy as np
+import keras
+
+rng = np.random.default_rng(0)
+x_train = rng.random((256, 8), dtype=np.float32)
+y_train = (x_train.sum(axis=1) > 4).astype("float32")
+model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1, activation="sigmoid")])
+model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+weights_before = [w.copy() for w in model.get_weights()]
+"""
