@@ -38,10 +38,10 @@ def job_argument(func: Any) -> Any:
 def _names(text: str | None) -> list[str] | None:
     if text is None:
         return None
-    names = [n.strip() for n in text.replace(" ", ",").split(",") if n.strip()]
+    names = [n.strip() for n in text.strip("'\"").replace(" ", ",").split(",") if n.strip()]
     bad = [n for n in names if not n.isidentifier()]
     if bad:
-        raise UsageError(f"--out takes variable names separated by commas; {', '.join(map(repr, bad))} is not one")
+        raise UsageError(f"--out takes variable names separated by commas; not a name: {', '.join(map(repr, bad))}")
     return names
 
 
