@@ -60,9 +60,12 @@ class RemoteMagics(Magics):
         os.environ.get("REMOTE_MAGIC_SSH_CONFIG", os.path.join("~", ".ssh", "config")),
         help="The OpenSSH client config to read host aliases from ($REMOTE_MAGIC_SSH_CONFIG).",
     ).tag(config=True)
-    panel = Enum(("auto", "widget", "text"), "auto", help="How a job is shown: widgets in Jupyter, else text.").tag(
-        config=True
-    )
+    panel = Enum(
+        ("auto", "widget", "text"),
+        os.environ.get("REMOTE_MAGIC_PANEL", "auto"),
+        help="How a job is shown: 'auto' is widgets in a Jupyter kernel, text elsewhere; "
+        "'text' suits headless runs ($REMOTE_MAGIC_PANEL).",
+    ).tag(config=True)
     reconnect_timeout = Float(
         session.RECONNECT_TIMEOUT, help="Seconds to keep trying to reconnect after the link drops."
     ).tag(config=True)

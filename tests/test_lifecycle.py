@@ -50,7 +50,9 @@ def test_detach_then_status_then_attach_injects_the_model(ip, capsys) -> None:
     assert run(ip, f"%remote_attach {job_id} --host testhost").success
     out = capsys.readouterr().out
     assert [line.split(" - ")[0] for line in out.splitlines() if line.startswith("Epoch")] == [
-        "Epoch 1/3", "Epoch 2/3", "Epoch 3/3",
+        "Epoch 1/3",
+        "Epoch 2/3",
+        "Epoch 3/3",
     ]
     assert len(ip.user_ns["history"].history["loss"]) == 3
     trained = ip.user_ns["model"].get_weights()

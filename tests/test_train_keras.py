@@ -14,7 +14,9 @@ from conftest import MODEL_CELL, run
 def test_fit_trains_the_model_and_brings_back_history(ip, host, capsys) -> None:
     assert run(ip, MODEL_CELL).success
     capsys.readouterr()
-    result = run(ip, f"%%remote_train --host {host}\nhistory = model.fit(x_train, y_train, epochs=4, batch_size=32, verbose=0)\n")
+    result = run(
+        ip, f"%%remote_train --host {host}\nhistory = model.fit(x_train, y_train, epochs=4, batch_size=32, verbose=0)\n"
+    )
     assert result.success, result.error_in_exec
     out = capsys.readouterr().out
 
@@ -71,7 +73,9 @@ def test_custom_layer_and_loss_from_the_notebook_round_trip(ip, host) -> None:
 
 
 def test_plain_values_and_notebook_functions_travel(ip) -> None:
-    assert run(ip, "def double(v):\n    return 2 * v\nitems = [1, 2]\nbig = __import__('numpy').ones(500_000)\n").success
+    assert run(
+        ip, "def double(v):\n    return 2 * v\nitems = [1, 2]\nbig = __import__('numpy').ones(500_000)\n"
+    ).success
     result = run(ip, "%%remote_train --host testhost\ntotal = double(big.sum())\nitems.append(3)\n")
     assert result.success, result.error_in_exec
     assert ip.user_ns["total"] == 1_000_000.0

@@ -1,0 +1,35 @@
+# `make demo` and `make test` do all the set-up on a fresh machine: they
+# create .venv when it is missing and install the package with its test extras.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# OpenSSH's sshd, which the tests start on 127.0.0.1 (installed when missing and we are root).
+system-deps:
+	@if [ ! -x /usr/sbin/sshd ]; then \
+	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; \
+	  else echo "the tests need OpenSSH's sshd: sudo apt-get install openssh-server"; exit 1; fi; \
+	fi
+
+demo: $(STAMP)
+	$(PY) scripts/run_notebook.py examples/notebooks/01_quickstart.ipynb
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) system-deps lint
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

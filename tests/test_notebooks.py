@@ -1,0 +1,72 @@
+"""The example notebooks, executed by nbclient in a real kernel."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import PYTHON
+from nbclient import NotebookClient
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "notebooks" / "01_quickstart.ipynb"
+
+
+def _execute(path: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    return nb
+
+
+def _texts(cell: nbformat.NotebookNode) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        parts.append(output.get("text", ""))
+        parts.append(output.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def _check_quickstart(nb: nbformat.NotebookNode, host: str) -> str:
+    train = next(c for c in nb.cells if c.source.startswith("%%remote_train"))
+    shown = _texts(train)
+    assert [f"Epoch {i}/5" for i in range(1, 6)] == re.findall(r"Epoch \d/5", shown)
+    assert f"host {host}" in shown and "injected: history, model" in shown
+    evaluate = next(
+        c for c in nb.cells if "model.evaluate(x_test" in c.source and "accuracy" in c.source and "print(f" in c.source
+    )
+    text = _texts(evaluate)
+    assert "epochs trained: 5" in text
+    accuracy = float(re.search(r"test accuracy of the injected model: ([0-9.]+)", text).group(1))
+    assert accuracy > 0.8  # untrained it is about 0.5
+    return shown
+
+
+def test_quickstart_on_the_local_default_with_the_widget_panel(monkeypatch) -> None:
+    monkeypatch.delenv("REMOTE_MAGIC_PANEL", raising=False)
+    nb = _execute(QUICKSTART)
+    _check_quickstart(nb, "local")
+    train = next(c for c in nb.cells if c.source.startswith("%%remote_train"))
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in train.outputs)
+
+
+def test_quickstart_over_ssh_configured_like_a_user_would(sshd, tmp_path, monkeypatch) -> None:
+    profile = tmp_path / "ipython" / "profile_default"
+    profile.mkdir(parents=True)
+    (profile / "ipython_config.py").write_text(
+        f"c.RemoteMagics.default_host = {sshd.alias!r}\n"
+        f"c.RemoteMagics.ssh_config = {str(sshd.ssh_config)!r}\n"
+        f"c.RemoteMagics.hosts = {{{sshd.alias!r}: {{'python': {PYTHON!r}}}}}\n"
+        "c.RemoteMagics.panel = 'text'\n"
+    )
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    nb = _execute(QUICKSTART)
+    _check_quickstart(nb, sshd.alias)
+    status = next(c for c in nb.cells if c.source.strip() == "%remote_status")
+    assert f"Jobs on host {sshd.alias}" in _texts(status)
+
+
+@pytest.mark.parametrize("path", sorted(QUICKSTART.parent.glob("*.ipynb")))
+def test_notebooks_are_saved_without_outputs(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
