@@ -220,39 +220,30 @@ def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace) -> int:
     return runner.main(root, args.job_id)
 
 
+_JOB = ("job_id", {})
+# command -> (function, its arguments as (name, add_argument keywords))
+_COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
+    "hello": (cmd_hello, []),
+    "submit": (cmd_submit, []),
+    "put-blob": (cmd_put_blob, [("digest", {}), ("size", {"type": int})]),
+    "cat-blob": (cmd_cat_blob, [("digest", {})]),
+    "cat-outputs": (cmd_cat_outputs, [_JOB]),
+    "attach": (cmd_attach, [_JOB, ("--from", {"dest": "from_seq", "type": int, "default": 0})]),
+    "status": (cmd_status, [("job_id", {"nargs": "?"}), ("--lines", {"type": int, "default": 20})]),
+    "cancel": (cmd_cancel, [_JOB, ("--grace", {"type": float, "default": CANCEL_GRACE_SECONDS})]),
+    "stop": (cmd_stop, [_JOB]),
+    "run-job": (cmd_run_job, [_JOB]),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remote_magic agent")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("hello").set_defaults(fn=cmd_hello)
-    sub.add_parser("submit").set_defaults(fn=cmd_submit)
-    p = sub.add_parser("put-blob")
-    p.add_argument("digest")
-    p.add_argument("size", type=int)
-    p.set_defaults(fn=cmd_put_blob)
-    p = sub.add_parser("cat-blob")
-    p.add_argument("digest")
-    p.set_defaults(fn=cmd_cat_blob)
-    p = sub.add_parser("cat-outputs")
-    p.add_argument("job_id")
-    p.set_defaults(fn=cmd_cat_outputs)
-    p = sub.add_parser("attach")
-    p.add_argument("job_id")
-    p.add_argument("--from", dest="from_seq", type=int, default=0)
-    p.set_defaults(fn=cmd_attach)
-    p = sub.add_parser("status")
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--lines", type=int, default=20)
-    p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("cancel")
-    p.add_argument("job_id")
-    p.add_argument("--grace", type=float, default=CANCEL_GRACE_SECONDS)
-    p.set_defaults(fn=cmd_cancel)
-    p = sub.add_parser("stop")
-    p.add_argument("job_id")
-    p.set_defaults(fn=cmd_stop)
-    p = sub.add_parser("run-job")
-    p.add_argument("job_id")
-    p.set_defaults(fn=cmd_run_job)
+    for name, (function, arguments) in _COMMANDS.items():
+        command = sub.add_parser(name)
+        for flag, options in arguments:
+            command.add_argument(flag, **options)
+        command.set_defaults(fn=function)
     return parser
 
 
