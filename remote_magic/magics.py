@@ -18,6 +18,7 @@ from traitlets import Dict, Enum, Float, Unicode
 from . import session
 from .capture import CaptureError
 from .payload import PayloadError
+from .registry import Registry
 from .transport import LOCAL_HOST, Transport
 from .ui.panel import TextPanel, make_panel
 from .ui.status import JobDetail, StatusTable
@@ -73,6 +74,7 @@ class RemoteMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
         self.connections = session.Connections()
+        self.registry = Registry()
 
     # ------------------------------------------------------------- helpers
     def _transport(self, host: str | None, python: str | None = None) -> Transport:
@@ -89,6 +91,16 @@ class RemoteMagics(Magics):
                 python=python or settings.get("python"), root=settings.get("root"), ssh_config=self.ssh_config
             ),
         )
+
+    def _job_host(self, job_id: str, host: str | None) -> str | None:
+        """The host a job runs on: as given, else as recorded when it was submitted here."""
+        if host:
+            return host
+        record = self.registry.find(job_id)
+        return record.host if record else None
+
+    def _notebook_path(self) -> str | None:
+        return self.shell.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
 
     def _follow_and_inject(self, transport: Transport, job_id: str, panel: TextPanel) -> None:
         """Show the job until it ends, then put its outputs into the namespace.
@@ -133,6 +145,13 @@ class RemoteMagics(Magics):
     @argument("--out", help="comma-separated names to bring back (default: what the cell assigns or trains)")
     @argument("--name", help="a name for the job, shown by %%remote_status")
     @argument("--detach", action="store_true", help="return at once with the job id; the job runs on")
+    @argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="save the model being trained every N epochs on the host (0: never); a killed job still yields it",
+    )
     @cell_magic
     def remote_train(self, line: str, cell: str) -> None:
         """Run this cell on a host and bring back what it assigned.
@@ -149,9 +168,13 @@ class RemoteMagics(Magics):
             )
         except (CaptureError, PayloadError) as exc:
             raise UsageError(str(exc)) from None
+        submission.checkpoint_every = args.checkpoint_every
         transport = self._transport(args.host, args.python)
         session.check_host(transport, submission, shell.user_ns)
         job_id = session.submit(transport, submission)
+        self.registry.add(transport.host, job_id, args.name, self._notebook_path())
+        if args.checkpoint_every < 0:
+            raise UsageError("--checkpoint-every takes a number of epochs, 0 or more")
         if args.detach:
             print(
                 f"job {job_id} submitted to host {transport.host}; it runs on. "
@@ -168,21 +191,40 @@ class RemoteMagics(Magics):
     @argument("job", nargs="?", help="a job id: show its detail and last log lines")
     @line_magic
     def remote_status(self, line: str) -> StatusTable | JobDetail:
-        """List the jobs on a host (state, epoch, last loss, timing), or one job in detail."""
+        """List jobs (state, epoch, last loss, timing), or one job in detail.
+
+        Without --host: every job this machine submitted, on every host.
+        """
         args = parse_argstring(self.remote_status, line)
-        transport = self._transport(args.host)
         if args.job:
+            transport = self._transport(self._job_host(args.job, args.host))
             return JobDetail(transport.host, session.status(transport, args.job))
-        return StatusTable(transport.host, session.status(transport))
+        if args.host:
+            transport = self._transport(args.host)
+            return StatusTable(transport.host, session.status(transport))
+        return StatusTable(None, session.registered_jobs(self.registry.records(), self._transport))
 
     @magic_arguments()
     @host_argument
     @job_argument
+    @argument(
+        "--checkpoint",
+        action="store_true",
+        help="inject the model from the job's last checkpoint (for a job that was killed or is still running)",
+    )
     @line_magic
     def remote_attach(self, line: str) -> None:
         """Replay a job's events, follow it live, and inject its outputs when it ends."""
         args = parse_argstring(self.remote_attach, line)
-        transport = self._transport(args.host)
+        transport = self._transport(self._job_host(args.job, args.host))
+        if args.checkpoint:
+            values, meta = session.fetch_checkpoint(transport, args.job)
+            self.shell.user_ns.update(values)
+            print(
+                f"injected {', '.join(values)} from the checkpoint of job {args.job} on host {transport.host} "
+                f"at epoch {meta['epoch']} of {meta.get('epochs') or '?'}"
+            )
+            return
         panel = make_panel(transport.host, self.panel)
         panel.start(args.job)
         self._follow_and_inject(transport, args.job, panel)
@@ -194,9 +236,53 @@ class RemoteMagics(Magics):
     def remote_cancel(self, line: str) -> None:
         """Stop a job now: its whole process group is ended (SIGTERM, then SIGKILL)."""
         args = parse_argstring(self.remote_cancel, line)
-        transport = self._transport(args.host)
+        transport = self._transport(self._job_host(args.job, args.host))
         result = session.cancel(transport, args.job)
         if result.get("cancelled"):
             print(f"job {args.job} on host {transport.host} cancelled")
         else:
             print(f"job {args.job} on host {transport.host} was not running (state: {result.get('state')})")
+
+    @magic_arguments()
+    @host_argument
+    @argument("--older-than", default="7d", help="age of finished jobs to remove: 30m, 12h, 7d, 0 (default 7d)")
+    @argument(
+        "--include-unfetched", action="store_true", help="also remove finished jobs whose outputs were never fetched"
+    )
+    @argument("--dry-run", action="store_true", help="only say what would be removed")
+    @line_magic
+    def remote_gc(self, line: str) -> None:
+        """Remove finished jobs and the blobs no job references, on one host.
+
+        Running jobs are never touched; finished jobs whose outputs were not
+        fetched are kept unless --include-unfetched.
+        """
+        args = parse_argstring(self.remote_gc, line)
+        transport = self._transport(args.host)
+        result = session.collect_garbage(transport, _seconds(args.older_than), args.include_unfetched, args.dry_run)
+        if not args.dry_run:
+            self.registry.remove(transport.host, set(result["removed_jobs"]))
+        verb = "would remove" if args.dry_run else "removed"
+        print(
+            f"host {transport.host}: {verb} {len(result['removed_jobs'])} jobs and {result['removed_blobs']} blobs "
+            f"({result['freed_bytes'] / 1e6:.1f} MB)"
+        )
+        if result["kept_unfetched"]:
+            print(
+                f"kept {len(result['kept_unfetched'])} finished jobs whose outputs were never fetched "
+                f"({', '.join(result['kept_unfetched'])}); `%remote_attach JOB` fetches them, --include-unfetched removes them"
+            )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _seconds(text: str) -> float:
+    """'30m', '12h', '7d', '90' (seconds) -> seconds."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        return float(number) * (unit or 1)
+    except ValueError:
+        raise UsageError(f"--older-than takes an age such as 30m, 12h or 7d, not {text!r}") from None

@@ -70,6 +70,7 @@ class Submission:
     outputs: list[str]
     payload: payload.Payload
     name: str | None = None
+    checkpoint_every: int = 1
 
 
 def prepare(
@@ -81,7 +82,7 @@ def prepare(
 ) -> Submission:
     """Analyse the cell and pickle its inputs; raises before any I/O on a bad input."""
     names = capture.analyze(source)
-    inputs = capture.select_inputs(names, namespace, hidden)
+    inputs = capture.select_inputs(names, namespace, set(hidden) | protocol.RUNNER_NAMES)
     packed = payload.pack({n: namespace[n] for n in inputs}, namespace)
     wanted = outputs if outputs is not None else capture.default_outputs(names, inputs)
     return Submission(source, inputs, wanted, packed, name)
@@ -114,6 +115,7 @@ def submit(transport: Transport, submission: Submission) -> str:
         "name": submission.name,
         "inputs": submission.inputs,
         "outputs": submission.outputs,
+        "checkpoint_every": submission.checkpoint_every,
         "blobs": submission.payload.blobs,
         "inputs_size": len(submission.payload.data),
         "client": {"python": sys.version.split()[0], "agent_schema": protocol.SCHEMA_VERSION},
@@ -182,6 +184,25 @@ def fetch_outputs(transport: Transport, job_id: str, done: dict[str, Any]) -> di
     return payload.unpack(data, buffers)
 
 
+def fetch_checkpoint(transport: Transport, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model of the job's last checkpoint, and the checkpoint's epoch information."""
+    meta = status(transport, job_id).get("checkpoint")
+    if not meta:
+        raise RemoteMagicError(
+            f"job {job_id} on host {transport.host} has no checkpoint: no Keras epoch ended "
+            "(or it ran with --checkpoint-every 0)"
+        )
+    data = transport.agent("cat-checkpoint", job_id).stdout
+    return payload.unpack(data, []), meta
+
+
+def collect_garbage(transport: Transport, older_than: float, include_unfetched: bool, dry_run: bool) -> dict[str, Any]:
+    args = ["gc", "--older-than", str(older_than)]
+    args += ["--include-unfetched"] if include_unfetched else []
+    args += ["--dry-run"] if dry_run else []
+    return transport.agent_json(*args)
+
+
 def raise_for_final(final: dict[str, Any], job_id: str, host: str) -> None:
     kind = final["type"]
     if kind == protocol.ERROR:
@@ -193,7 +214,8 @@ def raise_for_final(final: dict[str, Any], job_id: str, host: str) -> None:
     if kind == protocol.LOST:
         raise JobLost(
             f"job {job_id} on host {host} ended without finishing ({final.get('message')}); "
-            f"its log is in `%remote_status {job_id} --host {host}`"
+            f"its last output is in `%remote_status {job_id} --host {host}`, and "
+            f"`%remote_attach {job_id} --host {host} --checkpoint` brings back the model of its last checkpoint"
         )
 
 
@@ -207,6 +229,34 @@ def cancel(transport: Transport, job_id: str) -> dict[str, Any]:
 
 def request_stop(transport: Transport, job_id: str) -> dict[str, Any]:
     return transport.agent_json("stop", job_id)
+
+
+def registered_jobs(records: list[Any], transport_for: Callable[[str], Transport]) -> list[dict[str, Any]]:
+    """Live rows for the jobs in the local registry, one status call per host.
+
+    An unreachable host gives its jobs the state ``unreachable`` instead of
+    failing the whole list.
+    """
+    rows: list[dict[str, Any]] = []
+    hosts = list(dict.fromkeys(record.host for record in records))
+    for host in hosts:
+        try:
+            live = {row["job_id"]: row for row in status(transport_for(host))}
+            problem = None
+        except RemoteMagicError as exc:
+            live, problem = {}, str(exc)
+        for record in (r for r in records if r.host == host):
+            row = live.get(record.job_id)
+            if row is None:
+                row = {
+                    "job_id": record.job_id,
+                    "name": record.name,
+                    "state": "unreachable" if problem else "gone",
+                    "message": problem or "no longer on the host (collected)",
+                    "submitted": record.submitted,
+                }
+            rows.append({**row, "host": host, "notebook": record.notebook})
+    return rows
 
 
 def describe_injection(names: list[str]) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 # Keep every job root of the tests in a throw-away folder, never the user's.
 _TMP = Path(tempfile.mkdtemp(prefix="remote_magic-tests-"))
-os.environ["REMOTE_MAGIC_LOCAL_ROOT"] = str(_TMP / "localroot")
+os.environ["REMOTE_MAGIC_DATA_DIR"] = str(_TMP / "data")  # registry and the local host's root
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 

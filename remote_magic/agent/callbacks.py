@@ -23,18 +23,21 @@ EmitFn = Callable[..., Any]
 BATCH_INTERVAL = 0.5
 
 
-class StopFlag:
-    """Set by the runner's SIGINT handler: finish the current batch, then stop."""
+class TrainingHooks:
+    """What the runner gives every fit: where events go, the stop request, checkpointing."""
 
-    def __init__(self) -> None:
-        self.requested = threading.Event()
+    def __init__(self, emit: EmitFn, checkpoint: Callable[[Any, int, int | None], None] | None = None) -> None:
+        self.emit = emit
+        self.checkpoint = checkpoint
+        # Set by the runner's SIGINT handler: finish the current batch, then stop.
+        self.stop_requested = threading.Event()
 
 
-def watch_keras(emit: EmitFn, stop: StopFlag) -> None:
+def watch_keras(hooks: TrainingHooks) -> None:
     if "keras" in sys.modules:
-        _patch_fit(sys.modules["keras"], emit, stop)
+        _patch_fit(sys.modules["keras"], hooks)
         return
-    sys.meta_path.insert(0, _PatchAfterImport("keras", lambda module: _patch_fit(module, emit, stop)))
+    sys.meta_path.insert(0, _PatchAfterImport("keras", lambda module: _patch_fit(module, hooks)))
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -63,7 +66,7 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _patch_fit(keras: Any, emit: EmitFn, stop: StopFlag) -> None:
+def _patch_fit(keras: Any, hooks: TrainingHooks) -> None:
     original_fit = keras.Model.fit
     if getattr(original_fit, "_remote_magic", False):
         return
@@ -74,7 +77,7 @@ def _patch_fit(keras: Any, emit: EmitFn, stop: StopFlag) -> None:
         bound = signature.bind(self, *args, **kwargs)
         callbacks = bound.arguments.get("callbacks")
         callbacks = [] if callbacks is None else list(callbacks)
-        callbacks.append(event_callback_class(emit, stop))
+        callbacks.append(event_callback_class(hooks))
         bound.arguments["callbacks"] = callbacks
         return original_fit(*bound.args, **bound.kwargs)
 
@@ -87,10 +90,10 @@ def _event_callback_class(keras: Any) -> type:
     class EventCallback(keras.callbacks.Callback):
         """Reports training progress as events; honours a graceful stop request."""
 
-        def __init__(self, emit: EmitFn, stop: StopFlag) -> None:
+        def __init__(self, hooks: TrainingHooks) -> None:
             super().__init__()
-            self.emit = emit
-            self.stop = stop
+            self.hooks = hooks
+            self.emit = hooks.emit
             self.epochs: int | None = None
             self.steps: int | None = None
             self.epoch = 0
@@ -107,30 +110,32 @@ def _event_callback_class(keras: Any) -> type:
             self.epoch_started = time.time()
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if self.stop.requested.is_set():
+            if self.hooks.stop_requested.is_set():
                 self.model.stop_training = True
             now = time.time()
             if now - self.last_batch_event >= BATCH_INTERVAL:
                 self.last_batch_event = now
-                self.emit("batch", epoch=self.epoch, batch=batch + 1, steps=self.steps, logs=_floats(logs))
+                self.emit("batch", epoch=self.epoch, batch=batch + 1, steps=self.steps, logs=floats(logs))
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            if self.hooks.checkpoint is not None:
+                self.hooks.checkpoint(self.model, epoch + 1, self.epochs)
             self.emit(
                 "epoch",
                 epoch=epoch + 1,
                 epochs=self.epochs,
-                logs=_floats(logs),
+                logs=floats(logs),
                 seconds=round(time.time() - self.epoch_started, 3),
             )
 
         def on_train_end(self, logs: Any = None) -> None:
-            stopped = bool(self.stop.requested.is_set())
+            stopped = self.hooks.stop_requested.is_set()
             self.emit("train_end", epoch=self.epoch, epochs=self.epochs, stopped=stopped)
 
     return EventCallback
 
 
-def _floats(logs: Any) -> dict[str, float]:
+def floats(logs: Any) -> dict[str, float]:
     result = {}
     for key, value in (logs or {}).items():
         try:

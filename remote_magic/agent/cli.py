@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,7 +95,54 @@ def cmd_cat_outputs(root: str, agent_hash: str, args: argparse.Namespace) -> int
     outputs = os.path.join(path, protocol.OUTPUTS_FILE)
     if not os.path.exists(outputs):
         raise jobs.AgentError(f"job {args.job_id} has no outputs (it did not finish successfully)")
-    return _copy_file_to_stdout(outputs)
+    _copy_file_to_stdout(outputs)
+    # The runner has finished (outputs exist), so writing into its folder is safe now.
+    jobs.atomic_write(os.path.join(path, protocol.FETCHED_MARK), b"")
+    return 0
+
+
+def cmd_cat_checkpoint(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    path = jobs.job_dir(root, args.job_id)
+    checkpoint = os.path.join(path, protocol.CHECKPOINT_DIR, protocol.CHECKPOINT_FILE)
+    if not os.path.exists(checkpoint):
+        raise jobs.AgentError(f"job {args.job_id} has no checkpoint (no Keras epoch ended, or --checkpoint-every 0)")
+    return _copy_file_to_stdout(checkpoint)
+
+
+def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+    """Remove finished jobs older than --older-than, then blobs no job references.
+
+    A finished job whose outputs were never fetched is kept unless
+    --include-unfetched; running jobs are never touched.
+    """
+    removed, kept_unfetched = [], []
+    cutoff = time.time() - args.older_than
+    for row in jobs.list_jobs(root):
+        path = os.path.join(jobs.jobs_dir(root), row["job_id"])
+        if row["state"] in (protocol.STATE_QUEUED, protocol.STATE_RUNNING):
+            continue
+        if (row.get("ended") or row.get("submitted") or 0) > cutoff:
+            continue
+        unfetched = row["state"] == protocol.STATE_DONE and not os.path.exists(
+            os.path.join(path, protocol.FETCHED_MARK)
+        )
+        if unfetched and not args.include_unfetched:
+            kept_unfetched.append(row["job_id"])
+            continue
+        if not args.dry_run:
+            shutil.rmtree(path)
+        removed.append(row["job_id"])
+    blobs = jobs.unreferenced_blobs(root)
+    freed = 0
+    for digest in blobs:
+        blob = os.path.join(jobs.blobs_dir(root), digest)
+        freed += os.path.getsize(blob)
+        if not args.dry_run:
+            os.unlink(blob)
+    _print_json(
+        {"removed_jobs": removed, "kept_unfetched": kept_unfetched, "removed_blobs": len(blobs), "freed_bytes": freed}
+    )
+    return 0
 
 
 def _copy_file_to_stdout(path: str) -> int:
@@ -232,6 +280,15 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
     "status": (cmd_status, [("job_id", {"nargs": "?"}), ("--lines", {"type": int, "default": 20})]),
     "cancel": (cmd_cancel, [_JOB, ("--grace", {"type": float, "default": CANCEL_GRACE_SECONDS})]),
     "stop": (cmd_stop, [_JOB]),
+    "cat-checkpoint": (cmd_cat_checkpoint, [_JOB]),
+    "gc": (
+        cmd_gc,
+        [
+            ("--older-than", {"type": float, "default": 7 * 86400}),
+            ("--include-unfetched", {"action": "store_true"}),
+            ("--dry-run", {"action": "store_true"}),
+        ],
+    ),
     "run-job": (cmd_run_job, [_JOB]),
 }
 

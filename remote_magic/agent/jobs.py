@@ -275,6 +275,8 @@ def summarize(path: str) -> dict[str, Any]:
         "message": None,
         "pid": None,
         "device": None,
+        "checkpoint": read_checkpoint_meta(path),
+        "fetched": os.path.exists(os.path.join(path, protocol.FETCHED_MARK)),
     }
     for _, line in iter_event_lines(path):
         event = json.loads(line)
@@ -288,10 +290,52 @@ def summarize(path: str) -> dict[str, Any]:
         elif kind == protocol.EPOCH:
             row.update(epoch=event.get("epoch"), logs=event.get("logs", {}))
         elif kind in protocol.TERMINAL:
-            row.update(state=protocol.TERMINAL_STATE[kind], ended=event["t"], message=event.get("message"))
-    if row["state"] in (protocol.STATE_QUEUED, protocol.STATE_RUNNING) and not process_alive(read_pid(path)):
-        row.update(state=protocol.STATE_KILLED, message="the runner process ended without a final event")
+            row.update(state=protocol.final_state(event), ended=event["t"], message=event.get("message"))
+    pid = read_pid(path)
+    just_submitted = pid is None and time.time() - (spec.get("submitted") or 0) < 30
+    if (
+        row["state"] in (protocol.STATE_QUEUED, protocol.STATE_RUNNING)
+        and not just_submitted
+        and not process_alive(pid)
+    ):
+        row.update(
+            state=protocol.STATE_KILLED,
+            message="the runner process ended without a final event (killed, out of memory, or the host rebooted)",
+        )
     return row
+
+
+def unreferenced_blobs(root: str) -> list[str]:
+    """Blobs that no job's inputs or outputs name (partial uploads included once stale)."""
+    referenced: set[str] = set()
+    parent = jobs_dir(root)
+    for job_id in os.listdir(parent):
+        path = os.path.join(parent, job_id)
+        try:
+            referenced.update(digest for digest, _ in read_spec(path).get("blobs", []))
+        except (OSError, ValueError):
+            continue
+        last = last_event(path)
+        if last is not None and last["type"] == protocol.DONE:
+            referenced.update(digest for digest, _ in last.get("blobs", []))
+    stale = time.time() - 3600
+    unreferenced = []
+    for name in os.listdir(blobs_dir(root)):
+        digest = name.split(".", 1)[0]
+        if digest in referenced:
+            continue
+        if "." in name and os.path.getmtime(os.path.join(blobs_dir(root), name)) > stale:
+            continue  # an upload in progress right now
+        unreferenced.append(name)
+    return unreferenced
+
+
+def read_checkpoint_meta(path: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, protocol.CHECKPOINT_DIR, protocol.CHECKPOINT_META), encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def list_jobs(root: str) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ TERMINAL = frozenset({DONE, ERROR, CANCELLED, LOST})
 STATE_QUEUED = "queued"
 STATE_RUNNING = "running"
 STATE_DONE = "done"
+STATE_STOPPED = "stopped"  # done, after a graceful stop request (interrupt or Stop button)
 STATE_ERROR = "error"
 STATE_CANCELLED = "cancelled"
 STATE_KILLED = "killed"
@@ -49,9 +50,23 @@ OUTPUTS_FILE = "outputs.pkl"
 EVENTS_FILE = "events.jsonl"
 PID_FILE = "runner.pid"
 RUNNER_LOG = "runner.log"
+FETCHED_MARK = "fetched"  # written when the client fetched the outputs; gc keeps unfetched jobs
+CHECKPOINT_DIR = "ckpt"
+CHECKPOINT_FILE = "checkpoint.pkl"
+CHECKPOINT_META = "checkpoint.json"
+
+# Names the runner defines in every cell's namespace (never sent from the notebook).
+RUNNER_NAMES = frozenset({"remote_log"})
 
 # Exit code of the bootstrap when the agent version is not deployed yet.
 EXIT_AGENT_MISSING = 75
+
+
+def final_state(event: dict[str, Any]) -> str:
+    """The job state a terminal event leaves: ``stopped`` for a done job that was asked to stop early."""
+    if event["type"] == DONE and event.get("stopped"):
+        return STATE_STOPPED
+    return TERMINAL_STATE[event["type"]]
 
 
 def make_event(seq: int, type_: str, **fields: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import json
 import linecache
 import os
 import platform
@@ -114,11 +115,12 @@ def run_job(root: str, path: str) -> int:
         with lock:
             return log.append(type_, **fields)
 
-    stop = callbacks.StopFlag()
-    signal.signal(signal.SIGINT, lambda *_: stop.requested.set())
+    spec = jobs.read_spec(path)
+    namespace: dict[str, Any] = {}
+    hooks = callbacks.TrainingHooks(emit, _checkpointer(path, spec, namespace, emit))
+    signal.signal(signal.SIGINT, lambda *_: hooks.stop_requested.set())
     signal.signal(signal.SIGTERM, _raise_cancelled)
 
-    spec = jobs.read_spec(path)
     emit(
         protocol.STARTED,
         host=socket.gethostname(),
@@ -132,13 +134,14 @@ def run_job(root: str, path: str) -> int:
     sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
     started = time.time()
     try:
-        namespace = _load_inputs(root, path, spec)
-        callbacks.watch_keras(emit, stop)
+        namespace.update(_load_inputs(root, path, spec))
+        namespace["remote_log"] = _remote_log(emit)
+        callbacks.watch_keras(hooks)
         _run_cell(spec["source"], namespace)
         out.close_line()
         err.close_line()
         manifest = _write_outputs(root, path, spec, namespace, emit)
-        emit(protocol.DONE, seconds=round(time.time() - started, 3), stopped=stop.requested.is_set(), **manifest)
+        emit(protocol.DONE, seconds=round(time.time() - started, 3), stopped=hooks.stop_requested.is_set(), **manifest)
         return 0
     except Cancelled:
         out.close_line()
@@ -153,6 +156,52 @@ def run_job(root: str, path: str) -> int:
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         log.close()
+
+
+def _remote_log(emit: Any) -> Any:
+    """``remote_log(step=..., total=..., **metrics)``: the panel for any training loop.
+
+    Each call is one row, like a Keras epoch; ``step`` counts from 1 by
+    default, ``total`` (once is enough) gives the progress bar its end.
+    """
+    state = {"step": 0, "total": None}
+
+    def remote_log(step: int | None = None, total: int | None = None, **metrics: float) -> None:
+        state["step"] = state["step"] + 1 if step is None else int(step)
+        if total is not None and total != state["total"]:
+            state["total"] = int(total)
+            emit(protocol.TRAIN_BEGIN, epochs=state["total"], steps=None, source="remote_log")
+        emit(protocol.EPOCH, epoch=state["step"], epochs=state["total"], logs=callbacks.floats(metrics))
+
+    return remote_log
+
+
+def _checkpointer(path: str, spec: dict[str, Any], namespace: dict[str, Any], emit: Any) -> Any:
+    """Saves the model being trained every N epochs (weights + optimizer), atomically.
+
+    The checkpoint is the same pickle as an output (model under its variable
+    name, custom objects with it), kept in one file so it never fills the
+    blob store; a killed job still yields the model of its last epoch.
+    """
+    every = int(spec.get("checkpoint_every", 1) or 0)
+    if every <= 0:
+        return None
+    folder = os.path.join(path, protocol.CHECKPOINT_DIR)
+
+    def checkpoint(model: Any, epoch: int, epochs: int | None) -> None:
+        if epoch % every:
+            return
+        names = [n for n, v in namespace.items() if v is model and not n.startswith("_")] or ["model"]
+        try:
+            data, _ = codec.dumps({names[0]: model}, codec.notebook_defined(namespace), threshold=2**62)
+            jobs.ensure_dir(folder)
+            jobs.atomic_write(os.path.join(folder, protocol.CHECKPOINT_FILE), data)
+            meta = {"epoch": epoch, "epochs": epochs, "name": names[0], "t": time.time()}
+            jobs.atomic_write(os.path.join(folder, protocol.CHECKPOINT_META), json.dumps(meta).encode())
+        except Exception as exc:  # noqa: BLE001  (a failed checkpoint must not end the training)
+            emit(protocol.WARNING, message=f"checkpoint at epoch {epoch} failed: {type(exc).__name__}: {exc}")
+
+    return checkpoint
 
 
 def _raise_cancelled(*_: Any) -> None:

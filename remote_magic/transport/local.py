@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ..paths import data_dir
 from .base import CommandResult, StdinData, Transport
 
 LOCAL_HOST = "local"
@@ -22,8 +23,7 @@ def default_local_root() -> str:
     """Its own job root, apart from any ``~/.remote_magic`` of an SSH host on this machine."""
     if os.environ.get("REMOTE_MAGIC_LOCAL_ROOT"):
         return os.environ["REMOTE_MAGIC_LOCAL_ROOT"]
-    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
-    return os.path.join(data_home, "remote_magic", "local")
+    return os.path.join(data_dir(), "local")
 
 
 class LocalTransport(Transport):
@@ -33,7 +33,8 @@ class LocalTransport(Transport):
     def execute(self, argv: list[str], stdin: StdinData = None) -> CommandResult:
         data = stdin if stdin is None or isinstance(stdin, bytes) else b"".join(bytes(part) for part in stdin)
         try:
-            done = subprocess.run(argv, input=data, capture_output=True, check=False)
+            # Own session: a kernel interrupt (SIGINT to the kernel's group) must not reach agent commands.
+            done = subprocess.run(argv, input=data, capture_output=True, check=False, start_new_session=True)
         except FileNotFoundError as exc:
             return CommandResult(127, b"", str(exc).encode())
         self.bytes_sent += len(data or b"")
@@ -42,7 +43,9 @@ class LocalTransport(Transport):
 
     @contextmanager
     def stream_lines(self, argv: list[str]) -> Iterator[Iterator[bytes]]:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
         assert process.stdout is not None and process.stderr is not None
 
         def lines() -> Iterator[bytes]:

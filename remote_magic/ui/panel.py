@@ -60,7 +60,7 @@ class JobView:
         elif kind == protocol.WARNING:
             self.notes.append(event["message"])
         elif kind in protocol.TERMINAL:
-            self.state = protocol.TERMINAL_STATE[kind]
+            self.state = protocol.final_state(event)
             self.ended = event["t"]
             if kind != protocol.DONE:
                 self.error = event.get("message")

@@ -12,10 +12,13 @@ _COLUMNS = ("job", "name", "state", "epoch", "loss", "started", "duration")
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
+    """The row's values under ``_COLUMNS``."""
     epoch = "" if row.get("epoch") is None else f"{row['epoch']}/{row.get('epochs') or '?'}"
     loss = row.get("logs", {}).get("loss")
     started = row.get("started") or row.get("submitted")
     end = row.get("ended") or (time.time() if row["state"] in ("running", "queued") else None)
+    if row["state"] in ("unreachable", "gone"):
+        return [row["job_id"], row.get("name") or "", f"{row['state']}: {row.get('message')}", "", "", "", ""]
     duration = format_seconds(end - row["started"]) if row.get("started") and end else ""
     return [
         row["job_id"],
@@ -29,26 +32,38 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 
 class StatusTable:
-    def __init__(self, host: str, rows: list[dict[str, Any]]) -> None:
+    """Jobs of one host (``host`` given) or of every host this machine used (a host column)."""
+
+    def __init__(self, host: str | None, rows: list[dict[str, Any]]) -> None:
         self.host = host
         self.rows = rows
 
+    def _title(self) -> str:
+        return f"Jobs on host {self.host}" if self.host else "Jobs submitted from this machine"
+
+    def _table(self) -> list[list[str]]:
+        header = list(_COLUMNS) if self.host else ["host", *_COLUMNS]
+        rows = [_cells(row) if self.host else [row["host"], *_cells(row)] for row in self.rows]
+        return [header, *rows]
+
+    def _empty(self) -> str:
+        return f"No jobs on host {self.host}." if self.host else "No jobs submitted from this machine yet."
+
     def _repr_html_(self) -> str:
         if not self.rows:
-            return f"<p>No jobs on host {html.escape(self.host)}.</p>"
-        head = "".join(f"<th>{c}</th>" for c in _COLUMNS)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(row)) + "</tr>" for row in self.rows
-        )
-        return f"<p>Jobs on host <b>{html.escape(self.host)}</b></p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            return f"<p>{html.escape(self._empty())}</p>"
+        header, *rows = self._table()
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<p><b>{html.escape(self._title())}</b></p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def __repr__(self) -> str:
         if not self.rows:
-            return f"No jobs on host {self.host}."
-        table = [list(_COLUMNS)] + [_cells(row) for row in self.rows]
-        widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
+            return self._empty()
+        table = self._table()
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
-        return f"Jobs on host {self.host}\n" + "\n".join(lines)
+        return self._title() + "\n" + "\n".join(lines)
 
 
 class JobDetail:

@@ -1,0 +1,108 @@
+"""Nothing is lost: killed runners yield their checkpoint, custom loops get the panel, gc keeps what matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import numpy as np
+from conftest import MODEL_CELL, run
+from test_lifecycle import _submitted_job_id
+
+from remote_magic.errors import JobLost
+
+SLOW_FIT = """
+import time
+class Slow(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        time.sleep(0.4)
+history = model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=0, callbacks=[Slow()])
+"""
+
+
+def _wait_for(ip, job_id: str, host: str, predicate, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = run(ip, f"%remote_status {job_id} --host {host}").result.row
+        if predicate(row):
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never reached the expected state: {row}")
+
+
+def test_sigkill_of_the_runner_leaves_a_checkpoint_that_attach_injects(ip, capsys) -> None:
+    assert run(ip, MODEL_CELL).success
+    assert run(ip, "%%remote_train --host testhost --detach" + SLOW_FIT).success
+    job_id = _submitted_job_id(capsys.readouterr().out)
+    row = _wait_for(ip, job_id, "testhost", lambda r: (r.get("checkpoint") or {}).get("epoch", 0) >= 2)
+    os.kill(row["pid"], signal.SIGKILL)
+    row = _wait_for(ip, job_id, "testhost", lambda r: r["state"] == "killed")
+    assert "ended without a final event" in row["message"]
+
+    result = run(ip, f"%remote_attach {job_id} --host testhost")
+    assert isinstance(result.error_in_exec, JobLost) and "--checkpoint" in str(result.error_in_exec)
+    assert "history" not in ip.user_ns
+
+    capsys.readouterr()
+    assert run(ip, f"%remote_attach {job_id} --host testhost --checkpoint").success
+    epoch = int(re.search(r"at epoch (\d+) of 40", capsys.readouterr().out).group(1))
+    assert epoch >= 2
+    model = ip.user_ns["model"]
+    assert int(model.optimizer.iterations.numpy()) == epoch * 8
+    assert not np.array_equal(model.get_weights()[0], ip.user_ns["weights_before"][0])
+    assert model.predict(ip.user_ns["x_train"][:2], verbose=0).shape == (2, 1)
+
+
+def test_remote_log_gives_a_numpy_loop_the_same_panel(ip, capsys) -> None:
+    cell = (
+        "%%remote_train\n"
+        "import numpy as np\n"
+        "w = 0.0\n"
+        "for step in range(1, 4):\n"
+        "    w += 0.5\n"
+        "    remote_log(step=step, total=3, loss=1.0 / step, weight=w)\n"
+    )
+    assert run(ip, cell).success
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("Epoch")]
+    assert lines == [
+        "Epoch 1/3 - loss: 1.0000 - weight: 0.5000",
+        "Epoch 2/3 - loss: 0.5000 - weight: 1.0000",
+        "Epoch 3/3 - loss: 0.3333 - weight: 1.5000",
+    ]
+    assert ip.user_ns["w"] == 1.5
+
+
+def test_gc_removes_fetched_jobs_and_their_blobs_but_keeps_unfetched_ones(ip, sshd, capsys) -> None:
+    root = sshd.host_root
+    assert run(ip, "import numpy as np\nbig = np.arange(300_000.0)\n").success
+    assert run(ip, "%%remote_train --host testhost\ntotal = big.sum()\n").success  # fetched
+    assert run(ip, "%%remote_train --host testhost --detach\nleft = big * 2\n").success  # never fetched
+    unfetched = _submitted_job_id(capsys.readouterr().out)
+    _wait_for(ip, unfetched, "testhost", lambda r: r["state"] == "done")
+
+    assert run(ip, "%remote_gc --host testhost --older-than 0").success
+    out = capsys.readouterr().out
+    assert re.search(r"host testhost: removed \d+ jobs", out) and unfetched in out
+    remaining = os.listdir(root / "jobs")
+    assert remaining == [unfetched] or set(remaining) == {unfetched} | _running_jobs(root)
+    spec = json.loads((root / "jobs" / unfetched / "spec.json").read_text())
+    for digest, _ in spec["blobs"]:
+        assert (root / "blobs" / digest).exists()  # still referenced by the kept job
+
+    assert run(ip, "%remote_gc --host testhost --older-than 0 --include-unfetched").success
+    assert unfetched not in os.listdir(root / "jobs")
+    assert not any((root / "blobs" / digest).exists() for digest, _ in spec["blobs"])
+    assert run(ip, "%remote_gc --host testhost --older-than 5x").error_in_exec is not None
+
+
+def _running_jobs(root) -> set[str]:
+    running = set()
+    for job_id in os.listdir(root / "jobs"):
+        events = (root / "jobs" / job_id / "events.jsonl").read_text().splitlines()
+        if json.loads(events[-1])["type"] not in ("done", "error", "cancelled"):
+            running.add(job_id)
+    return running
