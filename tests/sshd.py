@@ -70,6 +70,42 @@ class Sshd:
                 self.process.wait()
         self.process = None
 
+    def connection_processes(self) -> list[int]:
+        """The per-connection sshd processes (and what runs under them), not the listener."""
+        if self.process is None:
+            return []
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        found, todo = [], list(children.get(self.process.pid, []))
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += children.get(pid, [])
+        return found
+
+    def drop_connections(self) -> int:
+        """Kill every open SSH connection, as a dropped network link would end them."""
+        pids = self.connection_processes()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(pids)
+
+    def restart(self, down_seconds: float = 1.5) -> None:
+        self.drop_connections()
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+
     def accepted_logins(self) -> int:
         return self.log.read_text().count("Accepted publickey") if self.log.exists() else 0
 

@@ -211,6 +211,16 @@ class SSHTransport(Transport):
             raise ConnectionFailed(f"lost the connection to host {self.host}: {exc}") from None
         return channel
 
+    def _exit_status(self, channel: paramiko.Channel) -> int | None:
+        """The command's exit status, or None when the link died before it was sent.
+
+        paramiko reports -1 for a channel closed without an exit status.
+        """
+        if not channel.exit_status_ready() and not self.is_alive():
+            return None
+        status = channel.recv_exit_status()
+        return None if status == -1 else status
+
     # ---- commands
     def execute(self, argv: list[str], stdin: StdinData = None) -> CommandResult:
         channel = self._open_channel(argv)
@@ -224,11 +234,10 @@ class SSHTransport(Transport):
             stdout = _read_all(channel.makefile("rb"))
             stderr = _read_all(channel.makefile_stderr("rb"))
             self.bytes_received += len(stdout)
-            if not channel.exit_status_ready() and not self.is_alive():
-                raise ConnectionFailed(
-                    f"lost the connection to host {self.host} during `{argv[5] if len(argv) > 5 else argv[0]}`"
-                )
-            return CommandResult(channel.recv_exit_status(), stdout, stderr)
+            returncode = self._exit_status(channel)
+            if returncode is None:
+                raise ConnectionFailed(f"lost the connection to host {self.host} while running a command")
+            return CommandResult(returncode, stdout, stderr)
         except (OSError, paramiko.SSHException, EOFError) as exc:
             self.close()
             raise ConnectionFailed(f"lost the connection to host {self.host}: {exc}") from None
@@ -249,8 +258,11 @@ class SSHTransport(Transport):
             except (OSError, paramiko.SSHException, EOFError):
                 self.close()
                 return  # dropped: the caller resumes from its last event
-            if channel.exit_status_ready():
-                self.raise_for_stream(argv, channel.recv_exit_status(), _read_all(channel.makefile_stderr("rb")))
+            returncode = self._exit_status(channel)
+            if returncode is None:
+                self.close()
+                return  # dropped before the command ended: the caller resumes
+            self.raise_for_stream(argv, returncode, _read_all(channel.makefile_stderr("rb")))
 
         try:
             yield lines()
