@@ -1,0 +1,97 @@
+"""Interrupt and restart in real kernels: the trained model comes back either way."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from conftest import MODEL_CELL, PYTHON
+from kernel import Kernel
+
+
+@pytest.fixture
+def kernel_env(sshd, tmp_path) -> dict[str, str]:
+    """The environment of a kernel configured for the test sshd, as a user's ipython_config.py would."""
+    profile = tmp_path / "ipython" / "profile_default"
+    profile.mkdir(parents=True)
+    (profile / "ipython_config.py").write_text(
+        f"c.RemoteMagics.ssh_config = {str(sshd.ssh_config)!r}\n"
+        f"c.RemoteMagics.hosts = {{{sshd.alias!r}: {{'python': {PYTHON!r}}}}}\n"
+    )
+    return {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython"), "REMOTE_MAGIC_PANEL": "text"}
+
+
+@pytest.fixture
+def kernel(kernel_env):
+    k = Kernel(kernel_env)
+    yield k
+    k.shutdown()
+
+
+LONG_FIT = """%%remote_train --host {host}
+import time
+class Slow(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        time.sleep(0.3)
+history = model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=0, callbacks=[Slow()])
+"""
+
+
+@pytest.mark.parametrize("host", ["local", "testhost"])
+def test_interrupt_stops_training_gracefully_and_injects_the_model(kernel, host) -> None:
+    reply, _ = kernel.execute("%load_ext remote_magic\n" + MODEL_CELL)
+    assert reply["status"] == "ok"
+    interrupted = []
+
+    def interrupt_at_epoch_3(text: str) -> None:
+        if not interrupted and "Epoch 3/40" in text:
+            interrupted.append(True)
+            kernel.interrupt()
+
+    reply, text = kernel.execute(LONG_FIT.format(host=host), while_running=interrupt_at_epoch_3)
+    job_id = re.search(r"job (\S+) ·", text).group(1)
+    assert interrupted and reply["status"] == "ok", text
+    stopped_at = int(re.search(r"stopped at epoch (\d+) of 40", text).group(1))
+    assert 3 <= stopped_at < 40
+    assert "injected: Slow, history, model" in text
+
+    check = (
+        "import numpy as np\n"
+        "print('iterations', int(model.optimizer.iterations.numpy()))\n"
+        "print('changed', not np.array_equal(model.get_weights()[0], weights_before[0]))\n"
+        "print('epochs', len(history.history['loss']))\n"
+    )
+    reply, text = kernel.execute(check)
+    iterations = int(re.search(r"iterations (\d+)", text).group(1))
+    assert (stopped_at - 1) * 8 < iterations <= stopped_at * 8  # stopped within its last epoch, at a batch end
+    assert "changed True" in text and f"epochs {stopped_at}" in text
+    _, status_text = kernel.execute(f"%remote_status {job_id}")
+    assert f"job {job_id} on host {host}: stopped" in status_text
+
+
+def test_a_fresh_kernel_finds_the_job_and_attaches_to_it(kernel_env) -> None:
+    first = Kernel(kernel_env)
+    try:
+        reply, _ = first.execute("%load_ext remote_magic\n" + MODEL_CELL)
+        assert reply["status"] == "ok"
+        reply, text = first.execute(
+            "%%remote_train --host testhost --detach --name survives-restart\n"
+            "history = model.fit(x_train, y_train, epochs=3, batch_size=32, verbose=0)\n"
+        )
+        job_id = re.search(r"job (\S+) submitted", text).group(1)
+    finally:
+        first.shutdown()
+
+    second = Kernel(kernel_env)
+    try:
+        _, text = second.execute("%load_ext remote_magic\n%remote_status")
+        row = next(line for line in text.splitlines() if job_id in line)
+        assert row.startswith("testhost") and "survives-restart" in row
+        reply, text = second.execute(f"%remote_attach {job_id}")
+        assert reply["status"] == "ok", text
+        assert [f"Epoch {i}/3" for i in (1, 2, 3)] == re.findall(r"Epoch \d/3", text)
+        _, text = second.execute("print(int(model.optimizer.iterations.numpy()), len(history.history['loss']))")
+        assert text.strip() == "24 3"
+    finally:
+        second.shutdown()
