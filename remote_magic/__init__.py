@@ -17,4 +17,5 @@ def load_ipython_extension(ipython: Any) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get("RemoteMagics")
     if magics is not None:
+        magics.stop_background()
         magics.connections.close()

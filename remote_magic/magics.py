@@ -8,12 +8,13 @@ with ``%config RemoteMagics.default_host = "gpu1"``.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Dict, Enum, Float, Unicode
+from traitlets import Bool, Dict, Enum, Float, Unicode
 
 from . import session
 from .capture import CaptureError
@@ -71,10 +72,16 @@ class RemoteMagics(Magics):
         session.RECONNECT_TIMEOUT, help="Seconds to keep trying to reconnect after the link drops."
     ).tag(config=True)
 
+    follow_detached = Bool(
+        False,
+        help="Follow --detach jobs in the background outside Jupyter kernels too (terminal IPython).",
+    ).tag(config=True)
+
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
         self.connections = session.Connections()
         self.registry = Registry()
+        self.background: list[session.BackgroundFollower] = []
 
     # ------------------------------------------------------------- helpers
     def _transport(self, host: str | None, python: str | None = None) -> Transport:
@@ -92,6 +99,10 @@ class RemoteMagics(Magics):
             ),
         )
 
+    def _kernel_stays_alive(self) -> bool:
+        """Background following makes sense in a Jupyter kernel, not in a one-shot script."""
+        return getattr(self.shell, "kernel", None) is not None or self.follow_detached
+
     def _job_host(self, job_id: str, host: str | None) -> str | None:
         """The host a job runs on: as given, else as recorded when it was submitted here."""
         if host:
@@ -102,22 +113,23 @@ class RemoteMagics(Magics):
     def _notebook_path(self) -> str | None:
         return self.shell.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
 
-    def _follow_and_inject(self, transport: Transport, job_id: str, panel: TextPanel) -> None:
+    def _follow_and_inject(self, transport: Transport, job_id: str, panel: TextPanel, inject: bool = True) -> None:
         """Show the job until it ends, then put its outputs into the namespace.
 
-        The first interrupt asks the host to stop after the current batch and
-        still returns the partly trained outputs; a second one cancels.
+        The first interrupt (or the Stop button) asks the host to stop after
+        the current batch and still returns the partly trained outputs; a
+        second interrupt cancels.  The Detach button returns at once and
+        follows the job in the background.
         """
+        detach = threading.Event()
+        panel.set_actions(on_stop=lambda: session.request_stop(transport, job_id), on_detach=detach.set)
 
-        def follow(from_seq: int) -> dict[str, Any]:
+        def follow(from_seq: int) -> dict[str, Any] | None:
             return session.follow(
-                transport,
-                job_id,
-                panel.handle,
-                from_seq=from_seq,
-                reconnect_timeout=self.reconnect_timeout,
+                transport, job_id, panel.handle, from_seq=from_seq, reconnect_timeout=self.reconnect_timeout,
                 on_reconnecting=lambda reason: panel.note(f"reconnecting: {reason}"),
-            )
+                keep_going=lambda: not detach.is_set(),
+            )  # fmt: skip
 
         try:
             final = follow(0)
@@ -129,14 +141,57 @@ class RemoteMagics(Magics):
             except KeyboardInterrupt:
                 session.cancel(transport, job_id)
                 panel.note(f"job {job_id} cancelled")
+                panel.finish()
                 raise
+        if final is None:
+            panel.note("detached: the job runs on; this panel keeps updating while the kernel is idle")
+            self._follow_in_background(transport, job_id, panel, inject, from_seq=panel.view.next_seq)
+            return
+        try:
+            self._end_job(transport, job_id, panel, final, inject)
+        finally:
+            panel.finish()
+
+    def _end_job(
+        self, transport: Transport, job_id: str, panel: TextPanel, final: dict[str, Any], inject: bool
+    ) -> None:
         session.raise_for_final(final, job_id, transport.host)
+        if final.get("stopped"):
+            panel.note(f"stopped at epoch {panel.view.epoch} of {panel.view.epochs or '?'}")
+        if not inject:
+            panel.note(f"finished; outputs not injected (--no-inject): `%remote_attach {job_id}` fetches them")
+            return
         values = session.fetch_outputs(transport, job_id, final)
         self.shell.user_ns.update(values)
-        if final.get("stopped"):
-            view = panel.view
-            panel.note(f"stopped at epoch {view.epoch} of {view.epochs or '?'}")
         panel.note(f"injected: {session.describe_injection(list(values))}")
+
+    def _follow_in_background(
+        self, transport: Transport, job_id: str, panel: TextPanel, inject: bool, from_seq: int = 0
+    ) -> None:
+        """Keep the panel live while the kernel is idle; inject the outputs when the job ends."""
+
+        def on_end(final: dict[str, Any]) -> None:
+            try:
+                self._end_job(transport, job_id, panel, final, inject)
+            except Exception as exc:  # noqa: BLE001  (shown in the panel: there is no cell to raise into)
+                panel.note(f"{type(exc).__name__}: {exc}")
+            finally:
+                panel.finish()
+
+        follower = session.BackgroundFollower(
+            transport, job_id, panel.handle, on_end, from_seq=from_seq, reconnect_timeout=self.reconnect_timeout
+        )
+        panel.set_actions(on_stop=lambda: session.request_stop(transport, job_id), on_detach=None)
+        self.background.append(follower)
+        follower.start()
+
+    def stop_background(self, timeout: float = 5.0) -> None:
+        """Stop following detached jobs (they run on); used when the extension unloads."""
+        for follower in self.background:
+            follower.stop()
+        for follower in self.background:
+            follower.join(timeout)
+        self.background.clear()
 
     # -------------------------------------------------------------- magics
     @magic_arguments()
@@ -144,7 +199,13 @@ class RemoteMagics(Magics):
     @argument("--python", help="the Python interpreter on the host (default: python3; 'local' uses this kernel's)")
     @argument("--out", help="comma-separated names to bring back (default: what the cell assigns or trains)")
     @argument("--name", help="a name for the job, shown by %%remote_status")
-    @argument("--detach", action="store_true", help="return at once with the job id; the job runs on")
+    @argument(
+        "--detach",
+        action="store_true",
+        help="return at once; the job runs on, its panel updates while the kernel is idle, "
+        "and its outputs are injected when it ends",
+    )
+    @argument("--no-inject", action="store_true", help="do not inject the outputs of a detached job when it ends")
     @argument(
         "--checkpoint-every",
         type=int,
@@ -181,10 +242,14 @@ class RemoteMagics(Magics):
                 f"`%remote_status --host {transport.host}` lists it, "
                 f"`%remote_attach {job_id} --host {transport.host}` follows it and brings its outputs back."
             )
+            if self._kernel_stays_alive():
+                panel = make_panel(transport.host, self.panel)
+                panel.start(job_id, args.name)
+                self._follow_in_background(transport, job_id, panel, not args.no_inject)
             return
         panel = make_panel(transport.host, self.panel)
         panel.start(job_id, args.name)
-        self._follow_and_inject(transport, job_id, panel)
+        self._follow_and_inject(transport, job_id, panel, inject=not args.no_inject)
 
     @magic_arguments()
     @host_argument

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,11 +141,14 @@ def follow(
     from_seq: int = 0,
     reconnect_timeout: float = RECONNECT_TIMEOUT,
     on_reconnecting: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+    keep_going: Callable[[], bool] | None = None,
+) -> dict[str, Any] | None:
     """Feed every event from ``from_seq`` to ``on_event`` until the job ends.
 
     When the link drops, reconnect with backoff and resume at the next
-    event, so none is missed and none is seen twice.
+    event, so none is missed and none is seen twice.  Returns the final
+    event, or None as soon as ``keep_going()`` says to stop following (the
+    job itself runs on).
     """
     next_seq = from_seq
     failures = 0
@@ -161,10 +165,14 @@ def follow(
                     on_event(event)
                     if event["type"] in protocol.TERMINAL:
                         return event
+                    if keep_going is not None and not keep_going():
+                        return None
         except ConnectionFailed as exc:
             reason = str(exc)
         else:
             reason = f"the connection to host {transport.host} dropped"
+        if keep_going is not None and not keep_going():
+            return None
         now = time.monotonic()
         give_up_at = give_up_at or now + reconnect_timeout
         if now >= give_up_at:
@@ -176,6 +184,52 @@ def follow(
             on_reconnecting(reason)
         time.sleep(min(_BACKOFF[min(failures, len(_BACKOFF) - 1)], max(0.0, give_up_at - now)))
         failures += 1
+
+
+class BackgroundFollower(threading.Thread):
+    """Follows a detached job while the kernel is free, then hands its final event on.
+
+    Daemon thread: it never keeps a kernel alive.  ``stop()`` ends the
+    following (the job runs on) at the next event.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        job_id: str,
+        on_event: Callable[[dict[str, Any]], None],
+        on_end: Callable[[dict[str, Any]], None],
+        from_seq: int = 0,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ) -> None:
+        super().__init__(name=f"remote_magic follow {job_id}", daemon=True)
+        self.transport, self.job_id = transport, job_id
+        self.on_event, self.on_end = on_event, on_end
+        self.from_seq, self.reconnect_timeout = from_seq, reconnect_timeout
+        self._stop_requested = threading.Event()
+        self.error: BaseException | None = None
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop_requested.is_set()
+
+    def run(self) -> None:
+        try:
+            final = follow(
+                self.transport,
+                self.job_id,
+                self.on_event,
+                from_seq=self.from_seq,
+                reconnect_timeout=self.reconnect_timeout,
+                keep_going=lambda: not self.stopped,
+            )
+            if final is not None and not self.stopped:
+                self.on_end(final)
+        except BaseException as exc:  # noqa: BLE001  (kept for whoever looks; a thread cannot raise to the user)
+            self.error = exc
 
 
 def fetch_outputs(transport: Transport, job_id: str, done: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def ip(shell, sshd: Sshd):  # type: ignore[no-untyped-def]
     magics.default_host = "local"
     magics.panel = "text"
     yield shell
+    magics.stop_background()
     magics.connections.close()
 
 

@@ -18,6 +18,7 @@ class Kernel:
         self.client = self.manager.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
+        self.messages: list[dict[str, Any]] = []  # every iopub message seen, for comm and display checks
 
     def execute(
         self, code: str, timeout: float = 180, while_running: Callable[[str], None] | None = None
@@ -31,12 +32,13 @@ class Kernel:
                 msg = self.client.get_iopub_msg(timeout=1)
             except queue.Empty:
                 continue
+            self.messages.append(msg)
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream":
                 text += content["text"]
-            elif kind in ("display_data", "execute_result"):
+            elif kind in ("display_data", "execute_result", "update_display_data"):
                 text += content["data"].get("text/plain", "") + "\n"
             elif kind == "error":
                 text += "\n".join(content["traceback"]) + "\n"
@@ -46,6 +48,20 @@ class Kernel:
             if while_running is not None and kind in ("stream", "display_data", "execute_result"):
                 while_running(text)
         raise TimeoutError(f"cell did not finish in {timeout}s; output so far:\n{text}")
+
+    def button_comm(self, description: str) -> str:
+        """The comm id of the newest button widget with this description."""
+        for msg in reversed(self.messages):
+            if msg["msg_type"] == "comm_open":
+                state = msg["content"].get("data", {}).get("state", {})
+                if state.get("_model_name") == "ButtonModel" and state.get("description") == description:
+                    return msg["content"]["comm_id"]
+        raise LookupError(f"no {description!r} button was displayed")
+
+    def click(self, comm_id: str) -> None:
+        """What the browser sends when a button is clicked."""
+        content = {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}
+        self.client.shell_channel.send(self.client.session.msg("comm_msg", content))
 
     def interrupt(self) -> None:
         self.manager.interrupt_kernel()

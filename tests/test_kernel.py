@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
+import time
 
 import pytest
 from conftest import MODEL_CELL, PYTHON
@@ -95,3 +97,65 @@ def test_a_fresh_kernel_finds_the_job_and_attaches_to_it(kernel_env) -> None:
         assert text.strip() == "24 3"
     finally:
         second.shutdown()
+
+
+@pytest.fixture
+def widget_kernel(kernel_env):
+    k = Kernel({**kernel_env, "REMOTE_MAGIC_PANEL": "widget"})
+    yield k
+    k.shutdown()
+
+
+def test_stop_button_works_while_the_cell_blocks(widget_kernel) -> None:
+    kernel = widget_kernel
+    reply, _ = kernel.execute("%load_ext remote_magic\n" + MODEL_CELL)
+    assert reply["status"] == "ok"
+    clicked = []
+
+    # The panel's label shows "3/40"; the header and table update with each epoch.
+    def watch(text: str) -> None:
+        if not clicked and any(
+            m["msg_type"] == "comm_msg" and m["content"].get("data", {}).get("state", {}).get("value") == "3/40"
+            for m in kernel.messages
+        ):
+            clicked.append(True)
+            kernel.click(kernel.button_comm("Stop"))
+
+    msg_id = kernel.client.execute(LONG_FIT.format(host="local"))
+    deadline = time.monotonic() + 120
+    while not clicked and time.monotonic() < deadline:
+        try:
+            kernel.messages.append(kernel.client.get_iopub_msg(timeout=1))
+        except queue.Empty:
+            continue
+        watch("")
+    assert clicked, "the epoch label never reached 3/40"
+    reply = kernel.client.get_shell_msg(timeout=120)
+    assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "ok"
+    _, text = kernel.execute("print(len(history.history['loss']), int(model.optimizer.iterations.numpy()))")
+    epochs, iterations = map(int, text.split())
+    assert 3 <= epochs < 40 and (epochs - 1) * 8 < iterations <= epochs * 8
+
+
+def test_detached_job_is_followed_in_the_background_and_injected(widget_kernel) -> None:
+    kernel = widget_kernel
+    reply, _ = kernel.execute("%load_ext remote_magic\n" + MODEL_CELL)
+    reply, text = kernel.execute(
+        "%%remote_train --detach\nhistory = model.fit(x_train, y_train, epochs=3, batch_size=32, verbose=0)\n"
+    )
+    assert reply["status"] == "ok" and "submitted to host local" in text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        _, text = kernel.execute("print('history' in globals())")
+        if text.strip() == "True":
+            break
+        time.sleep(0.5)
+    assert text.strip() == "True"
+    _, text = kernel.execute("print(len(history.history['loss']), int(model.optimizer.iterations.numpy()))")
+    assert text.split() == ["3", "24"]
+    finished = [
+        m["content"]["data"]["text/plain"]
+        for m in kernel.messages
+        if m["msg_type"] == "update_display_data" and "text/plain" in m["content"].get("data", {})
+    ]
+    assert finished and "injected: history, model" in finished[-1] and "Epoch 3/3" in finished[-1]

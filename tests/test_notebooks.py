@@ -9,6 +9,7 @@ import nbformat
 import pytest
 from conftest import PYTHON
 from nbclient import NotebookClient
+from nbconvert import HTMLExporter
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "notebooks" / "01_quickstart.ipynb"
 
@@ -43,11 +44,17 @@ def _check_quickstart(nb: nbformat.NotebookNode, host: str) -> str:
 
 
 def test_quickstart_on_the_local_default_with_the_widget_panel(monkeypatch) -> None:
+    """Live widgets while it runs; a static copy (chart included) in the saved notebook and HTML export."""
     monkeypatch.delenv("REMOTE_MAGIC_PANEL", raising=False)
     nb = _execute(QUICKSTART)
     _check_quickstart(nb, "local")
+    widget_models = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(m["model_name"] == "IntProgressModel" for m in widget_models.values())
     train = next(c for c in nb.cells if c.source.startswith("%%remote_train"))
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in train.outputs)
+    assert "application/vnd.jupyter.widget-view+json" not in train.outputs[-1]["data"]
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    assert body.count('class="remote-magic-chart"') >= 2  # loss and accuracy
+    assert "val_accuracy" in body and "injected: history, model" in body
 
 
 def test_quickstart_over_ssh_configured_like_a_user_would(sshd, tmp_path, monkeypatch) -> None:
@@ -63,7 +70,8 @@ def test_quickstart_over_ssh_configured_like_a_user_would(sshd, tmp_path, monkey
     nb = _execute(QUICKSTART)
     _check_quickstart(nb, sshd.alias)
     status = next(c for c in nb.cells if c.source.strip() == "%remote_status")
-    assert f"Jobs on host {sshd.alias}" in _texts(status)
+    rows = [line for line in _texts(status).splitlines() if line.startswith(sshd.alias)]
+    assert any("quickstart  done   5/5" in row for row in rows)
 
 
 @pytest.mark.parametrize("path", sorted(QUICKSTART.parent.glob("*.ipynb")))

@@ -6,6 +6,7 @@ live one look the same.  No transport code here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import html
 import sys
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..agent import protocol
+from .chart import svg_charts
 
 _STDOUT_LINES_SHOWN = 12
 
@@ -71,6 +73,15 @@ class JobView:
             return None
         return (self.ended or time.time()) - self.started
 
+    def eta(self) -> float | None:
+        """Seconds left, from the mean of the last five epochs; None when unknown or finished."""
+        if self.state != protocol.STATE_RUNNING or not self.epochs or not self.rows:
+            return None
+        recent = [row["seconds"] for row in self.rows[-5:] if row.get("seconds") is not None]
+        if not recent:
+            return None
+        return max(self.epochs - self.epoch, 0) * sum(recent) / len(recent)
+
     def title(self) -> str:
         parts = [f"host {self.host}", f"job {self.job_id}"]
         if self.name:
@@ -80,6 +91,9 @@ class JobView:
         parts.append(self.state)
         if self.elapsed is not None:
             parts.append(format_seconds(self.elapsed))
+        eta = self.eta()
+        if eta is not None:
+            parts.append(f"ETA {format_seconds(eta)}")
         return " · ".join(parts)
 
     def metric_names(self) -> list[str]:
@@ -138,9 +152,16 @@ def render_table_html(view: JobView) -> str:
 
 
 def render_html(view: JobView) -> str:
+    """The static panel: what a saved notebook and nbconvert's HTML export show."""
     notes = "".join(f"<div>note: {html.escape(n)}</div>" for n in view.notes)
     error = f"<div><b>{html.escape(view.state)}</b>: {html.escape(view.error)}</div>" if view.error else ""
-    return f"<div><b>{html.escape(view.title())}</b>{render_table_html(view)}{notes}{error}</div>"
+    output = ""
+    if view.output:
+        output = "<pre style='max-height:12em;overflow:auto'>" + html.escape("".join(view.output)) + "</pre>"
+    return (
+        f"<div class='remote-magic-panel'><b>{html.escape(view.title())}</b>{svg_charts(view.rows)}"
+        f"<div style='max-height:16em;overflow:auto'>{render_table_html(view)}</div>{output}{notes}{error}</div>"
+    )
 
 
 class TextPanel:
@@ -153,6 +174,9 @@ class TextPanel:
     def start(self, job_id: str, name: str | None = None) -> None:
         self.view.job_id, self.view.name = job_id, name
 
+    def set_actions(self, on_stop: Callable[[], Any] | None, on_detach: Callable[[], Any] | None) -> None:
+        """What the Stop and Detach buttons do; a text panel has none (interrupt stops)."""
+
     def handle(self, event: dict[str, Any]) -> None:
         view = self.view
         view.apply(event)
@@ -160,27 +184,30 @@ class TextPanel:
         if kind == protocol.STARTED:
             self._write(f"[remote_train] {view.title()}\n")
         elif kind == protocol.EPOCH:
-            self._write(format_epoch(view.rows[-1], view.epochs) + "\n")
+            eta = view.eta()
+            suffix = f" - ETA {format_seconds(eta)}" if eta else ""
+            self._write(format_epoch(view.rows[-1], view.epochs) + suffix + "\n")
         elif kind in (protocol.STDOUT, protocol.STDERR):
             self._write(event["text"])
         elif kind == protocol.WARNING:
             self._write(f"[remote_train] note: {event['message']}\n")
-        elif kind == protocol.DONE:
+        elif kind in protocol.TERMINAL:
             self._write(f"[remote_train] {view.title()}\n")
 
     def note(self, text: str) -> None:
         self.view.notes.append(text)
         self._write(f"[remote_train] {text}\n")
 
-    def close(self) -> None:
-        pass
+    def finish(self) -> None:
+        """The job ended and its outputs are handled: nothing more will be shown."""
 
 
 class WidgetPanel(TextPanel):
     """The live ipywidgets panel under the cell.
 
-    Its display carries text/plain and text/html fallbacks, refreshed when the
-    job ends, so a saved notebook or a headless run still shows every epoch.
+    When the job ends, the display is replaced by its static HTML and text
+    copy (chart included), so a saved notebook, nbconvert's HTML export or a
+    notebook opened without a kernel show the finished panel.
     """
 
     def __init__(self, host: str) -> None:
@@ -191,45 +218,91 @@ class WidgetPanel(TextPanel):
         self.header = widgets.HTML()
         self.epoch_bar = widgets.IntProgress(value=0, min=0, max=1, description="epoch", bar_style="info")
         self.epoch_label = widgets.Label()
+        self.batch_bar = widgets.IntProgress(value=0, min=0, max=1, description="batch")
+        self.batch_label = widgets.Label()
+        self.stop_button = widgets.Button(description="Stop", tooltip="stop after the current batch; keep the model")
+        self.detach_button = widgets.Button(description="Detach", tooltip="return now; the job runs on")
+        self.chart = widgets.HTML()
         self.table = widgets.HTML()
         self.log = widgets.Textarea(layout=widgets.Layout(width="100%", height="8em"), disabled=True)
         self.log.layout.display = "none"
-        self.box = widgets.VBox([self.header, widgets.HBox([self.epoch_bar, self.epoch_label]), self.table, self.log])
+        self.box = widgets.VBox(
+            [
+                self.header,
+                widgets.HBox([self.epoch_bar, self.epoch_label]),
+                widgets.HBox([self.batch_bar, self.batch_label]),
+                widgets.HBox([self.stop_button, self.detach_button]),
+                self.chart,
+                self.table,
+                self.log,
+            ]
+        )
+        self._click_handlers: dict[str, Callable[[Any], None]] = {}
+        self._last_refresh = 0.0
         self._refresh()
-        self.handle_display = display(_Bundle(self), display_id=True)
+        self.display_handle = display(_LiveBundle(self), display_id=True)
+
+    def set_actions(self, on_stop: Callable[[], Any] | None, on_detach: Callable[[], Any] | None) -> None:
+        for button, action in ((self.stop_button, on_stop), (self.detach_button, on_detach)):
+            previous = self._click_handlers.pop(button.description, None)
+            if previous is not None:
+                button.on_click(previous, remove=True)
+            button.disabled = action is None
+            if action is not None:
+                handler = self._click_handlers[button.description] = lambda _button, act=action: self._act(act)
+                button.on_click(handler)
+        # Set last: changing ``disabled`` above routes the buttons' messages back to the main shell.
+        serve_clicks_while_busy([self.stop_button, self.detach_button])
+
+    def _act(self, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001  (a click has no cell to raise into)
+            self.note(f"{type(exc).__name__}: {exc}")
 
     def handle(self, event: dict[str, Any]) -> None:
         super().handle(event)
-        if event["type"] != protocol.BATCH or time.monotonic() - getattr(self, "_last", 0.0) > 0.5:
-            self._last = time.monotonic()
+        kind = event["type"]
+        if kind in protocol.TERMINAL:
+            self.stop_button.disabled = self.detach_button.disabled = True
+        if kind != protocol.BATCH or time.monotonic() - self._last_refresh > 0.5:
             self._refresh()
-        if event["type"] in protocol.TERMINAL and self.handle_display is not None:
-            self.handle_display.update(_Bundle(self))
 
     def note(self, text: str) -> None:
         self.view.notes.append(text)
         self._refresh()
-        if self.handle_display is not None:
-            self.handle_display.update(_Bundle(self))
+
+    def finish(self) -> None:
+        """Swap the live widget for the static copy of the finished panel."""
+        if self.display_handle is not None:
+            self.display_handle.update(_StaticBundle(self.view))
 
     def _refresh(self) -> None:
+        self._last_refresh = time.monotonic()
         view = self.view
         self.header.value = f"<b>{html.escape(view.title())}</b>" + "".join(
-            f"<div>{html.escape(n)}</div>" for n in view.notes
+            f"<div>{html.escape(n)}</div>" for n in view.notes[-3:]
         )
         self.epoch_bar.max = max(view.epochs or 1, 1)
         self.epoch_bar.value = min(view.epoch, self.epoch_bar.max)
-        self.epoch_bar.bar_style = {"done": "success", "error": "danger", "killed": "danger"}.get(view.state, "info")
-        batch = f" · batch {view.batch}/{view.steps}" if view.steps and view.state == "running" else ""
-        self.epoch_label.value = f"{view.epoch}/{view.epochs or '?'}{batch}"
-        self.table.value = render_table_html(view) if view.rows else ""
+        self.epoch_bar.bar_style = {"done": "success", "stopped": "warning"}.get(
+            view.state, "danger" if view.state in ("error", "killed", "cancelled") else "info"
+        )
+        self.epoch_label.value = f"{view.epoch}/{view.epochs or '?'}"
+        self.batch_bar.max = max(view.steps or 1, 1)
+        self.batch_bar.value = min(view.batch, self.batch_bar.max)
+        self.batch_label.value = f"{view.batch}/{view.steps}" if view.steps else ""
+        self.chart.value = svg_charts(view.rows)
+        self.table.value = (
+            f"<div style='max-height:16em;overflow:auto'>{render_table_html(view)}</div>" if view.rows else ""
+        )
         if view.output:
             self.log.layout.display = None
             self.log.value = "".join(view.output[-_STDOUT_LINES_SHOWN:])
 
 
-class _Bundle:
-    """The panel widget plus text and HTML fallbacks, in one display."""
+class _LiveBundle:
+    """The widget, with text and HTML copies for frontends that cannot show widgets."""
 
     def __init__(self, panel: WidgetPanel) -> None:
         self.panel = panel
@@ -239,6 +312,53 @@ class _Bundle:
         bundle["text/plain"] = render_text(self.panel.view)
         bundle["text/html"] = render_html(self.panel.view)
         return bundle
+
+
+class _StaticBundle:
+    def __init__(self, view: JobView) -> None:
+        self.view = view
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return {"text/plain": render_text(self.view), "text/html": render_html(self.view)}
+
+
+_SUBSHELL: dict[str, str] = {}
+
+
+def serve_clicks_while_busy(buttons: list[Any]) -> bool:
+    """Have these widgets' messages handled in a kernel subshell, beside the busy cell.
+
+    While ``%%remote_train`` blocks, the kernel's main shell handles no widget
+    message, so a Stop click would wait for the cell to end.  ipykernel 7
+    runs subshells in their own threads and routes a comm's messages to the
+    subshell its ``_reply_subshell_id`` names.  These are ipykernel internals:
+    anywhere they are missing this returns False and the buttons act once the
+    kernel is idle (kernel interrupt still stops a blocking cell).
+    """
+    try:
+        from IPython import get_ipython
+
+        kernel = get_ipython().kernel
+        if not getattr(kernel, "_supports_kernel_subshells", False):
+            return False
+        subshell_id = _SUBSHELL.get("id")
+        if subshell_id is None:
+            thread = kernel.shell_channel_thread
+            created: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+            def create() -> None:
+                try:
+                    created.set_result(thread.manager._create_subshell())
+                except Exception as exc:  # noqa: BLE001
+                    created.set_exception(exc)
+
+            thread.io_loop.add_callback(create)
+            subshell_id = _SUBSHELL["id"] = created.result(timeout=5)
+        for button in buttons:
+            button.comm._reply_subshell_id = subshell_id
+        return True
+    except Exception:  # noqa: BLE001  (any change in those internals: fall back quietly)
+        return False
 
 
 def make_panel(host: str, mode: str = "auto") -> TextPanel:
