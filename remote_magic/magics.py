@@ -18,6 +18,7 @@ from traitlets import Bool, Dict, Enum, Float, Unicode
 
 from . import session
 from .capture import CaptureError
+from .errors import RemoteMagicError
 from .payload import PayloadError
 from .registry import Registry
 from .transport import LOCAL_HOST, Transport
@@ -134,21 +135,36 @@ class RemoteMagics(Magics):
         try:
             final = follow(0)
         except KeyboardInterrupt:
-            panel.note("interrupted: the host stops training after the current batch (interrupt again to cancel)")
-            session.request_stop(transport, job_id)
             try:
+                panel.note("interrupted: the host stops training after the current batch (interrupt again to cancel)")
+                session.request_stop(transport, job_id)
                 final = follow(panel.view.next_seq)
             except KeyboardInterrupt:
-                session.cancel(transport, job_id)
-                panel.note(f"job {job_id} cancelled")
-                panel.finish()
-                raise
+                self._cancel_and_fall_back_to_checkpoint(transport, job_id, panel)
+                return
         if final is None:
             panel.note("detached: the job runs on; this panel keeps updating while the kernel is idle")
             self._follow_in_background(transport, job_id, panel, inject, from_seq=panel.view.next_seq)
             return
         try:
             self._end_job(transport, job_id, panel, final, inject)
+        finally:
+            panel.finish()
+
+    def _cancel_and_fall_back_to_checkpoint(self, transport: Transport, job_id: str, panel: TextPanel) -> None:
+        """A second interrupt: kill the job, and inject the model of its last checkpoint if it has one."""
+        try:
+            session.cancel(transport, job_id)
+            try:
+                values, meta = session.fetch_checkpoint(transport, job_id)
+            except RemoteMagicError:
+                panel.note(f"job {job_id} cancelled; it had no checkpoint, nothing was injected")
+                raise KeyboardInterrupt from None
+            self.shell.user_ns.update(values)
+            panel.note(
+                f"job {job_id} cancelled; injected {', '.join(values)} from the checkpoint of epoch "
+                f"{meta['epoch']} of {meta.get('epochs') or '?'}"
+            )
         finally:
             panel.finish()
 

@@ -159,3 +159,34 @@ def test_detached_job_is_followed_in_the_background_and_injected(widget_kernel) 
         if m["msg_type"] == "update_display_data" and "text/plain" in m["content"].get("data", {})
     ]
     assert finished and "injected: history, model" in finished[-1] and "Epoch 3/3" in finished[-1]
+
+
+SLOW_BATCHES = """%%remote_train
+import time
+class SlowBatches(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(0.4 if self.model.stop_training else 0.05)
+history = model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=0, callbacks=[SlowBatches()])
+"""
+
+
+def test_a_second_interrupt_cancels_and_falls_back_to_the_checkpoint(kernel) -> None:
+    reply, _ = kernel.execute("%load_ext remote_magic\n" + MODEL_CELL)
+    assert reply["status"] == "ok"
+    interrupts = []
+
+    def interrupt_twice(text: str) -> None:
+        if not interrupts and "Epoch 2/40" in text:
+            interrupts.append(1)
+            kernel.interrupt()
+        elif len(interrupts) == 1 and "interrupted: the host stops training" in text:
+            interrupts.append(2)
+            kernel.interrupt()
+
+    reply, text = kernel.execute(SLOW_BATCHES, while_running=interrupt_twice)
+    assert len(interrupts) == 2, text
+    assert reply["status"] == "ok", text
+    epoch = int(re.search(r"cancelled; injected model from the checkpoint of epoch (\d+) of 40", text).group(1))
+    assert epoch >= 2
+    _, text = kernel.execute("print(int(model.optimizer.iterations.numpy()), 'history' in globals())")
+    assert text.split() == [str(epoch * 8), "False"]
