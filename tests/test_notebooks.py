@@ -78,3 +78,22 @@ def test_quickstart_over_ssh_configured_like_a_user_would(sshd, tmp_path, monkey
 def test_notebooks_are_saved_without_outputs(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+LONG_TRAINING = QUICKSTART.parent / "02_long_training.ipynb"
+
+
+def test_long_training_notebook_detaches_attaches_and_charts(monkeypatch) -> None:
+    monkeypatch.delenv("REMOTE_MAGIC_PANEL", raising=False)
+    nb = _execute(LONG_TRAINING)
+    by_source = {c.source.splitlines()[0]: c for c in nb.cells if c.cell_type == "code" and c.source}
+    assert "submitted to host local" in _texts(by_source["%%remote_train --detach --name long-run"])
+    assert "long-run" in _texts(by_source["jobs = %remote_status"])
+    attached = _texts(by_source["%remote_attach {jobs.rows[-1]['job_id']}"])
+    assert re.findall(r"Epoch \d+/30", attached) == [f"Epoch {i}/30" for i in range(1, 31)]
+    assert "epochs: 30" in _texts(by_source['print("epochs:", len(history.history["loss"]))'])
+    numpy_loop = _texts(by_source["%%remote_train --name numpy-loop"])
+    assert "Epoch 50/50 - loss:" in numpy_loop
+    assert "w = 3.00, b = 0.50" in _texts(by_source['print(f"w = {w:.2f}, b = {b:.2f}")'])
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    assert body.count('class="remote-magic-chart"') >= 3  # loss and accuracy of the long run, loss of the loop
