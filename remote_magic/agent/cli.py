@@ -161,36 +161,37 @@ def _copy_file_to_stdout(path: str) -> int:
 def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace) -> int:
     """Stream events from ``--from`` until the job's final event.
 
-    If the runner died without one (SIGKILL, OOM, reboot) a ``lost`` event
-    is printed, not stored, so the client always sees an end.
+    Tails the log from where it last read (a long job's log is never read
+    twice).  If the runner died without a final event (SIGKILL, OOM, reboot)
+    a ``lost`` event is printed, not stored, so the client always sees an end.
     """
     path = jobs.job_dir(root, args.job_id)
-    next_seq = args.from_seq
     out = sys.stdout
-    while True:
-        ended = False
-        for seq, line in jobs.iter_event_lines(path, next_seq):
-            out.write(line)
-            next_seq = seq + 1
-            ended = ended or json.loads(line)["type"] in protocol.TERMINAL
-        out.flush()
-        if ended:
-            return 0
-        pid = jobs.read_pid(path)
-        if pid is not None and not jobs.process_alive(pid):
-            # Read once more: the runner may have written its last event just before exiting.
-            if any(True for _ in jobs.iter_event_lines(path, next_seq)):
-                continue
-            out.write(
-                protocol.encode_event(
-                    protocol.make_event(
-                        next_seq, protocol.LOST, message="the runner process ended without a final event"
-                    )
-                )
-            )
+    next_seq = args.from_seq
+    with jobs.EventTail(path) as tail:
+        while True:
+            ended = False
+            for line in tail.read_lines():
+                event = json.loads(line)
+                if event["seq"] < next_seq:
+                    continue
+                out.write(line)
+                next_seq = event["seq"] + 1
+                ended = ended or event["type"] in protocol.TERMINAL
             out.flush()
-            return 0
-        time.sleep(POLL_SECONDS)
+            if ended:
+                return 0
+            pid = jobs.read_pid(path)
+            if pid is not None and not jobs.process_alive(pid):
+                if tail.has_unread():
+                    continue  # the runner wrote its last events just before exiting
+                lost = protocol.make_event(
+                    next_seq, protocol.LOST, message="the runner process ended without a final event"
+                )
+                out.write(protocol.encode_event(lost))
+                out.flush()
+                return 0
+            time.sleep(POLL_SECONDS)
 
 
 def cmd_status(root: str, agent_hash: str, args: argparse.Namespace) -> int:

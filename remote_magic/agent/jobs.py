@@ -229,6 +229,48 @@ def iter_event_lines(path: str, from_seq: int = 0) -> Iterator[tuple[int, str]]:
                 yield seq, line
 
 
+class EventTail:
+    """Reads a job's events.jsonl incrementally, complete lines only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.join(path, protocol.EVENTS_FILE)
+        self._file: IO[bytes] | None = None
+        self._partial = b""
+
+    def __enter__(self) -> EventTail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def _open(self) -> IO[bytes] | None:
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb")
+            except FileNotFoundError:
+                return None
+        return self._file
+
+    def has_unread(self) -> bool:
+        f = self._open()
+        if f is None:
+            return False
+        position = f.tell()
+        more = f.read(1)
+        f.seek(position)
+        return bool(more)
+
+    def read_lines(self) -> list[str]:
+        """The complete lines written since the last call."""
+        f = self._open()
+        if f is None:
+            return []
+        data = self._partial + f.read()
+        *lines, self._partial = data.split(b"\n")
+        return [line.decode("utf-8") + "\n" for line in lines]
+
+
 def last_event(path: str) -> dict[str, Any] | None:
     last = None
     for _, line in iter_event_lines(path):
