@@ -105,3 +105,18 @@ def test_proxyjump_reaches_the_host_through_a_jump_host(ip, sshd, tmp_path) -> N
     assert result.success, result.error_in_exec
     assert ip.user_ns["y"] == 42
     assert sshd.accepted_logins() >= logins + 2  # one login for the jump, one for the target through it
+
+
+def test_detached_job_followed_in_the_background_respects_no_inject(ip, capsys) -> None:
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.follow_detached = True
+    try:
+        assert run(ip, "%%remote_train --detach\nfirst = 1\n").success
+        assert run(ip, "%%remote_train --detach --no-inject\nsecond = 2\n").success
+        for follower in list(magics.background):
+            follower.join(60)
+    finally:
+        magics.follow_detached = False
+    out = capsys.readouterr().out
+    assert ip.user_ns.get("first") == 1 and "second" not in ip.user_ns
+    assert "injected: first" in out and "outputs not injected (--no-inject)" in out
