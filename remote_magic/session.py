@@ -309,8 +309,8 @@ def registered_jobs(records: list[Any], transport_for: Callable[[str], Transport
                     "message": problem or "no longer on the host (collected)",
                     "submitted": record.submitted,
                 }
-            rows.append({**row, "host": host, "notebook": record.notebook})
-    return rows
+            rows.append({**row, "host": host, "notebook": record.notebook, "registered": record.submitted})
+    return sorted(rows, key=lambda row: row["registered"])  # oldest first, as submitted
 
 
 def describe_injection(names: list[str]) -> str:

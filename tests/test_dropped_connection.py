@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import MODEL_CELL, run
 
+from remote_magic.agent.jobs import iter_event_lines
+
 SLOW_FIT = """%%remote_train --host testhost
 import time
 class Slow(keras.callbacks.Callback):
@@ -19,19 +21,21 @@ history = model.fit(x_train, y_train, epochs=12, batch_size=32, verbose=0, callb
 """
 
 
-def _epochs_written(host_root: Path) -> int:
-    """Highest epoch event in the newest job's log on the host (read straight from its files)."""
-    jobs = sorted((host_root / "jobs").iterdir(), key=lambda p: p.stat().st_mtime)
-    epochs = [json.loads(line).get("epoch", 0) for line in (jobs[-1] / "events.jsonl").read_text().splitlines()]
-    return max([e for e in epochs if e] or [0])
+def _epochs_of_new_jobs(host_root: Path, known: set[str]) -> int:
+    """Highest epoch logged by a job that was not there before (read straight from the host's files)."""
+    highest = 0
+    for job in (host_root / "jobs").iterdir():
+        if job.name not in known:
+            for _, line in iter_event_lines(str(job)):  # complete lines only, even mid-write
+                highest = max(highest, json.loads(line).get("epoch") or 0)
+    return highest
 
 
 def _break_link_at_epoch_3(sshd, how: str, done: threading.Event, dropped: list[int]) -> None:
     deadline = time.monotonic() + 120
-    start = time.time()
+    known = {job.name for job in (sshd.host_root / "jobs").iterdir()}
     while time.monotonic() < deadline and not done.is_set():
-        newest = max((sshd.host_root / "jobs").iterdir(), key=lambda p: p.stat().st_mtime, default=None)
-        if newest is not None and newest.stat().st_mtime >= start - 1 and _epochs_written(sshd.host_root) >= 3:
+        if _epochs_of_new_jobs(sshd.host_root, known) >= 3:
             if how == "kill":
                 dropped.append(sshd.drop_connections())
             else:
