@@ -6,6 +6,7 @@ with ``handle(event)``) and nothing about IPython beyond a namespace dict.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 
 from . import capture, payload
 from .agent import protocol
+from .cache import BlobCache
 from .errors import ConnectionFailed, HostSetupError, JobLost, RemoteExecutionError, RemoteMagicError
 from .transport import LOCAL_HOST, LocalTransport, SSHTransport, Transport
 
@@ -232,10 +234,28 @@ class BackgroundFollower(threading.Thread):
             self.error = exc
 
 
-def fetch_outputs(transport: Transport, job_id: str, done: dict[str, Any]) -> dict[str, Any]:
+def fetch_outputs(
+    transport: Transport, job_id: str, done: dict[str, Any], cache: BlobCache | None = None
+) -> dict[str, Any]:
+    """Load the job's outputs; each blob comes from the local cache when an earlier fetch stored it."""
     data = transport.agent("cat-outputs", job_id).stdout
-    buffers = [bytearray(transport.agent("cat-blob", digest).stdout) for digest, _ in done.get("blobs", [])]
+    buffers = [fetch_blob(transport, digest, size, cache) for digest, size in done.get("blobs", [])]
     return payload.unpack(data, buffers)
+
+
+def fetch_blob(transport: Transport, digest: str, size: int, cache: BlobCache | None = None) -> bytearray:
+    # The local host's blobs are on this disk already: caching them would only store them twice.
+    cache = None if isinstance(transport, LocalTransport) else cache or BlobCache()
+    buffer = cache.get(digest, size) if cache is not None else None
+    if buffer is None:
+        buffer = transport.agent_download(size, "cat-blob", digest)
+        if hashlib.sha256(buffer).hexdigest() != digest:
+            raise RemoteMagicError(
+                f"an output from host {transport.host} arrived damaged (sha256 mismatch); fetch it again"
+            )
+        if cache is not None:
+            cache.put(digest, buffer)
+    return buffer
 
 
 def fetch_checkpoint(transport: Transport, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:

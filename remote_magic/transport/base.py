@@ -57,6 +57,10 @@ class Transport(ABC):
         """
 
     @abstractmethod
+    def download(self, argv: list[str], size: int) -> bytearray:
+        """Run ``argv`` and read exactly ``size`` bytes of its stdout into one buffer."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def is_alive(self) -> bool:
@@ -75,6 +79,10 @@ class Transport(ABC):
         if result.returncode != 0:
             raise self._command_error(args[0], result)
         return result
+
+    def agent_download(self, size: int, *args: str) -> bytearray:
+        """An agent command whose stdout is ``size`` bytes of data (a blob), read without extra copies."""
+        return self.download(self.agent_argv(*args), size)
 
     def agent_json(self, *args: str, stdin: StdinData = None) -> Any:
         return json.loads(self.agent(*args, stdin=stdin).stdout)

@@ -30,16 +30,55 @@ class LocalTransport(Transport):
     def __init__(self, python: str | None = None, root: str | None = None) -> None:
         super().__init__(LOCAL_HOST, python or sys.executable, root or default_local_root())
 
+    def _start(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        # Own session: a kernel interrupt (SIGINT to the kernel's group) must not reach agent commands.
+        return subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+
     def execute(self, argv: list[str], stdin: StdinData = None) -> CommandResult:
-        data = stdin if stdin is None or isinstance(stdin, bytes) else b"".join(bytes(part) for part in stdin)
+        """Stream ``stdin`` part by part (array buffers are written as they are, never joined)."""
         try:
-            # Own session: a kernel interrupt (SIGINT to the kernel's group) must not reach agent commands.
-            done = subprocess.run(argv, input=data, capture_output=True, check=False, start_new_session=True)
+            process = self._start(argv)
         except FileNotFoundError as exc:
             return CommandResult(127, b"", str(exc).encode())
-        self.bytes_sent += len(data or b"")
-        self.bytes_received += len(done.stdout)
-        return CommandResult(done.returncode, done.stdout, done.stderr)
+        assert process.stdin is not None
+        try:
+            for part in [] if stdin is None else [stdin] if isinstance(stdin, bytes) else stdin:
+                process.stdin.write(part)
+                self.bytes_sent += memoryview(part).nbytes
+        except BrokenPipeError:
+            pass  # the command ended early; its exit status and stderr say why
+        finally:
+            try:
+                process.stdin.close()
+            except BrokenPipeError:
+                pass
+            process.stdin = None  # already fed: communicate() must only collect the output
+        stdout, stderr = process.communicate()
+        self.bytes_received += len(stdout)
+        return CommandResult(process.returncode, stdout, stderr)
+
+    def download(self, argv: list[str], size: int) -> bytearray:
+        process = self._start(argv)
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        process.stdin.close()
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        received = 0
+        while received < size:
+            count = process.stdout.readinto(view[received:])
+            if not count:
+                break
+            received += count
+        stderr = process.stderr.read()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+        self.bytes_received += received
+        if received != size:
+            raise self._command_error(argv[5], CommandResult(process.returncode or 1, b"", stderr))
+        return buffer
 
     @contextmanager
     def stream_lines(self, argv: list[str]) -> Iterator[Iterator[bytes]]:

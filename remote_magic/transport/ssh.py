@@ -32,6 +32,17 @@ DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 CONNECT_TIMEOUT = 15.0
 KEEPALIVE_SECONDS = 15
 _READ_SIZE = 4 * 1024 * 1024
+# Measured in ../shared/ssh-notes.md: AES-GCM is 25-60% faster than paramiko's default aes128-ctr for
+# uploads, and a large channel window keeps exec-channel downloads near scp speed.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+WINDOW_SIZE = 2**27
+MAX_PACKET_SIZE = 2**15
+
+# paramiko rekeys itself every 2**29 bytes/packets and a long exec download can hang in that rekey
+# (paramiko issue 822: stalled at ~511 MiB, then "Key-exchange timed out"). Leave rekeying to the
+# server, whose OpenSSH RekeyLimit defaults are safe for AES-GCM.
+paramiko.packet.Packetizer.REKEY_BYTES = 2**60
+paramiko.packet.Packetizer.REKEY_PACKETS = 2**60
 
 
 @dataclass
@@ -83,6 +94,18 @@ def resolve_target(host: str, config: paramiko.SSHConfig) -> SSHTarget:
         ],
         proxy_jump=[] if not jump or jump.lower() == "none" else jump.split(","),
     )
+
+
+def _tuned_transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    """A paramiko Transport with a big window and AES-GCM first, when the server offers it."""
+    transport = paramiko.Transport(
+        sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE, **kwargs
+    )
+    options = transport.get_security_options()
+    options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in options.ciphers) + tuple(
+        c for c in options.ciphers if c not in PREFERRED_CIPHERS
+    )
+    return transport
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -153,6 +176,7 @@ class SSHTransport(Transport):
                 timeout=CONNECT_TIMEOUT,
                 banner_timeout=CONNECT_TIMEOUT,
                 auth_timeout=CONNECT_TIMEOUT,
+                transport_factory=_tuned_transport,
             )
         except HostKeyError:
             client.close()
@@ -238,6 +262,34 @@ class SSHTransport(Transport):
             if returncode is None:
                 raise ConnectionFailed(f"lost the connection to host {self.host} while running a command")
             return CommandResult(returncode, stdout, stderr)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            self.close()
+            raise ConnectionFailed(f"lost the connection to host {self.host}: {exc}") from None
+        finally:
+            channel.close()
+
+    def download(self, argv: list[str], size: int) -> bytearray:
+        """Run ``argv`` and read exactly ``size`` bytes of its stdout into one buffer (no second copy)."""
+        channel = self._open_channel(argv)
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        received = 0
+        try:
+            channel.shutdown_write()
+            while received < size:
+                chunk = channel.recv(min(_READ_SIZE, size - received))
+                if not chunk:
+                    break
+                view[received : received + len(chunk)] = chunk
+                received += len(chunk)
+            self.bytes_received += received
+            if received < size:
+                stderr = _read_all(channel.makefile_stderr("rb"))
+                returncode = self._exit_status(channel)
+                if returncode is None:
+                    raise ConnectionFailed(f"lost the connection to host {self.host} during a download")
+                raise self._command_error(argv[5], CommandResult(returncode or 1, b"", stderr))
+            return buffer
         except (OSError, paramiko.SSHException, EOFError) as exc:
             self.close()
             raise ConnectionFailed(f"lost the connection to host {self.host}: {exc}") from None
