@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint system-deps clean
+.PHONY: demo test lint bench system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,3 +33,7 @@ test: $(STAMP) system-deps lint
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# Seven figures against baselines measured in the same run; writes bench/results/latest.json.
+bench: $(STAMP) system-deps
+	$(PY) bench/run.py

@@ -1,0 +1,300 @@
+"""remote_magic benchmark: seven figures, each against a baseline measured in the same run.
+
+    make bench                 # full sizes (512 MiB transfers, 1 GiB re-run)
+    .venv/bin/python bench/run.py --quick   # small sizes, a smoke run
+
+Starts its own sshd on 127.0.0.1 (as the tests do), prints a table and writes
+the results as JSON (bench/results/latest.json).  Loopback numbers: they
+measure our overheads, not a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+MiB = 1024 * 1024
+
+
+def _median_time(fn: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Bench:
+    def __init__(self, tmp: Path, quick: bool) -> None:
+        from sshd import make_sshd
+
+        self.tmp = tmp
+        self.quick = quick
+        self.size = (32 if quick else 512) * MiB
+        self.rerun_size = (64 if quick else 1024) * MiB
+        self.sshd = make_sshd(tmp / "sshd")
+        self.results: list[dict[str, Any]] = []
+
+    def start(self) -> None:
+        self.sshd.start()
+        from IPython.testing.globalipapp import start_ipython
+
+        self.ip = start_ipython()
+        self.ip.run_line_magic("load_ext", "remote_magic")
+        self.magics = self.ip.magics_manager.registry["RemoteMagics"]
+        self.magics.ssh_config = str(self.sshd.ssh_config)
+        self.magics.hosts = {"testhost": {"python": sys.executable}}
+        self.magics.panel = "text"
+
+    def stop(self) -> None:
+        self.magics.connections.close()
+        self.sshd.stop()
+
+    def cell(self, source: str) -> None:
+        result = self.ip.run_cell(source, store_history=False)
+        if not result.success:
+            raise RuntimeError(f"cell failed: {result.error_in_exec!r}\n{source}")
+
+    def quiet_cell(self, source: str) -> None:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.cell(source)
+
+    def transport(self, host: str = "testhost") -> Any:
+        return self.magics._transport(host)
+
+    def scp(self, *args: str) -> None:
+        subprocess.run(["scp", "-q", "-F", str(self.sshd.ssh_config), *args], check=True)
+
+    def ssh(self, *args: str) -> None:
+        subprocess.run(["ssh", "-F", str(self.sshd.ssh_config), "testhost", *args], check=True)
+
+    def record(
+        self,
+        number: int,
+        name: str,
+        ours: float,
+        baseline: float,
+        unit: str,
+        target: str,
+        ok: bool,
+        ratio: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        row = {"figure": number, "name": name, "ours": ours, "baseline": baseline, "unit": unit,
+               "ratio": ratio if ratio is not None else (ours / baseline if baseline else None),
+               "target": target, "met": ok, **(extra or {})}  # fmt: skip
+        self.results.append(row)
+        print(f"  [{number}] {name}: ours {ours:.3f} {unit}, baseline {baseline:.3f} {unit}, "
+              f"ratio {row['ratio']:.2f} (target {target}: {'met' if ok else 'MISSED'})", flush=True)  # fmt: skip
+
+    # 1 ---------------------------------------------------------------------------------------
+    def upload(self) -> None:
+        import numpy as np
+
+        data = np.random.default_rng(1).integers(0, 255, self.size, dtype=np.uint8)
+        path = self.tmp / "upload.bin"
+        data.tofile(path)
+        scp_time = _median_time(lambda: self.scp(str(path), "testhost:/tmp/remote_magic-bench-upload.bin"), 3)
+        times = []
+        for round_ in range(3):
+            data[:8] = round_ + 1  # new content each round: nothing deduplicated
+            self.ip.user_ns["payload_array"] = data
+            start = time.perf_counter()
+            self.quiet_cell("%%remote_train --host testhost --detach\nn = payload_array.nbytes\n")
+            times.append(time.perf_counter() - start)
+        ours = self.size / MiB / statistics.median(times)
+        base = self.size / MiB / scp_time
+        self.record(1, f"upload {self.size // MiB} MiB array (hash + send + submit)", ours, base, "MiB/s",
+                    ">= 1.3 x scp", ours >= 1.3 * base)  # fmt: skip
+        path.unlink()
+
+    # 2 ---------------------------------------------------------------------------------------
+    def download(self) -> None:
+        from remote_magic import session
+        from remote_magic.cache import BlobCache
+
+        cell = (
+            f"import numpy as np\nbig_output = np.random.default_rng(2).integers(0, 255, {self.size}, dtype=np.uint8)\n"
+        )
+        transport = self.transport()
+        submission = session.prepare(cell, {})
+        job_id = session.submit(transport, submission)
+        final = session.follow(transport, job_id, lambda event: None)
+        digest = final["blobs"][0][0]
+        host_file = self.sshd.host_root / "blobs" / digest
+        local = self.tmp / "download.bin"
+        scp_time = _median_time(lambda: self.scp(f"testhost:{host_file}", str(local)), 3)
+        times = []
+        for round_ in range(3):
+            cache = BlobCache(str(self.tmp / f"cache-{round_}"))  # empty: a real download every round
+            start = time.perf_counter()
+            values = session.fetch_outputs(transport, job_id, final, cache)
+            times.append(time.perf_counter() - start)
+            assert values["big_output"].nbytes == self.size
+        cached = BlobCache(str(self.tmp / "cache-0"))
+        start = time.perf_counter()
+        session.fetch_outputs(transport, job_id, final, cached)
+        cached_time = time.perf_counter() - start
+        ours = self.size / MiB / statistics.median(times)
+        base = self.size / MiB / scp_time
+        self.record(2, f"download {self.size // MiB} MiB output (fetch + load)", ours, base, "MiB/s",
+                    ">= 1.0 x scp", ours >= base, extra={"second_fetch_from_cache_s": cached_time})  # fmt: skip
+        local.unlink()
+
+    # 3 ---------------------------------------------------------------------------------------
+    def rerun(self) -> None:
+        import hashlib
+
+        import numpy as np
+
+        data = np.random.default_rng(3).random(self.rerun_size // 8)
+        self.ip.user_ns["rerun_array"] = data
+        transport = self.transport()
+        cell = "%%remote_train --host testhost\ntotal = float(rerun_array[:10].sum())\n"
+        sent = transport.bytes_sent
+        start = time.perf_counter()
+        self.quiet_cell(cell)
+        first = time.perf_counter() - start
+        first_bytes = transport.bytes_sent - sent
+        sent = transport.bytes_sent
+        start = time.perf_counter()
+        self.quiet_cell(cell)
+        second = time.perf_counter() - start
+        second_blob_bytes = transport.bytes_sent - sent
+        start = time.perf_counter()
+        hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+        hashing = time.perf_counter() - start
+        self.record(3, f"re-run with unchanged {self.rerun_size // MiB} MiB inputs: wall time", second, first, "s",
+                    "hashing + < 0.3 s; 0 blob bytes", second < hashing + 0.3 and second_blob_bytes < 64 * 1024,
+                    extra={"first_run_bytes_sent": first_bytes, "rerun_bytes_sent": second_blob_bytes,
+                           "hashing_s": hashing})  # fmt: skip
+
+    # 4 ---------------------------------------------------------------------------------------
+    def trivial(self) -> None:
+        self.ip.user_ns["x"] = 1
+        self.quiet_cell("%%remote_train --host testhost\ny = x + 1\n")  # warm connection and agent
+        ours = _median_time(lambda: self.quiet_cell("%%remote_train --host testhost\ny = x + 1\n"), 7)
+        base = _median_time(lambda: self.ssh("python3", "-c", "pass"), 7)
+        self.record(4, "trivial cell y = x + 1, warm connection", ours, base, "s",
+                    "<= 1.0 x `ssh host python3 -c pass`, < 0.25 s", ours <= base and ours < 0.25)  # fmt: skip
+
+    # 5 ---------------------------------------------------------------------------------------
+    def keras_fit(self) -> None:
+        self.quiet_cell(
+            "import numpy as np, keras\n"
+            "kx = np.random.default_rng(5).random((512, 16), dtype=np.float32)\n"
+            "ky = (kx.sum(axis=1) > 8).astype('float32')\n"
+            "def tiny():\n"
+            "    m = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation='relu'), keras.layers.Dense(1)])\n"
+            "    m.compile(optimizer='adam', loss='mse')\n"
+            "    return m\n"
+            "kmodel = tiny()\n"
+            "kmodel.fit(kx, ky, epochs=2, verbose=0)\n"  # warm the kernel's own TF
+        )
+        local_fit = _median_time(
+            lambda: self.quiet_cell("kmodel = tiny()\nkmodel.fit(kx, ky, epochs=2, verbose=0)\n"), 3
+        )
+        for host in ("local", "testhost"):
+            remote = _median_time(
+                lambda host=host: self.quiet_cell(
+                    f"kmodel = tiny()\n"
+                    f"get_ipython().run_cell_magic('remote_train', '--host {host}', 'kmodel.fit(kx, ky, epochs=2, verbose=0)')\n"
+                ),
+                3,
+            )
+            overhead = remote - local_fit
+            self.record(5, f"tiny Keras fit on {host} (cold runner): overhead", overhead, local_fit, "s",
+                        "overhead <= 0.5 s (warm runner)", overhead <= 0.5,
+                        ratio=remote / local_fit, extra={"remote_s": remote})  # fmt: skip
+
+    # 6 ---------------------------------------------------------------------------------------
+    def memory(self) -> None:
+        size = self.rerun_size
+        probe = subprocess.run(
+            [sys.executable, str(HERE / "memory_probe.py"), str(self.sshd.ssh_config), str(size)],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "REMOTE_MAGIC_DATA_DIR": str(self.tmp / "probe-data")},
+        )  # fmt: skip
+        result = json.loads(probe.stdout.strip().splitlines()[-1])
+        added = result["peak_added_bytes"]
+        bound = 1.1 * size + 50 * MiB
+        self.record(6, f"peak local memory added while sending {size // MiB} MiB", added / MiB, size / MiB, "MiB",
+                    "<= 1.1 x N + 50 MB", added <= bound)  # fmt: skip
+
+    # 7 ---------------------------------------------------------------------------------------
+    def latency(self) -> None:
+        from remote_magic import session
+
+        cell = (
+            "import time\n"
+            "for step in range(1, 31):\n"
+            "    time.sleep(0.05)\n"
+            "    remote_log(step=step, total=30, loss=1.0 / step)\n"
+        )
+        results = {}
+        for host in ("local", "testhost"):
+            transport = self.transport(host)
+            job_id = session.submit(transport, session.prepare(cell, {}))
+            delays = []
+
+            def on_event(event: dict[str, Any], delays: list[float] = delays) -> None:
+                if event["type"] == "epoch":
+                    delays.append(time.time() - event["t"])
+
+            session.follow(transport, job_id, on_event)
+            results[host] = (statistics.median(delays), sorted(delays)[int(len(delays) * 0.95) - 1])
+        median_ssh, p95_ssh = results["testhost"]
+        self.record(7, "epoch event latency, host epoch end -> panel (sshd, median)", median_ssh * 1000, 100, "ms",
+                    "<= 100 ms on loopback", median_ssh <= 0.1,
+                    extra={"p95_ms_ssh": p95_ssh * 1000, "median_ms_local": results["local"][0] * 1000})  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-7)")
+    parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="remote_magic-bench-") as tmp:
+        os.environ["REMOTE_MAGIC_DATA_DIR"] = str(Path(tmp) / "data")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        bench = Bench(Path(tmp), args.quick)
+        bench.start()
+        try:
+            figures = [bench.upload, bench.download, bench.rerun, bench.trivial, bench.keras_fit, bench.memory,
+                       bench.latency]  # fmt: skip
+            for number, figure in enumerate(figures, start=1):
+                if not args.only or number in args.only:
+                    print(f"figure {number}: {figure.__name__} ...", flush=True)
+                    figure()
+        finally:
+            bench.stop()
+    print()
+    print(f"{'#':<3}{'figure':<62}{'ours':>11}{'baseline':>11}  {'unit':<6}{'ratio':>7}  target")
+    for row in bench.results:
+        print(f"{row['figure']:<3}{row['name'][:61]:<62}{row['ours']:>11.3f}{row['baseline']:>11.3f}  "
+              f"{row['unit']:<6}{row['ratio']:>7.2f}  {row['target']} [{'met' if row['met'] else 'MISSED'}]")  # fmt: skip
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(
+        json.dumps({"time": time.time(), "quick": args.quick, "results": bench.results}, indent=1)
+    )
+    print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
