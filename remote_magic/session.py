@@ -157,7 +157,7 @@ def follow(
     give_up_at: float | None = None
     while True:
         try:
-            with transport.stream_lines(transport.agent_argv("attach", job_id, "--from", str(next_seq))) as lines:
+            with transport.agent_stream_lines("attach", job_id, "--from", str(next_seq)) as lines:
                 for line in lines:
                     event = protocol.decode_event(line)
                     if event["seq"] < next_seq:

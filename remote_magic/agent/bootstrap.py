@@ -24,6 +24,15 @@ RUN = _ROOT + (
     "sys.exit(main(r,sys.argv[2],sys.argv[3:]))\n"
 )
 
+# argv: LOG CWD COMMAND...: start COMMAND in its own session, print its pid, exit.
+LAUNCH = (
+    "import os,subprocess,sys\n"
+    "log=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT|os.O_APPEND,0o600)\n"
+    "p=subprocess.Popen(sys.argv[3:],stdin=subprocess.DEVNULL,stdout=log,stderr=log,cwd=sys.argv[2],"
+    "start_new_session=True,close_fds=True)\n"
+    "print(p.pid)\n"
+)
+
 INSTALL = _ROOT + (
     "import io,shutil,tarfile,tempfile\n"
     "os.makedirs(r,0o700,exist_ok=True);os.chmod(r,0o700)\n"

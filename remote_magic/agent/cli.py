@@ -1,5 +1,8 @@
-"""The agent's command line, run by the client over SSH (or locally).
+"""The agent's commands, run by the client over SSH (or locally).
 
+Usually through ``serve`` (agent/server.py): one long-lived agent process per
+connection that runs each command in a thread, so a command costs no shell
+or interpreter start.  Each command also runs alone from the command line.
 Every command is short-lived except ``attach``, which streams a job's events
 until the job ends.  Results go to stdout as JSON (or raw bytes for blobs);
 a problem is one line on stderr and exit status 2.
@@ -16,8 +19,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from typing import IO, Any
 
 from . import bootstrap, jobs, protocol
 
@@ -26,16 +30,27 @@ POLL_SECONDS = 0.02
 CANCEL_GRACE_SECONDS = 5.0
 
 
-def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value) + "\n")
-    sys.stdout.flush()
+class CommandIO:
+    """A command's stdin and stdout (binary), and whether its client stopped listening."""
+
+    def __init__(self, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.cancelled = threading.Event()
+
+    def print_json(self, value: Any) -> None:
+        self.stdout.write((json.dumps(value) + "\n").encode())
+        self.stdout.flush()
+
+    def write_text(self, text: str) -> None:
+        self.stdout.write(text.encode())
 
 
-def cmd_hello(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_hello(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """What the host offers: interpreter, packages (found, not imported), root."""
     from .runner import package_versions
 
-    _print_json(
+    io.print_json(
         {
             "agent": agent_hash,
             "schema": protocol.SCHEMA_VERSION,
@@ -49,67 +64,80 @@ def cmd_hello(root: str, agent_hash: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """Create a job and start its runner detached; answer at once.
 
     stdin: one JSON line (the spec, with ``blobs`` and ``inputs_size``), then
     the inputs pickle.  When blobs are missing, nothing is created and the
     answer lists them so the client can upload just those.
     """
-    stdin = sys.stdin.buffer
+    stdin = io.stdin
     spec = json.loads(stdin.readline())
     inputs = stdin.read(spec.pop("inputs_size"))
     missing = jobs.missing_blobs(root, [(d, s) for d, s in spec.get("blobs", [])])
     if missing:
-        _print_json({"missing": missing})
+        io.print_json({"missing": missing})
         return 0
     job_id, path = jobs.create_job(root, spec, inputs)
-    log = os.open(os.path.join(path, protocol.RUNNER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, jobs.FILE_MODE)
-    process = subprocess.Popen(
+    pid = spawn_detached(
         [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
+        log=os.path.join(path, protocol.RUNNER_LOG),
         cwd=os.path.expanduser(spec.get("workdir") or "~"),
-        start_new_session=True,  # own session and process group: survives the SSH channel
-        close_fds=True,
     )
-    os.close(log)
-    jobs.atomic_write(os.path.join(path, protocol.PID_FILE), str(process.pid).encode())
-    _print_json({"job_id": job_id, "pid": process.pid})
+    jobs.atomic_write(os.path.join(path, protocol.PID_FILE), str(pid).encode())
+    io.print_json({"job_id": job_id, "pid": pid})
     return 0
 
 
-def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace) -> int:
-    jobs.receive_blob(root, args.digest, args.size, sys.stdin.buffer)
-    _print_json({"stored": args.digest})
+def spawn_detached(argv: list[str], log: str, cwd: str) -> int:
+    """Start ``argv`` as an orphan in its own session; return its pid.
+
+    A launcher process starts it and exits at once, so the job is nobody's
+    child here: it outlives this agent process and its SSH connection (even
+    if every process of that connection is killed), and never lingers as a
+    zombie of the long-lived ``serve``.
+    """
+    launched = subprocess.run(
+        [sys.executable, "-c", bootstrap.LAUNCH, log, cwd, *argv],
+        capture_output=True,
+        check=False,
+        start_new_session=True,
+    )
+    if launched.returncode != 0:
+        raise jobs.AgentError(f"could not start the job: {launched.stderr.decode(errors='replace').strip()}")
+    return int(launched.stdout)
+
+
+def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    jobs.receive_blob(root, args.digest, args.size, io.stdin)
+    io.print_json({"stored": args.digest})
     return 0
 
 
-def cmd_cat_blob(root: str, agent_hash: str, args: argparse.Namespace) -> int:
-    return _copy_file_to_stdout(jobs.blob_path(root, args.digest))
+def cmd_cat_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    return _copy_file_to_stdout(jobs.blob_path(root, args.digest), io)
 
 
-def cmd_cat_outputs(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_cat_outputs(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     path = jobs.job_dir(root, args.job_id)
     outputs = os.path.join(path, protocol.OUTPUTS_FILE)
     if not os.path.exists(outputs):
         raise jobs.AgentError(f"job {args.job_id} has no outputs (it did not finish successfully)")
-    _copy_file_to_stdout(outputs)
+    _copy_file_to_stdout(outputs, io)
     # The runner has finished (outputs exist), so writing into its folder is safe now.
     jobs.atomic_write(os.path.join(path, protocol.FETCHED_MARK), b"")
     return 0
 
 
-def cmd_cat_checkpoint(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_cat_checkpoint(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     path = jobs.job_dir(root, args.job_id)
     checkpoint = os.path.join(path, protocol.CHECKPOINT_DIR, protocol.CHECKPOINT_FILE)
     if not os.path.exists(checkpoint):
         raise jobs.AgentError(f"job {args.job_id} has no checkpoint (no Keras epoch ended, or --checkpoint-every 0)")
-    return _copy_file_to_stdout(checkpoint)
+    return _copy_file_to_stdout(checkpoint, io)
 
 
-def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """Remove finished jobs older than --older-than, then blobs no job references.
 
     A finished job whose outputs were never fetched is kept unless
@@ -139,26 +167,25 @@ def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace) -> int:
         freed += os.path.getsize(blob)
         if not args.dry_run:
             os.unlink(blob)
-    _print_json(
+    io.print_json(
         {"removed_jobs": removed, "kept_unfetched": kept_unfetched, "removed_blobs": len(blobs), "freed_bytes": freed}
     )
     return 0
 
 
-def _copy_file_to_stdout(path: str) -> int:
+def _copy_file_to_stdout(path: str, io: CommandIO) -> int:
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise jobs.AgentError(f"{os.path.basename(path)} is not on the host any more") from None
     with f:
-        out = sys.stdout.buffer
         while chunk := f.read(4 * 1024 * 1024):
-            out.write(chunk)
-        out.flush()
+            io.stdout.write(chunk)
+        io.stdout.flush()
     return 0
 
 
-def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """Stream events from ``--from`` until the job's final event.
 
     Tails the log from where it last read (a long job's log is never read
@@ -166,19 +193,18 @@ def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace) -> int:
     a ``lost`` event is printed, not stored, so the client always sees an end.
     """
     path = jobs.job_dir(root, args.job_id)
-    out = sys.stdout
     next_seq = args.from_seq
     with jobs.EventTail(path) as tail:
-        while True:
+        while not io.cancelled.is_set():
             ended = False
             for line in tail.read_lines():
                 event = json.loads(line)
                 if event["seq"] < next_seq:
                     continue
-                out.write(line)
+                io.write_text(line)
                 next_seq = event["seq"] + 1
                 ended = ended or event["type"] in protocol.TERMINAL
-            out.flush()
+            io.stdout.flush()
             if ended:
                 return 0
             pid = jobs.read_pid(path)
@@ -188,15 +214,16 @@ def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace) -> int:
                 lost = protocol.make_event(
                     next_seq, protocol.LOST, message="the runner process ended without a final event"
                 )
-                out.write(protocol.encode_event(lost))
-                out.flush()
+                io.write_text(protocol.encode_event(lost))
+                io.stdout.flush()
                 return 0
             time.sleep(POLL_SECONDS)
+    return 0  # the client stopped following
 
 
-def cmd_status(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_status(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     if args.job_id is None:
-        _print_json(jobs.list_jobs(root))
+        io.print_json(jobs.list_jobs(root))
         return 0
     path = jobs.job_dir(root, args.job_id)
     row = jobs.summarize(path)
@@ -212,16 +239,16 @@ def cmd_status(root: str, agent_hash: str, args: argparse.Namespace) -> int:
     row.update(spec=jobs.read_spec(path), log_tail=tail, traceback=error)
     row["spec"].pop("source", None)
     row["source"] = jobs.read_spec(path).get("source")
-    _print_json(row)
+    io.print_json(row)
     return 0
 
 
-def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """SIGTERM to the job's process group, SIGKILL after a grace period."""
     path = jobs.job_dir(root, args.job_id)
     pid = jobs.read_pid(path)
     if not jobs.process_alive(pid):
-        _print_json({"job_id": args.job_id, "cancelled": False, "state": jobs.summarize(path)["state"]})
+        io.print_json({"job_id": args.job_id, "cancelled": False, "state": jobs.summarize(path)["state"]})
         return 0
     assert pid is not None
     _signal_group(pid, signal.SIGTERM)
@@ -240,11 +267,11 @@ def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace) -> int:
         log = jobs.EventLog(path)
         log.append(protocol.CANCELLED, message="cancelled on request (killed after the grace period)")
         log.close()
-    _print_json({"job_id": args.job_id, "cancelled": True, "killed": killed})
+    io.print_json({"job_id": args.job_id, "cancelled": True, "killed": killed})
     return 0
 
 
-def cmd_stop(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_stop(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """Ask the runner to stop training at the end of the current batch (SIGINT)."""
     path = jobs.job_dir(root, args.job_id)
     pid = jobs.read_pid(path)
@@ -252,7 +279,7 @@ def cmd_stop(root: str, agent_hash: str, args: argparse.Namespace) -> int:
     if alive:
         assert pid is not None
         os.kill(pid, signal.SIGINT)
-    _print_json({"job_id": args.job_id, "stop_requested": alive})
+    io.print_json({"job_id": args.job_id, "stop_requested": alive})
     return 0
 
 
@@ -263,7 +290,7 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace) -> int:
+def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     from . import runner
 
     return runner.main(root, args.job_id)
@@ -294,9 +321,18 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
 }
 
 
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # never exit: the server runs many commands
+        raise _ArgumentError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="remote_magic agent")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="remote_magic agent")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (function, arguments) in _COMMANDS.items():
         command = sub.add_parser(name)
         for flag, options in arguments:
@@ -305,13 +341,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(root: str, agent_hash: str, argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def run_command(root: str, agent_hash: str, argv: list[str], io: CommandIO) -> tuple[int, str]:
+    """Run one command; returns (exit status, the problem in one line or "")."""
     try:
+        args = _parser().parse_args(argv)
         jobs.ensure_dir(root)
-        return args.fn(root, agent_hash, args)
-    except jobs.AgentError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return EXIT_PROBLEM
+        return args.fn(root, agent_hash, args, io), ""
+    except (jobs.AgentError, _ArgumentError) as exc:
+        return EXIT_PROBLEM, str(exc)
     except BrokenPipeError:
-        return 0  # the client went away; the job itself is unaffected
+        return 0, ""  # the client went away; the job itself is unaffected
+
+
+def main(root: str, agent_hash: str, argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        from .server import serve
+
+        return serve(root, agent_hash)
+    returncode, problem = run_command(root, agent_hash, argv, CommandIO(sys.stdin.buffer, sys.stdout.buffer))
+    if problem:
+        sys.stderr.write(problem + "\n")
+    return returncode

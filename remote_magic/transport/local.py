@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import tempfile
+from typing import IO
 
 from ..paths import data_dir
 from .base import CommandResult, StdinData, Transport
+from .link import Pipe
 
 LOCAL_HOST = "local"
 
@@ -59,46 +60,64 @@ class LocalTransport(Transport):
         self.bytes_received += len(stdout)
         return CommandResult(process.returncode, stdout, stderr)
 
-    def download(self, argv: list[str], size: int) -> bytearray:
-        process = self._start(argv)
-        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-        process.stdin.close()
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        received = 0
-        while received < size:
-            count = process.stdout.readinto(view[received:])
-            if not count:
-                break
-            received += count
-        stderr = process.stderr.read()
-        process.wait()
-        process.stdout.close()
-        process.stderr.close()
-        self.bytes_received += received
-        if received != size:
-            raise self._command_error(argv[5], CommandResult(process.returncode or 1, b"", stderr))
-        return buffer
-
-    @contextmanager
-    def stream_lines(self, argv: list[str]) -> Iterator[Iterator[bytes]]:
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-        )
-        assert process.stdout is not None and process.stderr is not None
-
-        def lines() -> Iterator[bytes]:
-            yield from iter(process.stdout.readline, b"")
-            self.raise_for_stream(argv, process.wait(), process.stderr.read())
-
+    def spawn(self, argv: list[str]) -> Pipe:
+        errors = tempfile.TemporaryFile()
         try:
-            yield lines()
-        finally:
-            if process.poll() is None:
-                process.terminate()
-            process.stdout.close()
-            process.stderr.close()
-            process.wait()
+            process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, start_new_session=True
+            )
+        except FileNotFoundError as exc:
+            errors.close()
+            return _EndedPipe(127, str(exc).encode())
+        return _ProcessPipe(process, errors)
+
+
+class _ProcessPipe:
+    def __init__(self, process: subprocess.Popen[bytes], errors: IO[bytes]) -> None:
+        self.process = process
+        self.errors = errors
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def read(self, size: int) -> bytes:
+        assert self.process.stdout is not None
+        return self.process.stdout.read1(size)
 
     def close(self) -> None:
-        pass
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.close()  # the server ends at the end of its stdin
+        except OSError:
+            pass
+
+    def exit_status(self) -> int | None:
+        try:
+            return self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr(self) -> bytes:
+        self.errors.seek(0)
+        return self.errors.read()
+
+
+class _EndedPipe:
+    """A process that could not even start."""
+
+    def __init__(self, status: int, message: bytes) -> None:
+        self.status, self.message = status, message
+
+    def write(self, data: bytes | memoryview) -> None:
+        raise BrokenPipeError("the process did not start")
+
+    def read(self, size: int) -> bytes:
+        return b""
+
+    def exit_status(self) -> int | None:
+        return self.status
+
+    def stderr(self) -> bytes:
+        return self.message

@@ -16,8 +16,6 @@ import hashlib
 import os
 import shlex
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +23,7 @@ import paramiko
 
 from ..errors import AuthenticationError, ConnectionFailed, HostKeyError
 from .base import CommandResult, StdinData, Transport
+from .link import Pipe
 
 DEFAULT_SSH_CONFIG = os.path.join("~", ".ssh", "config")
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
@@ -219,6 +218,7 @@ class SSHTransport(Transport):
         self._clients = []
 
     def close(self) -> None:
+        super().close()
         with self._lock:
             self._close_clients()
 
@@ -268,58 +268,37 @@ class SSHTransport(Transport):
         finally:
             channel.close()
 
-    def download(self, argv: list[str], size: int) -> bytearray:
-        """Run ``argv`` and read exactly ``size`` bytes of its stdout into one buffer (no second copy)."""
-        channel = self._open_channel(argv)
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        received = 0
-        try:
-            channel.shutdown_write()
-            while received < size:
-                chunk = channel.recv(min(_READ_SIZE, size - received))
-                if not chunk:
-                    break
-                view[received : received + len(chunk)] = chunk
-                received += len(chunk)
-            self.bytes_received += received
-            if received < size:
-                stderr = _read_all(channel.makefile_stderr("rb"))
-                returncode = self._exit_status(channel)
-                if returncode is None:
-                    raise ConnectionFailed(f"lost the connection to host {self.host} during a download")
-                raise self._command_error(argv[5], CommandResult(returncode or 1, b"", stderr))
-            return buffer
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            self.close()
-            raise ConnectionFailed(f"lost the connection to host {self.host}: {exc}") from None
-        finally:
-            channel.close()
+    def spawn(self, argv: list[str]) -> Pipe:
+        return _ChannelPipe(self._open_channel(argv))
 
-    @contextmanager
-    def stream_lines(self, argv: list[str]) -> Iterator[Iterator[bytes]]:
-        channel = self._open_channel(argv)
-        channel.shutdown_write()
-        stdout = channel.makefile("rb")
 
-        def lines() -> Iterator[bytes]:
-            try:
-                for line in stdout:
-                    self.bytes_received += len(line)
-                    yield line
-            except (OSError, paramiko.SSHException, EOFError):
-                self.close()
-                return  # dropped: the caller resumes from its last event
-            returncode = self._exit_status(channel)
-            if returncode is None:
-                self.close()
-                return  # dropped before the command ended: the caller resumes
-            self.raise_for_stream(argv, returncode, _read_all(channel.makefile_stderr("rb")))
+class _ChannelPipe:
+    """An exec channel as the stdin/stdout of the process it runs."""
 
-        try:
-            yield lines()
-        finally:
-            channel.close()
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self.channel = channel
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.channel.sendall(data)
+
+    def read(self, size: int) -> bytes:
+        return self.channel.recv(min(size, _READ_SIZE))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def exit_status(self) -> int | None:
+        # The exit status message may trail the end of the output a little.
+        if not self.channel.status_event.wait(2):
+            return None
+        status = self.channel.recv_exit_status()
+        return None if status == -1 else status
+
+    def stderr(self) -> bytes:
+        parts = []
+        while self.channel.recv_stderr_ready():
+            parts.append(self.channel.recv_stderr(65536))
+        return b"".join(parts)
 
 
 def _read_all(stream: Any) -> bytes:
