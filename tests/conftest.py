@@ -15,6 +15,7 @@ _TMP = Path(tempfile.mkdtemp(prefix="remote_magic-tests-"))
 os.environ["REMOTE_MAGIC_DATA_DIR"] = str(_TMP / "data")  # registry and the local host's root
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ["REMOTE_MAGIC_WARM_IDLE"] = "120"  # warm runners the tests leave behind exit soon
 
 from sshd import Sshd, make_sshd  # noqa: E402
 
@@ -29,6 +30,20 @@ def sshd() -> Iterator[Sshd]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_runners() -> Iterator[None]:
+    """Every process the tests started ends with them: warm runners wait for jobs that never come."""
+    yield
+    import json
+    import signal
+
+    for ready in _TMP.rglob("warm/*.ready"):
+        try:
+            os.kill(json.loads(ready.read_text())["pid"], signal.SIGTERM)
+        except (OSError, ValueError, KeyError):
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -147,7 +147,7 @@ def make_sshd(base: Path, alias: str = "testhost") -> Sshd:
         "UsePAM no\n"
         "StrictModes no\n"
         "AllowTcpForwarding yes\n"
-        f"SetEnv REMOTE_MAGIC_ROOT={host_root}\n"
+        f"SetEnv REMOTE_MAGIC_ROOT={host_root} REMOTE_MAGIC_WARM_IDLE=120\n"
         "Subsystem sftp /usr/lib/openssh/sftp-server\n"
     )
     sshd = Sshd(

@@ -17,13 +17,12 @@ import platform
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from typing import IO, Any
 
-from . import bootstrap, jobs, protocol
+from . import bootstrap, jobs, protocol, warm
 
 EXIT_PROBLEM = 2
 POLL_SECONDS = 0.02
@@ -79,33 +78,18 @@ def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: Command
         io.print_json({"missing": missing})
         return 0
     job_id, path = jobs.create_job(root, spec, inputs)
-    pid = spawn_detached(
-        [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
-        log=os.path.join(path, protocol.RUNNER_LOG),
-        cwd=os.path.expanduser(spec.get("workdir") or "~"),
-    )
+    pid = warm.claim(root, agent_hash, job_id) if spec.get("warm", True) and warm.enabled() else None
+    if pid is None:
+        pid = warm.spawn_detached(
+            [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
+            log=os.path.join(path, protocol.RUNNER_LOG),
+            cwd=os.path.expanduser(spec.get("workdir") or "~"),
+        )
     jobs.atomic_write(os.path.join(path, protocol.PID_FILE), str(pid).encode())
     io.print_json({"job_id": job_id, "pid": pid})
+    if spec.get("warm", True):
+        warm.ensure(root, agent_hash)  # the next job's runner
     return 0
-
-
-def spawn_detached(argv: list[str], log: str, cwd: str) -> int:
-    """Start ``argv`` as an orphan in its own session; return its pid.
-
-    A launcher process starts it and exits at once, so the job is nobody's
-    child here: it outlives this agent process and its SSH connection (even
-    if every process of that connection is killed), and never lingers as a
-    zombie of the long-lived ``serve``.
-    """
-    launched = subprocess.run(
-        [sys.executable, "-c", bootstrap.LAUNCH, log, cwd, *argv],
-        capture_output=True,
-        check=False,
-        start_new_session=True,
-    )
-    if launched.returncode != 0:
-        raise jobs.AgentError(f"could not start the job: {launched.stderr.decode(errors='replace').strip()}")
-    return int(launched.stdout)
 
 
 def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
@@ -293,7 +277,11 @@ def _signal_group(pgid: int, sig: int) -> None:
 def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     from . import runner
 
-    return runner.main(root, args.job_id)
+    return runner.run_job(root, jobs.job_dir(root, args.job_id), agent_hash)
+
+
+def cmd_warm_runner(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    return warm.serve_one_job(root, agent_hash)
 
 
 _JOB = ("job_id", {})
@@ -318,6 +306,7 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
         ],
     ),
     "run-job": (cmd_run_job, [_JOB]),
+    "warm-runner": (cmd_warm_runner, []),
 }
 
 

@@ -107,7 +107,7 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def run_job(root: str, path: str) -> int:
+def run_job(root: str, path: str, agent_hash: str = "", warm: bool = False) -> int:
     log = jobs.EventLog(path)
     lock = threading.Lock()
 
@@ -128,6 +128,7 @@ def run_job(root: str, path: str) -> int:
         python=sys.executable,
         python_version=platform.python_version(),
         device=device_info(),
+        warm=warm,
         versions=package_versions(),
     )
     out, err = EventStream(emit, protocol.STDOUT), EventStream(emit, protocol.STDERR)
@@ -156,6 +157,18 @@ def run_job(root: str, path: str) -> int:
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         log.close()
+        if agent_hash and spec.get("warm", True):
+            _prepare_next_runner(root, agent_hash)
+
+
+def _prepare_next_runner(root: str, agent_hash: str) -> None:
+    """Start the warm runner for the next job, with the heavy packages this one used."""
+    from . import warm
+
+    try:
+        warm.ensure(root, agent_hash, warm.heavy_modules_in_use())
+    except Exception:  # noqa: BLE001  (the job is over; a missing warm runner only costs speed)
+        pass
 
 
 def _remote_log(emit: Any) -> Any:
@@ -266,8 +279,3 @@ def _write_outputs(root: str, path: str, spec: dict[str, Any], namespace: dict[s
     blobs = [jobs.write_blob(root, buf) for buf in buffers]
     jobs.atomic_write(os.path.join(path, protocol.OUTPUTS_FILE), data)
     return {"outputs": list(values), "blobs": blobs, "skipped": skipped, "pickle_bytes": len(data)}
-
-
-def main(root: str, job_id: str) -> int:
-    path = jobs.job_dir(root, job_id)
-    return run_job(root, path)

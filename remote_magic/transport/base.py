@@ -91,8 +91,8 @@ class Transport(ABC):
                     self._link = link
                     return link
                 except ConnectionFailed:
+                    status = link.pipe.exit_status()  # before closing: closing may drop it
                     link.close()
-                    status = link.pipe.exit_status()
                     if status == protocol.EXIT_AGENT_MISSING and attempt == 0:
                         self.deploy()
                         continue

@@ -1,0 +1,95 @@
+"""Data moves once: dedup, corrupt blobs re-sent, multi-GiB round trips, warm runners."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import run
+
+from remote_magic import session
+from remote_magic.transport import SSHTransport
+
+MiB = 1024 * 1024
+
+
+def _transport(ip) -> SSHTransport:
+    return ip.magics_manager.registry["RemoteMagics"]._transport("testhost")
+
+
+def test_rerun_uploads_no_blob_bytes_and_a_changed_array_only_itself(ip) -> None:
+    ip.user_ns["a"] = np.random.default_rng(1).random(2 * MiB // 8)
+    ip.user_ns["b"] = np.random.default_rng(2).random(2 * MiB // 8)
+    cell = "%%remote_train --host testhost\ntotal = float(a.sum() + b.sum())\n"
+    assert run(ip, cell).success
+    transport = _transport(ip)
+
+    sent = transport.bytes_sent
+    assert run(ip, cell).success
+    assert transport.bytes_sent - sent < 64 * 1024  # the spec and small pickle only, no blob
+
+    ip.user_ns["b"] = ip.user_ns["b"] + 1
+    sent = transport.bytes_sent
+    assert run(ip, cell).success
+    assert 2 * MiB <= transport.bytes_sent - sent < 2 * MiB + 64 * 1024  # b only, not a
+
+
+def test_a_truncated_blob_on_the_host_is_detected_and_sent_again(ip, sshd) -> None:
+    data = np.random.default_rng(3).random(MiB // 8)
+    digest = hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+    ip.user_ns["data"] = data
+    assert run(ip, "%%remote_train --host testhost\ns = float(data.sum())\n").success
+    blob = sshd.host_root / "blobs" / digest
+    blob.write_bytes(blob.read_bytes()[: MiB // 2])  # a disk problem, a killed upload
+    assert run(ip, "%%remote_train --host testhost\ns2 = float(data.sum())\n").success
+    assert ip.user_ns["s2"] == pytest.approx(float(data.sum()))
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest
+
+
+def test_a_blob_that_does_not_match_its_hash_is_never_stored(ip) -> None:
+    transport = _transport(ip)
+    payload = os.urandom(1000)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(Exception, match="does not match its sha256"):
+        transport.agent("put-blob", wrong, str(len(payload)), stdin=payload)
+    assert wrong in transport.agent_json("submit", stdin=_submit_request([(wrong, 1000)]))["missing"]
+
+
+def _submit_request(blobs: list[tuple[str, int]]) -> bytes:
+    spec = {"source": "", "outputs": [], "blobs": blobs, "inputs_size": 0}
+    return json.dumps(spec).encode() + b"\n"
+
+
+@pytest.mark.slow
+def test_two_gib_round_trip_over_ssh_keeps_every_byte(ip) -> None:
+    size = 2 * 1024 * MiB
+    big = np.frombuffer(np.random.default_rng(4).bytes(size), dtype=np.uint8)
+    expected = hashlib.sha256(big).hexdigest()
+    ip.user_ns["big"] = big
+    result = run(
+        ip,
+        "%%remote_train --host testhost\ndigest = __import__('hashlib').sha256(big).hexdigest()\nback = big[::-1].copy()\n",
+    )
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["digest"] == expected  # the host received every byte
+    back = ip.user_ns["back"]
+    assert back.nbytes == size and hashlib.sha256(back[::-1].copy()).hexdigest() == expected
+
+
+def test_a_warm_runner_starts_the_next_job_and_shares_no_state(ip) -> None:
+    transport = ip.magics_manager.registry["RemoteMagics"]._transport("local")
+    first = session.submit(transport, session.prepare("import json\njson.leaked_by_job_1 = True\n", {}))
+    session.follow(transport, first, lambda event: None)
+    events: list[dict] = []
+    for _ in range(50):  # the warm runner needs a moment to start after the first job
+        events.clear()
+        job = session.submit(transport, session.prepare("import json\nleak = hasattr(json, 'leaked_by_job_1')\n", {}))
+        final = session.follow(transport, job, events.append)
+        if next(e for e in events if e["type"] == "started").get("warm"):
+            break
+    else:
+        pytest.fail("no job started in a warm runner")
+    assert session.fetch_outputs(transport, job, final)["leak"] is False
