@@ -73,6 +73,11 @@ class RemoteMagics(Magics):
         session.RECONNECT_TIMEOUT, help="Seconds to keep trying to reconnect after the link drops."
     ).tag(config=True)
 
+    warm_runner = Bool(
+        True,
+        help="Keep a pre-started runner on each host with the heavy packages (TensorFlow, PyTorch, ...) "
+        "the last jobs imported, so the next job starts without the import cost.",
+    ).tag(config=True)
     follow_detached = Bool(
         False,
         help="Follow --detach jobs in the background outside Jupyter kernels too (terminal IPython).",
@@ -246,6 +251,7 @@ class RemoteMagics(Magics):
         except (CaptureError, PayloadError) as exc:
             raise UsageError(str(exc)) from None
         submission.checkpoint_every = args.checkpoint_every
+        submission.warm = self.warm_runner
         transport = self._transport(args.host, args.python)
         session.check_host(transport, submission, shell.user_ns)
         job_id = session.submit(transport, submission)

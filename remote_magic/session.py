@@ -74,6 +74,7 @@ class Submission:
     payload: payload.Payload
     name: str | None = None
     checkpoint_every: int = 1
+    warm: bool = True
 
 
 def prepare(
@@ -119,6 +120,7 @@ def submit(transport: Transport, submission: Submission) -> str:
         "inputs": submission.inputs,
         "outputs": submission.outputs,
         "checkpoint_every": submission.checkpoint_every,
+        "warm": submission.warm,
         "blobs": submission.payload.blobs,
         "inputs_size": len(submission.payload.data),
         "client": {"python": sys.version.split()[0], "agent_schema": protocol.SCHEMA_VERSION},
