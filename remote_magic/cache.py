@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 
 from .paths import data_dir
 
@@ -40,6 +41,19 @@ class BlobCache:
             _remove(path)
             return None
         return buffer
+
+    def put_in_background(self, digest: str, data: bytearray) -> threading.Thread:
+        """Store without making the caller wait.  If the caller changes ``data`` meanwhile, the
+        entry no longer matches its digest and ``get`` discards it."""
+        thread = threading.Thread(target=self._put_quietly, args=(digest, data), daemon=True)
+        thread.start()
+        return thread
+
+    def _put_quietly(self, digest: str, data: bytearray) -> None:
+        try:
+            self.put(digest, data)
+        except OSError:
+            pass  # a full disk only costs a later download
 
     def put(self, digest: str, data: bytearray) -> None:
         os.makedirs(self.folder, mode=0o700, exist_ok=True)

@@ -73,6 +73,9 @@ class RemoteMagics(Magics):
         session.RECONNECT_TIMEOUT, help="Seconds to keep trying to reconnect after the link drops."
     ).tag(config=True)
 
+    compress = Enum(
+        ("auto", "zstd", "none"), "auto", help="Default of --compress: zstd for uploads only where it pays."
+    ).tag(config=True)
     warm_runner = Bool(
         True,
         help="Keep a pre-started runner on each host with the heavy packages (TensorFlow, PyTorch, ...) "
@@ -226,6 +229,11 @@ class RemoteMagics(Magics):
         help="return at once; the job runs on, its panel updates while the kernel is idle, "
         "and its outputs are injected when it ends",
     )
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="compress uploads with zstd: 'auto' (default: only on a slow link with compressible data), 'zstd', 'none'",
+    )
     @argument("--no-inject", action="store_true", help="do not inject the outputs of a detached job when it ends")
     @argument(
         "--checkpoint-every",
@@ -252,6 +260,7 @@ class RemoteMagics(Magics):
             raise UsageError(str(exc)) from None
         submission.checkpoint_every = args.checkpoint_every
         submission.warm = self.warm_runner
+        submission.compress = args.compress or self.compress
         transport = self._transport(args.host, args.python)
         session.check_host(transport, submission, shell.user_ns)
         job_id = session.submit(transport, submission)

@@ -93,13 +93,16 @@ def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: Command
 
 
 def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    jobs.receive_blob(root, args.digest, args.size, io.stdin)
+    jobs.receive_blob(root, args.digest, args.size, io.stdin, zstd=args.zstd)
     io.print_json({"stored": args.digest})
     return 0
 
 
 def cmd_cat_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    return _copy_file_to_stdout(jobs.blob_path(root, args.digest), io)
+    path = jobs.blob_path(root, args.digest)
+    if os.path.exists(path):
+        jobs.check_blob_after_reboot(path, args.digest)  # what we send is what the digest names
+    return _copy_file_to_stdout(path, io)
 
 
 def cmd_cat_outputs(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
@@ -289,7 +292,7 @@ _JOB = ("job_id", {})
 _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
     "hello": (cmd_hello, []),
     "submit": (cmd_submit, []),
-    "put-blob": (cmd_put_blob, [("digest", {}), ("size", {"type": int})]),
+    "put-blob": (cmd_put_blob, [("digest", {}), ("size", {"type": int}), ("--zstd", {"action": "store_true"})]),
     "cat-blob": (cmd_cat_blob, [("digest", {})]),
     "cat-outputs": (cmd_cat_outputs, [_JOB]),
     "attach": (cmd_attach, [_JOB, ("--from", {"dest": "from_seq", "type": int, "default": 0})]),

@@ -49,14 +49,16 @@ def ensure_dir(path: str) -> str:
     return path
 
 
-def atomic_write(path: str, data: bytes | memoryview) -> None:
+def atomic_write(path: str, data: bytes | memoryview, durable: bool = True) -> None:
+    """Write tmp, fsync (when ``durable``), rename: readers never see a partial file."""
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -94,11 +96,18 @@ def missing_blobs(root: str, blobs: list[tuple[str, int]]) -> list[str]:
     return missing
 
 
-def receive_blob(root: str, digest: str, size: int, stream: IO[bytes]) -> None:
+def receive_blob(root: str, digest: str, size: int, stream: IO[bytes], zstd: bool = False) -> None:
     """Store exactly ``size`` bytes from ``stream`` under ``digest``, verified.
 
-    A short or corrupt upload never becomes visible under the digest.
+    ``zstd``: the stream is zstandard-compressed (needs the zstandard package
+    here).  A short or corrupt upload never becomes visible under the digest.
     """
+    if zstd:
+        try:
+            import zstandard
+        except ImportError:
+            raise AgentError("this host's Python has no zstandard package; upload without compression") from None
+        stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
     path = blob_path(root, digest)
     tmp = f"{path}.part-{os.getpid()}-{secrets.token_hex(4)}"
     hasher = hashlib.sha256()
@@ -113,8 +122,7 @@ def receive_blob(root: str, digest: str, size: int, stream: IO[bytes]) -> None:
                 hasher.update(chunk)
                 f.write(chunk)
                 remaining -= len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        # No fsync: see read_blob for how a blob that a crash may have damaged is caught.
         if hasher.hexdigest() != digest:
             raise AgentError(f"blob {digest[:12]}: content does not match its sha256; it was not stored")
         os.replace(tmp, path)
@@ -128,19 +136,59 @@ def write_blob(root: str, data: memoryview) -> tuple[str, int]:
     digest = hashlib.sha256(data).hexdigest()
     path = blob_path(root, digest)
     if not (os.path.exists(path) and os.path.getsize(path) == data.nbytes):
-        atomic_write(path, data)
+        atomic_write(path, data, durable=False)
     return digest, data.nbytes
 
 
+def boot_time() -> float | None:
+    """When this host last booted (Linux), or None when unknown."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def read_blob(root: str, digest: str) -> bytearray:
-    """A blob's bytes, writable (numpy arrays built on it must be writable)."""
+    """A blob's bytes, writable (numpy arrays built on it must be writable).
+
+    Blobs are written without fsync (it cost more than the upload itself).
+    Within one boot the page cache makes every completed write visible, so
+    only a blob written before the last boot can have been damaged by a
+    crash: such a blob is checked against its hash once, then made durable
+    and re-dated.  A damaged one is removed, and the next submit sends it again.
+    """
     path = blob_path(root, digest)
     size = os.path.getsize(path)
     buf = bytearray(size)
     with open(path, "rb") as f:
         if f.readinto(buf) != size:
             raise AgentError(f"blob {digest[:12]} is truncated")
+    check_blob_after_reboot(path, digest, buf)
     return buf
+
+
+def check_blob_after_reboot(path: str, digest: str, data: bytes | bytearray | None = None) -> None:
+    """Verify a blob written before the last boot (once), then make it durable; see read_blob."""
+    booted = boot_time()
+    if booted is not None and os.path.getmtime(path) >= booted:
+        return
+    hasher = hashlib.sha256()
+    if data is None:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                hasher.update(chunk)
+    else:
+        hasher.update(data)
+    if hasher.hexdigest() != digest:
+        _unlink_quietly(path)
+        raise AgentError(f"blob {digest[:12]} was damaged on the host (a crash?); run the cell again to resend it")
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    os.utime(path)
 
 
 # ---------------------------------------------------------------------- jobs

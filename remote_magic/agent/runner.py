@@ -28,7 +28,7 @@ from typing import Any
 from . import callbacks, codec, jobs, protocol
 
 CELL_FILENAME = "<remote_train cell>"
-_VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax")
+_VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")
 # Import name -> the distributions that may provide it.
 _DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos")}
 

@@ -17,6 +17,7 @@ server -> client: ``{"id": n, "out": 1, "size": k}`` + k bytes of stdout;
 
 from __future__ import annotations
 
+import collections
 import json
 import queue
 import struct
@@ -66,11 +67,16 @@ def encode_frame(header: dict[str, Any], body_size: int = 0) -> bytes:
 
 
 class _RequestInput:
-    """A command's stdin, fed chunk by chunk by the frame reader."""
+    """A command's stdin, fed chunk by chunk by the frame reader.
+
+    Reads that line up with the frames (a blob upload reads 4 MiB at a time,
+    the frames carry 4 MiB) hand the frame's bytes over without copying.
+    """
 
     def __init__(self) -> None:
         self.chunks: queue.Queue[bytes | None] = queue.Queue(STDIN_QUEUE_CHUNKS)
-        self.pending = b""
+        self.pending: collections.deque[bytes] = collections.deque()
+        self.pending_size = 0
         self.ended = False
 
     def _fill(self) -> bool:
@@ -80,26 +86,49 @@ class _RequestInput:
         if chunk is None:
             self.ended = True
             return False
-        self.pending += chunk
+        self.pending.append(chunk)
+        self.pending_size += len(chunk)
         return True
 
+    def _take(self, size: int) -> bytes:
+        if size == 0:
+            return b""
+        self.pending_size -= size
+        first = self.pending[0]
+        if len(first) == size:  # a whole frame: no copy
+            return self.pending.popleft()
+        if len(first) > size:
+            self.pending[0] = first[size:]
+            return first[:size]
+        parts, need = [], size
+        while need:
+            chunk = self.pending.popleft()
+            if len(chunk) > need:
+                self.pending.appendleft(chunk[need:])
+                chunk = chunk[:need]
+            parts.append(chunk)
+            need -= len(chunk)
+        return b"".join(parts)
+
     def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes, fewer only at the end of the input (as a file's read)."""
         if size < 0:
             while self._fill():
                 pass
-        else:
-            while len(self.pending) < size and self._fill():
-                pass
-            if not self.pending:
-                return b""
-        data, self.pending = (self.pending, b"") if size < 0 else (self.pending[:size], self.pending[size:])
-        return data
+            return self._take(self.pending_size)
+        while self.pending_size < size and self._fill():
+            pass
+        return self._take(min(size, self.pending_size))
 
     def readline(self) -> bytes:
-        while b"\n" not in self.pending and self._fill():
+        while not any(b"\n" in chunk for chunk in self.pending) and self._fill():
             pass
-        line, sep, rest = self.pending.partition(b"\n")
-        self.pending = rest
+        joined = b"".join(self.pending)
+        line, sep, rest = joined.partition(b"\n")
+        self.pending.clear()
+        if rest:
+            self.pending.append(rest)
+        self.pending_size = len(rest)
         return line + sep
 
 

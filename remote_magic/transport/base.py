@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Any
 
 from ..agent import bootstrap, protocol
 from ..errors import AgentCommandError, ConnectionFailed, HostSetupError
+from . import compression
 from .deploy import agent_hash, agent_tarball
 from .link import AgentLink, Pipe, Reply
 
@@ -48,6 +50,7 @@ class Transport(ABC):
         self._hello: dict[str, Any] | None = None
         self._link: AgentLink | None = None
         self._link_lock = threading.Lock()
+        self.upload_rate: float | None = None  # bytes/s of the last large uncompressed upload
 
     # ---- what a concrete transport implements
     @abstractmethod
@@ -110,6 +113,16 @@ class Transport(ABC):
 
     def agent_json(self, *args: str, stdin: StdinData = None) -> Any:
         return json.loads(self.agent(*args, stdin=stdin).stdout)
+
+    def upload_blob(self, digest: str, buffer: memoryview, compress: str = "auto") -> None:
+        """Send one blob; ``compress``: "none", "zstd", or "auto" (only where it pays, see compression.py)."""
+        size = buffer.nbytes
+        if compression.should_compress(self, buffer, compress):
+            self.agent("put-blob", digest, str(size), "--zstd", stdin=compression.zstd_chunks(buffer))
+            return
+        start = time.perf_counter()
+        self.agent("put-blob", digest, str(size), stdin=[buffer])
+        self.upload_rate = compression.measured_rate(size, time.perf_counter() - start, self.upload_rate)
 
     def agent_download(self, size: int, *args: str) -> bytearray:
         """An agent command whose stdout is ``size`` bytes of data, copied once into one buffer."""
