@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import time
@@ -122,7 +123,7 @@ def receive_blob(root: str, digest: str, size: int, stream: IO[bytes], zstd: boo
                 hasher.update(chunk)
                 f.write(chunk)
                 remaining -= len(chunk)
-        # No fsync: see read_blob for how a blob that a crash may have damaged is caught.
+        # No fsync: see check_blob_after_reboot for how a blob that a crash may have damaged is caught.
         if hasher.hexdigest() != digest:
             raise AgentError(f"blob {digest[:12]}: content does not match its sha256; it was not stored")
         os.replace(tmp, path)
@@ -152,27 +153,30 @@ def boot_time() -> float | None:
     return None
 
 
-def read_blob(root: str, digest: str) -> bytearray:
-    """A blob's bytes, writable (numpy arrays built on it must be writable).
+def map_blob(root: str, digest: str) -> Any:
+    """A blob as a private, writable memory map: an input array costs no read and no copy.
+
+    Pages are read when touched; writes go to private copies, never to the file.
+    """
+    path = blob_path(root, digest)
+    size = os.path.getsize(path)
+    if size == 0:
+        return bytearray()
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    check_blob_after_reboot(path, digest, mapped)
+    return mapped
+
+
+def check_blob_after_reboot(path: str, digest: str, data: bytes | bytearray | None = None) -> None:
+    """Verify a blob written before the last boot (once), then make it durable.
 
     Blobs are written without fsync (it cost more than the upload itself).
     Within one boot the page cache makes every completed write visible, so
     only a blob written before the last boot can have been damaged by a
-    crash: such a blob is checked against its hash once, then made durable
-    and re-dated.  A damaged one is removed, and the next submit sends it again.
+    crash: such a blob is checked against its hash once, then fsynced and
+    re-dated.  A damaged one is removed, and the next submit sends it again.
     """
-    path = blob_path(root, digest)
-    size = os.path.getsize(path)
-    buf = bytearray(size)
-    with open(path, "rb") as f:
-        if f.readinto(buf) != size:
-            raise AgentError(f"blob {digest[:12]} is truncated")
-    check_blob_after_reboot(path, digest, buf)
-    return buf
-
-
-def check_blob_after_reboot(path: str, digest: str, data: bytes | bytearray | None = None) -> None:
-    """Verify a blob written before the last boot (once), then make it durable; see read_blob."""
     booted = boot_time()
     if booted is not None and os.path.getmtime(path) >= booted:
         return

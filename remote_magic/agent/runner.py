@@ -224,7 +224,7 @@ def _raise_cancelled(*_: Any) -> None:
 def _load_inputs(root: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
     with open(os.path.join(path, protocol.INPUTS_FILE), "rb") as f:
         data = f.read()
-    buffers = [jobs.read_blob(root, digest) for digest, _ in spec.get("blobs", [])]
+    buffers = [jobs.map_blob(root, digest) for digest, _ in spec.get("blobs", [])]
     values = codec.loads(data, buffers)
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     namespace.update(values)

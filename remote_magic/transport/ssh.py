@@ -35,7 +35,7 @@ _READ_SIZE = 4 * 1024 * 1024
 # uploads, and a large channel window keeps exec-channel downloads near scp speed.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 WINDOW_SIZE = 2**27
-MAX_PACKET_SIZE = 2**15
+MAX_PACKET_SIZE = 2**18  # 256 KiB packets: 8x fewer per-packet Python steps in paramiko than its default
 
 # paramiko rekeys itself every 2**29 bytes/packets and a long exec download can hang in that rekey
 # (paramiko issue 822: stalled at ~511 MiB, then "Key-exchange timed out"). Leave rekeying to the
