@@ -93,3 +93,22 @@ def test_a_warm_runner_starts_the_next_job_and_shares_no_state(ip) -> None:
     else:
         pytest.fail("no job started in a warm runner")
     assert session.fetch_outputs(transport, job, final)["leak"] is False
+
+
+def test_zstd_upload_sends_fewer_bytes_and_the_host_gets_the_same_array(ip) -> None:
+    ip.user_ns["sparse"] = np.zeros(8 * MiB // 8)
+    ip.user_ns["sparse"][::1000] = 1.0
+    transport = _transport(ip)
+    sent = transport.bytes_sent
+    cell = "%%remote_train --host testhost --compress zstd\ncount = int(sparse.sum())\n"
+    assert run(ip, cell).success
+    assert transport.bytes_sent - sent < MiB  # 8 MiB of mostly zeros
+    assert ip.user_ns["count"] == 1049
+
+
+def test_auto_never_compresses_for_the_local_host(ip) -> None:
+    ip.user_ns["zeros"] = np.zeros(4 * MiB // 8)
+    transport = ip.magics_manager.registry["RemoteMagics"]._transport("local")
+    sent = transport.bytes_sent
+    assert run(ip, "%%remote_train --compress auto\nn = zeros.size\n").success
+    assert transport.bytes_sent - sent >= 4 * MiB
