@@ -18,6 +18,7 @@ from .paths import data_dir
 class BlobCache:
     def __init__(self, folder: str | None = None) -> None:
         self.folder = folder or os.path.join(data_dir(), "blobs")
+        self._writers: list[threading.Thread] = []
 
     def _path(self, digest: str) -> str:
         return os.path.join(self.folder, digest)
@@ -47,7 +48,14 @@ class BlobCache:
         entry no longer matches its digest and ``get`` discards it."""
         thread = threading.Thread(target=self._put_quietly, args=(digest, data), daemon=True)
         thread.start()
+        self._writers = [t for t in self._writers if t.is_alive()] + [thread]
         return thread
+
+    def wait(self) -> None:
+        """Until every background write has finished."""
+        for thread in self._writers:
+            thread.join()
+        self._writers.clear()
 
     def _put_quietly(self, digest: str, data: bytearray) -> None:
         try:
