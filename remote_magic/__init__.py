@@ -14,6 +14,13 @@ def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(RemoteMagics)
 
 
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    """The jobs REST API for JupyterLab (remote_magic/server)."""
+    from .server import RemoteMagicApp
+
+    return [{"module": "remote_magic.server", "app": RemoteMagicApp}]
+
+
 def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get("RemoteMagics")
     if magics is not None:

@@ -94,19 +94,11 @@ class RemoteMagics(Magics):
 
     # ------------------------------------------------------------- helpers
     def _transport(self, host: str | None, python: str | None = None) -> Transport:
-        name = host or self.default_host
-        settings = dict(self.hosts.get(name, {}))
-        unknown = set(settings) - {"python", "root"}
-        if unknown:
-            raise UsageError(
-                f"c.RemoteMagics.hosts[{name!r}] has unknown keys {sorted(unknown)}; use 'python' and 'root'"
-            )
-        return self.connections.get(
-            name,
-            session.HostSettings(
-                python=python or settings.get("python"), root=settings.get("root"), ssh_config=self.ssh_config
-            ),
-        )
+        self.connections.hosts, self.connections.ssh_config = self.hosts, self.ssh_config  # %config may change them
+        try:
+            return self.connections.get(host or self.default_host, python)
+        except ValueError as exc:
+            raise UsageError(f"c.RemoteMagics.hosts: {exc}") from None
 
     def _kernel_stays_alive(self) -> bool:
         """Background following makes sense in a Jupyter kernel, not in a one-shot script."""

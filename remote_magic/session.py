@@ -38,29 +38,52 @@ class HostSettings:
     ssh_config: str | None = None
 
 
+HOST_SETTING_KEYS = frozenset({"python", "root"})
+
+
 class Connections:
-    """One transport per host for the life of a kernel, reopened after a drop."""
+    """One transport per host for the life of a kernel (or server), reopened after a drop.
 
-    def __init__(self) -> None:
+    ``hosts`` holds per-host settings as in ``c.RemoteMagics.hosts``.
+    """
+
+    def __init__(self, hosts: dict[str, dict[str, str]] | None = None, ssh_config: str | None = None) -> None:
+        self.hosts = hosts or {}
+        self.ssh_config = ssh_config
         self._transports: dict[tuple[str, str | None, str | None], Transport] = {}
+        self._lock = threading.Lock()
 
-    def get(self, host: str, settings: HostSettings) -> Transport:
+    def settings_for(self, host: str, python: str | None = None) -> HostSettings:
+        settings = dict(self.hosts.get(host, {}))
+        unknown = set(settings) - HOST_SETTING_KEYS
+        if unknown:
+            raise ValueError(
+                f"the settings of host {host!r} have unknown keys {sorted(unknown)}; use 'python' and 'root'"
+            )
+        return HostSettings(
+            python=python or settings.get("python"), root=settings.get("root"), ssh_config=self.ssh_config
+        )
+
+    def get(self, host: str, python: str | None = None) -> Transport:
+        settings = self.settings_for(host, python)
         key = (host, settings.python, settings.root)
-        transport = self._transports.get(key)
-        if transport is None:
-            if host == LOCAL_HOST:
-                transport = LocalTransport(python=settings.python, root=settings.root)
-            else:
-                transport = SSHTransport(
-                    host, python=settings.python or "python3", root=settings.root, ssh_config=settings.ssh_config
-                )
-            self._transports[key] = transport
-        return transport
+        with self._lock:
+            transport = self._transports.get(key)
+            if transport is None:
+                if host == LOCAL_HOST:
+                    transport = LocalTransport(python=settings.python, root=settings.root)
+                else:
+                    transport = SSHTransport(
+                        host, python=settings.python or "python3", root=settings.root, ssh_config=settings.ssh_config
+                    )
+                self._transports[key] = transport
+            return transport
 
     def close(self) -> None:
-        for transport in self._transports.values():
-            transport.close()
-        self._transports.clear()
+        with self._lock:
+            for transport in self._transports.values():
+                transport.close()
+            self._transports.clear()
 
 
 @dataclass

@@ -19,6 +19,8 @@ os.environ["REMOTE_MAGIC_WARM_IDLE"] = "120"  # warm runners the tests leave beh
 
 from sshd import Sshd, make_sshd  # noqa: E402
 
+pytest_plugins = ("pytest_jupyter.jupyter_server",)  # jp_fetch and a real Jupyter server, for test_server.py
+
 PYTHON = sys.executable
 
 

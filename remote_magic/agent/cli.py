@@ -208,6 +208,19 @@ def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace, io: Command
     return 0  # the client stopped following
 
 
+def cmd_events(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    """The events logged so far, from ``--from`` (at most ``--limit``), without following."""
+    path = jobs.job_dir(root, args.job_id)
+    count = 0
+    for _, line in jobs.iter_event_lines(path, args.from_seq):
+        if count >= args.limit:
+            break
+        io.write_text(line)
+        count += 1
+    io.stdout.flush()
+    return 0
+
+
 def cmd_status(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     if args.job_id is None:
         io.print_json(jobs.list_jobs(root))
@@ -296,6 +309,14 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
     "cat-blob": (cmd_cat_blob, [("digest", {})]),
     "cat-outputs": (cmd_cat_outputs, [_JOB]),
     "attach": (cmd_attach, [_JOB, ("--from", {"dest": "from_seq", "type": int, "default": 0})]),
+    "events": (
+        cmd_events,
+        [
+            _JOB,
+            ("--from", {"dest": "from_seq", "type": int, "default": 0}),
+            ("--limit", {"type": int, "default": 10000}),
+        ],
+    ),
     "status": (cmd_status, [("job_id", {"nargs": "?"}), ("--lines", {"type": int, "default": 20})]),
     "cancel": (cmd_cancel, [_JOB, ("--grace", {"type": float, "default": CANCEL_GRACE_SECONDS})]),
     "stop": (cmd_stop, [_JOB]),
