@@ -13,12 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# OpenSSH's sshd, which the tests start on 127.0.0.1 (installed when missing and we are root).
+# OpenSSH's sshd, which the tests start on 127.0.0.1, and Debian's chromium for the JupyterLab
+# browser tests (installed when missing and we are root).
 system-deps:
-	@if [ ! -x /usr/sbin/sshd ]; then \
+	@missing=""; [ -x /usr/sbin/sshd ] || missing="openssh-server"; [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; \
-	  else echo "the tests need OpenSSH's sshd: sudo apt-get install openssh-server"; exit 1; fi; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "the tests need: sudo apt-get install $$missing"; exit 1; fi; \
 	fi
 
 demo: $(STAMP)

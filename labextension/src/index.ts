@@ -44,9 +44,9 @@ interface IEvent {
 }
 
 /** The one helper that calls the server extension (auth and XSRF handled by ServerConnection). */
-async function requestAPI<T>(endPoint: string, init: RequestInit = {}): Promise<T> {
+async function requestAPI<T>(endPoint: string, init: RequestInit = {}, query = ''): Promise<T> {
   const settings = ServerConnection.makeSettings();
-  const url = URLExt.join(settings.baseUrl, 'remote-magic', 'api', endPoint);
+  const url = URLExt.join(settings.baseUrl, 'remote-magic', 'api', endPoint) + query;
   const response = await ServerConnection.makeRequest(url, init, settings);
   const text = await response.text();
   if (!response.ok) {
@@ -121,7 +121,7 @@ class JobsPanel extends Widget {
     const header = element('div', 'jp-RemoteMagic-header');
     header.appendChild(element('h2', 'jp-RemoteMagic-title', 'Remote training'));
     const refresh = element('button', 'jp-RemoteMagic-refresh jp-mod-styled', 'Refresh');
-    refresh.onclick = () => void this.refresh();
+    refresh.onclick = () => void this.refresh(true);
     header.appendChild(refresh);
     this.node.appendChild(header);
     this.status = element('div', 'jp-RemoteMagic-status');
@@ -134,14 +134,14 @@ class JobsPanel extends Widget {
     return this.jobs.filter(job => RUNNING.has(job.state)).length;
   }
 
-  /** Ask the server now; keep polling only while something runs. */
-  async refresh(): Promise<void> {
+  /** Ask the server now (``fresh``: bypass its short cache); keep polling only while something runs. */
+  async refresh(fresh = false): Promise<void> {
     if (this.timer !== null) {
       window.clearTimeout(this.timer);
       this.timer = null;
     }
     try {
-      const reply = await requestAPI<{ jobs: IJob[] }>('jobs');
+      const reply = await requestAPI<{ jobs: IJob[] }>('jobs', {}, fresh ? '?fresh=1' : '');
       this.jobs = reply.jobs;
       this.status.textContent = '';
     } catch (error) {
@@ -300,7 +300,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     // A cell that starts or attaches a job makes the list worth asking for again.
     NotebookActions.executed.connect((_, args) => {
       if (args.cell.model.sharedModel.getSource().includes('remote_')) {
-        void panel.refresh();
+        void panel.refresh(true);
       }
     });
     void panel.refresh();

@@ -74,6 +74,9 @@ class _Handler(ExtensionHandlerMixin, APIHandler):
 class JobsHandler(_Handler):
     @tornado.web.authenticated
     async def get(self) -> None:
+        if self.get_argument("fresh", "") == "1":  # the Refresh button: ask the hosts now
+            self.service.forget_cache()
+
         async def listing() -> dict[str, Any]:
             return {"jobs": await self.service.jobs(), "time": time.time()}
 
