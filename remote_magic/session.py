@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Any
 
 from . import capture, payload
 from .agent import protocol
@@ -23,12 +23,6 @@ from .transport import LOCAL_HOST, LocalTransport, SSHTransport, Transport
 
 RECONNECT_TIMEOUT = 600.0
 _BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
-
-
-class Panel(Protocol):
-    def handle(self, event: dict[str, Any]) -> None: ...
-
-    def note(self, text: str) -> None: ...
 
 
 @dataclass
