@@ -37,6 +37,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("REMOTE_MAGIC_PANEL", "text")  # headless: one plain line per epoch
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # A one-shot run: the warm runner it leaves for a next job need not wait the usual 30 minutes.
+    os.environ.setdefault("REMOTE_MAGIC_WARM_IDLE", "60")
     nb = nbformat.read(args.notebook, as_version=4)
     client = PrintingClient(nb, timeout=args.timeout, kernel_name="python3", allow_errors=False)
 
