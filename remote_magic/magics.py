@@ -21,7 +21,7 @@ from .capture import CaptureError
 from .errors import RemoteMagicError
 from .payload import PayloadError
 from .registry import Registry
-from .transport import LOCAL_HOST, Transport
+from .transport import LOCAL_HOST, Transport, compression
 from .ui.panel import TextPanel, make_panel
 from .ui.status import JobDetail, StatusTable
 
@@ -73,9 +73,9 @@ class RemoteMagics(Magics):
         session.RECONNECT_TIMEOUT, help="Seconds to keep trying to reconnect after the link drops."
     ).tag(config=True)
 
-    compress = Enum(
-        ("auto", "zstd", "none"), "auto", help="Default of --compress: zstd for uploads only where it pays."
-    ).tag(config=True)
+    compress = Enum(compression.MODES, "auto", help="Default of --compress: zstd for uploads only where it pays.").tag(
+        config=True
+    )
     warm_runner = Bool(
         True,
         help="Keep a pre-started runner on each host with the heavy packages (TensorFlow, PyTorch, ...) "
@@ -223,7 +223,7 @@ class RemoteMagics(Magics):
     )
     @argument(
         "--compress",
-        choices=("auto", "zstd", "none"),
+        choices=compression.MODES,
         help="compress uploads with zstd: 'auto' (default: only on a slow link with compressible data), 'zstd', 'none'",
     )
     @argument("--no-inject", action="store_true", help="do not inject the outputs of a detached job when it ends")

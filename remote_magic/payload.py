@@ -27,10 +27,6 @@ class Payload:
     buffers: list[memoryview]
     blobs: list[tuple[str, int]] = field(default_factory=list)  # (sha256, size), in buffer order
 
-    @property
-    def total_bytes(self) -> int:
-        return len(self.data) + sum(size for _, size in self.blobs)
-
 
 def pack(values: dict[str, Any], namespace: dict[str, Any]) -> Payload:
     """Pickle ``values``; functions and classes defined in ``namespace`` travel by value."""

@@ -264,7 +264,7 @@ def fetch_outputs(
 
 def fetch_blob(transport: Transport, digest: str, size: int, cache: BlobCache | None = None) -> bytearray:
     # The local host's blobs are on this disk already: caching them would only store them twice.
-    cache = None if isinstance(transport, LocalTransport) else cache or BlobCache()
+    cache = None if transport.is_local else cache or BlobCache()
     buffer = cache.get(digest, size) if cache is not None else None
     if buffer is None:
         # SSH's MAC guards the transfer and the host checks blobs a crash may have damaged, so the

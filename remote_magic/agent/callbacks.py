@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import protocol
+
 EmitFn = Callable[..., Any]
 
 # Batch progress events are throttled to this interval (seconds).
@@ -103,7 +105,7 @@ def _event_callback_class(keras: Any) -> type:
         def on_train_begin(self, logs: Any = None) -> None:
             self.epochs = self.params.get("epochs")
             self.steps = self.params.get("steps")
-            self.emit("train_begin", epochs=self.epochs, steps=self.steps)
+            self.emit(protocol.TRAIN_BEGIN, epochs=self.epochs, steps=self.steps)
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self.epoch = epoch + 1
@@ -115,13 +117,13 @@ def _event_callback_class(keras: Any) -> type:
             now = time.time()
             if now - self.last_batch_event >= BATCH_INTERVAL:
                 self.last_batch_event = now
-                self.emit("batch", epoch=self.epoch, batch=batch + 1, steps=self.steps, logs=floats(logs))
+                self.emit(protocol.BATCH, epoch=self.epoch, batch=batch + 1, steps=self.steps, logs=floats(logs))
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             if self.hooks.checkpoint is not None:
                 self.hooks.checkpoint(self.model, epoch + 1, self.epochs)
             self.emit(
-                "epoch",
+                protocol.EPOCH,
                 epoch=epoch + 1,
                 epochs=self.epochs,
                 logs=floats(logs),
@@ -130,7 +132,7 @@ def _event_callback_class(keras: Any) -> type:
 
         def on_train_end(self, logs: Any = None) -> None:
             stopped = self.hooks.stop_requested.is_set()
-            self.emit("train_end", epoch=self.epoch, epochs=self.epochs, stopped=stopped)
+            self.emit(protocol.TRAIN_END, epoch=self.epoch, epochs=self.epochs, stopped=stopped)
 
     return EventCallback
 

@@ -236,9 +236,8 @@ def cmd_status(root: str, agent_hash: str, args: argparse.Namespace, io: Command
             del tail[: -args.lines]
         elif event["type"] == protocol.ERROR:
             error = event.get("traceback")
-    row.update(spec=jobs.read_spec(path), log_tail=tail, traceback=error)
-    row["spec"].pop("source", None)
-    row["source"] = jobs.read_spec(path).get("source")
+    spec = jobs.read_spec(path)
+    row.update(source=spec.pop("source", None), spec=spec, log_tail=tail, traceback=error)
     io.print_json(row)
     return 0
 

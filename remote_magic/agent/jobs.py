@@ -39,10 +39,6 @@ def default_root() -> str:
     return os.environ.get("REMOTE_MAGIC_ROOT") or os.path.join("~", ".remote_magic")
 
 
-def resolve_root(root: str | None) -> str:
-    return os.path.abspath(os.path.expanduser(root or default_root()))
-
-
 def ensure_dir(path: str) -> str:
     """Create ``path`` (and parents) as 0700; tighten an existing folder we own."""
     os.makedirs(path, mode=DIR_MODE, exist_ok=True)

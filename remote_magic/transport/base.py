@@ -41,6 +41,9 @@ class CommandResult:
 class Transport(ABC):
     """One host reached one way; reused for every command of a kernel."""
 
+    # True when the host is this machine: its files are already on this disk, the link is a pipe.
+    is_local = False
+
     def __init__(self, host: str, python: str, root: str | None) -> None:
         self.host = host
         self.python = python

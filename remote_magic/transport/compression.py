@@ -44,9 +44,7 @@ def should_compress(transport: Transport, buffer: memoryview, mode: str) -> bool
             raise HostSetupError(f"--compress zstd needs the zstandard package on both sides; {where} lacks it "
                                  "(pip install zstandard), or use --compress auto")  # fmt: skip
         return True
-    from .local import LocalTransport
-
-    if isinstance(transport, LocalTransport) or _zstandard() is None or not host_has_it:
+    if transport.is_local or _zstandard() is None or not host_has_it:
         return False
     if transport.upload_rate is None or transport.upload_rate >= FAST_LINK:
         return False  # unmeasured (this upload measures it) or fast: compression would only cost time

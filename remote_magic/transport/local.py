@@ -28,6 +28,8 @@ def default_local_root() -> str:
 
 
 class LocalTransport(Transport):
+    is_local = True
+
     def __init__(self, python: str | None = None, root: str | None = None) -> None:
         super().__init__(LOCAL_HOST, python or sys.executable, root or default_local_root())
 
