@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -35,8 +36,9 @@ def sshd() -> Iterator[Sshd]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _stop_warm_runners() -> Iterator[None]:
-    """Every process the tests started ends with them: warm runners wait for jobs that never come."""
+def _clean_up_after_the_session() -> Iterator[None]:
+    """Every process the tests started ends with them (warm runners wait for jobs that never come),
+    and their throw-away folder goes too."""
     yield
     import json
     import signal
@@ -46,6 +48,8 @@ def _stop_warm_runners() -> Iterator[None]:
             os.kill(json.loads(ready.read_text())["pid"], signal.SIGTERM)
         except (OSError, ValueError, KeyError):
             pass
+    # Job roots, blob stores and caches hold several GiB after the 2 GiB round trip: leave no trace.
+    shutil.rmtree(_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
