@@ -29,6 +29,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="remote_magic-big-") as tmp:
         os.environ["REMOTE_MAGIC_DATA_DIR"] = str(Path(tmp) / "data")
+        from remote_magic.client import AgentClient
         from remote_magic.transport import SSHTransport
 
         source = Path(tmp) / "source.bin"
@@ -39,7 +40,7 @@ def main() -> int:
         sshd = make_sshd(Path(tmp) / "sshd")
         sshd.start()
         try:
-            transport = SSHTransport("testhost", python=sys.executable, ssh_config=str(sshd.ssh_config))
+            transport = AgentClient(SSHTransport("testhost", python=sys.executable, ssh_config=str(sshd.ssh_config)))
             transport.hello()
             with open(source, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
                 view = memoryview(mapped)
@@ -47,11 +48,11 @@ def main() -> int:
                 digest = hashlib.sha256(view).hexdigest()
                 hashed = time.perf_counter() - start
                 start = time.perf_counter()
-                transport.upload_blob(digest, view, "none")
+                transport.put_blob(digest, view, "none")
                 uploaded = time.perf_counter() - start
                 view.release()
             start = time.perf_counter()
-            back = transport.agent_download(size, "cat-blob", digest)
+            back = transport.get_blob(digest, size)
             downloaded = time.perf_counter() - start
             same = hashlib.sha256(back).hexdigest() == digest
             mib = size / 1024**2

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from remote_magic import session
+from remote_magic.client import AgentClient
 from remote_magic.transport import SSHTransport
 
 
@@ -28,7 +29,7 @@ def current_rss() -> int:
 
 def main() -> None:
     ssh_config, size = sys.argv[1], int(sys.argv[2])
-    transport = SSHTransport("testhost", python=sys.executable, ssh_config=ssh_config)
+    transport = AgentClient(SSHTransport("testhost", python=sys.executable, ssh_config=ssh_config))
     transport.hello()
     session.submit(transport, session.prepare("y = 1\n", {}))  # connection, agent and imports warm
     # Filled in slices: generating it at once would itself peak at twice its size, before we measure.

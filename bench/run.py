@@ -79,7 +79,7 @@ class Bench:
             self.cell(source)
 
     def transport(self, host: str = "testhost") -> Any:
-        return self.magics._transport(host)
+        return self.magics._client(host)
 
     def scp(self, *args: str) -> None:
         subprocess.run(["scp", "-q", "-F", str(self.sshd.ssh_config), *args], check=True)

@@ -3,6 +3,11 @@
 Blobs are content-addressed, so a cached file is valid forever; the cache
 lives under the data dir (``blobs/<sha256>``, 0600 files in a 0700 folder)
 and is verified against its name when read.
+
+Outputs can be large (a model's weights, arrays of predictions), so the cache
+is bounded: by default 10 GiB (``DEFAULT_CACHE_LIMIT``).  After each ``put``
+the least recently used blobs go until the rest fits; "used" is the file's
+mtime, which ``get`` refreshes on every hit.  A lost blob only costs a download.
 """
 
 from __future__ import annotations
@@ -11,13 +16,32 @@ import hashlib
 import os
 import secrets
 import threading
+import time
+from typing import NamedTuple
 
 from .paths import data_dir
 
+DEFAULT_CACHE_LIMIT = 10 * 2**30
+"""Bytes of blobs the cache keeps when no limit is given: 10 GiB."""
+
+_STALE_TMP_AGE = 3600.0
+"""A temporary file this old belongs to a writer that died; a live writer renames it within seconds."""
+
+
+class _Entry(NamedTuple):
+    used: float
+    size: int
+    path: str
+
 
 class BlobCache:
-    def __init__(self, folder: str | None = None) -> None:
+    """Blobs under ``folder``, at most ``limit`` bytes of them (None: ``DEFAULT_CACHE_LIMIT``, 0: cache nothing)."""
+
+    def __init__(self, folder: str | None = None, limit: int | None = None) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError(f"the blob cache limit must be 0 or more bytes, not {limit}")
         self.folder = folder or os.path.join(data_dir(), "blobs")
+        self.limit = DEFAULT_CACHE_LIMIT if limit is None else limit
         self._writers: list[threading.Thread] = []
 
     def _path(self, digest: str) -> str:
@@ -41,6 +65,10 @@ class BlobCache:
         if hashlib.sha256(buffer).hexdigest() != digest:
             _remove(path)
             return None
+        try:
+            os.utime(path)  # a hit makes it the most recently used: eviction takes it last
+        except OSError:
+            pass  # evicted meanwhile by another kernel: the bytes in hand are still good
         return buffer
 
     def put_in_background(self, digest: str, data: bytearray) -> threading.Thread:
@@ -64,17 +92,77 @@ class BlobCache:
             pass  # a full disk only costs a later download
 
     def put(self, digest: str, data: bytearray) -> None:
+        """Store a blob, then evict the least recently used ones over the limit.
+
+        A blob larger than the whole limit is not stored: it would only push out everything else.
+        """
+        if memoryview(data).nbytes > self.limit:
+            return
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         path = self._path(digest)
         tmp = f"{path}.tmp-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+        self._evict()
+
+    def usage(self) -> tuple[int, int]:
+        """How many blobs the cache holds and their bytes (temporary files of writers not counted)."""
+        entries = self._scan(tidy=False)
+        return len(entries), sum(entry.size for entry in entries)
+
+    def clear(self) -> int:
+        """Remove every blob (and stale temporary files); the bytes freed."""
+        freed = 0
+        for entry in self._scan(tidy=True):
+            if _remove(entry.path):
+                freed += entry.size
+        return freed
+
+    def _evict(self) -> None:
+        entries = sorted(self._scan(tidy=True))  # oldest use first
+        total = sum(entry.size for entry in entries)
+        for entry in entries:
+            if total <= self.limit:
+                break
+            _remove(entry.path)  # gone already (another kernel evicting too) counts as removed
+            total -= entry.size
+
+    def _scan(self, tidy: bool) -> list[_Entry]:
+        """The blobs, in one pass over the folder; with ``tidy``, stale temporary files are removed on the way.
+
+        Files may vanish meanwhile (another kernel evicting): they are skipped, never an error.
+        """
+        entries: list[_Entry] = []
+        stale = time.time() - _STALE_TMP_AGE
+        try:
+            scan = os.scandir(self.folder)
+        except FileNotFoundError:
+            return entries
+        with scan:
+            for item in scan:
+                try:
+                    if not item.is_file(follow_symlinks=False):
+                        continue
+                    info = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if ".tmp-" in item.name:
+                    if tidy and info.st_mtime < stale:
+                        _remove(item.path)
+                    continue
+                entries.append(_Entry(info.st_mtime, info.st_size, item.path))
+        return entries
 
 
-def _remove(path: str) -> None:
+def _remove(path: str) -> bool:
     try:
         os.unlink(path)
     except OSError:
-        pass
+        return False
+    return True

@@ -8,21 +8,23 @@ with ``%config RemoteMagics.default_host = "gpu1"``.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Dict, Enum, Float, Unicode
+from traitlets import Bool, Enum, Float, Int, Unicode
 
-from . import session
+from . import compression, session
+from .agent import protocol
+from .cache import DEFAULT_CACHE_LIMIT
 from .capture import CaptureError
-from .errors import RemoteMagicError
+from .client import AgentClient
+from .config import hosts_trait, ssh_config_trait
 from .payload import PayloadError
 from .registry import Registry
-from .transport import LOCAL_HOST, Transport, compression
-from .ui.panel import TextPanel, make_panel
+from .transport import LOCAL_HOST
+from .ui.panel import make_panel
 from .ui.status import JobDetail, StatusTable
 
 
@@ -36,6 +38,28 @@ def host_argument(func: Any) -> Any:
 
 def job_argument(func: Any) -> Any:
     return argument("job", help="the job id, as shown by %%remote_status")(func)
+
+
+def _job_id(text: str) -> str:
+    """A job id as typed (quotes and spaces tolerated), checked before anything is asked of a host."""
+    job_id = text.strip().strip("'\"")
+    problem = protocol.job_id_problem(job_id)
+    if problem:
+        raise UsageError(problem)
+    return job_id
+
+
+class MagicHints:
+    """What to type to act on a job later: these magics."""
+
+    def attach(self, job_id: str, host: str) -> str:
+        return f"`%remote_attach {job_id} --host {host}` follows it and fetches its outputs"
+
+    def detail(self, job_id: str, host: str) -> str:
+        return f"its last output is in `%remote_status {job_id} --host {host}`"
+
+    def checkpoint(self, job_id: str, host: str) -> str:
+        return f"`%remote_attach {job_id} --host {host} --checkpoint` brings back the model of its last checkpoint"
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -56,13 +80,8 @@ class RemoteMagics(Magics):
         os.environ.get("REMOTE_MAGIC_DEFAULT_HOST", LOCAL_HOST),
         help="Host used when --host is not given ($REMOTE_MAGIC_DEFAULT_HOST, else 'local').",
     ).tag(config=True)
-    hosts = Dict(
-        help="Per-host settings, e.g. {'gpu1': {'python': '/opt/venv/bin/python', 'root': '~/.remote_magic'}}."
-    ).tag(config=True)
-    ssh_config = Unicode(
-        os.environ.get("REMOTE_MAGIC_SSH_CONFIG", os.path.join("~", ".ssh", "config")),
-        help="The OpenSSH client config to read host aliases from ($REMOTE_MAGIC_SSH_CONFIG).",
-    ).tag(config=True)
+    hosts = hosts_trait()
+    ssh_config = ssh_config_trait()
     panel = Enum(
         ("auto", "widget", "text"),
         os.environ.get("REMOTE_MAGIC_PANEL", "auto"),
@@ -85,16 +104,25 @@ class RemoteMagics(Magics):
         False,
         help="Follow --detach jobs in the background outside Jupyter kernels too (terminal IPython).",
     ).tag(config=True)
+    cache_limit = Int(
+        DEFAULT_CACHE_LIMIT,
+        help="Bytes of downloaded outputs kept in the local cache (least recently used go first; 0: no cache).",
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
         self.connections = session.Connections()
         self.registry = Registry()
-        self.background: list[session.BackgroundFollower] = []
+        self.lifecycle = session.JobLifecycle(lambda values: self.shell.user_ns.update(values), MagicHints())
+
+    @property
+    def background(self) -> list[session.BackgroundFollower]:
+        return self.lifecycle.background
 
     # ------------------------------------------------------------- helpers
-    def _transport(self, host: str | None, python: str | None = None) -> Transport:
+    def _client(self, host: str | None, python: str | None = None) -> AgentClient:
         self.connections.hosts, self.connections.ssh_config = self.hosts, self.ssh_config  # %config may change them
+        self.lifecycle.reconnect_timeout, self.lifecycle.cache_limit = self.reconnect_timeout, self.cache_limit
         try:
             return self.connections.get(host or self.default_host, python)
         except ValueError as exc:
@@ -114,100 +142,9 @@ class RemoteMagics(Magics):
     def _notebook_path(self) -> str | None:
         return self.shell.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
 
-    def _follow_and_inject(self, transport: Transport, job_id: str, panel: TextPanel, inject: bool = True) -> None:
-        """Show the job until it ends, then put its outputs into the namespace.
-
-        The first interrupt (or the Stop button) asks the host to stop after
-        the current batch and still returns the partly trained outputs; a
-        second interrupt cancels.  The Detach button returns at once and
-        follows the job in the background.
-        """
-        detach = threading.Event()
-        panel.set_actions(on_stop=lambda: session.request_stop(transport, job_id), on_detach=detach.set)
-
-        def follow(from_seq: int) -> dict[str, Any] | None:
-            return session.follow(
-                transport, job_id, panel.handle, from_seq=from_seq, reconnect_timeout=self.reconnect_timeout,
-                on_reconnecting=lambda reason: panel.note(f"reconnecting: {reason}"),
-                keep_going=lambda: not detach.is_set(),
-            )  # fmt: skip
-
-        try:
-            final = follow(0)
-        except KeyboardInterrupt:
-            try:
-                panel.note("interrupted: the host stops training after the current batch (interrupt again to cancel)")
-                session.request_stop(transport, job_id)
-                final = follow(panel.view.next_seq)
-            except KeyboardInterrupt:
-                self._cancel_and_fall_back_to_checkpoint(transport, job_id, panel)
-                return
-        if final is None:
-            panel.note("detached: the job runs on; this panel keeps updating while the kernel is idle")
-            self._follow_in_background(transport, job_id, panel, inject, from_seq=panel.view.next_seq)
-            return
-        try:
-            self._end_job(transport, job_id, panel, final, inject)
-        finally:
-            panel.finish()
-
-    def _cancel_and_fall_back_to_checkpoint(self, transport: Transport, job_id: str, panel: TextPanel) -> None:
-        """A second interrupt: kill the job, and inject the model of its last checkpoint if it has one."""
-        try:
-            session.cancel(transport, job_id)
-            try:
-                values, meta = session.fetch_checkpoint(transport, job_id)
-            except RemoteMagicError:
-                panel.note(f"job {job_id} cancelled; it had no checkpoint, nothing was injected")
-                raise KeyboardInterrupt from None
-            self.shell.user_ns.update(values)
-            panel.note(
-                f"job {job_id} cancelled; injected {', '.join(values)} from the checkpoint of epoch "
-                f"{meta['epoch']} of {meta.get('epochs') or '?'}"
-            )
-        finally:
-            panel.finish()
-
-    def _end_job(
-        self, transport: Transport, job_id: str, panel: TextPanel, final: dict[str, Any], inject: bool
-    ) -> None:
-        session.raise_for_final(final, job_id, transport.host)
-        if final.get("stopped"):
-            panel.note(f"stopped at epoch {panel.view.epoch} of {panel.view.epochs or '?'}")
-        if not inject:
-            panel.note(f"finished; outputs not injected (--no-inject): `%remote_attach {job_id}` fetches them")
-            return
-        values = session.fetch_outputs(transport, job_id, final)
-        self.shell.user_ns.update(values)
-        panel.note(f"injected: {session.describe_injection(list(values))}")
-
-    def _follow_in_background(
-        self, transport: Transport, job_id: str, panel: TextPanel, inject: bool, from_seq: int = 0
-    ) -> None:
-        """Keep the panel live while the kernel is idle; inject the outputs when the job ends."""
-
-        def on_end(final: dict[str, Any]) -> None:
-            try:
-                self._end_job(transport, job_id, panel, final, inject)
-            except Exception as exc:  # noqa: BLE001  (shown in the panel: there is no cell to raise into)
-                panel.note(f"{type(exc).__name__}: {exc}")
-            finally:
-                panel.finish()
-
-        follower = session.BackgroundFollower(
-            transport, job_id, panel.handle, on_end, from_seq=from_seq, reconnect_timeout=self.reconnect_timeout
-        )
-        panel.set_actions(on_stop=lambda: session.request_stop(transport, job_id), on_detach=None)
-        self.background.append(follower)
-        follower.start()
-
     def stop_background(self, timeout: float = 5.0) -> None:
         """Stop following detached jobs (they run on); used when the extension unloads."""
-        for follower in self.background:
-            follower.stop()
-        for follower in self.background:
-            follower.join(timeout)
-        self.background.clear()
+        self.lifecycle.stop_background(timeout)
 
     # -------------------------------------------------------------- magics
     @magic_arguments()
@@ -243,6 +180,10 @@ class RemoteMagics(Magics):
         changes in place, such as a model whose fit ran) appear here.
         """
         args = parse_argstring(self.remote_train, line)
+        if args.checkpoint_every < 0:
+            raise UsageError("--checkpoint-every takes a number of epochs, 0 or more (0: never checkpoint)")
+        if args.no_inject and not args.detach:
+            raise UsageError("--no-inject goes with --detach (a blocking cell always brings its outputs back)")
         shell = self.shell
         try:
             submission = session.prepare(
@@ -253,26 +194,24 @@ class RemoteMagics(Magics):
         submission.checkpoint_every = args.checkpoint_every
         submission.warm = self.warm_runner
         submission.compress = args.compress or self.compress
-        transport = self._transport(args.host, args.python)
-        session.check_host(transport, submission, shell.user_ns)
-        job_id = session.submit(transport, submission)
-        self.registry.add(transport.host, job_id, args.name, self._notebook_path())
-        if args.checkpoint_every < 0:
-            raise UsageError("--checkpoint-every takes a number of epochs, 0 or more")
+        client = self._client(args.host, args.python)
+        session.check_host(client, submission, shell.user_ns)
+        job_id = session.submit(client, submission)
+        self.registry.add(client.host, job_id, args.name, self._notebook_path())
         if args.detach:
             print(
-                f"job {job_id} submitted to host {transport.host}; it runs on. "
-                f"`%remote_status --host {transport.host}` lists it, "
-                f"`%remote_attach {job_id} --host {transport.host}` follows it and brings its outputs back."
+                f"job {job_id} submitted to host {client.host}; it runs on. "
+                f"`%remote_status --host {client.host}` lists it, "
+                f"`%remote_attach {job_id} --host {client.host}` follows it and brings its outputs back."
             )
             if self._kernel_stays_alive():
-                panel = make_panel(transport.host, self.panel)
+                panel = make_panel(client.host, self.panel)
                 panel.start(job_id, args.name)
-                self._follow_in_background(transport, job_id, panel, not args.no_inject)
+                self.lifecycle.follow_in_background(client, job_id, panel, not args.no_inject)
             return
-        panel = make_panel(transport.host, self.panel)
+        panel = make_panel(client.host, self.panel)
         panel.start(job_id, args.name)
-        self._follow_and_inject(transport, job_id, panel, inject=not args.no_inject)
+        self.lifecycle.run(client, job_id, panel)
 
     @magic_arguments()
     @host_argument
@@ -285,12 +224,13 @@ class RemoteMagics(Magics):
         """
         args = parse_argstring(self.remote_status, line)
         if args.job:
-            transport = self._transport(self._job_host(args.job, args.host))
-            return JobDetail(transport.host, session.status(transport, args.job))
+            job_id = _job_id(args.job)
+            client = self._client(self._job_host(job_id, args.host))
+            return JobDetail(client.host, client.status(job_id))
         if args.host:
-            transport = self._transport(args.host)
-            return StatusTable(transport.host, session.status(transport))
-        return StatusTable(None, session.registered_jobs(self.registry.records(), self._transport))
+            client = self._client(args.host)
+            return StatusTable(client.host, client.status())
+        return StatusTable(None, session.registered_jobs(self.registry.records(), self._client))
 
     @magic_arguments()
     @host_argument
@@ -304,18 +244,19 @@ class RemoteMagics(Magics):
     def remote_attach(self, line: str) -> None:
         """Replay a job's events, follow it live, and inject its outputs when it ends."""
         args = parse_argstring(self.remote_attach, line)
-        transport = self._transport(self._job_host(args.job, args.host))
+        job_id = _job_id(args.job)
+        client = self._client(self._job_host(job_id, args.host))
         if args.checkpoint:
-            values, meta = session.fetch_checkpoint(transport, args.job)
+            values, meta = session.fetch_checkpoint(client, job_id)
             self.shell.user_ns.update(values)
             print(
-                f"injected {', '.join(values)} from the checkpoint of job {args.job} on host {transport.host} "
+                f"injected {', '.join(values)} from the checkpoint of job {job_id} on host {client.host} "
                 f"at epoch {meta['epoch']} of {meta.get('epochs') or '?'}"
             )
             return
-        panel = make_panel(transport.host, self.panel)
-        panel.start(args.job)
-        self._follow_and_inject(transport, args.job, panel)
+        panel = make_panel(client.host, self.panel)
+        panel.start(job_id)
+        self.lifecycle.run(client, job_id, panel)
 
     @magic_arguments()
     @host_argument
@@ -324,12 +265,15 @@ class RemoteMagics(Magics):
     def remote_cancel(self, line: str) -> None:
         """Stop a job now: its whole process group is ended (SIGTERM, then SIGKILL)."""
         args = parse_argstring(self.remote_cancel, line)
-        transport = self._transport(self._job_host(args.job, args.host))
-        result = session.cancel(transport, args.job)
+        job_id = _job_id(args.job)
+        client = self._client(self._job_host(job_id, args.host))
+        result = client.cancel(job_id)
         if result.get("cancelled"):
-            print(f"job {args.job} on host {transport.host} cancelled")
+            print(f"job {job_id} on host {client.host} cancelled")
         else:
-            print(f"job {args.job} on host {transport.host} was not running (state: {result.get('state')})")
+            print(f"job {job_id} on host {client.host} was not running (state: {result.get('state')})")
+        if result.get("remaining"):
+            print(f"{result['remaining']} of its processes could not be ended (stuck in the kernel?); check the host")
 
     @magic_arguments()
     @host_argument
@@ -346,14 +290,16 @@ class RemoteMagics(Magics):
         fetched are kept unless --include-unfetched.
         """
         args = parse_argstring(self.remote_gc, line)
-        transport = self._transport(args.host)
-        result = session.collect_garbage(transport, _seconds(args.older_than), args.include_unfetched, args.dry_run)
+        older_than = _seconds(args.older_than)
+        client = self._client(args.host)
+        result = client.gc(older_than, args.include_unfetched, args.dry_run)
         if not args.dry_run:
-            self.registry.remove(transport.host, set(result["removed_jobs"]))
+            self.registry.remove(client.host, set(result["removed_jobs"]))
         verb = "would remove" if args.dry_run else "removed"
+        agents = len(result.get("removed_agents", []))
         print(
-            f"host {transport.host}: {verb} {len(result['removed_jobs'])} jobs and {result['removed_blobs']} blobs "
-            f"({result['freed_bytes'] / 1e6:.1f} MB)"
+            f"host {client.host}: {verb} {len(result['removed_jobs'])} jobs, {result['removed_blobs']} blobs "
+            f"and {agents} old agent versions ({result['freed_bytes'] / 1e6:.1f} MB)"
         )
         if result["kept_unfetched"]:
             print(
@@ -371,6 +317,9 @@ def _seconds(text: str) -> float:
     unit = _UNITS.get(text[-1:], None)
     number = text[:-1] if unit else text
     try:
-        return float(number) * (unit or 1)
+        seconds = float(number) * (unit or 1)
     except ValueError:
-        raise UsageError(f"--older-than takes an age such as 30m, 12h or 7d, not {text!r}") from None
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise UsageError(f"--older-than takes an age such as 30m, 12h or 7d, not {text!r}")
+    return seconds

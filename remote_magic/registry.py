@@ -2,8 +2,14 @@
 
 One JSON line per job in ``<data dir>/jobs.jsonl``, so ``%remote_status``
 can list jobs on every host and ``%remote_attach JOB`` finds the job's host
-after a kernel restart.  Several kernels may write at once: every change
-holds an exclusive ``flock`` and appends a single line.
+after a kernel restart.  Several kernels may write at once: every access holds
+a ``flock`` on ``jobs.lock`` beside it.  The lock lives in its own file because
+``remove`` replaces ``jobs.jsonl`` with a new file (a new inode): a lock on the
+old one would let a waiting writer append to a file that is already gone.
+
+The file is read leniently and rewritten conservatively: a line that is not a
+job record (damaged, cut short by a killed writer, or written by a newer
+version) is skipped when listing and kept byte for byte when rewriting.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import IO
+from typing import Any
 
 from .paths import data_dir
 
@@ -32,55 +39,117 @@ class JobRecord:
 class Registry:
     def __init__(self, path: str | None = None) -> None:
         self.path = path or os.path.join(data_dir(), "jobs.jsonl")
+        self.lock_path = os.path.splitext(self.path)[0] + ".lock"
 
     @contextmanager
-    def _locked(self, mode: str) -> Iterator[IO[str]]:
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, mode, encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield f
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield  # closing the descriptor releases the lock
+        finally:
+            os.close(fd)
 
     def add(self, host: str, job_id: str, name: str | None = None, notebook: str | None = None) -> JobRecord:
         record = JobRecord(host, job_id, name, notebook, time.time())
-        with self._locked("a") as f:
-            f.write(json.dumps(asdict(record)) + "\n")
+        line = json.dumps(asdict(record)).encode() + b"\n"
+        with self._locked(exclusive=True):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                if not _ends_a_line(fd):
+                    line = b"\n" + line  # a killed writer left half a line: never glue this record onto it
+                _write_all(fd, line)
+            finally:
+                os.close(fd)
         return record
 
     def records(self) -> list[JobRecord]:
         if not os.path.exists(self.path):
             return []
-        with self._locked("r") as f:
-            f.seek(0)
-            lines = f.read().splitlines()
-        records = []
-        for line in lines:
-            try:
-                records.append(JobRecord(**json.loads(line)))
-            except (ValueError, TypeError):
-                continue  # a line from a newer or broken writer: skip, never fail the listing
-        return records
+        with self._locked(exclusive=False):
+            lines = self._read_lines()
+        return [record for record in map(_parse, lines) if record is not None]
 
     def find(self, job_id: str) -> JobRecord | None:
         matches = [r for r in self.records() if r.job_id == job_id]
         return matches[-1] if matches else None
 
     def remove(self, host: str, job_ids: set[str]) -> None:
-        """Forget jobs (after ``gc`` removed them from the host)."""
-        with self._locked("r+") as f:
-            f.seek(0)
-            kept = [line for line in f.read().splitlines() if not _matches(line, host, job_ids)]
-            f.seek(0)
-            f.truncate()
-            f.write("".join(line + "\n" for line in kept))
+        """Forget jobs (after ``gc`` removed them from the host).
+
+        The rest goes to a new file that replaces the old one only once it is complete, so a
+        crash or a full disk halfway leaves the old file as it was.
+        """
+        if not os.path.exists(self.path):
+            return
+        with self._locked(exclusive=True):
+            lines = self._read_lines()
+            kept = [line for line in lines if not _matches(line, host, job_ids)]
+            if len(kept) == len(lines):
+                return
+            tmp = f"{self.path}.tmp-{secrets.token_hex(4)}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _write_all(fd, b"".join(kept))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.path)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+
+    def _read_lines(self) -> list[bytes]:
+        """The file's lines as bytes, each with its newline (the last one may lack it)."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        lines = data.split(b"\n")
+        return [line + b"\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
 
 
-def _matches(line: str, host: str, job_ids: set[str]) -> bool:
+def _parse(line: bytes) -> JobRecord | None:
+    """The record a line holds, or None for anything else; unknown fields (a newer version's) are ignored."""
     try:
-        entry = json.loads(line)
-    except ValueError:
-        return False
-    return entry.get("host") == host and entry.get("job_id") in job_ids
+        entry: Any = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is one too
+        return None
+    if not isinstance(entry, dict):
+        return None
+    host, job_id = entry.get("host"), entry.get("job_id")
+    name, notebook = entry.get("name"), entry.get("notebook")
+    submitted = entry.get("submitted", 0.0)
+    if not (isinstance(host, str) and isinstance(job_id, str)):
+        return None
+    if not all(value is None or isinstance(value, str) for value in (name, notebook)):
+        return None
+    if isinstance(submitted, bool) or not isinstance(submitted, int | float):
+        return None
+    return JobRecord(host, job_id, name, notebook, submitted)
+
+
+def _matches(line: bytes, host: str, job_ids: set[str]) -> bool:
+    record = _parse(line)
+    return record is not None and record.host == host and record.job_id in job_ids
+
+
+def _ends_a_line(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

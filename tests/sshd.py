@@ -109,6 +109,12 @@ class Sshd:
     def accepted_logins(self) -> int:
         return self.log.read_text().count("Accepted publickey") if self.log.exists() else 0
 
+    def sessions_started(self) -> list[str]:
+        """The log's "Starting session: command ..." lines: what ran here (needs ``LogLevel VERBOSE``)."""
+        if not self.log.exists():
+            return []
+        return [line for line in self.log.read_text().splitlines() if "Starting session:" in line]
+
     def write_client_config(self, path: Path, alias: str, **overrides: str) -> Path:
         """An ssh config with one Host block; ``overrides`` replace its options."""
         options = {
@@ -124,7 +130,11 @@ class Sshd:
         return path
 
 
-def make_sshd(base: Path, alias: str = "testhost") -> Sshd:
+def make_sshd(base: Path, alias: str = "testhost", extra_config: str = "") -> Sshd:
+    """A configured, not yet started sshd; ``extra_config`` adds sshd_config lines (e.g. ``LogLevel VERBOSE``).
+
+    sshd keeps the first value of an option, so extra lines add options and cannot override the ones below.
+    """
     if not os.path.exists(SSHD):
         raise RuntimeError("OpenSSH sshd is missing: apt-get install -y openssh-server (.ci/run does this)")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
@@ -148,7 +158,7 @@ def make_sshd(base: Path, alias: str = "testhost") -> Sshd:
         "StrictModes no\n"
         "AllowTcpForwarding yes\n"
         f"SetEnv REMOTE_MAGIC_ROOT={host_root} REMOTE_MAGIC_WARM_IDLE=120\n"
-        "Subsystem sftp /usr/lib/openssh/sftp-server\n"
+        "Subsystem sftp /usr/lib/openssh/sftp-server\n" + (extra_config.rstrip("\n") + "\n" if extra_config else "")
     )
     sshd = Sshd(
         dir=base,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import MODEL_CELL, run
 
-from remote_magic.agent.jobs import iter_event_lines
+from remote_magic.agent.jobs import iter_events
 
 SLOW_FIT = """%%remote_train --host testhost
 import time
@@ -26,7 +26,7 @@ def _epochs_of_new_jobs(host_root: Path, known: set[str]) -> int:
     highest = 0
     for job in (host_root / "jobs").iterdir():
         if job.name not in known:
-            for _, line in iter_event_lines(str(job)):  # complete lines only, even mid-write
+            for _, line in iter_events(str(job)):  # complete lines only, even mid-write
                 highest = max(highest, json.loads(line).get("epoch") or 0)
     return highest
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import MODEL_CELL, run
 
+from remote_magic.client import AgentClient
 from remote_magic.errors import AuthenticationError, HostKeyError, HostSetupError, RemoteExecutionError
 from remote_magic.transport import SSHTransport
 
@@ -61,7 +62,7 @@ def test_changed_host_key_is_refused(sshd, tmp_path) -> None:
     known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {key_type} {key}\n")
     config = sshd.write_client_config(tmp_path / "config", "moved", UserKnownHostsFile=str(known_hosts))
     with pytest.raises(HostKeyError, match="does not match known_hosts") as caught:
-        SSHTransport("moved", python=sys.executable, ssh_config=str(config)).hello()
+        AgentClient(SSHTransport("moved", python=sys.executable, ssh_config=str(config))).hello()
     assert "ssh-keygen -R" in str(caught.value)
 
 

@@ -7,6 +7,7 @@ import re
 from conftest import run
 
 from remote_magic import session
+from remote_magic.client import AgentClient
 from remote_magic.transport import LocalTransport
 from remote_magic.ui.chart import metric_groups
 from remote_magic.ui.panel import WidgetPanel, render_html, render_text
@@ -37,7 +38,7 @@ def test_widget_state_after_each_epoch_and_the_same_on_replay(ip) -> None:
     submission = session.prepare(
         "history = model.fit(x, y, epochs=4, batch_size=32, validation_split=0.25, verbose=0)\n", ip.user_ns
     )
-    transport = LocalTransport()
+    transport = AgentClient(LocalTransport())
     job_id = session.submit(transport, submission)
 
     live = WidgetPanel("local")
@@ -75,3 +76,94 @@ def test_static_copy_keeps_every_epoch_and_the_chart() -> None:
     assert len(re.search(r'data-series="loss" points="([^"]*)"', page).group(1).split()) == 250
     assert render_text(view).count("\nEpoch ") == 250
     assert set(metric_groups(view.rows)) == {"loss"}
+
+
+def _stdout(seq: int, text: str) -> dict:
+    return {"seq": seq, "t": 1000.0 + seq, "type": "stdout", "text": text}
+
+
+def test_a_large_output_keeps_a_bounded_tail_and_the_static_copy_says_where_the_rest_is() -> None:
+    from remote_magic.ui.panel import OUTPUT_LINE_CHARS, OUTPUT_LINES_KEPT, TextPanel
+
+    written: list[int] = []
+    panel = TextPanel("gpu1", write=lambda text: written.append(len(text)))
+    panel.start("j1")
+    panel.handle({"seq": 0, "t": 1000.0, "type": "started", "device": None})
+    huge = "x" * 1_000_000 + "\n"
+    for i in range(1, 100_001):
+        panel.handle(_stdout(i, huge if i % 10_000 == 1 else f"line {i}\n"))
+    view = panel.view
+
+    assert len(view.output) <= OUTPUT_LINES_KEPT
+    assert view.output_dropped == 100_000 - len(view.output)
+    assert all(len(line) <= OUTPUT_LINE_CHARS + 100 for line in view.output)
+    assert list(view.output)[-1] == "line 100000\n"
+    # The terminal still gets every line as it arrives, a huge one cut short.
+    assert len(written) == 1 + 100_000 and max(written) <= OUTPUT_LINE_CHARS + 100
+
+    page = render_html(view)
+    assert len(page) < 100_000
+    assert "line 100000" in page and "line 99950" not in page
+    assert "99,950 earlier lines are on the host" in page and "%remote_status j1 --host gpu1" in page
+    text = render_text(view)
+    assert len(text) < 100_000 and "line 100000" in text and "99,950 earlier lines" in text
+
+
+def test_the_static_copy_of_long_lines_stays_small() -> None:
+    from remote_magic.ui.panel import OUTPUT_LINE_CHARS, JobView
+
+    view = JobView("gpu1", job_id="j1")
+    for i in range(300):
+        view.apply(_stdout(i, f"{i}:" + "y" * 50_000 + "\n"))
+    assert all(len(line) <= OUTPUT_LINE_CHARS + 100 for line in view.output)
+    assert "more characters" in view.output[-1] and view.output[-1].endswith("\n")
+    page = render_html(view)
+    assert len(page) < 100_000 and "299:" in page and "earlier lines are on the host" in page
+
+
+def test_the_widget_redraws_a_flood_of_output_seldom_and_structure_at_once() -> None:
+    panel = WidgetPanel("gpu1")
+    panel.start("j1")
+    refreshes: list[float] = []
+    draw = panel._refresh
+
+    def counted() -> None:
+        refreshes.append(1)
+        draw()
+
+    panel._refresh = counted  # type: ignore[method-assign]
+    panel.handle({"seq": 0, "t": 1000.0, "type": "started", "device": None})
+    panel.handle({"seq": 1, "t": 1000.0, "type": "train_begin", "epochs": 2, "steps": 10})
+    assert len(refreshes) == 2
+
+    for i in range(2, 10_002):
+        panel.handle(_stdout(i, f"line {i}\n"))
+    assert len(refreshes) < 50
+
+    before = len(refreshes)
+    panel.handle({"seq": 10_002, "t": 1001.0, "type": "epoch", "epoch": 1, "logs": {"loss": 0.5}, "seconds": 1.0})
+    assert len(refreshes) == before + 1
+    assert panel.table.value.count("<tr>") == 2 and panel.epoch_bar.value == 1
+    assert "line 10001\n" in panel.log.value
+
+    panel.handle(_stdout(10_003, "the last line\n"))
+    panel.handle({"seq": 10_004, "t": 1002.0, "type": "done"})
+    assert panel.log.value.endswith("the last line\n") and panel.view.state == "done"
+    assert len(panel.log.value.splitlines()) <= 13
+    panel.finish()
+
+
+def test_the_widget_draws_a_pending_line_soon_without_another_event() -> None:
+    import time
+
+    panel = WidgetPanel("gpu1")
+    panel.refresh_interval = 1.0
+    panel.start("j1")
+    panel.handle({"seq": 0, "t": 1000.0, "type": "started", "device": None})
+    panel.handle(_stdout(1, "first\n"))
+    assert "first" not in panel.log.value  # within the interval: drawn later, not now
+    deadline = time.monotonic() + 5
+    while "first" not in panel.log.value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert panel.log.value.endswith("first\n")
+    panel.finish()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import numpy as np
@@ -11,13 +10,13 @@ import pytest
 from conftest import run
 
 from remote_magic import session
-from remote_magic.transport import SSHTransport
+from remote_magic.client import AgentClient
 
 MiB = 1024 * 1024
 
 
-def _transport(ip) -> SSHTransport:
-    return ip.magics_manager.registry["RemoteMagics"]._transport("testhost")
+def _transport(ip) -> AgentClient:
+    return ip.magics_manager.registry["RemoteMagics"]._client("testhost")
 
 
 def test_rerun_uploads_no_blob_bytes_and_a_changed_array_only_itself(ip) -> None:
@@ -54,13 +53,8 @@ def test_a_blob_that_does_not_match_its_hash_is_never_stored(ip) -> None:
     payload = os.urandom(1000)
     wrong = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(Exception, match="does not match its sha256"):
-        transport.agent("put-blob", wrong, str(len(payload)), stdin=payload)
-    assert wrong in transport.agent_json("submit", stdin=_submit_request([(wrong, 1000)]))["missing"]
-
-
-def _submit_request(blobs: list[tuple[str, int]]) -> bytes:
-    spec = {"source": "", "outputs": [], "blobs": blobs, "inputs_size": 0}
-    return json.dumps(spec).encode() + b"\n"
+        transport.call("put-blob", wrong, str(len(payload)), stdin=payload)
+    assert wrong in transport.submit({"source": "", "outputs": [], "blobs": [[wrong, 1000]]}, b"")["missing"]
 
 
 @pytest.mark.slow
@@ -80,7 +74,7 @@ def test_two_gib_round_trip_over_ssh_keeps_every_byte(ip) -> None:
 
 
 def test_a_warm_runner_starts_the_next_job_and_shares_no_state(ip) -> None:
-    transport = ip.magics_manager.registry["RemoteMagics"]._transport("local")
+    transport = ip.magics_manager.registry["RemoteMagics"]._client("local")
     first = session.submit(transport, session.prepare("import json\njson.leaked_by_job_1 = True\n", {}))
     session.follow(transport, first, lambda event: None)
     events: list[dict] = []
@@ -108,7 +102,7 @@ def test_zstd_upload_sends_fewer_bytes_and_the_host_gets_the_same_array(ip) -> N
 
 def test_auto_never_compresses_for_the_local_host(ip) -> None:
     ip.user_ns["zeros"] = np.zeros(4 * MiB // 8)
-    transport = ip.magics_manager.registry["RemoteMagics"]._transport("local")
+    transport = ip.magics_manager.registry["RemoteMagics"]._client("local")
     sent = transport.bytes_sent
     assert run(ip, "%%remote_train --compress auto\nn = zeros.size\n").success
     assert transport.bytes_sent - sent >= 4 * MiB

@@ -20,17 +20,19 @@ RUN = _ROOT + (
     "if not os.path.isfile(os.path.join(d,'remote_magic','agent','cli.py')):\n"
     " sys.stderr.write('remote_magic agent %s is not deployed\\n'%sys.argv[2]);sys.exit(75)\n"
     "sys.path[0]=d\n"
-    "from remote_magic.agent.cli import main\n"
+    "from remote_magic.agent.entry import main\n"
     "sys.exit(main(r,sys.argv[2],sys.argv[3:]))\n"
 )
 
-# argv: LOG CWD COMMAND...: start COMMAND in its own session, print its pid, exit.
+# argv: LOG CWD COMMAND...: start COMMAND in its own session, print its pid and start time
+# (field 22 of /proc/PID/stat, read before this parent exits so the child cannot be reaped yet), exit.
 LAUNCH = (
     "import os,subprocess,sys\n"
     "log=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT|os.O_APPEND,0o600)\n"
     "p=subprocess.Popen(sys.argv[3:],stdin=subprocess.DEVNULL,stdout=log,stderr=log,cwd=sys.argv[2],"
     "start_new_session=True,close_fds=True)\n"
-    "print(p.pid)\n"
+    "s=open('/proc/%d/stat'%p.pid).read().rsplit(')',1)[1].split()\n"
+    "print(p.pid,s[19])\n"
 )
 
 INSTALL = _ROOT + (

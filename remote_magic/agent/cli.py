@@ -15,17 +15,18 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import sys
 import threading
 import time
 from typing import IO, Any
 
-from . import bootstrap, jobs, protocol, warm
+from . import jobs, launcher, protocol, warm
 
 EXIT_PROBLEM = 2
 POLL_SECONDS = 0.02
+# How often ``attach`` asks the launcher whether a job whose log is quiet still runs.
+LIVENESS_SECONDS = 0.25
 CANCEL_GRACE_SECONDS = 5.0
 
 
@@ -64,32 +65,61 @@ def cmd_hello(root: str, agent_hash: str, args: argparse.Namespace, io: CommandI
 
 
 def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    """Create a job and start its runner detached; answer at once.
+    """Create a job and start it through its launcher; answer at once.
 
     stdin: one JSON line (the spec, with ``blobs`` and ``inputs_size``), then
     the inputs pickle.  When blobs are missing, nothing is created and the
-    answer lists them so the client can upload just those.
+    answer lists them so the client can upload just those.  A spec that is
+    not well formed, or fewer input bytes than declared, creates nothing.
     """
     stdin = io.stdin
-    spec = json.loads(stdin.readline())
-    inputs = stdin.read(spec.pop("inputs_size"))
-    missing = jobs.missing_blobs(root, [(d, s) for d, s in spec.get("blobs", [])])
-    if missing:
-        io.print_json({"missing": missing})
-        return 0
-    job_id, path = jobs.create_job(root, spec, inputs)
-    pid = warm.claim(root, agent_hash, job_id) if spec.get("warm", True) and warm.enabled() else None
-    if pid is None:
-        pid = warm.spawn_detached(
-            [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
-            log=os.path.join(path, protocol.RUNNER_LOG),
-            cwd=os.path.expanduser(spec.get("workdir") or "~"),
-        )
-    jobs.atomic_write(os.path.join(path, protocol.PID_FILE), str(pid).encode())
-    io.print_json({"job_id": job_id, "pid": pid})
-    if spec.get("warm", True):
-        warm.ensure(root, agent_hash)  # the next job's runner
+    try:
+        spec = json.loads(stdin.readline())
+    except ValueError:
+        raise jobs.AgentError("submit: the first line is not a JSON spec") from None
+    problem = _spec_problem(spec)
+    if problem:
+        raise jobs.AgentError(f"submit: {problem}")
+    size = spec.pop("inputs_size")
+    inputs = stdin.read(size)
+    if len(inputs) != size:
+        raise jobs.AgentError(f"submit: the inputs ended after {len(inputs)} of {size} bytes; no job was created")
+    with jobs.blob_lock(root, exclusive=False):  # gc cannot remove a blob between the check and the job naming it
+        missing = jobs.missing_blobs(root, [(d, s) for d, s in spec.get("blobs", [])])
+        if missing:
+            io.print_json({"missing": missing})
+            return 0
+        job_id, path = jobs.create_job(root, {**spec, "agent": agent_hash}, inputs)
+    spec = jobs.read_spec(path)
+    launcher.launcher_for(spec).start(root, agent_hash, path, spec)
+    io.print_json({"job_id": job_id})
     return 0
+
+
+def _spec_problem(spec: Any) -> str | None:
+    """What is wrong with a submitted spec, or None."""
+    if not isinstance(spec, dict):
+        return "the spec is not a JSON object"
+    unknown = set(spec) - protocol.SPEC_KEYS - {"inputs_size", "launcher"}
+    if unknown:
+        return f"unknown spec keys {sorted(unknown)} (a newer client? deploy its agent)"
+    if not isinstance(spec.get("source"), str):
+        return "the spec has no cell source"
+    if not isinstance(spec.get("inputs_size"), int) or spec["inputs_size"] < 0:
+        return "the spec does not say how many input bytes follow"
+    every = spec.get("checkpoint_every", 1)
+    if not isinstance(every, int) or every < 0:
+        return f"checkpoint_every must be a whole number of epochs, 0 or more, not {every!r}"
+    for key in ("inputs", "outputs"):
+        names = spec.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n.isidentifier() for n in names):
+            return f"{key} must be a list of variable names"
+    blobs = spec.get("blobs", [])
+    if not isinstance(blobs, list) or not all(
+        isinstance(b, list) and len(b) == 2 and isinstance(b[0], str) and isinstance(b[1], int) for b in blobs
+    ):
+        return "blobs must be a list of [sha256, size] pairs"
+    return None
 
 
 def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
@@ -125,39 +155,70 @@ def cmd_cat_checkpoint(root: str, agent_hash: str, args: argparse.Namespace, io:
 
 
 def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    """Remove finished jobs older than --older-than, then blobs no job references.
+    """Remove finished jobs older than --older-than, then blobs no job references, old agents and logs.
 
     A finished job whose outputs were never fetched is kept unless
-    --include-unfetched; running jobs are never touched.
+    --include-unfetched; a job its launcher still runs or queues is never
+    touched, nor an agent version that a live job or warm runner uses.
     """
     removed, kept_unfetched = [], []
     cutoff = time.time() - args.older_than
-    for row in jobs.list_jobs(root):
-        path = os.path.join(jobs.jobs_dir(root), row["job_id"])
-        if row["state"] in (protocol.STATE_QUEUED, protocol.STATE_RUNNING):
+    agents_in_use = {agent_hash} | warm.agent_versions_in_use(root)
+    for path in jobs.job_paths(root):
+        spec = jobs.read_spec(path)
+        row = launcher.job_row(path, spec)
+        if row["state"] in protocol.ACTIVE_STATES:
+            agents_in_use.add(spec.get("agent") or "")
             continue
         if (row.get("ended") or row.get("submitted") or 0) > cutoff:
             continue
-        unfetched = row["state"] == protocol.STATE_DONE and not os.path.exists(
-            os.path.join(path, protocol.FETCHED_MARK)
-        )
+        unfetched = row["state"] in (protocol.STATE_DONE, protocol.STATE_STOPPED) and not row["fetched"]
         if unfetched and not args.include_unfetched:
             kept_unfetched.append(row["job_id"])
             continue
         if not args.dry_run:
             shutil.rmtree(path)
+            jobs.forget_summary(path)
         removed.append(row["job_id"])
-    blobs = jobs.unreferenced_blobs(root)
     freed = 0
-    for digest in blobs:
-        blob = os.path.join(jobs.blobs_dir(root), digest)
-        freed += os.path.getsize(blob)
-        if not args.dry_run:
-            os.unlink(blob)
+    with jobs.blob_lock(root, exclusive=True):
+        blobs = jobs.unreferenced_blobs(root)
+        for digest in blobs:
+            blob = os.path.join(jobs.blobs_dir(root), digest)
+            freed += os.path.getsize(blob)
+            if not args.dry_run:
+                os.unlink(blob)
+    agents, agent_bytes = _old_agents(root, agents_in_use, args.dry_run)
     io.print_json(
-        {"removed_jobs": removed, "kept_unfetched": kept_unfetched, "removed_blobs": len(blobs), "freed_bytes": freed}
+        {
+            "removed_jobs": removed,
+            "kept_unfetched": kept_unfetched,
+            "removed_blobs": len(blobs),
+            "removed_agents": agents,
+            "freed_bytes": freed + agent_bytes,
+        }
     )
     return 0
+
+
+def _old_agents(root: str, in_use: set[str], dry_run: bool) -> tuple[list[str], int]:
+    """Deployed agent versions nothing uses any more (nor a job that may run again), and their size."""
+    folder = os.path.join(root, "agent")
+    removed, freed = [], 0
+    if not os.path.isdir(folder):
+        return removed, freed
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name in in_use or not os.path.isdir(path):
+            continue
+        if time.time() - os.path.getmtime(path) < 3600:
+            continue  # just deployed by another client, which may be about to start a job with it
+        for parent, _, files in os.walk(path):
+            freed += sum(os.path.getsize(os.path.join(parent, f)) for f in files)
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    return removed, freed
 
 
 def _copy_file_to_stdout(path: str, io: CommandIO) -> int:
@@ -175,35 +236,39 @@ def _copy_file_to_stdout(path: str, io: CommandIO) -> int:
 def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """Stream events from ``--from`` until the job's final event.
 
-    Tails the log from where it last read (a long job's log is never read
-    twice).  If the runner died without a final event (SIGKILL, OOM, reboot)
-    a ``lost`` event is printed, not stored, so the client always sees an end.
+    Tails the log from where it last read, a bounded chunk at a time (a long
+    job's log is never read twice, nor held whole).  If the launcher says the
+    job ended without a final event (SIGKILL, OOM, reboot) a ``lost`` event
+    is printed, not stored, so the client always sees an end.
     """
     path = jobs.job_dir(root, args.job_id)
+    spec = jobs.read_spec(path)
+    job_launcher = launcher.launcher_for(spec)
     next_seq = args.from_seq
+    checked = 0.0
     with jobs.EventTail(path) as tail:
         while not io.cancelled.is_set():
-            ended = False
-            for line in tail.read_lines():
-                event = json.loads(line)
+            events = tail.read_events()
+            for event, line in events:
                 if event["seq"] < next_seq:
                     continue
                 io.write_text(line)
                 next_seq = event["seq"] + 1
-                ended = ended or event["type"] in protocol.TERMINAL
+                if event["type"] in protocol.TERMINAL:
+                    io.stdout.flush()
+                    return 0
             io.stdout.flush()
-            if ended:
-                return 0
-            pid = jobs.read_pid(path)
-            if pid is not None and not jobs.process_alive(pid):
-                if tail.has_unread():
-                    continue  # the runner wrote its last events just before exiting
-                lost = protocol.make_event(
-                    next_seq, protocol.LOST, message="the runner process ended without a final event"
-                )
-                io.write_text(protocol.encode_event(lost))
-                io.stdout.flush()
-                return 0
+            if events or tail.has_unread():
+                continue
+            if time.monotonic() - checked >= LIVENESS_SECONDS:
+                checked = time.monotonic()
+                if not job_launcher.poll(path, spec).active:
+                    if tail.has_unread():
+                        continue  # the runner wrote its last events just before exiting
+                    lost = protocol.make_event(next_seq, protocol.LOST, message=launcher.LOST_MESSAGE)
+                    io.write_text(protocol.encode_event(lost))
+                    io.stdout.flush()
+                    return 0
             time.sleep(POLL_SECONDS)
     return 0  # the client stopped following
 
@@ -212,7 +277,7 @@ def cmd_events(root: str, agent_hash: str, args: argparse.Namespace, io: Command
     """The events logged so far, from ``--from`` (at most ``--limit``), without following."""
     path = jobs.job_dir(root, args.job_id)
     count = 0
-    for _, line in jobs.iter_event_lines(path, args.from_seq):
+    for _, line in jobs.iter_events(path, args.from_seq):
         if count >= args.limit:
             break
         io.write_text(line)
@@ -223,76 +288,67 @@ def cmd_events(root: str, agent_hash: str, args: argparse.Namespace, io: Command
 
 def cmd_status(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     if args.job_id is None:
-        io.print_json(jobs.list_jobs(root))
+        io.print_json([launcher.job_row(path) for path in jobs.job_paths(root)])
         return 0
     path = jobs.job_dir(root, args.job_id)
-    row = jobs.summarize(path)
+    spec = jobs.read_spec(path)
+    row = launcher.job_row(path, spec)
     tail: list[str] = []
     error = None
-    for _, line in jobs.iter_event_lines(path):
-        event = json.loads(line)
+    for event, _ in jobs.iter_events(path):
         if event["type"] in (protocol.STDOUT, protocol.STDERR):
-            tail.append(event["text"])
+            tail.append(event.get("text", ""))
             del tail[: -args.lines]
         elif event["type"] == protocol.ERROR:
             error = event.get("traceback")
-    spec = jobs.read_spec(path)
     row.update(source=spec.pop("source", None), spec=spec, log_tail=tail, traceback=error)
     io.print_json(row)
     return 0
 
 
 def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    """SIGTERM to the job's process group, SIGKILL after a grace period."""
+    """End the job and every process it started (SIGTERM, SIGKILL after a grace period).
+
+    A job whose log has ended is never signalled; a killed job's leftover
+    processes (children adopted by init) are still ended.
+    """
     path = jobs.job_dir(root, args.job_id)
-    pid = jobs.read_pid(path)
-    if not jobs.process_alive(pid):
-        io.print_json({"job_id": args.job_id, "cancelled": False, "state": jobs.summarize(path)["state"]})
+    spec = jobs.read_spec(path)
+    row = launcher.job_row(path, spec)
+    job_launcher = launcher.launcher_for(spec)
+    if row["state"] not in protocol.ACTIVE_STATES:
+        leftovers = {}
+        if row["state"] == protocol.STATE_KILLED:
+            leftovers = job_launcher.cancel(path, spec, args.grace)
+        io.print_json({"job_id": args.job_id, "cancelled": False, "state": row["state"], **leftovers})
         return 0
-    assert pid is not None
-    _signal_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.grace
-    while jobs.process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    killed = jobs.process_alive(pid)
-    if killed:
-        _signal_group(pid, signal.SIGKILL)
-        while jobs.process_alive(pid) and time.monotonic() < deadline + 5:
-            time.sleep(0.05)
-    # Children the cell started are in the same group: make sure they are gone too.
-    _signal_group(pid, signal.SIGKILL)
+    ended = job_launcher.cancel(path, spec, args.grace)
     last = jobs.last_event(path)
     if last is None or last["type"] not in protocol.TERMINAL:
         log = jobs.EventLog(path)
         log.append(protocol.CANCELLED, message="cancelled on request (killed after the grace period)")
         log.close()
-    io.print_json({"job_id": args.job_id, "cancelled": True, "killed": killed})
+    jobs.forget_summary(path)
+    io.print_json({"job_id": args.job_id, "cancelled": True, "killed": bool(ended.get("killed")), **ended})
     return 0
 
 
 def cmd_stop(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    """Ask the runner to stop training at the end of the current batch (SIGINT)."""
+    """Ask the job to stop training at the end of the current batch (the runner turns SIGINT into that)."""
     path = jobs.job_dir(root, args.job_id)
-    pid = jobs.read_pid(path)
-    alive = jobs.process_alive(pid)
-    if alive:
-        assert pid is not None
-        os.kill(pid, signal.SIGINT)
-    io.print_json({"job_id": args.job_id, "stop_requested": alive})
+    spec = jobs.read_spec(path)
+    requested = False
+    if jobs.event_summary(path)["ended"] is None:  # a job whose log has ended is never signalled
+        requested = launcher.launcher_for(spec).stop(path, spec)
+    io.print_json({"job_id": args.job_id, "stop_requested": requested})
     return 0
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     from . import runner
 
-    return runner.run_job(root, jobs.job_dir(root, args.job_id), agent_hash)
+    path = jobs.job_dir(root, args.job_id)
+    return runner.run_job(root, path, after=lambda: warm.prepare_next(root, agent_hash))
 
 
 def cmd_warm_runner(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
@@ -338,8 +394,19 @@ class _ArgumentError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # never exit: the server runs many commands
+    """Never prints and never exits: the server runs many commands on one stream."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(add_help=False, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> Any:
         raise _ArgumentError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> Any:
+        raise _ArgumentError(message or f"argument parsing ended with status {status}")
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -357,20 +424,11 @@ def run_command(root: str, agent_hash: str, argv: list[str], io: CommandIO) -> t
     """Run one command; returns (exit status, the problem in one line or "")."""
     try:
         args = _parser().parse_args(argv)
+        if getattr(args, "job_id", None) is not None and not protocol.is_job_id(args.job_id):
+            raise jobs.AgentError(protocol.job_id_problem(args.job_id) or "")
         jobs.ensure_dir(root)
         return args.fn(root, agent_hash, args, io), ""
     except (jobs.AgentError, _ArgumentError) as exc:
         return EXIT_PROBLEM, str(exc)
     except BrokenPipeError:
         return 0, ""  # the client went away; the job itself is unaffected
-
-
-def main(root: str, agent_hash: str, argv: list[str]) -> int:
-    if argv[:1] == ["serve"]:
-        from .server import serve
-
-        return serve(root, agent_hash)
-    returncode, problem = run_command(root, agent_hash, argv, CommandIO(sys.stdin.buffer, sys.stdout.buffer))
-    if problem:
-        sys.stderr.write(problem + "\n")
-    return returncode

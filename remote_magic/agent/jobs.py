@@ -14,12 +14,14 @@ Every file others read is written atomically (tmp, fsync, rename); files are
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import fcntl
 import hashlib
 import json
 import mmap
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from typing import IO, Any
@@ -128,9 +130,9 @@ def receive_blob(root: str, digest: str, size: int, stream: IO[bytes], zstd: boo
         raise
 
 
-def write_blob(root: str, data: memoryview) -> tuple[str, int]:
+def write_blob(root: str, data: memoryview, digest: str | None = None) -> tuple[str, int]:
     """Store a buffer produced on the host (an output); returns (digest, size)."""
-    digest = hashlib.sha256(data).hexdigest()
+    digest = digest or hashlib.sha256(data).hexdigest()
     path = blob_path(root, digest)
     if not (os.path.exists(path) and os.path.getsize(path) == data.nbytes):
         atomic_write(path, data, durable=False)
@@ -197,8 +199,9 @@ def jobs_dir(root: str) -> str:
 
 
 def job_dir(root: str, job_id: str) -> str:
-    if not job_id or "/" in job_id or job_id.startswith("."):
-        raise AgentError(f"not a job id: {job_id!r}")
+    problem = protocol.job_id_problem(job_id)
+    if problem:
+        raise AgentError(problem)
     path = os.path.join(jobs_dir(root), job_id)
     if not os.path.isdir(path):
         raise AgentError(f"no job {job_id} on this host (see `%remote_status`)")
@@ -222,10 +225,12 @@ def create_job(root: str, spec: dict[str, Any], inputs: bytes) -> tuple[str, str
             continue
     else:
         raise AgentError("could not allocate a job id")
-    spec = {**spec, "job_id": job_id, "submitted": time.time()}
+    spec = {**spec, "job_id": job_id, "submitted": time.time(), "schema": protocol.SCHEMA_VERSION}
     atomic_write(os.path.join(path, protocol.SPEC_FILE), json.dumps(spec).encode())
     atomic_write(os.path.join(path, protocol.INPUTS_FILE), inputs)
-    EventLog(path).append(protocol.QUEUED, name=spec.get("name"))
+    log = EventLog(path)
+    log.append(protocol.QUEUED, name=spec.get("name"), schema=protocol.SCHEMA_VERSION)
+    log.close()
     return job_id, path
 
 
@@ -239,15 +244,19 @@ class EventLog:
 
     Only one process writes a job's log at a time: ``submit`` writes the
     first event, then the runner owns it; ``cancel`` writes only after the
-    runner is gone.
+    runner is gone.  The runner also keeps the job's summary as it goes and
+    writes it beside the log when the job ends, so listings never re-read a
+    finished job's whole log.
     """
 
     def __init__(self, path: str) -> None:
+        self.folder = path
         self.path = os.path.join(path, protocol.EVENTS_FILE)
         last = last_event(path)
         self.next_seq = 0 if last is None else last["seq"] + 1
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self.summary: EventSummary | None = None
 
     def append(self, type_: str, **fields: Any) -> dict[str, Any]:
         event = protocol.make_event(self.next_seq, type_, **fields)
@@ -256,31 +265,86 @@ class EventLog:
         if type_ in protocol.TERMINAL:
             os.fsync(self._file.fileno())
         self.next_seq += 1
+        if self.summary is not None:
+            self.summary.feed(event)
         return event
+
+    def write_summary(self) -> None:
+        """Leave the summary of an ended job beside its log (only once its final event is written)."""
+        if self.summary is not None and self.summary.ended:
+            atomic_write(os.path.join(self.folder, protocol.SUMMARY_FILE), json.dumps(self.summary.fields).encode())
 
     def close(self) -> None:
         self._file.close()
 
 
-def iter_event_lines(path: str, from_seq: int = 0) -> Iterator[tuple[int, str]]:
-    """(seq, raw line) of the complete lines in a job's log, from ``from_seq``."""
+# ------------------------------------------------------------ reading events
+_BAD_LINES_LOGGED: set[tuple[str, str]] = set()
+_BAD_LINES_LOCK = threading.Lock()
+AGENT_LOG = "agent.log"
+AGENT_LOG_LIMIT = 1024 * 1024
+
+
+def parse_event(line: str | bytes, path: str) -> dict[str, Any] | None:
+    """One event of a job's log, or None (logged once) for a line that is not an event.
+
+    A damaged line (a disk error, a hand edit) must not make the whole job,
+    or the whole host's listing, unreadable.
+    """
     try:
-        f = open(os.path.join(path, protocol.EVENTS_FILE), encoding="utf-8")
+        event = protocol.decode_event(line)
+        if isinstance(event, dict) and isinstance(event.get("seq"), int) and isinstance(event.get("type"), str):
+            return event
+    except ValueError:
+        pass
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    key = (path, text[:200])
+    with _BAD_LINES_LOCK:
+        if key in _BAD_LINES_LOGGED or len(_BAD_LINES_LOGGED) > 1000:
+            return None
+        _BAD_LINES_LOGGED.add(key)
+    log_problem(
+        os.path.dirname(os.path.dirname(path)), f"skipped a line that is not an event in {path}: {text[:200]!r}"
+    )
+    return None
+
+
+def log_problem(root: str, message: str) -> None:
+    """One line in the host root's agent.log (kept under about a megabyte)."""
+    log = os.path.join(root, AGENT_LOG)
+    with contextlib.suppress(OSError):
+        if os.path.exists(log) and os.path.getsize(log) > AGENT_LOG_LIMIT:
+            os.replace(log, log + ".1")
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
+
+
+def iter_events(path: str, from_seq: int = 0) -> Iterator[tuple[dict[str, Any], str]]:
+    """(event, raw line) of the complete lines in a job's log, from ``from_seq``; bad lines skipped.
+
+    Reads line by line: a log of any size costs one line of memory.
+    """
+    try:
+        f = open(os.path.join(path, protocol.EVENTS_FILE), "rb")
     except FileNotFoundError:
         return
     with f:
-        for line in f:
-            if not line.endswith("\n"):
+        for raw in f:
+            if not raw.endswith(b"\n"):
                 break  # a line being written right now; the next read gets it whole
-            seq = json.loads(line)["seq"]
-            if seq >= from_seq:
-                yield seq, line
+            event = parse_event(raw, path)
+            if event is not None and event["seq"] >= from_seq:
+                yield event, raw.decode("utf-8", "replace")
 
 
 class EventTail:
-    """Reads a job's events.jsonl incrementally, complete lines only."""
+    """Reads a job's events.jsonl incrementally, complete lines only, a bounded chunk at a time."""
+
+    CHUNK = 1024 * 1024
 
     def __init__(self, path: str) -> None:
+        self.folder = path
         self.path = os.path.join(path, protocol.EVENTS_FILE)
         self._file: IO[bytes] | None = None
         self._partial = b""
@@ -304,99 +368,174 @@ class EventTail:
         f = self._open()
         if f is None:
             return False
-        position = f.tell()
-        more = f.read(1)
-        f.seek(position)
-        return bool(more)
+        return os.fstat(f.fileno()).st_size > f.tell()
 
-    def read_lines(self) -> list[str]:
-        """The complete lines written since the last call."""
+    def read_events(self) -> list[tuple[dict[str, Any], str]]:
+        """The complete events written since the last call (at most about ``CHUNK`` bytes of them)."""
         f = self._open()
         if f is None:
             return []
-        data = self._partial + f.read()
+        data = self._partial + f.read(self.CHUNK)
         *lines, self._partial = data.split(b"\n")
-        return [line.decode("utf-8") + "\n" for line in lines]
+        events = []
+        for raw in lines:
+            event = parse_event(raw, self.folder)
+            if event is not None:
+                events.append((event, raw.decode("utf-8", "replace") + "\n"))
+        return events
 
 
 def last_event(path: str) -> dict[str, Any] | None:
-    last = None
-    for _, line in iter_event_lines(path):
-        last = line
-    return None if last is None else json.loads(last)
-
-
-def read_pid(path: str) -> int | None:
+    """The last event of a job's log, read from its end (a long log is not read whole)."""
     try:
-        with open(os.path.join(path, protocol.PID_FILE), encoding="utf-8") as f:
-            return int(f.read().strip())
-    except (FileNotFoundError, ValueError):
+        f = open(os.path.join(path, protocol.EVENTS_FILE), "rb")
+    except FileNotFoundError:
         return None
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        block, tail = 64 * 1024, b""
+        position = end
+        while position > 0:
+            step = min(block, position)
+            position -= step
+            f.seek(position)
+            tail = f.read(step) + tail
+            lines = tail.split(b"\n")
+            complete = lines[1:-1] if position > 0 else lines[:-1]  # the first may be cut, the last unfinished
+            for raw in reversed(complete):
+                event = parse_event(raw, path) if raw.strip() else None
+                if event is not None:
+                    return event
+            tail = lines[0] if position > 0 else b""
+            if len(tail) > 64 * 1024 * 1024:
+                break  # one absurd line: give up rather than hold it all
+    return None
 
 
 def process_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists (zombies count as gone).
+
+    Only for processes whose pid cannot have been reused under us (a warm
+    runner that holds a FIFO open); jobs are identified by procs.ProcessIdentity.
+    """
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    # A zombie (exited, not yet reaped) counts as gone.
-    try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return True
+    except (OSError, IndexError):
+        return False
 
 
-def summarize(path: str) -> dict[str, Any]:
-    """One job's row for ``status``: state, progress, last metrics, timing."""
-    spec = read_spec(path)
-    row: dict[str, Any] = {
-        "job_id": spec["job_id"],
-        "name": spec.get("name"),
-        "submitted": spec.get("submitted"),
-        "state": protocol.STATE_QUEUED,
-        "epoch": None,
-        "epochs": None,
-        "logs": {},
-        "started": None,
-        "ended": None,
-        "message": None,
-        "pid": None,
-        "device": None,
-        "checkpoint": read_checkpoint_meta(path),
-        "fetched": os.path.exists(os.path.join(path, protocol.FETCHED_MARK)),
-    }
-    for _, line in iter_event_lines(path):
-        event = json.loads(line)
-        kind = event["type"]
-        if kind == protocol.STARTED:
-            row.update(
-                state=protocol.STATE_RUNNING, started=event["t"], pid=event.get("pid"), device=event.get("device")
-            )
+class EventSummary:
+    """A job's status fields from its events, fed one event at a time (never the whole log twice)."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, Any] = {
+            "epoch": None,
+            "epochs": None,
+            "logs": {},
+            "started": None,
+            "ended": None,
+            "message": None,
+            "pid": None,
+            "device": None,
+            "where": None,
+            "state": None,  # None until started or ended: the launcher's phase decides
+            "reason": None,
+            "last_seq": -1,
+        }
+
+    @property
+    def ended(self) -> bool:
+        return self.fields["ended"] is not None
+
+    def feed(self, event: dict[str, Any]) -> None:
+        f, kind = self.fields, event["type"]
+        f["last_seq"] = event["seq"]
+        if kind == protocol.QUEUED:
+            f["reason"] = event.get("reason")
+        elif kind in (protocol.STARTED, protocol.RESUMED):
+            f.update(state=protocol.STATE_RUNNING, started=event["t"], pid=event.get("pid"), reason=None)
+            f.update(device=event.get("device"), where=event.get("host"))
+        elif kind == protocol.REQUEUED:
+            f.update(state=protocol.STATE_REQUEUED, reason=event.get("reason"))
         elif kind == protocol.TRAIN_BEGIN:
-            row["epochs"] = event.get("epochs")
+            f["epochs"] = event.get("epochs")
         elif kind == protocol.EPOCH:
-            row.update(epoch=event.get("epoch"), logs=event.get("logs", {}))
+            f.update(epoch=event.get("epoch"), logs=event.get("logs", {}))
         elif kind in protocol.TERMINAL:
-            row.update(state=protocol.final_state(event), ended=event["t"], message=event.get("message"))
-    pid = read_pid(path)
-    just_submitted = pid is None and time.time() - (spec.get("submitted") or 0) < 30
-    if (
-        row["state"] in (protocol.STATE_QUEUED, protocol.STATE_RUNNING)
-        and not just_submitted
-        and not process_alive(pid)
-    ):
-        row.update(
-            state=protocol.STATE_KILLED,
-            message="the runner process ended without a final event (killed, out of memory, or the host rebooted)",
-        )
-    return row
+            f.update(state=protocol.final_state(event), ended=event["t"], message=event.get("message"))
+
+
+_SUMMARIES: dict[str, tuple[int, int, EventSummary]] = {}
+_SUMMARIES_LOCK = threading.Lock()
+
+
+def event_summary(path: str) -> dict[str, Any]:
+    """The summary of a job's events so far.
+
+    A finished job's runner left ``summary.json``; otherwise this process
+    remembers how far it read each log and reads only what was appended
+    since (the sidebar asks every few seconds).
+    """
+    try:
+        with open(os.path.join(path, protocol.SUMMARY_FILE), encoding="utf-8") as f:
+            fields = json.load(f)
+        if isinstance(fields, dict):
+            return fields
+    except (OSError, ValueError):
+        pass
+    events = os.path.join(path, protocol.EVENTS_FILE)
+    try:
+        inode = os.stat(events).st_ino
+    except FileNotFoundError:
+        return EventSummary().fields
+    with _SUMMARIES_LOCK:
+        cached = _SUMMARIES.get(path)
+    offset, summary = (cached[1], cached[2]) if cached and cached[0] == inode else (0, EventSummary())
+    with open(events, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            offset += len(raw)
+            event = parse_event(raw, path)
+            if event is not None:
+                summary.feed(event)
+    with _SUMMARIES_LOCK:
+        _SUMMARIES[path] = (inode, offset, summary)
+    return dict(summary.fields)
+
+
+def forget_summary(path: str) -> None:
+    with _SUMMARIES_LOCK:
+        _SUMMARIES.pop(path, None)
+
+
+@contextlib.contextmanager
+def blob_lock(root: str, exclusive: bool) -> Iterator[None]:
+    """Shared while a job is created or outputs are stored, exclusive while ``gc`` deletes blobs.
+
+    Without it ``gc`` could delete a blob between a submit finding it present
+    and the job naming it, or an output blob a finishing job has written but
+    not yet listed in its ``done`` event.
+    """
+    fd = os.open(os.path.join(blobs_dir(root), ".lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def unreferenced_blobs(root: str) -> list[str]:
-    """Blobs that no job's inputs or outputs name (partial uploads included once stale)."""
+    """Blobs that no job's inputs or outputs name (partial uploads included once stale).
+
+    Call with ``blob_lock(root, exclusive=True)`` held.  Outputs count from
+    ``outputs.blobs`` (written before the blobs by the runner) as well as
+    from the ``done`` event.
+    """
     referenced: set[str] = set()
     parent = jobs_dir(root)
     for job_id in os.listdir(parent):
@@ -405,12 +544,19 @@ def unreferenced_blobs(root: str) -> list[str]:
             referenced.update(digest for digest, _ in read_spec(path).get("blobs", []))
         except (OSError, ValueError):
             continue
+        try:
+            with open(os.path.join(path, protocol.OUTPUT_BLOBS_FILE), encoding="utf-8") as f:
+                referenced.update(json.load(f))
+        except (OSError, ValueError):
+            pass
         last = last_event(path)
         if last is not None and last["type"] == protocol.DONE:
             referenced.update(digest for digest, _ in last.get("blobs", []))
     stale = time.time() - 3600
     unreferenced = []
     for name in os.listdir(blobs_dir(root)):
+        if name.startswith("."):
+            continue  # the lock
         digest = name.split(".", 1)[0]
         if digest in referenced:
             continue
@@ -428,11 +574,8 @@ def read_checkpoint_meta(path: str) -> dict[str, Any] | None:
         return None
 
 
-def list_jobs(root: str) -> list[dict[str, Any]]:
-    rows = []
+def job_paths(root: str) -> list[str]:
+    """Every job folder with a spec, oldest id first."""
     parent = jobs_dir(root)
-    for job_id in sorted(os.listdir(parent)):
-        path = os.path.join(parent, job_id)
-        if os.path.isfile(os.path.join(path, protocol.SPEC_FILE)):
-            rows.append(summarize(path))
-    return rows
+    paths = (os.path.join(parent, name) for name in sorted(os.listdir(parent)) if protocol.is_job_id(name))
+    return [p for p in paths if os.path.isfile(os.path.join(p, protocol.SPEC_FILE))]

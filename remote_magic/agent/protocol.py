@@ -8,10 +8,39 @@ where it stopped (``attach --from SEQ``).
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
-SCHEMA_VERSION = 1
+# Version of the event schema, the spec and the status row.  A client reads
+# jobs of this version and older; a job written by a newer agent is refused
+# with a message that says to upgrade (see ``check_schema``).
+SCHEMA_VERSION = 2
+
+# The exact form of the ids the agent mints (``jobs.new_job_id``): a job is
+# ``YYYYmmdd-HHMMSS-xxxxxx`` (6 hex digits), a sweep the same with ``sweep-``
+# in front.  Every place an id enters (magics, server URLs, the agent)
+# checks it against these, so an id can never be an option or a path.
+JOB_ID_PATTERN = r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}"
+SWEEP_ID_PATTERN = r"sweep-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_SWEEP_ID = re.compile(SWEEP_ID_PATTERN)
+
+
+def is_job_id(text: object) -> bool:
+    return isinstance(text, str) and _JOB_ID.fullmatch(text) is not None
+
+
+def is_sweep_id(text: object) -> bool:
+    return isinstance(text, str) and _SWEEP_ID.fullmatch(text) is not None
+
+
+def job_id_problem(text: object) -> str | None:
+    """Why ``text`` is not a job id (a sentence with the fix), or None when it is one."""
+    if is_job_id(text):
+        return None
+    return f"{text!r} is not a job id; job ids look like 20261127-103000-1a2b3c (see `%remote_status`)"
+
 
 # Event types, in roughly the order a job emits them.
 QUEUED = "queued"
@@ -26,6 +55,9 @@ WARNING = "warning"
 DONE = "done"
 ERROR = "error"
 CANCELLED = "cancelled"
+# A scheduler put the job back in its queue (preemption, node failure) and later ran it again.
+REQUEUED = "requeued"
+RESUMED = "resumed"
 # Synthesised by the agent (never written) when the runner died without a
 # terminal event: SIGKILL, out of memory, a host reboot.
 LOST = "lost"
@@ -40,6 +72,13 @@ STATE_STOPPED = "stopped"  # done, after a graceful stop request (interrupt or S
 STATE_ERROR = "error"
 STATE_CANCELLED = "cancelled"
 STATE_KILLED = "killed"
+STATE_REQUEUED = "requeued"  # back in a scheduler's queue after preemption; resumes from its checkpoint
+# Shown by the client only: the host could not be asked, or no longer has the job.
+STATE_UNREACHABLE = "unreachable"
+STATE_GONE = "gone"
+
+ACTIVE_STATES = frozenset({STATE_QUEUED, STATE_RUNNING, STATE_REQUEUED})
+ENDED_STATES = frozenset({STATE_DONE, STATE_STOPPED, STATE_ERROR, STATE_CANCELLED, STATE_KILLED})
 
 TERMINAL_STATE = {DONE: STATE_DONE, ERROR: STATE_ERROR, CANCELLED: STATE_CANCELLED, LOST: STATE_KILLED}
 
@@ -48,7 +87,10 @@ SPEC_FILE = "spec.json"
 INPUTS_FILE = "inputs.pkl"
 OUTPUTS_FILE = "outputs.pkl"
 EVENTS_FILE = "events.jsonl"
-PID_FILE = "runner.pid"
+PID_FILE = "runner.pid"  # before schema 2: a bare pid, never trusted for signals (it may be reused)
+LAUNCH_FILE = "launch.json"  # how the launcher started the job (for processes: pid, start time, boot id)
+SUMMARY_FILE = "summary.json"  # written by the runner when the job ends: listings need not read the log
+OUTPUT_BLOBS_FILE = "outputs.blobs"  # the output blobs, listed before they are written (gc keeps them)
 RUNNER_LOG = "runner.log"
 FETCHED_MARK = "fetched"  # written when the client fetched the outputs; gc keeps unfetched jobs
 CHECKPOINT_DIR = "ckpt"
@@ -67,6 +109,53 @@ def final_state(event: dict[str, Any]) -> str:
     if event["type"] == DONE and event.get("stopped"):
         return STATE_STOPPED
     return TERMINAL_STATE[event["type"]]
+
+
+def newer_schema_problem(schema: object, job_id: str) -> str | None:
+    """The refusal for a job written by a newer agent than this client understands, else None.
+
+    Jobs of older schemas stay readable after an upgrade: nothing is lost.
+    """
+    if isinstance(schema, int) and schema > SCHEMA_VERSION:
+        return (
+            f"job {job_id} was written by a newer remote_magic (event schema {schema}, this kernel reads up to "
+            f"{SCHEMA_VERSION}); upgrade remote_magic here (`pip install -U remote_magic`) to read it"
+        )
+    return None
+
+
+# The spec (spec.json): what was asked.  The client sends these keys; the agent adds job_id, submitted, schema.
+SPEC_KEYS = frozenset({"source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client", "workdir"})
+
+
+def status_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """A job's row in ``status`` before any event is read: every field a listing shows, with its default.
+
+    ``launcher``: the launcher's own word for the job's phase (a scheduler's
+    state name, ``process``); ``reason``/``position``: why and where a queued
+    job waits; ``where``: the node or host it runs on.
+    """
+    return {
+        "job_id": spec["job_id"],
+        "name": spec.get("name"),
+        "schema": spec.get("schema", 1),
+        "submitted": spec.get("submitted"),
+        "state": STATE_QUEUED,
+        "launcher": None,
+        "reason": None,
+        "position": None,
+        "where": None,
+        "epoch": None,
+        "epochs": None,
+        "logs": {},
+        "started": None,
+        "ended": None,
+        "message": None,
+        "pid": None,
+        "device": None,
+        "checkpoint": None,
+        "fetched": False,
+    }
 
 
 def make_event(seq: int, type_: str, **fields: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ job's events.jsonl belongs to this process while it runs.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import hashlib
 import io
 import json
 import linecache
@@ -22,15 +24,20 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Callable
 from importlib import metadata, util
 from typing import Any
 
-from . import callbacks, codec, jobs, protocol
+from . import callbacks, codec, jobs, procs, protocol
 
 CELL_FILENAME = "<remote_train cell>"
 _VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")
 # Import name -> the distributions that may provide it.
 _DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos")}
+# A line longer than this (no newline yet) goes out in pieces: no single event, and no buffer, grows without bound.
+MAX_LINE_CHARS = 64 * 1024
+# Children the cell left running get this long after SIGTERM when the job ends.
+LEFTOVER_GRACE_SECONDS = 2.0
 
 
 class Cancelled(BaseException):
@@ -41,7 +48,8 @@ class EventStream(io.TextIOBase):
     """A text stream that turns each complete line into a stdout/stderr event.
 
     A carriage return starts the line over (progress bars), so only what a
-    terminal would finally show is recorded.
+    terminal would finally show is recorded, and only that is kept while the
+    line is open: each write costs its own length, never the line's so far.
     """
 
     def __init__(self, emit: Any, kind: str) -> None:
@@ -58,10 +66,17 @@ class EventStream(io.TextIOBase):
 
     def write(self, text: str) -> int:
         with self.lock:
-            self.pending += text
-            *lines, self.pending = self.pending.split("\n")
-            for line in lines:
-                self.emit(self.kind, text=line.rsplit("\r", 1)[-1] + "\n")
+            *lines, rest = text.split("\n")
+            if lines:
+                first, *lines = lines
+                self.emit(self.kind, text=_after_return(self.pending + first) + "\n")
+                for line in lines:
+                    self.emit(self.kind, text=_after_return(line) + "\n")
+                self.pending = ""
+            self.pending = _after_return(self.pending + rest) if "\r" in rest else self.pending + rest
+            while len(self.pending) > MAX_LINE_CHARS:
+                self.emit(self.kind, text=self.pending[:MAX_LINE_CHARS])
+                self.pending = self.pending[MAX_LINE_CHARS:]
         return len(text)
 
     def close_line(self) -> None:
@@ -69,6 +84,10 @@ class EventStream(io.TextIOBase):
             if self.pending:
                 self.emit(self.kind, text=self.pending.rsplit("\r", 1)[-1])
                 self.pending = ""
+
+
+def _after_return(text: str) -> str:
+    return text.rsplit("\r", 1)[-1]
 
 
 def device_info() -> dict[str, Any]:
@@ -107,8 +126,10 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def run_job(root: str, path: str, agent_hash: str = "", warm: bool = False) -> int:
+def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] | None = None) -> int:
+    """Run the job in ``path`` in this process; ``after`` runs once the job's end is recorded."""
     log = jobs.EventLog(path)
+    log.summary = jobs.EventSummary()
     lock = threading.Lock()
 
     def emit(type_: str, **fields: Any) -> dict[str, Any]:
@@ -116,6 +137,8 @@ def run_job(root: str, path: str, agent_hash: str = "", warm: bool = False) -> i
             return log.append(type_, **fields)
 
     spec = jobs.read_spec(path)
+    job_id = spec["job_id"]
+    os.environ.update(procs.tag_environment({}, job_id))  # what the cell starts is the job's too
     namespace: dict[str, Any] = {}
     hooks = callbacks.TrainingHooks(emit, _checkpointer(path, spec, namespace, emit))
     signal.signal(signal.SIGINT, lambda *_: hooks.stop_requested.set())
@@ -156,18 +179,19 @@ def run_job(root: str, path: str, agent_hash: str = "", warm: bool = False) -> i
         return 1
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        with contextlib.suppress(OSError):
+            log.write_summary()
         log.close()
-        if agent_hash and spec.get("warm", True):
-            _prepare_next_runner(root, agent_hash)
+        _end_leftovers(job_id)
+        if after is not None and spec.get("warm", True):
+            after()
 
 
-def _prepare_next_runner(root: str, agent_hash: str) -> None:
-    """Start the warm runner for the next job, with the heavy packages this one used."""
-    from . import warm
-
+def _end_leftovers(job_id: str) -> None:
+    """End what the cell started and left running (its own sessions included): the job is over."""
     try:
-        warm.ensure(root, agent_hash, warm.heavy_modules_in_use())
-    except Exception:  # noqa: BLE001  (the job is over; a missing warm runner only costs speed)
+        procs.terminate_tagged(job_id, LEFTOVER_GRACE_SECONDS)
+    except Exception:  # noqa: BLE001  (the job's result is recorded; a failed sweep must not change it)
         pass
 
 
@@ -276,6 +300,9 @@ def _write_outputs(root: str, path: str, spec: dict[str, Any], namespace: dict[s
             skipped[culprit] = reason
             del values[culprit]
             emit(protocol.WARNING, message=f"output {culprit!r} cannot be sent back and was left out: {reason}")
-    blobs = [jobs.write_blob(root, buf) for buf in buffers]
+    with jobs.blob_lock(root, exclusive=False):  # gc waits, and then sees the list below
+        digests = [hashlib.sha256(buf).hexdigest() for buf in buffers]
+        jobs.atomic_write(os.path.join(path, protocol.OUTPUT_BLOBS_FILE), json.dumps(digests).encode())
+        blobs = [jobs.write_blob(root, buf, digest) for buf, digest in zip(buffers, digests, strict=True)]
     jobs.atomic_write(os.path.join(path, protocol.OUTPUTS_FILE), data)
     return {"outputs": list(values), "blobs": blobs, "skipped": skipped, "pickle_bytes": len(data)}

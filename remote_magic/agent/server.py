@@ -3,67 +3,25 @@
 A new SSH exec costs a login shell and a Python start (~0.2 s on the test
 host); a request to this server costs a thread.  It listens on no port: it
 is the stdin/stdout of one SSH channel (or one local subprocess) and ends
-when that closes.
-
-Every frame is a 4-byte big-endian length, a JSON header of that length,
-then ``header["size"]`` bytes of body (0 when absent).
-
-client -> server: ``{"id": n, "argv": [...]}`` starts a command;
-``{"id": n, "size": k}`` + k bytes is stdin for it; ``{"id": n, "eof": 1}``
-ends its stdin; ``{"id": n, "cancel": 1}`` says the client stopped listening.
-server -> client: ``{"id": n, "out": 1, "size": k}`` + k bytes of stdout;
-``{"id": n, "exit": rc, "error": "..."}`` ends it.
+when that closes.  The wire format is in frames.py.
 """
 
 from __future__ import annotations
 
 import collections
-import json
+import os
 import queue
-import struct
 import sys
 import threading
-from typing import IO, Any
+from typing import IO
 
 from .cli import CommandIO, run_command
+from .frames import FrameError, encode_frame, read_frame
 
-_LENGTH = struct.Struct(">I")
 # At most this much of one command's stdin is buffered here before the channel is read further.
 STDIN_QUEUE_CHUNKS = 16
 SHUTDOWN_GRACE_SECONDS = 15.0
-
-
-def read_frame(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
-    """The next (header, body), or None at the end of the stream."""
-    raw = _read_exactly(stream, _LENGTH.size)
-    if raw is None:
-        return None
-    header_bytes = _read_exactly(stream, _LENGTH.unpack(raw)[0])
-    if header_bytes is None:
-        return None
-    header = json.loads(header_bytes)
-    body = _read_exactly(stream, header.get("size", 0)) if header.get("size") else b""
-    if body is None:
-        return None
-    return header, body
-
-
-def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
-    parts, remaining = [], size
-    while remaining:
-        chunk = stream.read(remaining)
-        if not chunk:
-            return None
-        parts.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(parts)
-
-
-def encode_frame(header: dict[str, Any], body_size: int = 0) -> bytes:
-    if body_size:
-        header = {**header, "size": body_size}
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    return _LENGTH.pack(len(header_bytes)) + header_bytes
+_FEED_WAIT = 0.1
 
 
 class _RequestInput:
@@ -78,6 +36,22 @@ class _RequestInput:
         self.pending: collections.deque[bytes] = collections.deque()
         self.pending_size = 0
         self.ended = False
+        # Set when the command has ended: what still arrives for it is dropped, never queued.
+        self.closed = threading.Event()
+
+    def feed(self, chunk: bytes | None) -> None:
+        """Queue a chunk (None: end of input) unless the command has ended meanwhile.
+
+        The frame reader must never block for good on a command that stopped
+        reading (a failed upload): every other request of the connection waits
+        behind it.
+        """
+        while not self.closed.is_set():
+            try:
+                self.chunks.put(chunk, timeout=_FEED_WAIT)
+                return
+            except queue.Full:
+                continue
 
     def _fill(self) -> bool:
         if self.ended:
@@ -154,46 +128,54 @@ class _RequestOutput:
 
 
 def serve(root: str, agent_hash: str) -> int:
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdin = sys.stdin.buffer
+    # The frames get their own copy of stdout; fd 1 then goes to stderr, so a stray print anywhere
+    # (a library, a warning, argparse) can never corrupt the frame stream.
+    stdout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
     lock = threading.Lock()
     requests: dict[int, tuple[_RequestInput, CommandIO]] = {}
     threads: list[threading.Thread] = []
 
-    def run(request_id: int, argv: list[str], io: CommandIO) -> None:
+    def run(request_id: int, argv: list[str], request_input: _RequestInput, io: CommandIO) -> None:
         try:
             returncode, problem = run_command(root, agent_hash, argv, io)
-        except Exception as exc:  # noqa: BLE001  (one failing command must not end the server)
+        except BaseException as exc:  # noqa: BLE001  (one failing command, SystemExit included, must not end the server)
             returncode, problem = 1, f"{type(exc).__name__}: {exc}"
+        requests.pop(request_id, None)
+        request_input.closed.set()
         try:
             with lock:
                 stdout.write(encode_frame({"id": request_id, "exit": returncode, "error": problem}))
                 stdout.flush()
         except (BrokenPipeError, ValueError):
             pass
-        requests.pop(request_id, None)
 
-    while (frame := read_frame(stdin)) is not None:
-        header, body = frame
-        request_id = header["id"]
-        if "argv" in header:
-            request_input = _RequestInput()
-            io = CommandIO(request_input, _RequestOutput(request_id, stdout, lock))  # type: ignore[arg-type]
-            requests[request_id] = (request_input, io)
-            thread = threading.Thread(target=run, args=(request_id, header["argv"], io), daemon=True)
-            thread.start()
-            threads.append(thread)
-            threads[:] = [t for t in threads if t.is_alive()]
-            continue
-        entry = requests.get(request_id)
-        if entry is None:
-            continue
-        request_input, io = entry
-        if body:
-            request_input.chunks.put(body)
-        if header.get("eof"):
-            request_input.chunks.put(None)
-        if header.get("cancel"):
-            _cancel(request_input, io)
+    try:
+        while (frame := read_frame(stdin)) is not None:
+            header, body = frame
+            request_id = header["id"]
+            if "argv" in header:
+                request_input = _RequestInput()
+                io = CommandIO(request_input, _RequestOutput(request_id, stdout, lock))  # type: ignore[arg-type]
+                requests[request_id] = (request_input, io)
+                thread = threading.Thread(target=run, args=(request_id, header["argv"], request_input, io), daemon=True)
+                thread.start()
+                threads.append(thread)
+                threads[:] = [t for t in threads if t.is_alive()]
+                continue
+            entry = requests.get(request_id)
+            if entry is None:
+                continue  # the command has ended: drop the rest of its input
+            request_input, io = entry
+            if body:
+                request_input.feed(body)
+            if header.get("eof"):
+                request_input.feed(None)
+            if header.get("cancel"):
+                _cancel(request_input, io)
+    except FrameError as exc:
+        sys.stderr.write(f"remote_magic agent: {exc}; closing the connection\n")
     # The client is gone: stop streams, let commands that change state (cancel, submit) finish.
     for request_input, io in list(requests.values()):
         _cancel(request_input, io)

@@ -13,19 +13,22 @@ ends.  An unused warm runner exits after ``REMOTE_MAGIC_WARM_IDLE`` seconds
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import select
-import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from . import bootstrap, jobs, protocol
+from . import bootstrap, jobs, procs, protocol
+from .detach import spawn_detached, untagged_environment
 
 HEAVY_MODULES = ("tensorflow", "keras", "torch", "jax", "sklearn", "pandas")
 STARTING_TIMEOUT = 180.0
+LOG_LIMIT = 1024 * 1024
 
 
 def enabled() -> bool:
@@ -34,25 +37,6 @@ def enabled() -> bool:
 
 def idle_seconds() -> float:
     return float(os.environ.get("REMOTE_MAGIC_WARM_IDLE", 1800))
-
-
-def spawn_detached(argv: list[str], log: str, cwd: str) -> int:
-    """Start ``argv`` as an orphan in its own session; return its pid.
-
-    A launcher process starts it and exits at once, so the job is nobody's
-    child here: it outlives this agent process and its SSH connection (even
-    if every process of that connection is killed), and never lingers as a
-    zombie of the long-lived ``serve``.
-    """
-    launched = subprocess.run(
-        [sys.executable, "-c", bootstrap.LAUNCH, log, cwd, *argv],
-        capture_output=True,
-        check=False,
-        start_new_session=True,
-    )
-    if launched.returncode != 0:
-        raise jobs.AgentError(f"could not start the job: {launched.stderr.decode(errors='replace').strip()}")
-    return int(launched.stdout)
 
 
 def _key(agent_hash: str) -> str:
@@ -90,8 +74,8 @@ def _read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
-def claim(root: str, agent_hash: str, message: str) -> int | None:
-    """Hand ``message`` (a job id, or "exit") to one waiting warm runner; its pid, or None."""
+def claim(root: str, agent_hash: str, message: str) -> procs.ProcessIdentity | None:
+    """Hand ``message`` (a job id, or "exit") to one waiting warm runner; its identity, or None."""
     for ready in _ready_files(root, agent_hash):
         claimed = ready[: -len(".ready")] + ".claimed"
         try:
@@ -101,7 +85,8 @@ def claim(root: str, agent_hash: str, message: str) -> int | None:
         info = _read_json(claimed)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(claimed)
-        if info is None or not jobs.process_alive(info["pid"]):
+        identity = procs.ProcessIdentity.from_json(info.get("identity")) if info else None
+        if info is None or identity is None or not procs.is_running(identity):
             continue
         try:
             fd = os.open(info["fifo"], os.O_WRONLY | os.O_NONBLOCK)
@@ -111,8 +96,18 @@ def claim(root: str, agent_hash: str, message: str) -> int | None:
             os.write(fd, (message + "\n").encode())
         finally:
             os.close(fd)
-        return info["pid"]
+        return identity
     return None
+
+
+@contextlib.contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, jobs.FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def ensure(root: str, agent_hash: str, used_modules: list[str] | None = None) -> None:
@@ -124,6 +119,13 @@ def ensure(root: str, agent_hash: str, used_modules: list[str] | None = None) ->
     if not enabled():
         return
     folder, key = _folder(root), _key(agent_hash)
+    # Two submits (or a submit and a job's end) at the same moment must not start two runners
+    # (600 MB each with TensorFlow): the check and the start happen under one lock.
+    with _exclusive(os.path.join(folder, f"{key}.lock")):
+        _ensure_locked(root, agent_hash, folder, key, used_modules)
+
+
+def _ensure_locked(root: str, agent_hash: str, folder: str, key: str, used_modules: list[str] | None) -> None:
     wanted = wanted_imports(root, agent_hash)
     if used_modules is not None and not set(used_modules) <= set(wanted):
         wanted = sorted(set(wanted) | set(used_modules))
@@ -136,12 +138,18 @@ def ensure(root: str, agent_hash: str, used_modules: list[str] | None = None) ->
     info = _read_json(starting)
     if info and jobs.process_alive(info["pid"]) and time.time() - info["t"] < STARTING_TIMEOUT:
         return
-    pid = spawn_detached(
+    log = os.path.join(folder, f"{key}.log")
+    if os.path.exists(log) and os.path.getsize(log) > LOG_LIMIT:
+        os.replace(log, log + ".1")  # one old log kept, never an ever-growing one
+    identity = spawn_detached(
         [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "warm-runner"],
-        log=os.path.join(folder, f"{key}.log"),
+        log=log,
         cwd=os.path.expanduser("~"),
+        env=untagged_environment(),
     )
-    jobs.atomic_write(starting, json.dumps({"pid": pid, "t": time.time()}).encode())
+    if identity is not None:
+        record = {"pid": identity.pid, "t": time.time(), "agent": agent_hash}
+        jobs.atomic_write(starting, json.dumps(record).encode())
 
 
 def heavy_modules_in_use() -> list[str]:
@@ -165,7 +173,10 @@ def serve_one_job(root: str, agent_hash: str) -> int:
     # Read-write keeps a writer open on our side: no end-of-file while nobody has written yet.
     fd = os.open(fifo, os.O_RDWR)
     try:
-        jobs.atomic_write(ready, json.dumps({"pid": pid, "fifo": fifo, "modules": modules}).encode())
+        identity = procs.identity_of(pid)
+        info = {"pid": pid, "fifo": fifo, "modules": modules, "agent": agent_hash}
+        info["identity"] = identity.to_json() if identity else None
+        jobs.atomic_write(ready, json.dumps(info).encode())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, f"{key}.starting"))
         readable, _, _ = select.select([fd], [], [], idle_seconds())
@@ -186,10 +197,35 @@ def serve_one_job(root: str, agent_hash: str) -> int:
     if message in ("", "exit"):
         return 0
     path = jobs.job_dir(root, message)
+    # From here on this process is the job's: what the cell starts carries the job's tag.
+    os.environ.update(procs.tag_environment({}, message))
     log = os.open(os.path.join(path, protocol.RUNNER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, jobs.FILE_MODE)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
     spec = jobs.read_spec(path)
     os.chdir(os.path.expanduser(spec.get("workdir") or "~"))
-    return runner.run_job(root, path, agent_hash, warm=True)
+    return runner.run_job(root, path, warm=True, after=lambda: prepare_next(root, agent_hash))
+
+
+def prepare_next(root: str, agent_hash: str) -> None:
+    """Start the warm runner for the next job, with the heavy packages the job that ends used.
+
+    Called by a job's runner as it ends; the runner's own tag is not passed on.
+    """
+    try:
+        ensure(root, agent_hash, heavy_modules_in_use())
+    except Exception:  # noqa: BLE001  (the job is over; a missing warm runner only costs speed)
+        pass
+
+
+def agent_versions_in_use(root: str) -> set[str]:
+    """Agent versions that waiting or starting warm runners were started from (gc spares them)."""
+    used = set()
+    folder = _folder(root)
+    for name in os.listdir(folder):
+        if name.endswith((".ready", ".starting")):
+            info = _read_json(os.path.join(folder, name))
+            if info and info.get("agent") and jobs.process_alive(info.get("pid")):
+                used.add(info["agent"])
+    return used

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from typing import Any
 
 import tornado.web
+from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.extension.handler import ExtensionHandlerMixin
-from traitlets import Dict, Float, Unicode
+from traitlets import Float
 
 from .. import session
 from ..agent import protocol
+from ..config import hosts_trait, ssh_config_trait
 from ..errors import RemoteMagicError
 from ..registry import Registry
 
 URL_PREFIX = "/remote-magic/api"
-_JOB_URL = URL_PREFIX + r"/jobs/(?P<host>[^/]+)/(?P<job_id>[A-Za-z0-9_.-]+)"
+# Only a well-formed job id matches (tornado answers 404 otherwise), so an id can never reach the agent as an
+# option (``-h``) or a path (``..``).
+_JOB_URL = URL_PREFIX + r"/jobs/(?P<host>[^/]+)/(?P<job_id>" + protocol.JOB_ID_PATTERN + ")"
+# What a deployment's Authorizer is asked about: reading jobs (GET) and changing them (POST cancel).
+AUTH_RESOURCE = "remote_magic"
 
 
 class JobService:
@@ -44,25 +49,30 @@ class JobService:
     def forget_cache(self) -> None:
         self._cached = None
 
+    async def is_registered(self, host: str, job_id: str) -> bool:
+        """Whether this machine submitted ``job_id`` to ``host``: the API reaches no other job of a shared host."""
+        records = await asyncio.to_thread(self.registry.records)  # a file lock: never on the event loop
+        return any(r.host == host and r.job_id == job_id for r in records)
+
     async def events(self, host: str, job_id: str, from_seq: int) -> list[dict[str, Any]]:
-        transport = self.connections.get(host)
-        reply = await asyncio.to_thread(transport.agent, "events", job_id, "--from", str(from_seq))
-        return [protocol.decode_event(line) for line in reply.stdout.splitlines() if line]
+        return await asyncio.to_thread(self.connections.get(host).events, job_id, from_seq)
 
     async def cancel(self, host: str, job_id: str) -> dict[str, Any]:
-        result = await asyncio.to_thread(session.cancel, self.connections.get(host), job_id)
+        result = await asyncio.to_thread(self.connections.get(host).cancel, job_id)
         self.forget_cache()
         return result
 
 
 class _Handler(ExtensionHandlerMixin, APIHandler):
+    auth_resource = AUTH_RESOURCE
+
     @property
     def service(self) -> JobService:
         return self.settings["remote_magic_service"]
 
-    def _known_host(self, host: str) -> None:
-        if not any(r.host == host for r in self.service.registry.records()):
-            raise tornado.web.HTTPError(404, f"no job of host {host} was submitted from this machine")
+    async def _registered(self, host: str, job_id: str) -> None:
+        if not await self.service.is_registered(host, job_id):
+            raise tornado.web.HTTPError(404, f"job {job_id} on host {host} was not submitted from this machine")
 
     async def _run(self, work: Any) -> None:
         try:
@@ -73,6 +83,7 @@ class _Handler(ExtensionHandlerMixin, APIHandler):
 
 class JobsHandler(_Handler):
     @tornado.web.authenticated
+    @authorized  # GET: "read"
     async def get(self) -> None:
         if self.get_argument("fresh", "") == "1":  # the Refresh button: ask the hosts now
             self.service.forget_cache()
@@ -85,12 +96,13 @@ class JobsHandler(_Handler):
 
 class EventsHandler(_Handler):
     @tornado.web.authenticated
+    @authorized  # GET: "read"
     async def get(self, host: str, job_id: str) -> None:
-        self._known_host(host)
         try:
             from_seq = int(self.get_argument("from", "0"))
         except ValueError:
             raise tornado.web.HTTPError(400, "from must be an event number") from None
+        await self._registered(host, job_id)
 
         async def events() -> dict[str, Any]:
             return {"host": host, "job_id": job_id, "events": await self.service.events(host, job_id, from_seq)}
@@ -100,8 +112,9 @@ class EventsHandler(_Handler):
 
 class CancelHandler(_Handler):
     @tornado.web.authenticated
+    @authorized  # POST: "write"
     async def post(self, host: str, job_id: str) -> None:
-        self._known_host(host)
+        await self._registered(host, job_id)
         await self._run(self.service.cancel(host, job_id))
 
 
@@ -109,13 +122,8 @@ class RemoteMagicApp(ExtensionApp):
     """Serves the jobs API the JupyterLab sidebar uses."""
 
     name = "remote_magic"
-    hosts = Dict(help="Per-host settings, as c.RemoteMagics.hosts: {'gpu1': {'python': ..., 'root': ...}}.").tag(
-        config=True
-    )
-    ssh_config = Unicode(
-        os.environ.get("REMOTE_MAGIC_SSH_CONFIG", os.path.join("~", ".ssh", "config")),
-        help="The OpenSSH client config to read host aliases from ($REMOTE_MAGIC_SSH_CONFIG).",
-    ).tag(config=True)
+    hosts = hosts_trait()
+    ssh_config = ssh_config_trait()
     cache_seconds = Float(3.0, help="How long a job listing is reused before the hosts are asked again.").tag(
         config=True
     )

@@ -14,8 +14,7 @@ import tempfile
 from typing import IO
 
 from ..paths import data_dir
-from .base import CommandResult, StdinData, Transport
-from .link import Pipe
+from .base import CommandResult, Pipe, StdinData, Transport
 
 LOCAL_HOST = "local"
 
@@ -117,6 +116,9 @@ class _EndedPipe:
 
     def read(self, size: int) -> bytes:
         return b""
+
+    def close(self) -> None:
+        """Nothing to close: the process never started."""
 
     def exit_status(self) -> int | None:
         return self.status

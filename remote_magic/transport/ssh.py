@@ -2,8 +2,8 @@
 
 Reads ``~/.ssh/config`` (HostName, User, Port, IdentityFile, IdentitiesOnly,
 UserKnownHostsFile, ProxyJump), uses ssh-agent and the default keys, and
-verifies host keys against known_hosts.  An unknown or changed key is an
-error that says how to check and accept it; nothing is ever added to
+verifies host keys against known_hosts.  An unknown, changed or revoked key
+is an error that says how to check and accept it; nothing is ever added to
 known_hosts automatically.  One connection per host is kept and reused; each
 command is a new channel on it (a few ms on an open connection).
 """
@@ -11,6 +11,7 @@ command is a new channel on it (a few ms on an open connection).
 from __future__ import annotations
 
 import base64
+import binascii
 import getpass
 import hashlib
 import os
@@ -22,8 +23,7 @@ from typing import Any
 import paramiko
 
 from ..errors import AuthenticationError, ConnectionFailed, HostKeyError
-from .base import CommandResult, StdinData, Transport
-from .link import Pipe
+from .base import CommandResult, Pipe, StdinData, Transport
 
 DEFAULT_SSH_CONFIG = os.path.join("~", ".ssh", "config")
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
@@ -112,16 +112,115 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
+@dataclass
+class KnownHosts:
+    """known_hosts as OpenSSH reads it, split into what paramiko can check and what it cannot.
+
+    paramiko's own loader raises on ``@cert-authority`` and ``@revoked`` lines and would silently drop a
+    revoked key it could not parse; here revocation is kept apart so that it always wins.
+    """
+
+    keys: paramiko.HostKeys = field(default_factory=paramiko.HostKeys)
+    revoked: set[bytes] = field(default_factory=set)  # key blobs, as the server sends them
+    cert_authority_lines: list[str] = field(default_factory=list)  # "path:line", for the error message
+    skipped_lines: list[str] = field(default_factory=list)  # malformed or unknown lines, "path:line"
+
+    def is_revoked(self, key: paramiko.PKey) -> bool:
+        return key.asbytes() in self.revoked
+
+
+def _parse_key(key_type: str, key_b64: str) -> paramiko.PKey | None:
+    """A plain line's key, or None for a line paramiko cannot use (it raises many kinds of errors)."""
+    try:
+        return paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64, validate=True))
+    except Exception:  # noqa: BLE001 - a bad line is skipped, as OpenSSH skips it
+        return None
+
+
+def load_known_hosts(paths: list[str], keys: paramiko.HostKeys | None = None) -> KnownHosts:
+    """Read known_hosts files line by line: plain keys, ``@revoked`` keys, ``@cert-authority`` lines skipped.
+
+    A revoked key is refused for every host, whatever the line's host patterns say: a revoked key is a
+    leaked key, and leaving a plain line for it in place must not make it trusted again.
+    """
+    known = KnownHosts(keys=paramiko.HostKeys() if keys is None else keys)
+    plain: list[tuple[list[str], str, str]] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            # Skipping it could skip a @revoked line.
+            raise HostKeyError(
+                f"cannot read the known_hosts file {path}: {exc.strerror or exc}. Nothing was sent. "
+                "Make it a readable file (check its permissions), or point UserKnownHostsFile in your ssh config at one."
+            ) from None
+        for lineno, line in enumerate(text.splitlines(), 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            where = f"{path}:{lineno}"
+            marker = fields.pop(0) if fields[0].startswith("@") else None
+            if len(fields) < 3 or marker not in (None, "@revoked", "@cert-authority"):
+                known.skipped_lines.append(where)
+            elif marker == "@cert-authority":
+                known.cert_authority_lines.append(where)
+            elif marker == "@revoked":
+                try:
+                    known.revoked.add(base64.b64decode(fields[2], validate=True))
+                except (binascii.Error, ValueError):
+                    known.skipped_lines.append(where)
+            else:
+                plain.append((fields[0].split(","), fields[1], fields[2]))
+    for hostnames, key_type, key_b64 in plain:
+        key = _parse_key(key_type, key_b64)
+        if key is None or known.is_revoked(key):
+            continue
+        for hostname in hostnames:
+            existing = known.keys.lookup(hostname)
+            if existing is None or key.get_name() not in existing:  # the first line wins, as in paramiko
+                known.keys.add(hostname, key.get_name(), key)
+    return known
+
+
+def _revoked_error(target: SSHTarget, key: paramiko.PKey) -> HostKeyError:
+    return HostKeyError(
+        f"host {target.name} ({target.known_hosts_name}) offered the {key.get_name()} key {fingerprint(key)}, "
+        f"which known_hosts ({', '.join(target.known_hosts_files)}) marks @revoked. Nothing was sent. "
+        "A revoked key must never be trusted: it may have leaked, and someone may be intercepting the connection. "
+        "Ask the host's administrator to replace that key; then remove the old one with "
+        f"`ssh-keygen -R '{target.known_hosts_name}'` and run `ssh {target.name}` to check and accept the new one."
+    )
+
+
 class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
-    def __init__(self, target: SSHTarget) -> None:
+    def __init__(self, target: SSHTarget, known: KnownHosts) -> None:
         self.target = target
+        self.known = known
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         t = self.target
-        raise HostKeyError(
+        if self.known.is_revoked(key):
+            raise _revoked_error(t, key)
+        message = (
             f"host {t.name} ({t.known_hosts_name}) is not in known_hosts ({', '.join(t.known_hosts_files)}); "
             f"it offered the {key.get_name()} key {fingerprint(key)}. Nothing was sent. "
-            f"Run `ssh {t.name}` once in a terminal to check that fingerprint and accept the key, then re-run."
+        )
+        if not self.known.cert_authority_lines:
+            raise HostKeyError(
+                message
+                + f"Run `ssh {t.name}` once in a terminal to check that fingerprint and accept the key, then re-run."
+            )
+        # `ssh` would trust the host through its certificate and add nothing, so that advice would not help.
+        keyscan = f"ssh-keyscan -t {key.get_name()} -p {t.port} {t.hostname}"
+        raise HostKeyError(
+            message + "known_hosts trusts hosts through @cert-authority lines "
+            f"({', '.join(self.known.cert_authority_lines)}), which remote_magic does not support "
+            "(paramiko cannot check host certificates). Add the host's own key line instead: check that "
+            f"`{keyscan} | ssh-keygen -lf -` prints {fingerprint(key)}, then append the output of `{keyscan}` "
+            f"to {t.known_hosts_files[0] if t.known_hosts_files else '~/.ssh/known_hosts'} and re-run."
         )
 
 
@@ -141,28 +240,47 @@ class SSHTransport(Transport):
                 if transport is not None and transport.is_active():
                     return transport
                 self._close_clients()
-            sock = None
-            for hop in [resolve_target(jump, self.config) for jump in self.target.proxy_jump] + [self.target]:
-                if self._clients:
-                    sock = (
-                        self._clients[-1]
-                        .get_transport()
-                        .open_channel(  # type: ignore[union-attr]
-                            "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0)
-                        )
-                    )
-                self._clients.append(self._connect(hop, sock))
-            transport = self._clients[-1].get_transport()
-            assert transport is not None
-            transport.set_keepalive(KEEPALIVE_SECONDS)
+            # Build the chain aside and publish it only whole: a jump host left in self._clients after the
+            # target failed would be taken for the target by the next call, and get the cell's code and data.
+            hops = [resolve_target(jump, self.config) for jump in self.target.proxy_jump] + [self.target]
+            chain: list[paramiko.SSHClient] = []
+            try:
+                for i, hop in enumerate(hops):
+                    sock = self._forward(chain[-1], hops[i - 1], hop) if chain else None
+                    chain.append(self._connect(hop, sock))
+                transport = chain[-1].get_transport()
+                if transport is None or not transport.is_active():
+                    raise ConnectionFailed(f"host {self.target.name} closed the connection right after login")
+                transport.set_keepalive(KEEPALIVE_SECONDS)
+            except BaseException:
+                for client in reversed(chain):
+                    client.close()
+                raise
+            self._clients = chain
             return transport
+
+    @staticmethod
+    def _forward(via: paramiko.SSHClient, jump: SSHTarget, hop: SSHTarget) -> paramiko.Channel:
+        """A tunnel through the jump host to the next hop, as ``ssh -J`` opens it."""
+        transport = via.get_transport()
+        try:
+            if transport is None:
+                raise paramiko.SSHException("the connection to the jump host closed")
+            return transport.open_channel(
+                "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT
+            )
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            reason = exc.text if isinstance(exc, paramiko.ChannelException) else str(exc)
+            raise ConnectionFailed(
+                f"jump host {jump.name} could not reach host {hop.name} ({hop.hostname} port {hop.port}): {reason}. "
+                f"Nothing was sent to {hop.name}. Check the HostName and Port of {hop.name} in your ssh config, "
+                f"that sshd runs there, and that `ssh {hop.name}` works"
+            ) from None
 
     def _connect(self, target: SSHTarget, sock: Any) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
-        for path in target.known_hosts_files:
-            if os.path.exists(path):
-                client.load_host_keys(path)
-        client.set_missing_host_key_policy(_RefuseUnknownHost(target))
+        known = load_known_hosts(target.known_hosts_files, client.get_host_keys())
+        client.set_missing_host_key_policy(_RefuseUnknownHost(target, known))
         try:
             client.connect(
                 target.hostname,
@@ -182,6 +300,8 @@ class SSHTransport(Transport):
             raise
         except paramiko.BadHostKeyException as exc:
             client.close()
+            if known.is_revoked(exc.key):
+                raise _revoked_error(target, exc.key) from None
             raise HostKeyError(
                 f"the key of host {target.name} ({target.known_hosts_name}) does not match known_hosts: it offered "
                 f"{fingerprint(exc.key)}, known_hosts has {fingerprint(exc.expected_key)}. This can mean someone is "
@@ -201,6 +321,11 @@ class SSHTransport(Transport):
                 f"cannot connect to host {target.name} ({target.hostname} port {target.port}): {exc}; "
                 f"check the name and port in your ssh config and that `ssh {target.name}` works"
             ) from None
+        transport = client.get_transport()
+        if transport is not None and known.is_revoked(transport.get_remote_server_key()):
+            # Revoked keys never reach paramiko's table, so this is a second lock on the same door.
+            client.close()
+            raise _revoked_error(target, transport.get_remote_server_key())
         return client
 
     @staticmethod

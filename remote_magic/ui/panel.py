@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import html
+import itertools
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +20,12 @@ from typing import Any
 from ..agent import protocol
 from .chart import svg_charts
 
-_STDOUT_LINES_SHOWN = 12
+# A job may print without end: the panel keeps only a tail, and the full log stays in events.jsonl on the host.
+OUTPUT_LINES_KEPT = 200
+OUTPUT_LINE_CHARS = 10_000  # one line longer than this is cut, so a few huge lines cannot fill the kernel
+_STDOUT_LINES_SHOWN = 12  # the live widget's log
+_STATIC_LINES_SHOWN = 50  # the saved notebook's copy
+_STATIC_CHARS_SHOWN = 20_000  # and at most this much of it, however long its lines
 
 
 @dataclass
@@ -34,7 +42,8 @@ class JobView:
     steps: int | None = None
     batch: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "logs", "seconds"}
-    output: list[str] = field(default_factory=list)
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES_KEPT))
+    output_dropped: int = 0  # lines that fell out of ``output``
     started: float | None = None
     ended: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -58,7 +67,9 @@ class JobView:
             self.batch = self.steps or self.batch
             self.rows.append({"epoch": event["epoch"], "logs": event.get("logs", {}), "seconds": event.get("seconds")})
         elif kind in (protocol.STDOUT, protocol.STDERR):
-            self.output.append(event["text"])
+            if len(self.output) == self.output.maxlen:
+                self.output_dropped += 1
+            self.output.append(cap_line(event["text"]))
         elif kind == protocol.WARNING:
             self.notes.append(event["message"])
         elif kind in protocol.TERMINAL:
@@ -96,11 +107,39 @@ class JobView:
             parts.append(f"ETA {format_seconds(eta)}")
         return " · ".join(parts)
 
+    def output_tail(self, lines: int, chars: int | None = None) -> tuple[list[str], int]:
+        """The last ``lines`` output lines (no more than ``chars`` of them), and how many earlier ones are not in it."""
+        tail = list(itertools.islice(self.output, max(len(self.output) - lines, 0), None))
+        if chars is not None:
+            size, start = 0, len(tail)
+            while start > 0 and (start == len(tail) or size + len(tail[start - 1]) <= chars):
+                start -= 1
+                size += len(tail[start])
+            tail = tail[start:]
+        return tail, self.output_dropped + len(self.output) - len(tail)
+
+    def where_the_log_is(self, left_out: int) -> str:
+        """The line that says the panel shows only a tail, and how to read the rest."""
+        command = (
+            f"%remote_status {self.job_id} --host {self.host}" if self.job_id else f"%remote_status --host {self.host}"
+        )
+        lines = "1 earlier line is" if left_out == 1 else f"{left_out:,} earlier lines are"
+        return f"… {lines} on the host: `{command}`"
+
     def metric_names(self) -> list[str]:
         names: list[str] = []
         for row in self.rows:
             names += [k for k in row["logs"] if k not in names]
         return names
+
+
+def cap_line(text: str, limit: int = OUTPUT_LINE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut; its line end is kept."""
+    if len(text) <= limit:
+        return text
+    end = "\n" if text.endswith("\n") else ""
+    body = text[: len(text) - len(end)]
+    return f"{body[:limit]} … [{len(body) - limit:,} more characters]{end}"
 
 
 def describe_device(device: dict[str, Any] | None) -> str:
@@ -131,6 +170,11 @@ def render_text(view: JobView) -> str:
     """The whole panel as text: what a saved notebook or a terminal shows."""
     lines = [f"[remote_train] {view.title()}"]
     lines += [format_epoch(row, view.epochs) for row in view.rows]
+    tail, left_out = view.output_tail(_STATIC_LINES_SHOWN, _STATIC_CHARS_SHOWN)
+    if left_out:
+        lines.append(view.where_the_log_is(left_out))
+    if tail:
+        lines.append("".join(tail).rstrip("\n"))
     lines += [f"note: {note}" for note in view.notes]
     if view.error:
         lines.append(f"{view.state}: {view.error}")
@@ -155,9 +199,12 @@ def render_html(view: JobView) -> str:
     """The static panel: what a saved notebook and nbconvert's HTML export show."""
     notes = "".join(f"<div>note: {html.escape(n)}</div>" for n in view.notes)
     error = f"<div><b>{html.escape(view.state)}</b>: {html.escape(view.error)}</div>" if view.error else ""
+    tail, left_out = view.output_tail(_STATIC_LINES_SHOWN, _STATIC_CHARS_SHOWN)
     output = ""
-    if view.output:
-        output = "<pre style='max-height:12em;overflow:auto'>" + html.escape("".join(view.output)) + "</pre>"
+    if left_out:
+        output = f"<div>{html.escape(view.where_the_log_is(left_out))}</div>"
+    if tail:
+        output += "<pre style='max-height:12em;overflow:auto'>" + html.escape("".join(tail)) + "</pre>"
     return (
         f"<div class='remote-magic-panel'><b>{html.escape(view.title())}</b>{svg_charts(view.rows)}"
         f"<div style='max-height:16em;overflow:auto'>{render_table_html(view)}</div>{output}{notes}{error}</div>"
@@ -188,7 +235,7 @@ class TextPanel:
             suffix = f" - ETA {format_seconds(eta)}" if eta else ""
             self._write(format_epoch(view.rows[-1], view.epochs) + suffix + "\n")
         elif kind in (protocol.STDOUT, protocol.STDERR):
-            self._write(event["text"])
+            self._write(view.output[-1])  # every line, as a terminal scrolls; a huge one cut as the view keeps it
         elif kind == protocol.WARNING:
             self._write(f"[remote_train] note: {event['message']}\n")
         elif kind in protocol.TERMINAL:
@@ -208,7 +255,16 @@ class WidgetPanel(TextPanel):
     When the job ends, the display is replaced by its static HTML and text
     copy (chart included), so a saved notebook, nbconvert's HTML export or a
     notebook opened without a kernel show the finished panel.
+
+    A redraw sends the whole widget (chart, table, log) to the frontend, so a
+    flood of output or batches is drawn at most every ``refresh_interval``
+    seconds, the last change by a timer; other events are drawn at once.
+    ``handle`` runs in the follower's thread, the timer in its own and clicks
+    in a subshell's: one lock keeps the view still while it is drawn.
     """
+
+    refresh_interval = 0.5
+    _THROTTLED = frozenset({protocol.STDOUT, protocol.STDERR, protocol.BATCH})
 
     def __init__(self, host: str) -> None:
         import ipywidgets as widgets
@@ -238,7 +294,11 @@ class WidgetPanel(TextPanel):
             ]
         )
         self._click_handlers: dict[str, Callable[[Any], None]] = {}
+        self._lock = threading.RLock()
         self._last_refresh = 0.0
+        self._stale = False
+        self._timer: threading.Timer | None = None
+        self._finished = False
         self._refresh()
         self.display_handle = display(_LiveBundle(self), display_id=True)
 
@@ -261,24 +321,51 @@ class WidgetPanel(TextPanel):
             self.note(f"{type(exc).__name__}: {exc}")
 
     def handle(self, event: dict[str, Any]) -> None:
-        super().handle(event)
-        kind = event["type"]
-        if kind in protocol.TERMINAL:
-            self.stop_button.disabled = self.detach_button.disabled = True
-        if kind != protocol.BATCH or time.monotonic() - self._last_refresh > 0.5:
-            self._refresh()
+        with self._lock:
+            super().handle(event)
+            kind = event["type"]
+            if kind in protocol.TERMINAL:
+                self.stop_button.disabled = self.detach_button.disabled = True
+            if kind not in self._THROTTLED or time.monotonic() - self._last_refresh >= self.refresh_interval:
+                self._refresh()
+            else:
+                self._refresh_later()
 
     def note(self, text: str) -> None:
-        self.view.notes.append(text)
-        self._refresh()
+        with self._lock:
+            self.view.notes.append(text)
+            self._refresh()
 
     def finish(self) -> None:
-        """Swap the live widget for the static copy of the finished panel."""
+        """Draw what is pending, then swap the live widget for the static copy of the finished panel."""
+        with self._lock:
+            self._finished = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._stale:
+                self._refresh()
         if self.display_handle is not None:
             self.display_handle.update(_StaticBundle(self.view))
 
+    def _refresh_later(self) -> None:
+        """Mark the widget behind the view; one timer draws it when the interval is up, so nothing stays unseen."""
+        self._stale = True
+        if self._timer is None and not self._finished:
+            delay = max(self.refresh_interval - (time.monotonic() - self._last_refresh), 0.0)
+            self._timer = threading.Timer(delay, self._refresh_pending)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _refresh_pending(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._stale and not self._finished:
+                self._refresh()
+
     def _refresh(self) -> None:
         self._last_refresh = time.monotonic()
+        self._stale = False
         view = self.view
         self.header.value = f"<b>{html.escape(view.title())}</b>" + "".join(
             f"<div>{html.escape(n)}</div>" for n in view.notes[-3:]
@@ -297,8 +384,9 @@ class WidgetPanel(TextPanel):
             f"<div style='max-height:16em;overflow:auto'>{render_table_html(view)}</div>" if view.rows else ""
         )
         if view.output:
+            tail, left_out = view.output_tail(_STDOUT_LINES_SHOWN)
             self.log.layout.display = None
-            self.log.value = "".join(view.output[-_STDOUT_LINES_SHOWN:])
+            self.log.value = (view.where_the_log_is(left_out) + "\n" if left_out else "") + "".join(tail)
 
 
 class _LiveBundle:

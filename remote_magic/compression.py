@@ -11,12 +11,8 @@ upload of this connection and a sample of the blob shrinks by at least
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from ..errors import HostSetupError
-
-if TYPE_CHECKING:
-    from .base import Transport
+from .errors import HostSetupError
 
 FAST_LINK = 250e6  # bytes/s: faster than one core compresses
 MIN_RATIO = 1.5
@@ -34,19 +30,21 @@ def _zstandard() -> object | None:
     return zstandard
 
 
-def should_compress(transport: Transport, buffer: memoryview, mode: str) -> bool:
+def should_compress(
+    buffer: memoryview, mode: str, host: str, host_has_it: bool, is_local: bool, upload_rate: float | None
+) -> bool:
+    """``upload_rate``: bytes/s of the last large uncompressed upload on this connection (None: not measured)."""
     if mode == "none" or buffer.nbytes < SAMPLE_BYTES:
         return False
-    host_has_it = bool(transport.hello()["packages"].get("zstandard"))
     if mode == "zstd":
         if _zstandard() is None or not host_has_it:
-            where = "this kernel" if _zstandard() is None else f"host {transport.host}"
+            where = "this kernel" if _zstandard() is None else f"host {host}"
             raise HostSetupError(f"--compress zstd needs the zstandard package on both sides; {where} lacks it "
                                  "(pip install zstandard), or use --compress auto")  # fmt: skip
         return True
-    if transport.is_local or _zstandard() is None or not host_has_it:
+    if is_local or _zstandard() is None or not host_has_it:
         return False
-    if transport.upload_rate is None or transport.upload_rate >= FAST_LINK:
+    if upload_rate is None or upload_rate >= FAST_LINK:
         return False  # unmeasured (this upload measures it) or fast: compression would only cost time
     return _ratio(buffer[:SAMPLE_BYTES]) >= MIN_RATIO
 

@@ -4,7 +4,9 @@ One ``serve`` process per connection (SSH exec channel, or local
 subprocess) answers every command of a kernel, so a command costs a frame
 round trip instead of a login shell and a Python start.  A reader thread
 routes the server's frames to the request they answer; streams (``attach``)
-and short commands (``stop``) run side by side.
+and short commands (``stop``) run side by side.  Each request buffers at
+most ``INBOX_CHUNKS`` chunks: a slow reader slows its own stream (the SSH
+window then slows the host), it never grows the kernel's memory.
 """
 
 from __future__ import annotations
@@ -14,27 +16,15 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from ..agent.server import encode_frame, read_frame
-from ..errors import ConnectionFailed
+from .agent.frames import encode_frame, read_frame
+from .errors import ConnectionFailed
+from .transport.base import Pipe
 
 FRAME_BYTES = 4 * 1024 * 1024
-
-
-class Pipe(Protocol):
-    """The serve process as a transport started it."""
-
-    def write(self, data: bytes | memoryview) -> None: ...
-
-    def read(self, size: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-    def exit_status(self) -> int | None:
-        """The exit status once the process ended (None while it runs or when unknown)."""
-
-    def stderr(self) -> bytes: ...
+INBOX_CHUNKS = 64
+_PUT_WAIT = 0.1
 
 
 @dataclass
@@ -50,9 +40,20 @@ class Request:
     def __init__(self, link: AgentLink, request_id: int) -> None:
         self.link = link
         self.id = request_id
-        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue(INBOX_CHUNKS)
         self.returncode: int | None = None
         self.error = ""
+        self.answered = threading.Event()  # the exit frame arrived: stop sending stdin
+        self.abandoned = threading.Event()  # nobody reads this request any more
+
+    def deliver(self, item: tuple[str, Any]) -> None:
+        """Called by the reader thread; waits while the inbox is full, unless the request is abandoned."""
+        while not self.abandoned.is_set():
+            try:
+                self.inbox.put(item, timeout=_PUT_WAIT)
+                return
+            except queue.Full:
+                continue
 
     def chunks(self) -> Iterator[bytes]:
         """stdout as it arrives; raises ConnectionFailed if the link dies first."""
@@ -71,8 +72,10 @@ class Request:
         return Reply(self.returncode, stdout, self.error)
 
     def cancel(self) -> None:
-        """Tell the server we stopped listening (ends an ``attach``)."""
-        if self.returncode is None:
+        """Stop listening: tell the server (ends an ``attach``) and drop what still arrives."""
+        self.abandoned.set()
+        self.link.forget(self.id)
+        if self.returncode is None and not self.answered.is_set():
             self.link.send_control({"id": self.id, "cancel": 1})
 
 
@@ -90,23 +93,28 @@ class AgentLink:
     def _read_frames(self) -> None:
         reason = "the agent's connection closed"
         try:
-            while (frame := read_frame(self.pipe)) is not None:
+            while (frame := read_frame(self.pipe)) is not None:  # type: ignore[arg-type]
                 header, body = frame
                 self.on_bytes(0, len(body))
                 request = self._requests.get(header["id"])
                 if request is None:
-                    continue
+                    continue  # a request we stopped listening to
                 if "exit" in header:
                     self._requests.pop(header["id"], None)
-                    request.inbox.put(("exit", (header["exit"], header.get("error", ""))))
+                    request.answered.set()
+                    request.deliver(("exit", (header["exit"], header.get("error", ""))))
                 else:
-                    request.inbox.put(("out", body))
+                    request.deliver(("out", body))
         except Exception as exc:  # noqa: BLE001  (any failure of the pipe ends the link)
             reason = f"the agent's connection failed: {exc}"
         self.dead = reason
         for request in list(self._requests.values()):
-            request.inbox.put(("dead", reason))
+            request.answered.set()
+            request.deliver(("dead", reason))
         self._requests.clear()
+
+    def forget(self, request_id: int) -> None:
+        self._requests.pop(request_id, None)
 
     def _send(self, header: dict[str, Any], body: memoryview | None = None) -> None:
         size = body.nbytes if body is not None else 0
@@ -123,6 +131,8 @@ class AgentLink:
             pass
 
     def request(self, argv: list[str], stdin: Iterable[bytes | memoryview] = ()) -> Request:
+        """Start a command and send its stdin; stops sending as soon as the command has answered
+        (a failed upload ends early: the rest would only be dropped by the server)."""
         if self.dead:
             raise ConnectionFailed(self.dead)
         request = Request(self, next(self._ids))
@@ -132,14 +142,19 @@ class AgentLink:
             for part in stdin:
                 view = memoryview(part).cast("B")
                 for start in range(0, view.nbytes, FRAME_BYTES):
+                    if request.answered.is_set():
+                        break
                     self._send({"id": request.id}, view[start : start + FRAME_BYTES])
-            self._send({"id": request.id, "eof": 1})
+                if request.answered.is_set():
+                    break
+            if not request.answered.is_set():
+                self._send({"id": request.id, "eof": 1})
         except Exception as exc:  # noqa: BLE001  (socket, paramiko or pipe errors all mean the link is gone)
             self._requests.pop(request.id, None)
             self.dead = self.dead or f"the agent's connection failed: {exc}"
             raise ConnectionFailed(self.dead) from None
-        if self.dead:  # the reader ended while this request was being sent
-            request.inbox.put(("dead", self.dead))
+        if self.dead and not request.answered.is_set():  # the reader ended while this request was being sent
+            request.deliver(("dead", self.dead))
         return request
 
     def close(self) -> None:

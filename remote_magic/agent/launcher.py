@@ -1,0 +1,178 @@
+"""How a job runs: the one seam between the job store and whatever executes jobs.
+
+Everything that decides whether a job is alive (``status``, ``attach``,
+``cancel``, ``stop``, ``gc``) asks its launcher, never a pid directly: a job
+waiting in a GPU queue or running on a Slurm compute node has no local
+process, and must not be taken for dead.  ``ProcessLauncher`` runs the job as
+a detached process on this host (a warm runner when one is ready); it
+records the runner's identity (pid, start time, boot id) so that a reused pid
+is never signalled and never taken for the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from . import bootstrap, jobs, procs, protocol, warm
+from .detach import spawn_detached, untagged_environment
+
+ENDED = "ended"
+# A job whose launcher has recorded nothing this long after submit never started.
+START_GRACE_SECONDS = 30.0
+
+
+@dataclass
+class Phase:
+    """Where a job is, as its launcher sees it.
+
+    ``state``: ``queued``, ``running`` or ``ended`` (the event log then says
+    how).  ``word``: the launcher's own name for it.  ``reason`` and
+    ``position``: why and where a queued job waits.  ``where``: the host or
+    node it runs on.
+    """
+
+    state: str
+    word: str
+    reason: str | None = None
+    position: int | None = None
+    where: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state != ENDED
+
+
+class Launcher(ABC):
+    name: str
+
+    @abstractmethod
+    def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
+        """Start (or queue) the job in ``path``; record how, in the job folder."""
+
+    @abstractmethod
+    def poll(self, path: str, spec: dict[str, Any]) -> Phase:
+        """Where the job is now."""
+
+    @abstractmethod
+    def stop(self, path: str, spec: dict[str, Any]) -> bool:
+        """Ask the job to finish its current batch and return what it has; whether it was asked."""
+
+    @abstractmethod
+    def cancel(self, path: str, spec: dict[str, Any], grace: float) -> dict[str, Any]:
+        """End the job and everything it started; SIGKILL (or the like) after ``grace`` seconds."""
+
+
+def _read_launch(path: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, protocol.LAUNCH_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class ProcessLauncher(Launcher):
+    """The job's runner is a detached process on this host."""
+
+    name = "process"
+
+    def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
+        job_id = spec["job_id"]
+        identity = None
+        use_warm = spec.get("warm", True) and warm.enabled()
+        if use_warm:
+            identity = warm.claim(root, agent_hash, job_id)
+        if identity is None:
+            identity = spawn_detached(
+                [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
+                log=os.path.join(path, protocol.RUNNER_LOG),
+                cwd=os.path.expanduser(spec.get("workdir") or "~"),
+                env=procs.tag_environment(untagged_environment(), job_id),
+            )
+        record = {"launcher": self.name, "identity": identity.to_json() if identity else None, "host": _hostname()}
+        jobs.atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
+        if use_warm:
+            warm.ensure(root, agent_hash)  # the next job's runner
+
+    def _runner(self, path: str) -> procs.ProcessIdentity | None:
+        record = _read_launch(path)
+        return procs.ProcessIdentity.from_json(record.get("identity")) if record else None
+
+    def poll(self, path: str, spec: dict[str, Any]) -> Phase:
+        record = _read_launch(path)
+        if record is None:
+            if os.path.exists(os.path.join(path, protocol.PID_FILE)):
+                return Phase(ENDED, "unknown", where=_hostname())  # recorded before start times: never trusted
+            if time.time() - (spec.get("submitted") or 0) < START_GRACE_SECONDS:
+                return Phase(protocol.STATE_QUEUED, "starting", reason="starting")
+            return Phase(ENDED, "never started")
+        identity = procs.ProcessIdentity.from_json(record.get("identity"))
+        if identity is not None and procs.is_running(identity):
+            return Phase(protocol.STATE_RUNNING, "running", where=record.get("host"))
+        return Phase(ENDED, "exited", where=record.get("host"))
+
+    def stop(self, path: str, spec: dict[str, Any]) -> bool:
+        identity = self._runner(path)
+        return identity is not None and procs.signal_process(identity, signal.SIGINT)
+
+    def cancel(self, path: str, spec: dict[str, Any], grace: float) -> dict[str, Any]:
+        identity = self._runner(path)
+        runner = identity if identity is not None and procs.is_running(identity) else None
+        return procs.terminate_tagged(spec["job_id"], grace, also=runner)
+
+
+def _hostname() -> str:
+    return socket.gethostname()
+
+
+LAUNCHERS: dict[str, Launcher] = {ProcessLauncher.name: ProcessLauncher()}
+
+
+def launcher_for(spec: dict[str, Any]) -> Launcher:
+    name = spec.get("launcher") or ProcessLauncher.name
+    if name not in LAUNCHERS:
+        raise jobs.AgentError(f"this agent cannot run jobs with launcher {name!r}")
+    return LAUNCHERS[name]
+
+
+def job_row(path: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One job's row for ``status``: what its events say, and for a job still going, its launcher's phase.
+
+    The event log is the truth once it has an end; a job whose launcher says
+    it ended without a final event was killed (out of memory, SIGKILL, reboot).
+    """
+    spec = spec or jobs.read_spec(path)
+    row = protocol.status_row(spec)
+    summary = jobs.event_summary(path)
+    row.update({k: v for k, v in summary.items() if k in row and v is not None})
+    row["checkpoint"] = jobs.read_checkpoint_meta(path)
+    row["fetched"] = os.path.exists(os.path.join(path, protocol.FETCHED_MARK))
+    if summary["ended"] is not None:
+        return row
+    launcher = launcher_for(spec)
+    phase = launcher.poll(path, spec)
+    row["launcher"] = f"{launcher.name}: {phase.word}"
+    if phase.active:
+        row["state"] = summary["state"] or phase.state
+        row.update(reason=phase.reason, position=phase.position, where=phase.where or row["where"])
+        return row
+    row.update(state=protocol.STATE_KILLED, message=LOST_MESSAGE)
+    return row
+
+
+LOST_MESSAGE = "the runner process ended without a final event (killed, out of memory, or the host rebooted)"
+
+
+def is_active(path: str, spec: dict[str, Any]) -> bool:
+    """Whether the job may still write to its folder (not ended, by its log or by its launcher)."""
+    if jobs.event_summary(path)["ended"] is not None:
+        return False
+    return launcher_for(spec).poll(path, spec).active

@@ -1,0 +1,228 @@
+"""Typed calls to the agent on one host, over the byte pipe of a transport.
+
+The transport only moves bytes; this is where the agent is deployed,
+started (``agent serve``, one per connection) and asked things: submit,
+attach, events, status, cancel, stop, outputs, checkpoint, blobs, gc.  The
+same client works over SSH and for the embedded ``local`` host, and over a
+fake pipe in unit tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import compression
+from .agent import bootstrap, protocol
+from .errors import AgentCommandError, ConnectionFailed, HostSetupError
+from .link import AgentLink, Reply
+from .transport.base import CommandResult, Transport
+from .transport.deploy import agent_hash, agent_tarball
+
+# Packages the host's Python needs for every job (the agent itself is stdlib only).
+REQUIRED_PACKAGES = ("cloudpickle", "numpy")
+
+
+class AgentClient:
+    """The agent on one host, reached through ``transport``; one per host for the life of a kernel."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._hello: dict[str, Any] | None = None
+        self._link: AgentLink | None = None
+        self._link_lock = threading.Lock()
+        self.upload_rate: float | None = None  # bytes/s of the last large uncompressed upload
+
+    # ---- what the transport says about the host
+    @property
+    def host(self) -> str:
+        return self.transport.host
+
+    @property
+    def is_local(self) -> bool:
+        return self.transport.is_local
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.transport.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.transport.bytes_received
+
+    def close(self) -> None:
+        with self._link_lock:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
+        self.transport.close()
+
+    # ---- the agent process
+    def _agent_argv(self, *args: str) -> list[str]:
+        t = self.transport
+        return [t.python, "-c", bootstrap.RUN, t.root or "", agent_hash(), *args]
+
+    def deploy(self) -> None:
+        t = self.transport
+        result = t.execute([t.python, "-c", bootstrap.INSTALL, t.root or "", agent_hash()], agent_tarball())
+        if result.returncode != 0:
+            raise self._command_error("deploy", result)
+
+    def link(self) -> AgentLink:
+        """The agent server of this connection, started (and deployed) when needed."""
+        with self._link_lock:
+            if self._link is not None and not self._link.dead:
+                return self._link
+            for attempt in range(2):
+                link = AgentLink(self.transport.spawn(self._agent_argv("serve")), self.transport.count)
+                try:
+                    # The first answer proves the server runs (and caches what the host offers).
+                    self._hello = json.loads(self._checked(link.request(["hello"]).reply(), "hello"))
+                    self._link = link
+                    return link
+                except ConnectionFailed:
+                    status = link.pipe.exit_status()  # before closing: closing may drop it
+                    link.close()
+                    if status == protocol.EXIT_AGENT_MISSING and attempt == 0:
+                        self.deploy()
+                        continue
+                    if status is None:
+                        raise
+                    raise self._command_error("start", CommandResult(status, b"", link.pipe.stderr())) from None
+            raise AssertionError("the agent was deployed but still reports missing")
+
+    def hello(self) -> dict[str, Any]:
+        """The host's interpreter and packages, checked once per connection."""
+        self.link()
+        hello = self._hello
+        assert hello is not None
+        missing = [name for name in REQUIRED_PACKAGES if not hello["packages"].get(name)]
+        if missing:
+            raise HostSetupError(
+                f"the Python on host {self.host} ({hello['python']}, {hello['python_version']}) lacks "
+                f"{', '.join(missing)}; install it there with `{hello['python']} -m pip install {' '.join(missing)}`, "
+                "or point --python (or c.RemoteMagics.hosts) at an interpreter that has it"
+            )
+        return hello
+
+    # ---- raw calls (one place for errors)
+    def call(self, *args: str, stdin: bytes | Iterable[bytes | memoryview] | None = None) -> Reply:
+        """Run an agent command and wait for its whole answer."""
+        parts = () if stdin is None else [stdin] if isinstance(stdin, bytes) else stdin
+        reply = self.link().request(list(args), parts).reply()
+        self._checked(reply, args[0])
+        return reply
+
+    def call_json(self, *args: str, stdin: bytes | Iterable[bytes | memoryview] | None = None) -> Any:
+        return json.loads(self.call(*args, stdin=stdin).stdout)
+
+    def _checked(self, reply: Reply, command: str) -> bytes:
+        if reply.returncode != 0:
+            raise self._command_error(command, CommandResult(reply.returncode, b"", reply.error.encode()))
+        return reply.stdout
+
+    def _command_error(self, command: str, result: CommandResult) -> Exception:
+        stderr = result.stderr.decode(errors="replace").strip()
+        python = self.transport.python
+        if result.returncode == 127 or ("No such file" in stderr and python in stderr):
+            return HostSetupError(
+                f"host {self.host} has no Python at `{python}`; pass --python PATH "
+                f"(or set c.RemoteMagics.hosts = {{{self.host!r}: {{'python': PATH}}}})"
+            )
+        last = stderr.splitlines()[-1] if stderr else f"exit status {result.returncode}"
+        return AgentCommandError(f"the agent on host {self.host} failed to {command}: {last}")
+
+    # ---- typed commands
+    def submit(self, spec: dict[str, Any], inputs: bytes) -> dict[str, Any]:
+        """Create a job: ``{"job_id": ...}``, or ``{"missing": [digests]}`` when blobs must be uploaded first."""
+        body = json.dumps({**spec, "inputs_size": len(inputs)}).encode() + b"\n"
+        return self.call_json("submit", stdin=[body, inputs])
+
+    @contextmanager
+    def attach(self, job_id: str, from_seq: int = 0) -> Iterator[Iterator[dict[str, Any]]]:
+        """The job's events from ``from_seq`` while it runs, until its final one.
+
+        Raises ConnectionFailed when the link drops, so the caller can resume.
+        """
+        request = self.link().request(["attach", job_id, "--from", str(from_seq)])
+
+        def events() -> Iterator[dict[str, Any]]:
+            pending = b""
+            for chunk in request.chunks():
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    yield protocol.decode_event(line)
+            self._checked(Reply(request.returncode or 0, b"", request.error), "attach")
+
+        try:
+            yield events()
+        finally:
+            request.cancel()
+
+    def events(self, job_id: str, from_seq: int = 0) -> list[dict[str, Any]]:
+        reply = self.call("events", job_id, "--from", str(from_seq))
+        return [protocol.decode_event(line) for line in reply.stdout.splitlines() if line]
+
+    def status(self, job_id: str | None = None) -> Any:
+        """Every job's row (no ``job_id``), or one job's detail."""
+        return self.call_json("status", *([job_id] if job_id else []))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.call_json("cancel", job_id)
+
+    def stop(self, job_id: str) -> dict[str, Any]:
+        return self.call_json("stop", job_id)
+
+    def outputs(self, job_id: str) -> bytes:
+        return self.call("cat-outputs", job_id).stdout
+
+    def checkpoint(self, job_id: str) -> bytes:
+        return self.call("cat-checkpoint", job_id).stdout
+
+    def gc(self, older_than: float, include_unfetched: bool, dry_run: bool) -> dict[str, Any]:
+        args = ["gc", "--older-than", str(older_than)]
+        args += ["--include-unfetched"] if include_unfetched else []
+        args += ["--dry-run"] if dry_run else []
+        return self.call_json(*args)
+
+    def put_blob(self, digest: str, buffer: memoryview, compress: str = "auto") -> None:
+        """Send one blob; ``compress``: "none", "zstd", or "auto" (only where it pays, see compression.py)."""
+        size = buffer.nbytes
+        host_has_zstd = bool(self.hello()["packages"].get("zstandard"))
+        if compression.should_compress(buffer, compress, self.host, host_has_zstd, self.is_local, self.upload_rate):
+            self.call("put-blob", digest, str(size), "--zstd", stdin=compression.zstd_chunks(buffer))
+            return
+        start = time.perf_counter()
+        self.call("put-blob", digest, str(size), stdin=[buffer])
+        self.upload_rate = compression.measured_rate(size, time.perf_counter() - start, self.upload_rate)
+
+    def get_blob(self, digest: str, size: int) -> bytearray:
+        """A blob, copied once into one buffer and hashed as it arrives (no second pass over the bytes)."""
+        request = self.link().request(["cat-blob", digest])
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        hasher = hashlib.sha256()
+        received = 0
+        for chunk in request.chunks():
+            end = received + len(chunk)
+            if end > size:
+                request.cancel()
+                raise AgentCommandError(f"host {self.host} sent more than the {size} bytes of blob {digest[:12]}")
+            view[received:end] = chunk
+            hasher.update(chunk)
+            received = end
+        self._checked(Reply(request.returncode or 0, b"", request.error), "cat-blob")
+        if received != size:
+            raise AgentCommandError(f"host {self.host} sent {received} of {size} bytes of blob {digest[:12]}")
+        if hasher.hexdigest() != digest:
+            raise AgentCommandError(
+                f"blob {digest[:12]} from host {self.host} does not match its sha256 (damaged on the host's disk?); "
+                "nothing was loaded. Run the job again to produce it anew"
+            )
+        return buffer
