@@ -1,6 +1,6 @@
 """A private OpenSSH sshd on 127.0.0.1 with throw-away keys, for tests.
 
-Follows ../shared/ssh-notes.md: its own host key, client key, known_hosts
+Its own host key, client key, known_hosts
 and ssh config; never touches the real ~/.ssh.
 """
 

@@ -31,7 +31,7 @@ DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 CONNECT_TIMEOUT = 15.0
 KEEPALIVE_SECONDS = 15
 _READ_SIZE = 4 * 1024 * 1024
-# Measured in ../shared/ssh-notes.md: AES-GCM is 25-60% faster than paramiko's default aes128-ctr for
+# Measured on a 2-core test VM against OpenSSH: AES-GCM is 25-60% faster than paramiko's default aes128-ctr for
 # uploads, and a large channel window keeps exec-channel downloads near scp speed.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 WINDOW_SIZE = 2**27
