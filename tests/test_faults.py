@@ -108,14 +108,18 @@ def test_cancel_of_a_done_job_never_signals_the_process_that_reused_its_pid(ip, 
     assert sleeper.poll() is None
 
 
-def test_a_killed_job_whose_pid_was_reused_shows_as_killed_not_running(ip, capsys, sleeper) -> None:
-    client, job_id = _finished_job(ip, capsys)
-    path = _job_path(client, job_id)
-    # Make it a job whose runner died without a final event...
+def _as_if_killed(path: Path) -> None:
+    """Make a finished job look like one whose runner died without a final event."""
     lines = (path / protocol.EVENTS_FILE).read_text().splitlines(True)
     (path / protocol.EVENTS_FILE).write_text("".join(lines[:2]))
     (path / protocol.SUMMARY_FILE).unlink()
-    # ...and whose pid now belongs to another process (same pid, another start time).
+
+
+def test_a_killed_job_whose_pid_was_reused_shows_as_killed_not_running(ip, capsys, sleeper) -> None:
+    client, job_id = _finished_job(ip, capsys)
+    path = _job_path(client, job_id)
+    _as_if_killed(path)
+    # A job whose pid now belongs to another process (same pid, another start time).
     stranger = procs.identity_of(sleeper.pid)
     assert stranger is not None
     _record_runner(path, procs.ProcessIdentity(stranger.pid, stranger.start_ticks - 1, stranger.boot_id))
@@ -129,9 +133,7 @@ def test_a_killed_job_whose_pid_was_reused_shows_as_killed_not_running(ip, capsy
 def test_a_job_recorded_with_a_bare_pid_is_never_signalled(ip, capsys, sleeper) -> None:
     client, job_id = _finished_job(ip, capsys)
     path = _job_path(client, job_id)
-    lines = (path / protocol.EVENTS_FILE).read_text().splitlines(True)
-    (path / protocol.EVENTS_FILE).write_text("".join(lines[:2]))
-    (path / protocol.SUMMARY_FILE).unlink()
+    _as_if_killed(path)
     (path / protocol.LAUNCH_FILE).unlink()
     (path / protocol.PID_FILE).write_text(str(sleeper.pid))  # as agents before start times wrote it
     assert client.status(job_id)["state"] == "killed"

@@ -431,20 +431,7 @@ class EventSummary:
     """A job's status fields from its events, fed one event at a time (never the whole log twice)."""
 
     def __init__(self) -> None:
-        self.fields: dict[str, Any] = {
-            "epoch": None,
-            "epochs": None,
-            "logs": {},
-            "started": None,
-            "ended": None,
-            "message": None,
-            "pid": None,
-            "device": None,
-            "where": None,
-            "state": None,  # None until started or ended: the launcher's phase decides
-            "reason": None,
-            "last_seq": -1,
-        }
+        self.fields: dict[str, Any] = {**protocol.event_fields(), "last_seq": -1}
 
     @property
     def ended(self) -> bool:
@@ -494,6 +481,8 @@ def event_summary(path: str) -> dict[str, Any]:
     with _SUMMARIES_LOCK:
         cached = _SUMMARIES.get(path)
     offset, summary = (cached[1], cached[2]) if cached and cached[0] == inode else (0, EventSummary())
+    if os.path.getsize(events) < offset:  # the log is append-only; a shorter one was replaced: read it anew
+        offset, summary = 0, EventSummary()
     with open(events, "rb") as f:
         f.seek(offset)
         for raw in f:

@@ -128,22 +128,14 @@ def newer_schema_problem(schema: object, job_id: str) -> str | None:
 SPEC_KEYS = frozenset({"source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client", "workdir"})
 
 
-def status_row(spec: dict[str, Any]) -> dict[str, Any]:
-    """A job's row in ``status`` before any event is read: every field a listing shows, with its default.
+def event_fields() -> dict[str, Any]:
+    """The status fields a job's events decide, before any event: filled in by jobs.EventSummary.
 
-    ``launcher``: the launcher's own word for the job's phase (a scheduler's
-    state name, ``process``); ``reason``/``position``: why and where a queued
-    job waits; ``where``: the node or host it runs on.
+    ``state`` stays None until the job started or ended: until then its launcher's phase decides.
     """
     return {
-        "job_id": spec["job_id"],
-        "name": spec.get("name"),
-        "schema": spec.get("schema", 1),
-        "submitted": spec.get("submitted"),
-        "state": STATE_QUEUED,
-        "launcher": None,
+        "state": None,
         "reason": None,
-        "position": None,
         "where": None,
         "epoch": None,
         "epochs": None,
@@ -153,6 +145,25 @@ def status_row(spec: dict[str, Any]) -> dict[str, Any]:
         "message": None,
         "pid": None,
         "device": None,
+    }
+
+
+def status_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """A job's row in ``status`` before any event is read: every field a listing shows, with its default.
+
+    ``launcher``: the launcher's own word for the job's phase (a scheduler's
+    state name, ``process``); ``reason``/``position``: why and where a queued
+    job waits; ``where``: the node or host it runs on.
+    """
+    return {
+        **event_fields(),
+        "job_id": spec["job_id"],
+        "name": spec.get("name"),
+        "schema": spec.get("schema", 1),
+        "submitted": spec.get("submitted"),
+        "state": STATE_QUEUED,
+        "launcher": None,
+        "position": None,
         "checkpoint": None,
         "fetched": False,
     }
