@@ -457,6 +457,7 @@ def test_a_damaged_output_blob_is_refused_when_downloaded(ip, sshd, capsys) -> N
     blob.write_bytes(np.zeros(MiB).tobytes())  # same size, other bytes: a disk fault within this boot
     with pytest.raises(AgentCommandError, match="does not match its sha256"):
         client.get_blob(digest, size)
+    client.outputs(job_id)  # fetched: later gc tests may collect it
 
 
 def test_a_background_follower_that_fails_says_so_in_the_panel(ip) -> None:
