@@ -168,11 +168,8 @@ def test_cancel_ends_a_child_that_started_its_own_session(ip, capsys) -> None:
 
 
 def test_a_finished_job_leaves_no_process_behind(ip, capsys) -> None:
-    result = run(ip, "%%remote_train\n" + ESCAPER)
-    assert result.success
-    child = ip.user_ns["child"].pid if hasattr(ip.user_ns.get("child"), "pid") else None
-    out = capsys.readouterr().out
-    child = child or int(out.split("child ", 1)[1].split()[0])
+    assert run(ip, "%%remote_train\n" + ESCAPER).success
+    child = int(capsys.readouterr().out.split("child ", 1)[1].split()[0])
     deadline = time.monotonic() + 10
     while jobs.process_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -89,10 +89,9 @@ def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: Command
         if missing:
             io.print_json({"missing": missing})
             return 0
-        job_id, path = jobs.create_job(root, {**spec, "agent": agent_hash}, inputs)
-    spec = jobs.read_spec(path)
+        path, spec = jobs.create_job(root, {**spec, "agent": agent_hash}, inputs)
     launcher.launcher_for(spec).start(root, agent_hash, path, spec)
-    io.print_json({"job_id": job_id})
+    io.print_json({"job_id": spec["job_id"]})
     return 0
 
 

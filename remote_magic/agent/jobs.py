@@ -212,8 +212,8 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def create_job(root: str, spec: dict[str, Any], inputs: bytes) -> tuple[str, str]:
-    """Make the job directory with its spec, inputs and first event."""
+def create_job(root: str, spec: dict[str, Any], inputs: bytes) -> tuple[str, dict[str, Any]]:
+    """Make the job directory with its spec, inputs and first event; its path and the spec as stored."""
     parent = jobs_dir(root)
     for _ in range(10):
         job_id = new_job_id()
@@ -231,7 +231,7 @@ def create_job(root: str, spec: dict[str, Any], inputs: bytes) -> tuple[str, str
     log = EventLog(path)
     log.append(protocol.QUEUED, name=spec.get("name"), schema=protocol.SCHEMA_VERSION)
     log.close()
-    return job_id, path
+    return path, spec
 
 
 def read_spec(path: str) -> dict[str, Any]:

@@ -169,10 +169,3 @@ def job_row(path: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 LOST_MESSAGE = "the runner process ended without a final event (killed, out of memory, or the host rebooted)"
-
-
-def is_active(path: str, spec: dict[str, Any]) -> bool:
-    """Whether the job may still write to its folder (not ended, by its log or by its launcher)."""
-    if jobs.event_summary(path)["ended"] is not None:
-        return False
-    return launcher_for(spec).poll(path, spec).active
