@@ -240,3 +240,24 @@ def default_outputs(names: CellNames, inputs: list[str]) -> list[str]:
     outputs = [name for name in names.assigned if name != "_"]
     outputs += [name for name in names.mutated if name in inputs and name not in outputs]
     return outputs
+
+
+def imported_modules(source: str) -> list[str]:
+    """Top-level names of the modules a piece of code imports absolutely, anywhere in it (in order, once each).
+
+    Used for the cell and for the user's local modules that travel with it:
+    what they import must exist on the host.  Code that does not parse
+    imports nothing here (the cell is checked elsewhere).
+    """
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                _add(found, alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            _add(found, node.module.split(".")[0])
+    return found

@@ -13,7 +13,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -201,6 +201,39 @@ class AgentClient:
         start = time.perf_counter()
         self.call("put-blob", digest, str(size), stdin=[buffer])
         self.upload_rate = compression.measured_rate(size, time.perf_counter() - start, self.upload_rate)
+
+    def put_blobs(self, blobs: list[tuple[str, memoryview]]) -> None:
+        """Send many small blobs in one request (no compression: they are small)."""
+        header = json.dumps([[digest, buffer.nbytes] for digest, buffer in blobs]).encode() + b"\n"
+        self.call("put-blobs", stdin=[header, *(buffer for _, buffer in blobs)])
+
+    def fetch_files(self, job_id: str, patterns: list[str]) -> list[tuple[str, str, int]]:
+        """The job's files that match ``patterns``, stored as blobs on the host: (path, sha256, size)."""
+        answer = self.call_json("fetch-files", job_id, *patterns)
+        return [(rel, digest, size) for rel, digest, size in answer["files"]]
+
+    def versions(self, distributions: list[str], env: str | None = None) -> dict[str, Any]:
+        """``{"python": version, "versions": {distribution: version or None}}`` on the host (or in an env)."""
+        return self.call_json("versions", *distributions, *(["--env", env] if env else []))
+
+    def ensure_env(self, requirements: str, on_line: Callable[[str], None]) -> dict[str, Any]:
+        """Build the environment of ``requirements`` on the host once; each line of the build goes to ``on_line``."""
+        request = self.link().request(["env-ensure"], [requirements.encode()])
+        result: dict[str, Any] | None = None
+        pending = b""
+        for chunk in request.chunks():
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                message = json.loads(line)
+                if "line" in message:
+                    on_line(message["line"])
+                else:
+                    result = message.get("env")
+        self._checked(Reply(request.returncode or 0, b"", request.error), "build the environment")
+        if result is None:
+            raise AgentCommandError(f"host {self.host} ended the environment build without a result")
+        return result
 
     def get_blob(self, digest: str, size: int) -> bytearray:
         """A blob, copied once into one buffer and hashed as it arrives (no second pass over the bytes)."""

@@ -35,20 +35,37 @@ class AgentCommandError(RemoteMagicError):
 
 
 class RemoteExecutionError(RemoteMagicError):
-    """The cell raised on the host; carries the remote traceback."""
+    """The cell raised on the host (or its inputs or files could not be set up there); carries the remote traceback.
 
-    def __init__(self, message: str, remote_traceback: str = "", exc_type: str = "", cell_line: int | None = None):
+    ``hint`` is what to do about it, when we know (a module to ship or install).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        remote_traceback: str = "",
+        exc_type: str = "",
+        cell_line: int | None = None,
+        hint: str = "",
+    ):
         super().__init__(message)
+        self.message = message
         self.remote_traceback = remote_traceback
         self.exc_type = exc_type
         self.cell_line = cell_line
+        self.hint = hint
 
     def _render_traceback_(self) -> list[str]:
-        header = f"RemoteExecutionError: the cell raised {self.exc_type} on the host"
-        if self.cell_line:
-            header += f" (cell line {self.cell_line})"
-        lines = [header + "; the local namespace is unchanged.", ""]
-        lines += self.remote_traceback.rstrip("\n").splitlines()
+        if not self.remote_traceback:  # failed before the cell ran: the agent's own frames would not help
+            lines = [f"RemoteExecutionError: {self.message}; the local namespace is unchanged."]
+        else:
+            header = f"RemoteExecutionError: the cell raised {self.exc_type} on the host"
+            if self.cell_line:
+                header += f" (cell line {self.cell_line})"
+            lines = [header + "; the local namespace is unchanged.", ""]
+            lines += self.remote_traceback.rstrip("\n").splitlines()
+        if self.hint:
+            lines += ["", self.hint]
         return lines
 
     def __str__(self) -> str:

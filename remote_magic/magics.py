@@ -15,13 +15,15 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from . import compression, session
+from . import compression, payload, session, upload
 from .agent import protocol
 from .cache import DEFAULT_CACHE_LIMIT
 from .capture import CaptureError
 from .client import AgentClient
 from .config import hosts_trait, ssh_config_trait
+from .errors import HostSetupError
 from .payload import PayloadError
+from .project import ProjectError
 from .registry import Registry
 from .transport import LOCAL_HOST
 from .ui.panel import make_panel
@@ -60,6 +62,36 @@ class MagicHints:
 
     def checkpoint(self, job_id: str, host: str) -> str:
         return f"`%remote_attach {job_id} --host {host} --checkpoint` brings back the model of its last checkpoint"
+
+
+def _list(text: str) -> list[str]:
+    """A comma-separated option value, quotes and spaces around items tolerated."""
+    return [item.strip() for item in text.strip().strip("'\"").split(",") if item.strip()]
+
+
+class _PanelWhenNeeded:
+    """The job's panel, shown only once there is something to show (a build, an upload, the job itself)."""
+
+    def __init__(self, make: Any) -> None:
+        self._make = make
+        self._panel: Any = None
+
+    def get(self) -> Any:
+        if self._panel is None:
+            self._panel = self._make()
+        return self._panel
+
+
+def _upload_progress(panel: _PanelWhenNeeded) -> Any:
+    def progress(sent: int, total: int) -> None:
+        if total >= SHOWN_UPLOAD_BYTES:
+            panel.get().progress(f"uploading: {sent / 1e6:,.1f} of {total / 1e6:,.1f} MB ({100 * sent // total}%)")
+
+    return progress
+
+
+# Uploads at least this big show their progress in the panel.
+SHOWN_UPLOAD_BYTES = 32 * 1024 * 1024
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -104,6 +136,12 @@ class RemoteMagics(Magics):
         False,
         help="Follow --detach jobs in the background outside Jupyter kernels too (terminal IPython).",
     ).tag(config=True)
+    ship_modules = Enum(
+        ("auto", "none"),
+        "auto",
+        help="'auto': the local modules a cell needs (files next to the notebook, your editable installs) travel "
+        "with it; 'none': only what --modules names.",
+    ).tag(config=True)
     cache_limit = Int(
         DEFAULT_CACHE_LIMIT,
         help="Bytes of downloaded outputs kept in the local cache (least recently used go first; 0: no cache).",
@@ -111,6 +149,8 @@ class RemoteMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
+        self._checked_environments: dict[tuple[Any, ...], Any] = {}
+        self._last_imports: dict[str, list[str]] = {}
         self.connections = session.Connections()
         self.registry = Registry()
         self.lifecycle = session.JobLifecycle(lambda values: self.shell.user_ns.update(values), MagicHints())
@@ -171,12 +211,41 @@ class RemoteMagics(Magics):
         metavar="N",
         help="save the model being trained every N epochs on the host (0: never); a killed job still yields it",
     )
+    @argument(
+        "--files",
+        metavar="PATHS",
+        help="comma-separated files, folders and globs (relative to the working folder, .. allowed) that travel "
+        "with the job and appear on the host in the same layout, so relative paths in the cell work unchanged",
+    )
+    @argument(
+        "--workdir", metavar="PATH", help="run the cell in this folder on the host (data that already lives there)"
+    )
+    @argument(
+        "--fetch",
+        metavar="PATTERNS",
+        help="comma-separated globs of files the cell writes (model.keras, logs/**) to bring back into this "
+        "working folder when the job ends",
+    )
+    @argument("--fetch-overwrite", action="store_true", help="let --fetch replace local files with other content")
+    @argument(
+        "--modules",
+        metavar="NAMES",
+        help="comma-separated local modules to send that the automatic detection cannot see",
+    )
+    @argument(
+        "--env",
+        metavar="FILE|auto",
+        help="run in a host environment built (once, then cached) from a requirements file, or from this "
+        "kernel's versions of the packages the host lacks ('auto')",
+    )
+    @argument("--backend", choices=session.KERAS_BACKENDS, help="the job's Keras backend (default: this kernel's)")
     @cell_magic
     def remote_train(self, line: str, cell: str) -> None:
         """Run this cell on a host and bring back what it assigned.
 
-        The variables the cell reads are sent; each Keras epoch is shown live;
-        when the cell ends, the variables it assigns (and inputs it trains or
+        The variables the cell reads are sent, with the local modules it
+        imports and the files of --files; each Keras epoch is shown live; when
+        the cell ends, the variables it assigns (and inputs it trains or
         changes in place, such as a model whose fit ran) appear here.
         """
         args = parse_argstring(self.remote_train, line)
@@ -184,19 +253,52 @@ class RemoteMagics(Magics):
             raise UsageError("--checkpoint-every takes a number of epochs, 0 or more (0: never checkpoint)")
         if args.no_inject and not args.detach:
             raise UsageError("--no-inject goes with --detach (a blocking cell always brings its outputs back)")
+        if args.files and args.workdir:
+            raise UsageError(
+                "--files and --workdir do not go together: --files builds the job's own folder from this project, "
+                "--workdir runs in a folder that is already on the host. Choose one"
+            )
+        if args.fetch_overwrite and not args.fetch:
+            raise UsageError("--fetch-overwrite goes with --fetch PATTERNS")
+        fetch = None
+        if args.fetch:
+            patterns = _list(args.fetch)
+            for pattern in patterns:
+                if pattern.startswith(("/", "~")) or ".." in pattern.split("/"):
+                    raise UsageError(
+                        f"--fetch {pattern}: patterns name files under the job's working folder, "
+                        "relative to it, never above it"
+                    )
+            fetch = session.FileFetch(patterns, os.getcwd(), args.fetch_overwrite)
         shell = self.shell
         try:
             submission = session.prepare(
-                cell, shell.user_ns, set(shell.user_ns_hidden), outputs=_names(args.out), name=args.name
+                cell,
+                shell.user_ns,
+                set(shell.user_ns_hidden),
+                outputs=_names(args.out),
+                name=args.name,
+                files=args.files,
+                ship_modules=self.ship_modules == "auto",
+                extra_modules=_list(args.modules) if args.modules else None,
             )
-        except (CaptureError, PayloadError) as exc:
+        except (CaptureError, PayloadError, ProjectError) as exc:
             raise UsageError(str(exc)) from None
         submission.checkpoint_every = args.checkpoint_every
         submission.warm = self.warm_runner
         submission.compress = args.compress or self.compress
+        submission.workdir = args.workdir
+        submission.backend = args.backend or session.kernel_backend()
         client = self._client(args.host, args.python)
-        session.check_host(client, submission, shell.user_ns)
-        job_id = session.submit(client, submission)
+        client.hello()
+        panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
+        if args.env:
+            submission.env = self._environment(client, args.env, submission, panel) or None
+        self._check_environment(client, submission, panel)
+        try:
+            job_id = session.submit(client, submission, progress=_upload_progress(panel))
+        except upload.FileChanged as exc:
+            raise UsageError(str(exc)) from None
         self.registry.add(client.host, job_id, args.name, self._notebook_path())
         if args.detach:
             print(
@@ -205,13 +307,45 @@ class RemoteMagics(Magics):
                 f"`%remote_attach {job_id} --host {client.host}` follows it and brings its outputs back."
             )
             if self._kernel_stays_alive():
-                panel = make_panel(client.host, self.panel)
-                panel.start(job_id, args.name)
-                self.lifecycle.follow_in_background(client, job_id, panel, not args.no_inject)
+                shown = panel.get()
+                shown.start(job_id, args.name)
+                self.lifecycle.follow_in_background(client, job_id, shown, not args.no_inject, fetch=fetch)
             return
-        panel = make_panel(client.host, self.panel)
-        panel.start(job_id, args.name)
-        self.lifecycle.run(client, job_id, panel)
+        shown = panel.get()
+        shown.start(job_id, args.name)
+        self.lifecycle.run(client, job_id, shown, fetch=fetch)
+
+    def _environment(self, client: AgentClient, env: str, submission: session.Submission, panel: Any) -> str:
+        """Build the --env environment on the host (once), showing its build; its key ("" when nothing is needed)."""
+        try:
+            key, built = session.ensure_environment(
+                client, env, submission, lambda text: panel.get().progress(f"environment: {text}")
+            )
+        except ProjectError as exc:
+            raise UsageError(str(exc)) from None
+        if built.get("empty"):
+            panel.get().note("--env auto: the host has every package the job needs; no environment was built")
+        elif built["built"]:
+            panel.get().note(f"built environment {key} on host {client.host} in {built['seconds']:.1f} s")
+        return key
+
+    def _check_environment(self, client: AgentClient, submission: session.Submission, panel: Any) -> None:
+        """Refuse before upload what could not load on the host; note other differences.
+
+        Checked once per kernel, host, environment and set of packages: a
+        cell with the same imports as the last one costs no round trip.
+        """
+        needed = session.needed_imports(submission)
+        key = (client.host, submission.env, tuple(needed))
+        report = self._checked_environments.get(key)
+        if report is None:
+            report = session.environment_report(client, needed, submission.env)
+            if report.blocking():
+                raise HostSetupError(report.refusal())
+            self._checked_environments[key] = report
+            for row in report.warnings():
+                panel.get().note(f"{row.package} is {row.here} here but {row.host} on host {client.host}; {row.fix}")
+        self._last_imports[client.host] = needed
 
     @magic_arguments()
     @host_argument
@@ -257,6 +391,43 @@ class RemoteMagics(Magics):
         panel = make_panel(client.host, self.panel)
         panel.start(job_id)
         self.lifecycle.run(client, job_id, panel)
+
+    @magic_arguments()
+    @host_argument
+    @job_argument
+    @argument("patterns", help="comma-separated globs of the job's files, relative to its working folder")
+    @argument("--overwrite", action="store_true", help="replace local files that have other content")
+    @line_magic
+    def remote_fetch(self, line: str) -> None:
+        """Bring files a job wrote on the host into this working folder (same relative paths)."""
+        args = parse_argstring(self.remote_fetch, line)
+        job_id = _job_id(args.job)
+        client = self._client(self._job_host(job_id, args.host))
+        request = session.FileFetch(_list(args.patterns), os.getcwd(), args.overwrite)
+        for note in session.fetch_files(client, job_id, request, self.lifecycle.cache()):
+            print(note)
+
+    @magic_arguments()
+    @host_argument
+    @argument("--env", metavar="FILE|auto", help="compare with this environment on the host (built if needed)")
+    @line_magic
+    def remote_env(self, line: str) -> Any:
+        """This kernel's Python and packages next to the host's: what would refuse a job, what only differs.
+
+        Compares the packages of the last cell sent to the host, and
+        cloudpickle, numpy, Keras and its backend, PyTorch and JAX where this
+        kernel has them.
+        """
+        args = parse_argstring(self.remote_env, line)
+        client = self._client(args.host)
+        client.hello()
+        base = [name for name in session.BASE_PACKAGES if session.has_distribution(name)]
+        needed = list(dict.fromkeys([*base, *self._last_imports.get(client.host, [])]))
+        env = None
+        if args.env:
+            empty = session.Submission("", [], [], payload.pack({}, {}), imports=needed)
+            env = self._environment(client, args.env, empty, _PanelWhenNeeded(lambda: make_panel(client.host, "text")))
+        return session.environment_report(client, needed, env or None)
 
     @magic_arguments()
     @host_argument

@@ -26,13 +26,15 @@ class Payload:
     data: bytes
     buffers: list[memoryview]
     blobs: list[tuple[str, int]] = field(default_factory=list)  # (sha256, size), in buffer order
+    modules: set[str] = field(default_factory=set)  # modules of the classes and functions the pickle names
 
 
 def pack(values: dict[str, Any], namespace: dict[str, Any]) -> Payload:
     """Pickle ``values``; functions and classes defined in ``namespace`` travel by value."""
     notebook_objects = codec.notebook_defined(namespace)
+    modules: set[str] = set()
     try:
-        data, buffers = codec.dumps(values, notebook_objects)
+        data, buffers = codec.dumps(values, notebook_objects, referenced_modules=modules)
     except Exception as exc:  # noqa: BLE001  (name the culprit, whatever the pickler raised)
         name, reason = codec.first_unpicklable(values, notebook_objects)
         if name is None:
@@ -42,7 +44,7 @@ def pack(values: dict[str, Any], namespace: dict[str, Any]) -> Payload:
             f"Create it inside the cell instead, or leave it out of the cell"
         ) from None
     blobs = [(hashlib.sha256(buf).hexdigest(), buf.nbytes) for buf in buffers]
-    return Payload(data, buffers, blobs)
+    return Payload(data, buffers, blobs, modules)
 
 
 def unpack(data: bytes, buffers: Iterable[Any]) -> dict[str, Any]:

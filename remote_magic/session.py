@@ -9,19 +9,24 @@ magics.py and the REST API can phrase it its own way.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.util
+import os
+import platform
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from importlib import metadata
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import capture, payload
-from .agent import protocol
+from . import capture, envcheck, payload, project, upload
+from .agent import codec, protocol
 from .cache import BlobCache
 from .client import AgentClient
-from .errors import ConnectionFailed, HostSetupError, JobLost, RemoteExecutionError, RemoteMagicError
+from .errors import ConnectionFailed, JobLost, RemoteExecutionError, RemoteMagicError
+from .project import ProjectFile
 from .transport import LOCAL_HOST, LocalTransport, SSHTransport
 
 RECONNECT_TIMEOUT = 600.0
@@ -121,10 +126,17 @@ class Submission:
     checkpoint_every: int = 1
     warm: bool = True
     compress: str = "auto"
+    files: list[ProjectFile] = field(default_factory=list)  # the --files layout
+    cwd: str = ""  # the kernel's working folder inside that layout
+    modules: list[ProjectFile] = field(default_factory=list)  # local modules, relative to their sys.path entry
+    workdir: str | None = None  # --workdir: a folder on the host to run in instead
+    env: str | None = None  # a built environment's key on the host
+    backend: str | None = None  # the job's KERAS_BACKEND
+    imports: list[str] = field(default_factory=list)  # top-level modules the job needs (cell, local modules, pickle)
 
     def spec(self) -> dict[str, Any]:
         """The job's spec as the agent stores it (protocol.SPEC_KEYS)."""
-        return {
+        spec: dict[str, Any] = {
             "source": self.source,
             "name": self.name,
             "inputs": self.inputs,
@@ -133,7 +145,22 @@ class Submission:
             "warm": self.warm,
             "blobs": self.payload.blobs,
             "client": {"python": sys.version.split()[0], "agent_schema": protocol.SCHEMA_VERSION},
+            "files": [[f.rel, f.digest, f.size, f.mode] for f in self.files],
+            "modules": [[f.rel, f.digest, f.size, f.mode] for f in self.modules],
+            "cwd": self.cwd,
         }
+        optional = {"workdir": self.workdir, "env": self.env, "backend": self.backend}
+        spec.update({key: value for key, value in optional.items() if value is not None})
+        return spec
+
+    def blob_sources(self) -> list[upload.BlobSource]:
+        """Every blob the job needs, and where its bytes are."""
+        sources = [
+            upload.BlobSource(digest, size, buffer=buffer)
+            for (digest, size), buffer in zip(self.payload.blobs, self.payload.buffers, strict=True)
+        ]
+        sources += [upload.BlobSource(f.digest, f.size, path=f.local) for f in self.files + self.modules]
+        return sources
 
 
 def prepare(
@@ -142,47 +169,57 @@ def prepare(
     hidden: set[str] | frozenset[str] = frozenset(),
     outputs: list[str] | None = None,
     name: str | None = None,
+    files: str | None = None,
+    ship_modules: bool = True,
+    extra_modules: list[str] | None = None,
+    hashes: project.HashCache | None = None,
 ) -> Submission:
-    """Analyse the cell and pickle its inputs; raises before any I/O on a bad input."""
+    """Analyse the cell, pickle its inputs, list the local files and modules it needs.
+
+    Raises CaptureError, PayloadError or ProjectError, before any I/O with a host.
+    """
     names = capture.analyze(source)
     inputs = capture.select_inputs(names, namespace, set(hidden) | protocol.RUNNER_NAMES)
     packed = payload.pack({n: namespace[n] for n in inputs}, namespace)
     wanted = outputs if outputs is not None else capture.default_outputs(names, inputs)
-    return Submission(source, inputs, wanted, packed, name)
+    submission = Submission(source, inputs, wanted, packed, name)
+    if files or ship_modules or extra_modules:
+        hashes = hashes or project.HashCache()
+    if files:
+        file_set = project.collect_files(files, cache=hashes)
+        submission.files, submission.cwd = file_set.files, file_set.cwd
+    local: list[project.LocalModule] = []
+    if ship_modules or extra_modules:
+        found_in = (source, packed.modules) if ship_modules else ("", set())
+        local = project.find_local_modules(found_in[0], found_in[1], extra_modules or ())
+        submission.modules = project.module_files(local, hashes)
+    submission.imports = _imports_of_the_job(source, packed.modules, submission.modules, local)
+    return submission
 
 
-def check_host(client: AgentClient, submission: Submission, namespace: dict[str, Any]) -> None:
-    """Refuse to send what the host cannot load: a Keras model to a host without (the same major) Keras."""
-    hello = client.hello()
-    uses_keras = any(type(namespace[n]).__module__.startswith("keras") for n in submission.inputs)
-    if not uses_keras:
-        return
-    host_keras = hello["packages"].get("keras")
-    local_keras = metadata.version("keras")
-    if not host_keras:
-        raise HostSetupError(
-            f"the cell sends a Keras model but the Python on host {client.host} ({hello['python']}) has no keras; "
-            f"install it there with `{hello['python']} -m pip install keras=={local_keras} tensorflow`"
-        )
-    if host_keras.split(".")[0] != local_keras.split(".")[0]:
-        raise HostSetupError(
-            f"host {client.host} has keras {host_keras} but this kernel has keras {local_keras}; a model saved by "
-            f"one major version may not load in the other. Install keras=={local_keras} on the host."
-        )
+def _imports_of_the_job(
+    source: str, referenced: set[str], module_files: list[ProjectFile], local: list[project.LocalModule]
+) -> list[str]:
+    """Top-level modules the job needs on the host: the cell's imports, its local modules' and the pickle's."""
+    names = capture.imported_modules(source)
+    for file in module_files:
+        if file.rel.endswith(".py"):
+            with open(file.local, encoding="utf-8", errors="replace") as f:
+                names += capture.imported_modules(f.read())
+    names += [name.split(".")[0] for name in referenced]
+    shipped = {module.name for module in local}
+    return sorted({n for n in names if n and n not in shipped and n not in sys.stdlib_module_names} - {"__main__"})
 
 
-def submit(client: AgentClient, submission: Submission) -> str:
-    """Upload the blobs the host lacks, create the job, return its id."""
+def submit(client: AgentClient, submission: Submission, progress: upload.Progress | None = None) -> str:
+    """Upload the blobs the host lacks (inputs, files, modules), create the job, return its id."""
     spec = submission.spec()
+    sources = submission.blob_sources()
     for _attempt in range(3):
         answer = client.submit(spec, submission.payload.data)
         if "job_id" in answer:
             return answer["job_id"]
-        missing = set(answer["missing"])
-        for (digest, _), buffer in zip(submission.payload.blobs, submission.payload.buffers, strict=True):
-            if digest in missing:
-                client.put_blob(digest, buffer, submission.compress)
-                missing.discard(digest)
+        upload.send_missing(client, sources, set(answer["missing"]), submission.compress, progress)
     raise RemoteMagicError(f"host {client.host} kept asking for the same inputs; its disk may be full")
 
 
@@ -324,12 +361,86 @@ def fetch_checkpoint(client: AgentClient, job_id: str) -> tuple[dict[str, Any], 
     return payload.unpack(client.checkpoint(job_id), []), meta
 
 
+@dataclass
+class FileFetch:
+    """``--fetch``: the job's files matching ``patterns`` come back into ``folder`` (the kernel's working folder)."""
+
+    patterns: list[str]
+    folder: str
+    overwrite: bool = False
+
+
+def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: BlobCache | None = None) -> list[str]:
+    """Bring back the job's files that match; what happened, one line each, for the panel.
+
+    Each file arrives whole (a temporary file renamed into place, never a
+    partial one).  A local file with other content is kept and the fetched
+    one saved beside it (``model.<job id>.keras``) unless ``overwrite``.
+    """
+    found = client.fetch_files(job_id, request.patterns)
+    if not found:
+        return [f"--fetch {','.join(request.patterns)}: no file of job {job_id} matched"]
+    notes, saved = [], []
+    for rel, digest, size in found:
+        target = os.path.join(request.folder, *rel.split("/"))
+        if os.path.isfile(target) and _same_content(target, digest, size):
+            saved.append(f"{rel} (unchanged)")
+            continue
+        if os.path.exists(target) and not request.overwrite:
+            stem, ext = os.path.splitext(target)
+            beside = f"{stem}.{job_id}{ext}"
+            notes.append(
+                f"{rel} exists here with other content: kept it, saved the job's as "
+                f"{os.path.relpath(beside, request.folder)} (--fetch-overwrite replaces it)"
+            )
+            target = beside
+        buffer = fetch_blob(client, digest, size, cache)
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        tmp = f"{target}.part-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        saved.append(f"{os.path.relpath(target, request.folder)} ({size:,} bytes)")
+    return [f"fetched: {', '.join(saved)}", *notes]
+
+
+def _same_content(path: str, digest: str, size: int) -> bool:
+    if os.path.getsize(path) != size:
+        return False
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest() == digest
+
+
+def missing_module_hint(module: str) -> str:
+    """What to do when the host lacks a module: ship it when it is local here, else install it there."""
+    origin = project.local_origin(module)
+    if origin:
+        return (
+            f"module {module!r} is {origin} here, and it was not sent: add `--modules {module.split('.')[0]}` "
+            "to the cell (or set c.RemoteMagics.ship_modules = 'auto')"
+        )
+    return f"module {module!r} is not installed on the host: install it there, or run the cell with `--env auto`"
+
+
 def raise_for_final(final: dict[str, Any], job_id: str, host: str, hints: Hints | None = None) -> None:
     hints = hints or PlainHints()
     kind = final["type"]
     if kind == protocol.ERROR:
+        missing = final.get("missing_module")
         raise RemoteExecutionError(
-            final.get("message", ""), final.get("traceback", ""), final.get("exc_type", ""), final.get("cell_line")
+            final.get("message", ""),
+            final.get("traceback", ""),
+            final.get("exc_type", ""),
+            final.get("cell_line"),
+            hint=missing_module_hint(missing) if missing else "",
         )
     if kind == protocol.CANCELLED:
         raise RemoteMagicError(f"job {job_id} on host {host} was cancelled; nothing was injected")
@@ -403,11 +514,13 @@ class JobLifecycle:
         self.cache_limit = cache_limit
         self.background: list[BackgroundFollower] = []
 
-    def _cache(self) -> BlobCache:
+    def cache(self) -> BlobCache:
         return BlobCache(limit=self.cache_limit)
 
-    def run(self, client: AgentClient, job_id: str, panel: Panel, inject: bool = True) -> None:
-        """Show the job until it ends (or is detached), then inject its outputs."""
+    def run(
+        self, client: AgentClient, job_id: str, panel: Panel, inject: bool = True, fetch: FileFetch | None = None
+    ) -> None:
+        """Show the job until it ends (or is detached), then inject its outputs (and fetch its files)."""
         detach = threading.Event()
         panel.set_actions(on_stop=lambda: client.stop(job_id), on_detach=detach.set)
 
@@ -430,10 +543,10 @@ class JobLifecycle:
                 return
         if final is None:
             panel.note("detached: the job runs on; this panel keeps updating while the kernel is idle")
-            self.follow_in_background(client, job_id, panel, inject, from_seq=panel.view.next_seq)
+            self.follow_in_background(client, job_id, panel, inject, from_seq=panel.view.next_seq, fetch=fetch)
             return
         try:
-            self.end_job(client, job_id, panel, final, inject)
+            self.end_job(client, job_id, panel, final, inject, fetch)
         finally:
             panel.finish()
 
@@ -454,25 +567,44 @@ class JobLifecycle:
         finally:
             panel.finish()
 
-    def end_job(self, client: AgentClient, job_id: str, panel: Panel, final: dict[str, Any], inject: bool) -> None:
+    def end_job(
+        self,
+        client: AgentClient,
+        job_id: str,
+        panel: Panel,
+        final: dict[str, Any],
+        inject: bool,
+        fetch: FileFetch | None = None,
+    ) -> None:
         raise_for_final(final, job_id, client.host, self.hints)
+        if fetch is not None:
+            for line in fetch_files(client, job_id, fetch, self.cache()):
+                panel.note(line)
         if final.get("stopped"):
             panel.note(f"stopped at epoch {panel.view.epoch} of {panel.view.epochs or '?'}")
         if not inject:
             panel.note(f"finished; outputs not injected, as asked: {self.hints.attach(job_id, client.host)}")
             return
-        values = fetch_outputs(client, job_id, final, self._cache())
+        values = fetch_outputs(client, job_id, final, self.cache())
         self.inject(values)
+        for note in codec.take_notes():  # e.g. tensors that were on a GPU there are on the CPU here
+            panel.note(note)
         panel.note(f"injected: {describe_injection(list(values))}")
 
     def follow_in_background(
-        self, client: AgentClient, job_id: str, panel: Panel, inject: bool, from_seq: int = 0
+        self,
+        client: AgentClient,
+        job_id: str,
+        panel: Panel,
+        inject: bool,
+        from_seq: int = 0,
+        fetch: FileFetch | None = None,
     ) -> BackgroundFollower:
         """Keep the panel live while the kernel is idle; inject the outputs when the job ends."""
 
         def on_end(final: dict[str, Any]) -> None:
             try:
-                self.end_job(client, job_id, panel, final, inject)
+                self.end_job(client, job_id, panel, final, inject, fetch)
             except Exception as exc:  # noqa: BLE001  (shown in the panel: there is no cell to raise into)
                 panel.note(f"{type(exc).__name__}: {exc}")
             finally:
@@ -498,3 +630,77 @@ class JobLifecycle:
         for follower in self.background:
             follower.join(timeout)
         self.background.clear()
+
+
+# ------------------------------------------------------------------ environment
+KERAS_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
+# Distributions that provide the same import under another name on another machine (a CPU build here, a GPU one there).
+_SAME_IMPORT = {
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-macos", "tensorflow-intel"),
+    "jax": ("jax",),
+    "torch": ("torch",),
+}
+# Always compared: what loading the inputs and the outputs takes.
+_ALWAYS_NEEDED = ("cloudpickle", "numpy")
+
+
+# What %remote_env compares even before a cell was sent.
+BASE_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax")
+
+
+def has_distribution(import_name: str) -> bool:
+    """Whether this kernel has the package installed (found, not imported)."""
+    return importlib.util.find_spec(import_name) is not None
+
+
+def kernel_backend() -> str | None:
+    """The Keras backend of this kernel: the imported keras's, else $KERAS_BACKEND, else None (the host's default)."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        with contextlib.suppress(Exception):
+            return str(keras.backend.backend())
+    return os.environ.get("KERAS_BACKEND") or None
+
+
+def needed_imports(submission: Submission) -> list[str]:
+    """Top-level modules whose versions matter for this job: its imports, plus Keras's backend where Keras is used."""
+    names = list(dict.fromkeys([*_ALWAYS_NEEDED, *submission.imports]))
+    if "keras" in names:
+        names.append(submission.backend or kernel_backend() or "tensorflow")
+    return list(dict.fromkeys(names))
+
+
+def environment_report(client: AgentClient, import_names: list[str], env: str | None = None) -> envcheck.EnvReport:
+    """This kernel's versions of the packages behind ``import_names`` next to the host's (or the env's there)."""
+    distributions = envcheck.distributions_for(import_names)  # import -> distribution here
+    local = envcheck.local_versions(distributions.values())
+    asked = {dist: list(dict.fromkeys([dist, *_SAME_IMPORT.get(name, ())])) for name, dist in distributions.items()}
+    answer = client.versions(sorted({d for names in asked.values() for d in names}), env)
+    found = answer["versions"]
+    remote = {dist: next((found.get(n) for n in names if found.get(n)), None) for dist, names in asked.items()}
+    where = client.host + (" (its environment)" if env else "")
+    return envcheck.compare(where, local, remote, platform.python_version(), answer["python"])
+
+
+def ensure_environment(
+    client: AgentClient, env: str, submission: Submission, on_line: Callable[[str], None], cwd: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Build (once) the host environment ``--env`` asks for: a requirements file, or ``auto``; (its key, build info).
+
+    ``auto``: this kernel's versions of the job's packages that the host
+    lacks or has in another major.minor; nothing to install means no env.
+    """
+    if env == "auto":
+        report = environment_report(client, needed_imports(submission))
+        requirements = "\n".join(envcheck.auto_requirements(report))
+        if not requirements:
+            return "", {"built": False, "seconds": 0.0, "empty": True}
+    else:
+        path = os.path.join(cwd or os.getcwd(), os.path.expanduser(env))
+        try:
+            with open(path, encoding="utf-8") as f:
+                requirements = f.read()
+        except OSError as exc:
+            raise project.ProjectError(f"--env {env}: cannot read the requirements file ({exc.strerror})") from None
+    built = client.ensure_env(requirements, on_line)
+    return built["key"], built

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import IO, Any
 
-from . import jobs, launcher, protocol, warm
+from . import envs, jobs, launcher, layout, protocol, warm
 
 EXIT_PROBLEM = 2
 POLL_SECONDS = 0.02
@@ -77,7 +77,7 @@ def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: Command
         spec = json.loads(stdin.readline())
     except ValueError:
         raise jobs.AgentError("submit: the first line is not a JSON spec") from None
-    problem = _spec_problem(spec)
+    problem = _spec_problem(spec, root)
     if problem:
         raise jobs.AgentError(f"submit: {problem}")
     size = spec.pop("inputs_size")
@@ -85,7 +85,7 @@ def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: Command
     if len(inputs) != size:
         raise jobs.AgentError(f"submit: the inputs ended after {len(inputs)} of {size} bytes; no job was created")
     with jobs.blob_lock(root, exclusive=False):  # gc cannot remove a blob between the check and the job naming it
-        missing = jobs.missing_blobs(root, [(d, s) for d, s in spec.get("blobs", [])])
+        missing = jobs.missing_blobs(root, jobs.referenced_blobs(spec))
         if missing:
             io.print_json({"missing": missing})
             return 0
@@ -95,7 +95,7 @@ def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: Command
     return 0
 
 
-def _spec_problem(spec: Any) -> str | None:
+def _spec_problem(spec: Any, root: str) -> str | None:
     """What is wrong with a submitted spec, or None."""
     if not isinstance(spec, dict):
         return "the spec is not a JSON object"
@@ -118,12 +118,85 @@ def _spec_problem(spec: Any) -> str | None:
         isinstance(b, list) and len(b) == 2 and isinstance(b[0], str) and isinstance(b[1], int) for b in blobs
     ):
         return "blobs must be a list of [sha256, size] pairs"
+    for key in ("files", "modules"):
+        problem = layout.entries_problem(spec.get(key, []), key)
+        if problem:
+            return problem
+    if spec.get("cwd") and layout.safe_relative(spec["cwd"]):
+        return f"cwd: {layout.safe_relative(spec['cwd'])}"
+    if spec.get("workdir") is not None and not isinstance(spec["workdir"], str):
+        return "workdir must be a path on the host"
+    if spec.get("env") is not None and not (isinstance(spec["env"], str) and envs.env_python(root, spec["env"])):
+        return f"environment {spec['env']!r} is not built on this host (build it first: env-ensure)"
+    backend = spec.get("backend")
+    if backend is not None and not (isinstance(backend, str) and backend.isidentifier()):
+        return f"backend must be a Keras backend name, not {backend!r}"
     return None
 
 
 def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     jobs.receive_blob(root, args.digest, args.size, io.stdin, zstd=args.zstd)
     io.print_json({"stored": args.digest})
+    return 0
+
+
+def cmd_put_blobs(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    """Many small blobs in one request: a JSON line of [sha256, size] pairs, then their bytes back to back.
+
+    100k small files in one round trip each would take minutes over SSH; in
+    batches they take as long as their bytes.
+    """
+    try:
+        pairs = json.loads(io.stdin.readline())
+    except ValueError:
+        raise jobs.AgentError("put-blobs: the first line is not a JSON list of [sha256, size]") from None
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) for p in pairs
+    ):
+        raise jobs.AgentError("put-blobs: the first line must list [sha256, size] pairs")
+    for digest, size in pairs:
+        jobs.receive_blob(root, digest, size, io.stdin)
+    io.print_json({"stored": len(pairs)})
+    return 0
+
+
+def cmd_fetch_files(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    """Store the job's files that match the patterns as blobs; list [path, sha256, size] for each."""
+    path = jobs.job_dir(root, args.job_id)
+    spec = jobs.read_spec(path)
+    cwd = layout.job_cwd(path, spec)
+    if not os.path.isdir(cwd):
+        raise jobs.AgentError(f"job {args.job_id} has no working folder on the host any more")
+    io.print_json({"files": layout.store_files(root, path, cwd, args.patterns)})
+    return 0
+
+
+def cmd_versions(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    """Installed versions of distributions, in this interpreter or in a built environment."""
+    python = None
+    if args.env:
+        python = envs.env_python(root, args.env)
+        if python is None:
+            raise jobs.AgentError(f"environment {args.env!r} is not built on this host")
+    version = envs.env_python_version(python) if python else platform.python_version()
+    io.print_json({"python": version, "versions": envs.installed_versions(args.names, python)})
+    return 0
+
+
+def cmd_env_ensure(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    """Build (once) the environment of the requirements on stdin; streams the build's output, then the result.
+
+    Each line is JSON: ``{"line": text}`` while building, ``{"env": {...}}`` at the end.
+    """
+    text = io.stdin.read().decode("utf-8", errors="replace")
+
+    def show(line: str) -> None:
+        io.print_json({"line": line})
+
+    result = envs.ensure(root, text, show)
+    io.print_json(
+        {"env": {"key": result.key, "python": result.python, "built": result.built, "seconds": result.seconds}}
+    )
     return 0
 
 
@@ -322,6 +395,7 @@ def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace, io: Command
         io.print_json({"job_id": args.job_id, "cancelled": False, "state": row["state"], **leftovers})
         return 0
     ended = job_launcher.cancel(path, spec, args.grace)
+    layout.check_linked(root, path)  # a runner killed before its own check may have changed a shipped file
     last = jobs.last_event(path)
     if last is None or last["type"] not in protocol.TERMINAL:
         log = jobs.EventLog(path)
@@ -360,7 +434,11 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
     "hello": (cmd_hello, []),
     "submit": (cmd_submit, []),
     "put-blob": (cmd_put_blob, [("digest", {}), ("size", {"type": int}), ("--zstd", {"action": "store_true"})]),
+    "put-blobs": (cmd_put_blobs, []),
     "cat-blob": (cmd_cat_blob, [("digest", {})]),
+    "fetch-files": (cmd_fetch_files, [_JOB, ("patterns", {"nargs": "+"})]),
+    "versions": (cmd_versions, [("names", {"nargs": "*"}), ("--env", {})]),
+    "env-ensure": (cmd_env_ensure, []),
     "cat-outputs": (cmd_cat_outputs, [_JOB]),
     "attach": (cmd_attach, [_JOB, ("--from", {"dest": "from_seq", "type": int, "default": 0})]),
     "events": (

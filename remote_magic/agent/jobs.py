@@ -60,11 +60,11 @@ def atomic_write(path: str, data: bytes | memoryview, durable: bool = True) -> N
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -126,7 +126,7 @@ def receive_blob(root: str, digest: str, size: int, stream: IO[bytes], zstd: boo
             raise AgentError(f"blob {digest[:12]}: content does not match its sha256; it was not stored")
         os.replace(tmp, path)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
 
 
@@ -186,7 +186,7 @@ def check_blob_after_reboot(path: str, digest: str, data: bytes | bytearray | No
     else:
         hasher.update(data)
     if hasher.hexdigest() != digest:
-        _unlink_quietly(path)
+        unlink_quietly(path)
         raise AgentError(f"blob {digest[:12]} was damaged on the host (a crash?); run the cell again to resend it")
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -518,8 +518,26 @@ def blob_lock(root: str, exclusive: bool) -> Iterator[None]:
         os.close(fd)
 
 
+def referenced_blobs(spec: dict[str, Any]) -> list[tuple[str, int]]:
+    """Every blob a job's spec needs on the host: its inputs, its files and its modules."""
+    pairs = [(digest, size) for digest, size in spec.get("blobs", [])]
+    for key in ("files", "modules"):
+        pairs += [(digest, size) for _, digest, size, _ in spec.get(key, [])]
+    return pairs
+
+
+def read_digests(file: str) -> list[str]:
+    """A JSON list of blob digests a job recorded; empty when missing or unreadable."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            digests = json.load(f)
+        return [d for d in digests if isinstance(d, str)] if isinstance(digests, list) else []
+    except (OSError, ValueError):
+        return []
+
+
 def unreferenced_blobs(root: str) -> list[str]:
-    """Blobs that no job's inputs or outputs name (partial uploads included once stale).
+    """Blobs that no job's inputs, files, modules or outputs name (partial uploads included once stale).
 
     Call with ``blob_lock(root, exclusive=True)`` held.  Outputs count from
     ``outputs.blobs`` (written before the blobs by the runner) as well as
@@ -530,14 +548,11 @@ def unreferenced_blobs(root: str) -> list[str]:
     for job_id in os.listdir(parent):
         path = os.path.join(parent, job_id)
         try:
-            referenced.update(digest for digest, _ in read_spec(path).get("blobs", []))
+            referenced.update(digest for digest, _ in referenced_blobs(read_spec(path)))
         except (OSError, ValueError):
             continue
-        try:
-            with open(os.path.join(path, protocol.OUTPUT_BLOBS_FILE), encoding="utf-8") as f:
-                referenced.update(json.load(f))
-        except (OSError, ValueError):
-            pass
+        referenced.update(read_digests(os.path.join(path, protocol.OUTPUT_BLOBS_FILE)))
+        referenced.update(read_digests(os.path.join(path, protocol.FETCHED_BLOBS_FILE)))
         last = last_event(path)
         if last is not None and last["type"] == protocol.DONE:
             referenced.update(digest for digest, _ in last.get("blobs", []))

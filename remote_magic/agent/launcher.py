@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -87,20 +86,21 @@ class ProcessLauncher(Launcher):
     def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
         job_id = spec["job_id"]
         identity = None
+        kind = warm.RunnerKind.for_job(root, spec)
         use_warm = spec.get("warm", True) and warm.enabled()
         if use_warm:
-            identity = warm.claim(root, agent_hash, job_id)
+            identity = warm.claim(root, agent_hash, kind, job_id)
         if identity is None:
             identity = spawn_detached(
-                [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
+                [kind.python, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
                 log=os.path.join(path, protocol.RUNNER_LOG),
-                cwd=os.path.expanduser(spec.get("workdir") or "~"),
-                env=procs.tag_environment(untagged_environment(), job_id),
+                cwd=path,  # the runner moves to the job's working folder once its files are in place
+                env=procs.tag_environment(kind.environment(untagged_environment()), job_id),
             )
         record = {"launcher": self.name, "identity": identity.to_json() if identity else None, "host": _hostname()}
         jobs.atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
         if use_warm:
-            warm.ensure(root, agent_hash)  # the next job's runner
+            warm.ensure(root, agent_hash, kind)  # the next job's runner
 
     def _runner(self, path: str) -> procs.ProcessIdentity | None:
         record = _read_launch(path)

@@ -91,6 +91,7 @@ PID_FILE = "runner.pid"  # before schema 2: a bare pid, never trusted for signal
 LAUNCH_FILE = "launch.json"  # how the launcher started the job (for processes: pid, start time, boot id)
 SUMMARY_FILE = "summary.json"  # written by the runner when the job ends: listings need not read the log
 OUTPUT_BLOBS_FILE = "outputs.blobs"  # the output blobs, listed before they are written (gc keeps them)
+FETCHED_BLOBS_FILE = "fetched-files.blobs"  # blobs made of the job's files for --fetch (gc keeps them)
 RUNNER_LOG = "runner.log"
 FETCHED_MARK = "fetched"  # written when the client fetched the outputs; gc keeps unfetched jobs
 CHECKPOINT_DIR = "ckpt"
@@ -125,7 +126,14 @@ def newer_schema_problem(schema: object, job_id: str) -> str | None:
 
 
 # The spec (spec.json): what was asked.  The client sends these keys; the agent adds job_id, submitted, schema.
-SPEC_KEYS = frozenset({"source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client", "workdir"})
+# files/modules: [path, sha256, size, mode] placed in the job's layout / on its sys.path; cwd: the kernel's
+# working directory inside that layout; env: a built environment's key; backend: the job's KERAS_BACKEND.
+SPEC_KEYS = frozenset(
+    {
+        "source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client",
+        "workdir", "files", "modules", "cwd", "env", "backend",
+    }
+)  # fmt: skip
 
 
 def event_fields() -> dict[str, Any]:

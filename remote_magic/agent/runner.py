@@ -28,7 +28,7 @@ from collections.abc import Callable
 from importlib import metadata, util
 from typing import Any
 
-from . import callbacks, codec, jobs, procs, protocol
+from . import callbacks, codec, jobs, layout, procs, protocol
 
 CELL_FILENAME = "<remote_train cell>"
 _VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")
@@ -157,25 +157,60 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
     out, err = EventStream(emit, protocol.STDOUT), EventStream(emit, protocol.STDERR)
     sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
     started = time.time()
+    phase = "files"
+    cwd: str | None = None
+
+    def wind_up() -> dict[str, Any]:
+        """Before the final event: end open lines, drop blobs the cell changed, list the files it wrote."""
+        out.close_line()
+        err.close_line()
+        changed = layout.check_linked(root, path)
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            emit(
+                protocol.WARNING,
+                message=f"the cell wrote into shipped files ({shown}); the host's stored copies were dropped, "
+                "so the next job gets them fresh from the kernel",
+            )
+        if cwd is None:
+            return {}
+        written, total = layout.written_files(cwd, started)
+        return {"files": written, "files_total": total}
+
     try:
+        cwd, modules = layout.materialize(root, path, spec)
+        _use_job_folders(cwd, modules, spec)
+        started = time.time()
+        phase = "inputs"
         namespace.update(_load_inputs(root, path, spec))
+        for note in codec.take_notes():
+            emit(protocol.WARNING, message=note)
         namespace["remote_log"] = _remote_log(emit)
         callbacks.watch_keras(hooks)
+        phase = "cell"
         _run_cell(spec["source"], namespace)
         out.close_line()
         err.close_line()
+        phase = "outputs"
         manifest = _write_outputs(root, path, spec, namespace, emit)
-        emit(protocol.DONE, seconds=round(time.time() - started, 3), stopped=hooks.stop_requested.is_set(), **manifest)
+        files = wind_up()
+        emit(
+            protocol.DONE,
+            seconds=round(time.time() - started, 3),
+            stopped=hooks.stop_requested.is_set(),
+            **manifest,
+            **files,
+        )
         return 0
     except Cancelled:
-        out.close_line()
-        err.close_line()
+        wind_up()
         emit(protocol.CANCELLED, message="cancelled on request")
         return 1
     except BaseException as exc:  # noqa: BLE001  (everything the cell raises is reported)
-        out.close_line()
-        err.close_line()
-        emit(protocol.ERROR, **describe_exception(exc, spec["source"]))
+        files = {}
+        with contextlib.suppress(Exception):
+            files = wind_up()
+        emit(protocol.ERROR, **describe_exception(exc, spec["source"], phase), **files)
         return 1
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
@@ -185,6 +220,16 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         _end_leftovers(job_id)
         if after is not None and spec.get("warm", True):
             after()
+
+
+def _use_job_folders(cwd: str, modules: str | None, spec: dict[str, Any]) -> None:
+    """Run in the job's working folder, with its shipped modules first on sys.path and its Keras backend."""
+    os.chdir(cwd)
+    if modules:
+        sys.path.insert(0, modules)
+    backend = spec.get("backend")
+    if backend and "keras" not in sys.modules:  # a warm runner with keras imported was chosen for this backend
+        os.environ["KERAS_BACKEND"] = backend
 
 
 def _end_leftovers(job_id: str) -> None:
@@ -262,8 +307,32 @@ def _run_cell(source: str, namespace: dict[str, Any]) -> None:
     exec(code, namespace)
 
 
-def describe_exception(exc: BaseException, source: str) -> dict[str, Any]:
-    """The error event: the traceback from the cell's frame on, with its line."""
+_PHASE_WORDS = {
+    "files": "placing the job's files on the host failed",
+    "inputs": "loading the cell's inputs on the host failed",
+    "outputs": "the cell ran, but saving what it assigned failed",
+}
+
+
+def describe_exception(exc: BaseException, source: str, phase: str = "cell") -> dict[str, Any]:
+    """The error event: the traceback from the cell's frame on, with its line.
+
+    Outside the cell (placing files, loading inputs) the traceback would show
+    only the agent's own code, so the event says what failed instead; a
+    module the host lacks is named (``missing_module``) so the client can say
+    which local file it is and how to send it.
+    """
+    fields: dict[str, Any] = {"phase": phase}
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        fields["missing_module"] = exc.name
+    if phase in ("files", "inputs"):
+        return {
+            "exc_type": type(exc).__name__,
+            "message": f"{_PHASE_WORDS[phase]}: {type(exc).__name__}: {exc}",
+            "traceback": "",
+            "cell_line": None,
+            **fields,
+        }
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
         tb = tb.tb_next
@@ -281,6 +350,7 @@ def describe_exception(exc: BaseException, source: str) -> dict[str, Any]:
         "message": str(exc),
         "traceback": text,
         "cell_line": cell_line,
+        **fields,
     }
 
 

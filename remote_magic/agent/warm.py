@@ -1,7 +1,8 @@
 """Warm runners: a job starts in a Python that has already imported its heavy packages.
 
 Importing TensorFlow or PyTorch costs seconds.  The agent keeps one
-pre-started runner per (root, interpreter, agent version) that has imported
+pre-started runner per (root, interpreter or environment, Keras backend,
+agent version) that has imported
 the heavy packages the last jobs used, waiting on a FIFO in ``warm/``.
 ``submit`` claims it by renaming its ``.ready`` file (atomic: one claimant
 wins) and writing the job id into the FIFO.  A warm runner serves exactly
@@ -21,9 +22,10 @@ import select
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from . import bootstrap, jobs, procs, protocol
+from . import bootstrap, envs, jobs, procs, protocol
 from .detach import spawn_detached, untagged_environment
 
 HEAVY_MODULES = ("tensorflow", "keras", "torch", "jax", "sklearn", "pandas")
@@ -39,28 +41,55 @@ def idle_seconds() -> float:
     return float(os.environ.get("REMOTE_MAGIC_WARM_IDLE", 1800))
 
 
-def _key(agent_hash: str) -> str:
-    return hashlib.sha256(f"{sys.executable}\0{agent_hash}".encode()).hexdigest()[:12]
+@dataclass(frozen=True)
+class RunnerKind:
+    """What a runner must share with a job to serve it: interpreter (an environment's or the host's) and backend.
+
+    A warm runner has imported keras, which fixes the Keras backend for the
+    life of the process, so a runner of another backend or environment can
+    never take the job: the key has all three (with the agent version).
+    """
+
+    python: str
+    backend: str  # the KERAS_BACKEND the runner runs with; "" for the host's default
+
+    @classmethod
+    def for_job(cls, root: str, spec: dict[str, Any]) -> RunnerKind:
+        python = envs.env_python(root, spec["env"]) if spec.get("env") else None
+        if spec.get("env") and python is None:
+            raise jobs.AgentError(f"environment {spec['env']!r} is not built on this host")
+        return cls(python or sys.executable, spec.get("backend") or os.environ.get("KERAS_BACKEND", ""))
+
+    @classmethod
+    def of_this_process(cls) -> RunnerKind:
+        return cls(sys.executable, os.environ.get("KERAS_BACKEND", ""))
+
+    def key(self, agent_hash: str) -> str:
+        return hashlib.sha256(f"{self.python}\0{agent_hash}\0{self.backend}".encode()).hexdigest()[:12]
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        """``env`` with this kind's Keras backend."""
+        return {**env, "KERAS_BACKEND": self.backend} if self.backend else env
 
 
 def _folder(root: str) -> str:
     return jobs.ensure_dir(os.path.join(root, "warm"))
 
 
-def _imports_file(root: str, agent_hash: str) -> str:
-    return os.path.join(_folder(root), f"{_key(agent_hash)}.imports.json")
+def _imports_file(root: str, key: str) -> str:
+    return os.path.join(_folder(root), f"{key}.imports.json")
 
 
-def wanted_imports(root: str, agent_hash: str) -> list[str]:
+def wanted_imports(root: str, key: str) -> list[str]:
     try:
-        with open(_imports_file(root, agent_hash), encoding="utf-8") as f:
+        with open(_imports_file(root, key), encoding="utf-8") as f:
             return [m for m in json.load(f) if m in HEAVY_MODULES]
     except (FileNotFoundError, ValueError):
         return []
 
 
-def _ready_files(root: str, agent_hash: str) -> list[str]:
-    folder, prefix = _folder(root), _key(agent_hash) + "-"
+def _ready_files(root: str, key: str) -> list[str]:
+    folder, prefix = _folder(root), key + "-"
     return [
         os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(prefix) and n.endswith(".ready")
     ]
@@ -74,9 +103,13 @@ def _read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
-def claim(root: str, agent_hash: str, message: str) -> procs.ProcessIdentity | None:
-    """Hand ``message`` (a job id, or "exit") to one waiting warm runner; its identity, or None."""
-    for ready in _ready_files(root, agent_hash):
+def claim(root: str, agent_hash: str, kind: RunnerKind, message: str) -> procs.ProcessIdentity | None:
+    """Hand ``message`` (a job id, or "exit") to one waiting warm runner of ``kind``; its identity, or None."""
+    return _claim(root, kind.key(agent_hash), message)
+
+
+def _claim(root: str, key: str, message: str) -> procs.ProcessIdentity | None:
+    for ready in _ready_files(root, key):
         claimed = ready[: -len(".ready")] + ".claimed"
         try:
             os.rename(ready, claimed)
@@ -110,29 +143,30 @@ def _exclusive(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def ensure(root: str, agent_hash: str, used_modules: list[str] | None = None) -> None:
-    """Make sure a warm runner is ready or starting, with the packages recent jobs used.
+def ensure(root: str, agent_hash: str, kind: RunnerKind, used_modules: list[str] | None = None) -> None:
+    """Make sure a warm runner of ``kind`` is ready or starting, with the packages recent jobs used.
 
     ``used_modules``: heavy modules the job that just ended imported; when
     they add to what the waiting runner has, it is replaced.
     """
     if not enabled():
         return
-    folder, key = _folder(root), _key(agent_hash)
+    folder, key = _folder(root), kind.key(agent_hash)
     # Two submits (or a submit and a job's end) at the same moment must not start two runners
     # (600 MB each with TensorFlow): the check and the start happen under one lock.
     with _exclusive(os.path.join(folder, f"{key}.lock")):
-        _ensure_locked(root, agent_hash, folder, key, used_modules)
+        _ensure_locked(root, agent_hash, kind, key, used_modules)
 
 
-def _ensure_locked(root: str, agent_hash: str, folder: str, key: str, used_modules: list[str] | None) -> None:
-    wanted = wanted_imports(root, agent_hash)
+def _ensure_locked(root: str, agent_hash: str, kind: RunnerKind, key: str, used_modules: list[str] | None) -> None:
+    folder = _folder(root)
+    wanted = wanted_imports(root, key)
     if used_modules is not None and not set(used_modules) <= set(wanted):
         wanted = sorted(set(wanted) | set(used_modules))
-        jobs.atomic_write(_imports_file(root, agent_hash), json.dumps(wanted).encode())
-        while claim(root, agent_hash, "exit") is not None:
+        jobs.atomic_write(_imports_file(root, key), json.dumps(wanted).encode())
+        while _claim(root, key, "exit") is not None:
             pass  # retire runners that lack the new packages
-    if _ready_files(root, agent_hash):
+    if _ready_files(root, key):
         return
     starting = os.path.join(folder, f"{key}.starting")
     info = _read_json(starting)
@@ -142,10 +176,10 @@ def _ensure_locked(root: str, agent_hash: str, folder: str, key: str, used_modul
     if os.path.exists(log) and os.path.getsize(log) > LOG_LIMIT:
         os.replace(log, log + ".1")  # one old log kept, never an ever-growing one
     identity = spawn_detached(
-        [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "warm-runner"],
+        [kind.python, "-c", bootstrap.RUN, root, agent_hash, "warm-runner"],
         log=log,
         cwd=os.path.expanduser("~"),
-        env=untagged_environment(),
+        env=kind.environment(untagged_environment()),
     )
     if identity is not None:
         record = {"pid": identity.pid, "t": time.time(), "agent": agent_hash}
@@ -158,8 +192,9 @@ def heavy_modules_in_use() -> list[str]:
 
 def serve_one_job(root: str, agent_hash: str) -> int:
     """The warm runner: import, wait for one job id on the FIFO, run that job."""
-    folder, key, pid = _folder(root), _key(agent_hash), os.getpid()
-    modules = wanted_imports(root, agent_hash)
+    kind = RunnerKind.of_this_process()
+    folder, key, pid = _folder(root), kind.key(agent_hash), os.getpid()
+    modules = wanted_imports(root, key)
     for module in ["cloudpickle", "numpy", *modules]:
         try:
             __import__(module)
@@ -203,8 +238,7 @@ def serve_one_job(root: str, agent_hash: str) -> int:
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
-    spec = jobs.read_spec(path)
-    os.chdir(os.path.expanduser(spec.get("workdir") or "~"))
+    os.chdir(path)  # the runner moves to the job's working folder once its files are in place
     return runner.run_job(root, path, warm=True, after=lambda: prepare_next(root, agent_hash))
 
 
@@ -214,7 +248,7 @@ def prepare_next(root: str, agent_hash: str) -> None:
     Called by a job's runner as it ends; the runner's own tag is not passed on.
     """
     try:
-        ensure(root, agent_hash, heavy_modules_in_use())
+        ensure(root, agent_hash, RunnerKind.of_this_process(), heavy_modules_in_use())
     except Exception:  # noqa: BLE001  (the job is over; a missing warm runner only costs speed)
         pass
 

@@ -26,6 +26,7 @@ OUTPUT_LINE_CHARS = 10_000  # one line longer than this is cut, so a few huge li
 _STDOUT_LINES_SHOWN = 12  # the live widget's log
 _STATIC_LINES_SHOWN = 50  # the saved notebook's copy
 _STATIC_CHARS_SHOWN = 20_000  # and at most this much of it, however long its lines
+FILES_SHOWN = 20
 
 
 @dataclass
@@ -49,11 +50,15 @@ class JobView:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     next_seq: int = 0
+    progress: str = ""  # one line that replaces itself: an upload or an environment build before the job starts
+    files: list[list[Any]] = field(default_factory=list)  # [path, size] of what the cell wrote, newest first
+    files_total: int = 0
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         self.next_seq = event["seq"] + 1
         if kind == protocol.STARTED:
+            self.progress = ""
             self.state = protocol.STATE_RUNNING
             self.started = event["t"]
             self.device = describe_device(event.get("device"))
@@ -75,6 +80,7 @@ class JobView:
         elif kind in protocol.TERMINAL:
             self.state = protocol.final_state(event)
             self.ended = event["t"]
+            self.files, self.files_total = event.get("files") or [], event.get("files_total") or 0
             if kind != protocol.DONE:
                 self.error = event.get("message")
 
@@ -126,11 +132,28 @@ class JobView:
         lines = "1 earlier line is" if left_out == 1 else f"{left_out:,} earlier lines are"
         return f"… {lines} on the host: `{command}`"
 
+    def files_line(self, shown: int = FILES_SHOWN) -> str:
+        """The files the cell wrote in its working folder, with sizes ("" when none)."""
+        if not self.files:
+            return ""
+        listed = ", ".join(f"{path} ({format_size(size)})" for path, size in self.files[:shown])
+        more = self.files_total - min(len(self.files), shown)
+        return f"files written: {listed}" + (f" and {more:,} more" if more > 0 else "")
+
     def metric_names(self) -> list[str]:
         names: list[str] = []
         for row in self.rows:
             names += [k for k in row["logs"] if k not in names]
         return names
+
+
+def format_size(size: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as file managers show)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
 
 
 def cap_line(text: str, limit: int = OUTPUT_LINE_CHARS) -> str:
@@ -176,6 +199,8 @@ def render_text(view: JobView) -> str:
     if tail:
         lines.append("".join(tail).rstrip("\n"))
     lines += [f"note: {note}" for note in view.notes]
+    if view.files:
+        lines.append(view.files_line())
     if view.error:
         lines.append(f"{view.state}: {view.error}")
     return "\n".join(lines)
@@ -199,6 +224,7 @@ def render_html(view: JobView) -> str:
     """The static panel: what a saved notebook and nbconvert's HTML export show."""
     notes = "".join(f"<div>note: {html.escape(n)}</div>" for n in view.notes)
     error = f"<div><b>{html.escape(view.state)}</b>: {html.escape(view.error)}</div>" if view.error else ""
+    error = (f"<div>{html.escape(view.files_line())}</div>" if view.files else "") + error
     tail, left_out = view.output_tail(_STATIC_LINES_SHOWN, _STATIC_CHARS_SHOWN)
     output = ""
     if left_out:
@@ -240,9 +266,16 @@ class TextPanel:
             self._write(f"[remote_train] note: {event['message']}\n")
         elif kind in protocol.TERMINAL:
             self._write(f"[remote_train] {view.title()}\n")
+            if view.files:
+                self._write(f"[remote_train] {view.files_line()}\n")
 
     def note(self, text: str) -> None:
         self.view.notes.append(text)
+        self._write(f"[remote_train] {text}\n")
+
+    def progress(self, text: str) -> None:
+        """Work before the job starts (an upload, an environment build); the caller keeps it to a line a second or so."""
+        self.view.progress = text
         self._write(f"[remote_train] {text}\n")
 
     def finish(self) -> None:
@@ -336,6 +369,11 @@ class WidgetPanel(TextPanel):
             self.view.notes.append(text)
             self._refresh()
 
+    def progress(self, text: str) -> None:
+        with self._lock:
+            self.view.progress = text
+            self._refresh_later()
+
     def finish(self) -> None:
         """Draw what is pending, then swap the live widget for the static copy of the finished panel."""
         with self._lock:
@@ -367,8 +405,9 @@ class WidgetPanel(TextPanel):
         self._last_refresh = time.monotonic()
         self._stale = False
         view = self.view
+        shown = [*view.notes[-3:], *([view.progress] if view.progress else []), view.files_line()]
         self.header.value = f"<b>{html.escape(view.title())}</b>" + "".join(
-            f"<div>{html.escape(n)}</div>" for n in view.notes[-3:]
+            f"<div>{html.escape(n)}</div>" for n in shown if n
         )
         self.epoch_bar.max = max(view.epochs or 1, 1)
         self.epoch_bar.value = min(view.epoch, self.epoch_bar.max)

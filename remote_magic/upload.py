@@ -1,0 +1,138 @@
+"""Sending the blobs a host lacks: input buffers, project files and modules.
+
+The host answers ``submit`` with the digests it is missing; only those move
+(an unchanged 2 GB data folder moves 0 bytes).  Small blobs go many to a
+request, so 100k small files cost as much as their bytes and not 100k round
+trips; large ones go one by one, straight from a memory map of the file
+(never read whole into memory), compressed where it pays.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .client import AgentClient
+from .errors import AgentCommandError
+
+LARGE_BLOB = 8 * 1024 * 1024  # sent alone (and maybe compressed); smaller ones are batched
+BATCH_BYTES = 16 * 1024 * 1024
+BATCH_COUNT = 2000
+
+Progress = Callable[[int, int], None]  # (bytes sent, bytes to send)
+
+
+class FileChanged(ValueError):
+    """A local file changed between being hashed and being sent."""
+
+
+@dataclass(frozen=True)
+class BlobSource:
+    """Where a blob's bytes are: a buffer in memory, or a local file (``path``) read only when sent."""
+
+    digest: str
+    size: int
+    buffer: memoryview | None = None
+    path: str | None = None
+
+    @contextmanager
+    def view(self) -> Iterator[memoryview]:
+        if self.buffer is not None:
+            yield self.buffer
+            return
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != self.size:
+                raise FileChanged(f"{self.path} changed size after it was hashed")
+            if self.size == 0:
+                yield memoryview(b"")
+                return
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                view = memoryview(mapped)
+                try:
+                    yield view
+                finally:
+                    view.release()
+            finally:
+                mapped.close()
+
+    def read(self) -> bytes:
+        with self.view() as view:
+            return bytes(view)
+
+
+def send_missing(
+    client: AgentClient,
+    sources: list[BlobSource],
+    missing: set[str],
+    compress: str = "auto",
+    progress: Progress | None = None,
+) -> int:
+    """Upload the sources whose digest is in ``missing``; returns the bytes sent (before compression).
+
+    Raises FileChanged naming the local file when the host found that a
+    file's content no longer matches the digest it was listed under.
+    """
+    todo: dict[str, BlobSource] = {}
+    for source in sources:
+        if source.digest in missing:
+            todo.setdefault(source.digest, source)
+    total = sum(source.size for source in todo.values())
+    sent = 0
+    batch: list[BlobSource] = []
+    batch_bytes = 0
+    last_report = 0.0
+
+    def report(force: bool = False) -> None:
+        nonlocal last_report
+        if progress is not None and (force or time.monotonic() - last_report >= 0.5):
+            last_report = time.monotonic()
+            progress(sent, total)
+
+    def flush() -> None:
+        nonlocal sent, batch, batch_bytes
+        if not batch:
+            return
+        with _naming_the_file(batch):
+            client.put_blobs([(source.digest, memoryview(source.read())) for source in batch])
+        sent += batch_bytes
+        batch, batch_bytes = [], 0
+        report()
+
+    for source in todo.values():
+        if source.size >= LARGE_BLOB:
+            with _naming_the_file([source]), source.view() as view:
+                client.put_blob(source.digest, view, compress)
+            sent += source.size
+            report()
+            continue
+        batch.append(source)
+        batch_bytes += source.size
+        if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_COUNT:
+            flush()
+    flush()
+    report(force=True)
+    return sent
+
+
+@contextmanager
+def _naming_the_file(sources: list[BlobSource]) -> Iterator[None]:
+    """Turn the host's "content does not match its sha256" into the local file that changed."""
+    try:
+        yield
+    except AgentCommandError as exc:
+        text = str(exc)
+        for source in sources:
+            if source.path and f"blob {source.digest[:12]}" in text:
+                raise FileChanged(
+                    f"{source.path} changed while it was being sent; nothing was run. Run the cell again "
+                    "once nothing writes to it"
+                ) from None
+        raise
+    except FileChanged as exc:
+        raise FileChanged(f"{exc}; nothing was run. Run the cell again once nothing writes to it") from None
