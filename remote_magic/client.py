@@ -230,7 +230,8 @@ class AgentClient:
                     on_line(message["line"])
                 else:
                     result = message.get("env")
-        self._checked(Reply(request.returncode or 0, b"", request.error), "build the environment")
+        if request.returncode:  # pip's own lines are the message: all of them, not only the last
+            raise AgentCommandError(f"the agent on host {self.host} failed to build the environment: {request.error}")
         if result is None:
             raise AgentCommandError(f"host {self.host} ended the environment build without a result")
         return result

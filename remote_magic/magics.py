@@ -16,7 +16,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Enum, Float, Int, Unicode
 
 from . import compression, payload, session, upload
-from .agent import protocol
+from .agent import codec, protocol
 from .cache import DEFAULT_CACHE_LIMIT
 from .capture import CaptureError
 from .client import AgentClient
@@ -292,6 +292,8 @@ class RemoteMagics(Magics):
         client = self._client(args.host, args.python)
         client.hello()
         panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
+        for note in codec.take_notes():  # e.g. a dataset saved with one shuffle order
+            panel.get().note(note)
         if args.env:
             submission.env = self._environment(client, args.env, submission, panel) or None
         self._check_environment(client, submission, panel)

@@ -679,7 +679,8 @@ def environment_report(client: AgentClient, import_names: list[str], env: str | 
     found = answer["versions"]
     remote = {dist: next((found.get(n) for n in names if found.get(n)), None) for dist, names in asked.items()}
     where = client.host + (" (its environment)" if env else "")
-    return envcheck.compare(where, local, remote, platform.python_version(), answer["python"])
+    python = client.hello()["python"]
+    return envcheck.compare(where, local, remote, platform.python_version(), answer["python"], python)
 
 
 def ensure_environment(

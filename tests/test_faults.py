@@ -362,7 +362,7 @@ def test_two_ensures_at_once_start_one_warm_runner(tmp_path) -> None:
 
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from remote_magic.agent import warm; warm.ensure(sys.argv[2], sys.argv[3])"
+        "from remote_magic.agent import warm; warm.ensure(sys.argv[2], sys.argv[3], warm.RunnerKind.of_this_process())"
     )
     repo = str(Path(__file__).resolve().parent.parent)
     starters = [

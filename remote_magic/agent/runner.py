@@ -193,6 +193,8 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         err.close_line()
         phase = "outputs"
         manifest = _write_outputs(root, path, spec, namespace, emit)
+        for note in codec.take_notes():
+            emit(protocol.WARNING, message=note)
         files = wind_up()
         emit(
             protocol.DONE,
@@ -294,7 +296,7 @@ def _load_inputs(root: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
     with open(os.path.join(path, protocol.INPUTS_FILE), "rb") as f:
         data = f.read()
     buffers = [jobs.map_blob(root, digest) for digest, _ in spec.get("blobs", [])]
-    values = codec.loads(data, buffers)
+    values = codec.loads(data, buffers, receiver="host")
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     namespace.update(values)
     return namespace

@@ -1,0 +1,253 @@
+"""Compare the kernel's Python and packages with the host's before a job is sent.
+
+A cell pickled here is unpickled on the host: a different Python minor
+version, a package the host lacks, or another major version of cloudpickle
+or keras fails there, after the upload and the wait.  ``compare`` finds
+these first (blocking rows: nothing is sent) and lists the smaller
+differences as warnings; ``auto_requirements`` turns the report into the
+list ``--env auto`` builds on the host.
+
+The client side may not import the agent's modules (``tests/test_layering``),
+so the PEP 503 name rule is repeated here.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+# Packages whose major version decides whether what one side pickled loads on the other.
+MAJOR_MUST_MATCH = ("cloudpickle", "keras")
+# The host keeps its own builds of these (CUDA, matched to its driver): ``--env auto`` never pins them.
+_HOST_BUILDS = re.compile(r"(torch|torchvision|torchaudio|triton|jax|jaxlib|jax-cuda.*|tensorflow(-.*)?|nvidia-.*)")
+MISSING = "missing"
+
+
+@dataclass
+class Row:
+    package: str  # a distribution name, or "python"
+    here: str | None  # the version in this kernel
+    host: str | None  # the version on the host; None: not installed there
+    fix: str
+    blocking: bool
+
+
+@dataclass(repr=False)
+class EnvReport:
+    host: str
+    python_here: str
+    python_host: str
+    rows: list[Row] = field(default_factory=list)
+
+    def blocking(self) -> list[Row]:
+        """The rows that stop the job: it would fail on the host."""
+        return [row for row in self.rows if row.blocking]
+
+    def warnings(self) -> list[Row]:
+        """The rows that may change results but need not stop the job."""
+        return [row for row in self.rows if not row.blocking]
+
+    def _cells(self) -> list[tuple[str, str, str, str]]:
+        return [(row.package, row.here or MISSING, row.host or MISSING, row.fix) for row in self.rows]
+
+    def _title(self) -> str:
+        return f"host {self.host}: python {self.python_host} there, {self.python_here} here"
+
+    def text(self) -> str:
+        """An aligned table, package | here | host | fix; rows that stop the job marked ``*``."""
+        if not self.rows:
+            return f"{self._title()}; every package the cell uses matches"
+        header = ("package", "here", "host", "fix")
+        cells = self._cells()
+        widths = [max(len(line[i]) for line in [header, *cells]) for i in range(3)]
+
+        def line(mark: str, values: tuple[str, str, str, str]) -> str:
+            return (
+                f"{mark} " + "  ".join(v.ljust(w) for v, w in zip(values[:3], widths, strict=True)) + f"  {values[3]}"
+            )
+
+        lines = [self._title(), line(" ", header)]
+        lines += [line("*" if row.blocking else " ", cell) for row, cell in zip(self.rows, cells, strict=True)]
+        if self.blocking():
+            lines.append("* the job cannot run on the host until this is fixed")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The same table as HTML; rows that stop the job in red, marked *."""
+        if not self.rows:
+            return f"<p>{html.escape(self.text())}</p>"
+        head = "".join(f"<th style='text-align:left'>{h}</th>" for h in ("", "package", "here", "host", "fix"))
+        body = []
+        for row, cells in zip(self.rows, self._cells(), strict=True):
+            style = " style='color:#b00020;font-weight:600'" if row.blocking else ""
+            kind = "blocking" if row.blocking else "warning"
+            mark = "*" if row.blocking else ""
+            tds = "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in cells)
+            body.append(f"<tr class='remote-magic-env-{kind}' title='{kind}'{style}><td>{mark}</td>{tds}</tr>")
+        note = "<p>* the job cannot run on the host until this is fixed</p>" if self.blocking() else ""
+        return (
+            f"<div class='remote-magic-envcheck'><p>{html.escape(self._title())}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}</div>"
+        )
+
+    def __repr__(self) -> str:
+        return self.text()
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(self.text())
+
+    def refusal(self) -> str:
+        """The message of the error raised when rows block: what happened, then the table with the fixes."""
+        count = len(self.blocking())
+        return (
+            f"nothing was sent: the Python on host {self.host} cannot run this cell as it is "
+            f"({count} problem{'s' if count != 1 else ''} marked *, each with its fix)\n{self.text()}"
+        )
+
+
+# ---------------------------------------------------------------- versions
+def canonical(name: str) -> str:
+    """PEP 503: ``-``, ``_`` and ``.`` are one character, case does not count."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def distributions_for(import_names: Iterable[str]) -> dict[str, str]:
+    """Top-level import name -> the distribution in this kernel that provides it.
+
+    Standard-library modules and modules no installed distribution provides
+    (a local ``utils.py``) are left out: the host needs nothing for them.
+    """
+    owners = metadata.packages_distributions()
+    found: dict[str, str] = {}
+    for name in import_names:
+        top = name.split(".")[0]
+        if not top or top in sys.stdlib_module_names or top in found:
+            continue
+        candidates = owners.get(top, [])
+        same = [d for d in candidates if canonical(d) == canonical(top)]
+        if same or candidates:
+            found[top] = (same or candidates)[0]
+            continue
+        try:  # an editable install or one without RECORD: its name may be the module's
+            found[top] = metadata.metadata(top)["Name"] or top
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def local_versions(distributions: Iterable[str]) -> dict[str, str | None]:
+    """Installed versions in this kernel (None when missing), from metadata: nothing is imported."""
+    versions: dict[str, str | None] = {}
+    for name in distributions:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    """``(2, 13, 0)`` for ``2.13.0+cpu``, ``1!2.0rc1`` -> ``(2, 0)``; None when it is no version."""
+    match = re.match(r"\s*v?(?:\d+!)?(\d+(?:\.\d+)*)", version)
+    return tuple(int(p) for p in match[1].split(".")) if match else None
+
+
+def public(version: str) -> str:
+    """The version without its local label: ``2.13.0+cpu`` -> ``2.13.0``."""
+    return version.split("+", 1)[0].strip()
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    release = _release(version)
+    if release is None:
+        return None
+    return release[0], (release[1] if len(release) > 1 else 0)
+
+
+def _host_build(name: str) -> bool:
+    return _HOST_BUILDS.fullmatch(canonical(name)) is not None
+
+
+# ----------------------------------------------------------------- compare
+def compare(
+    host: str,
+    local: dict[str, str | None],
+    remote: dict[str, str | None],
+    python_here: str,
+    python_host: str,
+    host_python_path: str = "python3",
+) -> EnvReport:
+    """The differences between this kernel (``local``) and the host (``remote``) that matter.
+
+    Blocking: another Python major.minor, a distribution missing on the
+    host, another major version of cloudpickle or keras.  Warnings: any
+    other major or minor difference.  Patch-only differences are not shown.
+    ``host_python_path`` names the host's interpreter in the fixes.
+    """
+    rows: list[Row] = []
+    here_py, host_py = _major_minor(python_here), _major_minor(python_host)
+    if here_py != host_py:
+        x_y = ".".join(map(str, here_py)) if here_py else python_here
+        rows.append(
+            Row(
+                "python",
+                python_here,
+                python_host,
+                f"use a python {x_y} on the host: --python /path/to/python{x_y}",
+                True,
+            )
+        )
+    remote_by_name = {canonical(name): version for name, version in remote.items()}
+    for name, here in local.items():
+        if here is None:
+            continue  # not installed here either: nothing to match
+        there = remote_by_name.get(canonical(name))
+        pin = f"{name}=={public(here)}"
+        if there is None:
+            install = f"`{host_python_path} -m pip install {pin}` on the host"
+            if _host_build(name):
+                fix = f"{install} (the build that fits its CUDA), or pin it in --env FILE"
+            else:
+                fix = f"`--env auto`, or {install}"
+            rows.append(Row(name, here, None, fix, True))
+            continue
+        ours, theirs = _major_minor(here), _major_minor(there)
+        if ours is None or theirs is None:
+            if public(here) != public(there):
+                rows.append(Row(name, here, there, f"pin it in --env FILE ({pin})", False))
+            continue
+        if ours == theirs:
+            continue  # patch-only
+        auto = "" if _host_build(name) else f"--env auto installs {pin}, or "
+        if canonical(name) in MAJOR_MUST_MATCH and ours[0] != theirs[0]:
+            fix = f"{auto}`{host_python_path} -m pip install {pin}` on the host"
+            rows.append(Row(name, here, there, fix, True))
+        else:
+            rows.append(Row(name, here, there, f"{auto}pin it in --env FILE", False))
+    rows.sort(key=lambda row: (not row.blocking, canonical(row.package)))
+    return EnvReport(host, python_here, python_host, rows)
+
+
+def auto_requirements(report: EnvReport) -> list[str]:
+    """``name==version`` (this kernel's, local label dropped) for what ``--env auto`` installs on the host.
+
+    The distributions the host lacks or has in another major.minor version;
+    never python, and never torch, tensorflow*, jax, jaxlib, nvidia-* and
+    their kin: the host keeps its own CUDA builds (pin them in --env FILE).
+    """
+    pins = set()
+    for row in report.rows:
+        if row.package == "python" or row.here is None or _host_build(row.package):
+            continue
+        if row.host is not None:
+            ours, theirs = _major_minor(row.here), _major_minor(row.host)
+            if ours is None or theirs is None or ours == theirs:
+                continue
+        if _release(row.here) is not None:
+            pins.add(f"{row.package}=={public(row.here)}")
+    return sorted(pins, key=canonical)
