@@ -17,7 +17,7 @@ with the working directory.  Folder walks leave out ``.git``, ``.venv``,
 named explicitly (or matched by a glob) always travels.
 
 Hashing a large folder again is free: ``HashCache`` keeps each file's sha256 keyed by
-its path, size, mtime, inode and device in a small sqlite database.
+its path, size, mtime, ctime, inode and device in a small sqlite database.
 """
 
 from __future__ import annotations
@@ -113,8 +113,11 @@ class HashCache:
         result: list[str | None] = [known.get(i) for i in range(len(items))]
         missing = [i for i, digest in enumerate(result) if digest is None]
         if len(missing) > 1 and _HASH_THREADS > 1:
-            with ThreadPoolExecutor(_HASH_THREADS) as pool:
+            pool = ThreadPoolExecutor(_HASH_THREADS)
+            try:
                 hashed = list(pool.map(lambda i: _hash_file(*items[i]), missing))
+            finally:  # on the first bad file (or Ctrl-C) stop at once rather than hash the rest
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             hashed = [_hash_file(*items[i]) for i in missing]
         for i, digest in zip(missing, hashed, strict=True):
@@ -541,10 +544,13 @@ def _relative_to(item: str, cwd: str) -> str:
 def _empty_folder_message(item: str, ignored: list[str]) -> str:
     if not ignored:
         return f"--files: the folder {item} has no files to send; put the data in it, or leave it out of --files"
+    ignored = sorted(ignored)
     examples = ", ".join(ignored[:3]) + (f" and {len(ignored) - 3} more" if len(ignored) > 3 else "")
+    suffixes = [os.path.splitext(path)[1] for path in ignored if not path.endswith("/")]
+    pattern = f"*{suffixes[0]}" if suffixes and suffixes[0] else "**/*"
     return (
         f"--files: every file in the folder {item} is ignored by a .gitignore ({examples}); name the files "
-        f"themselves (a file named in --files, or matched by a glob such as {item.rstrip('/')}/*.csv, "
+        f"themselves (a file named in --files, or matched by a glob such as {item.rstrip('/')}/{pattern}, "
         f"always travels), or change the .gitignore"
     )
 
@@ -556,13 +562,14 @@ def _posix_rel(path: str, root: str) -> str:
 
 def _hashed(found: list[tuple[str, str, os.stat_result]], cache: HashCache | None) -> list[ProjectFile]:
     """ProjectFiles sorted by rel; a rel reached twice travels once (two different contents: an error)."""
+    cache = cache or HashCache()
     unique: dict[str, tuple[str, os.stat_result]] = {}
     for rel, local, st in found:
         unique.setdefault(rel, (local, st))
     for rel, local, _ in found:
         if unique[rel][0] != local and not os.path.samefile(unique[rel][0], local):
             other = unique[rel][0]
-            digests = (cache or HashCache()).digests([other, local])
+            digests = cache.digests([other, local])
             if digests[other] != digests[local]:
                 raise ProjectError(
                     f"--files: {other} and {local} would both land on {rel} with different contents; "
@@ -570,7 +577,7 @@ def _hashed(found: list[tuple[str, str, os.stat_result]], cache: HashCache | Non
                 )
     rels = sorted(unique)
     items = [unique[rel] for rel in rels]
-    digests = (cache or HashCache())._digests(items)
+    digests = cache._digests(items)
     return [
         ProjectFile(rel, local, st.st_size, stat.S_IMODE(st.st_mode), digest)
         for rel, (local, st), digest in zip(rels, items, digests, strict=True)

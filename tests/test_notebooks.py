@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -15,8 +16,9 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "notebooks" /
 
 
 def _execute(path: Path) -> nbformat.NotebookNode:
+    """Run the notebook in a kernel whose working folder is the notebook's, as Jupyter does."""
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     return nb
 
 
@@ -97,3 +99,46 @@ def test_long_training_notebook_detaches_attaches_and_charts(monkeypatch) -> Non
     assert "w = 3.00, b = 0.50" in _texts(by_source['print(f"w = {w:.2f}, b = {b:.2f}")'])
     body, _ = HTMLExporter().from_notebook_node(nb)
     assert body.count('class="remote-magic-chart"') >= 3  # loss and accuracy of the long run, loss of the loop
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    """The project notebook with its package and data folder, copied: the fetched model file lands in the copy."""
+    examples = QUICKSTART.parent.parent
+    shutil.copytree(examples / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns("*.keras"))
+    shutil.copytree(examples / "data", tmp_path / "data")
+    return tmp_path / "notebooks" / "03_project.ipynb"
+
+
+def _check_project(nb: nbformat.NotebookNode, host: str) -> None:
+    train = next(c for c in nb.cells if c.source.startswith("%%remote_train"))
+    shown = _texts(train)
+    assert re.findall(r"Epoch \d/4", shown) == [f"Epoch {i}/4" for i in range(1, 5)]
+    assert f"host {host}" in shown and "fetched: sensor_model.keras" in shown
+    assert "history" in shown and "model" in shown.split("injected:")[-1]
+    evaluate = next(c for c in nb.cells if "restored = keras.saving.load_model" in c.source)
+    text = _texts(evaluate)
+    assert "epochs trained: 4" in text
+    assert float(re.search(r"fetched model file: ([0-9.]+)", text).group(1)) > 0.6  # untrained: about 0.5
+
+
+def test_project_notebook_ships_its_package_and_data_and_fetches_the_model_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("REMOTE_MAGIC_PANEL", "text")
+    path = _project_copy(tmp_path)
+    nb = _execute(path)
+    _check_project(nb, "local")
+    assert (path.parent / "sensor_model.keras").stat().st_size > 0
+    assert "every package the cell uses matches" in _texts(nb.cells[-1])
+
+
+def test_project_notebook_over_ssh(sshd, tmp_path, monkeypatch) -> None:
+    profile = tmp_path / "ipython" / "profile_default"
+    profile.mkdir(parents=True)
+    (profile / "ipython_config.py").write_text(
+        f"c.RemoteMagics.default_host = {sshd.alias!r}\n"
+        f"c.RemoteMagics.ssh_config = {str(sshd.ssh_config)!r}\n"
+        f"c.RemoteMagics.hosts = {{{sshd.alias!r}: {{'python': {PYTHON!r}}}}}\n"
+        "c.RemoteMagics.panel = 'text'\n"
+    )
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    nb = _execute(_project_copy(tmp_path / "copy"))
+    _check_project(nb, sshd.alias)

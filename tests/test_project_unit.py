@@ -673,3 +673,9 @@ def test_the_last_matching_rule_wins() -> None:
     assert rules.verdict("/keep.log", False) is True
     assert rules.verdict("/sub/keep.log", False) is False
     assert rules.verdict("/other.log", False) is True
+
+
+def test_the_cwd_defaults_to_the_kernels(tree: Path, cache: HashCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tree / "notebooks")
+    fs = collect_files("../data/train.csv", cache=cache)
+    assert (fs.root, fs.cwd, _rels(fs)) == (str(tree), "notebooks", ["data/train.csv"])
