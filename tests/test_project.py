@@ -96,7 +96,9 @@ def test_the_unchanged_project_code_trains_remotely_and_resends_only_what_change
     assert ip.user_ns["big_sum"] == pytest.approx(float(np.load(project / "data" / "big.npy").sum()))
     assert model.predict(np.ones((2, 4), "float32"), verbose=0).shape == (2, 1)
     assert type(model.layers[0]).__module__ == "shapes.layers"  # the package's own class, here and there
-    assert "scratch" not in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "scratch" not in shown
+    assert "uploading:" in shown and "(100%)" in shown  # a large upload shows its progress
 
     assert _sent_by(ip, TRAIN_CELL) < SMALL  # nothing changed: no file or module bytes
 
@@ -239,3 +241,46 @@ def test_job_files_on_the_host_are_private(ip, project, sshd) -> None:
         assert os.stat(folder).st_mode & 0o077 == 0, folder
         for name in files:
             assert os.stat(os.path.join(folder, name)).st_mode & 0o077 == 0, name
+
+
+def test_many_small_files_go_in_batches_not_one_round_trip_each(ip, tmp_path, monkeypatch) -> None:
+    data = tmp_path / "many"
+    for i in range(5000):
+        folder = data / f"part{i // 500}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.txt").write_text(f"row {i}\n")
+    monkeypatch.chdir(tmp_path)
+    client = _client(ip)
+    calls = {"put_blobs": 0, "put_blob": 0}
+    for name in calls:
+        real = getattr(client, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(client, name, counted)
+    cell = "%%remote_train --host testhost --files many\nimport glob\ncount = len(glob.glob('many/*/*.txt'))\n"
+    assert run(ip, cell).success
+    assert ip.user_ns["count"] == 5000
+    assert calls == {"put_blobs": 3, "put_blob": 0}  # 2000 files a request
+
+
+def test_a_file_that_changes_while_being_sent_is_refused_naming_it(ip, project, monkeypatch) -> None:
+    from remote_magic import upload
+
+    target = project / "data" / "extra" / "part.npy"
+    target.write_bytes(os.urandom(MiB))  # content the host has never seen: it must be sent
+    real = upload.send_missing
+
+    def change_then_send(*args, **kwargs):  # type: ignore[no-untyped-def]
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF  # same size, other content: only the host's hash check can see it
+        target.write_bytes(bytes(data))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(upload, "send_missing", change_then_send)
+    result = run(ip, "%%remote_train --host testhost --files ../data/extra\nx = 1\n")
+    assert not result.success
+    message = str(result.error_in_exec)
+    assert "part.npy changed while it was being sent" in message and "nothing was run" in message
