@@ -207,8 +207,10 @@ def _imports_of_the_job(
             with open(file.local, encoding="utf-8", errors="replace") as f:
                 names += capture.imported_modules(f.read())
     names += [name.split(".")[0] for name in referenced]
-    shipped = {module.name for module in local}
-    return sorted({n for n in names if n and n not in shipped and n not in sys.stdlib_module_names} - {"__main__"})
+    # Our own rebuild functions are named by the pickle too: the agent brings them, nothing to install.
+    ours = {"__main__", __name__.split(".")[0]}
+    shipped = {module.name for module in local} | ours
+    return sorted({n for n in names if n and n not in shipped and n not in sys.stdlib_module_names})
 
 
 def submit(client: AgentClient, submission: Submission, progress: upload.Progress | None = None) -> str:

@@ -284,3 +284,15 @@ def test_a_file_that_changes_while_being_sent_is_refused_naming_it(ip, project, 
     assert not result.success
     message = str(result.error_in_exec)
     assert "part.npy changed while it was being sent" in message and "nothing was run" in message
+
+
+def test_the_packages_a_job_needs_are_its_own_not_remote_magic(ip, project) -> None:
+    """A Keras model pickles through our own rebuild function: the host need not have remote_magic installed."""
+    from remote_magic import session
+
+    assert run(ip, "import keras\nfrom shapes import build_model\nmodel = build_model(4)").success
+    submission = session.prepare("import json\nmodel.fit(x)\n", {**ip.user_ns, "x": np.ones((2, 4))})
+    needed = session.needed_imports(submission)
+    assert {"cloudpickle", "numpy", "keras", "tensorflow"} <= set(needed)
+    assert "remote_magic" not in needed and "shapes" not in needed and "json" not in needed
+    assert [f.rel for f in submission.modules] == ["shapes/__init__.py", "shapes/layers.py", "shapes/models.py"]
