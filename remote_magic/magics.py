@@ -338,7 +338,9 @@ class RemoteMagics(Magics):
         cell with the same imports as the last one costs no round trip.
         """
         needed = session.needed_imports(submission)
-        key = (client.host, submission.env, tuple(needed))
+        self._last_imports[client.host] = needed  # what %remote_env compares, refused or not
+        where = (client.host, client.transport.python, client.transport.root, submission.env)
+        key = (*where, tuple(needed))
         report = self._checked_environments.get(key)
         if report is None:
             report = session.environment_report(client, needed, submission.env)
@@ -347,7 +349,6 @@ class RemoteMagics(Magics):
             self._checked_environments[key] = report
             for row in report.warnings():
                 panel.get().note(f"{row.package} is {row.here} here but {row.host} on host {client.host}; {row.fix}")
-        self._last_imports[client.host] = needed
 
     @magic_arguments()
     @host_argument

@@ -22,7 +22,6 @@ its path, size, mtime, ctime, inode and device in a small sqlite database.
 
 from __future__ import annotations
 
-import ast
 import glob
 import hashlib
 import importlib.util
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from . import capture
 from .paths import data_dir
 
 SKIPPED_NAMES = frozenset({".git", ".venv", "__pycache__", ".ipynb_checkpoints"})
@@ -618,6 +618,36 @@ def _installed(path: str) -> bool:
     return False
 
 
+def _installed_by_a_distribution(import_root: str, top: str) -> bool:
+    """A package that pip put in a folder of its own (``pip install --target``): a ``*.dist-info`` there lists it.
+
+    Such a folder is no site-packages by name, but its packages are installed ones (maybe compiled): the host
+    must install them, never get their .py files shipped.
+    """
+    try:
+        names = os.listdir(import_root)
+    except OSError:
+        return False
+    owned = (f"{top}/", f"{top}.py,", f"{top}/__init__.py,")
+    for name in names:
+        if not name.endswith(".dist-info"):
+            continue
+        folder = os.path.join(import_root, name)
+        try:
+            with open(os.path.join(folder, "top_level.txt"), encoding="utf-8") as f:
+                if top in {line.strip() for line in f}:
+                    return True
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(folder, "RECORD"), encoding="utf-8") as f:
+                if any(line.startswith(owned) for line in f):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def is_local_module(name: str) -> LocalModule | None:
     """The top-level package or module of ``name`` when it is the user's own source, else None.
 
@@ -648,8 +678,10 @@ def is_local_module(name: str) -> LocalModule | None:
             if os.path.basename(origin) != "__init__.py":
                 return None
             folder = os.path.dirname(origin)
-            return LocalModule(top, folder, os.path.dirname(folder))
-        return LocalModule(top, origin, os.path.dirname(origin))
+            found = LocalModule(top, folder, os.path.dirname(folder))
+        else:
+            found = LocalModule(top, origin, os.path.dirname(origin))
+        return None if _installed_by_a_distribution(found.import_root, top) else found
     if locations is None:
         return None  # built in or frozen
     portions = [os.path.abspath(p) for p in list(locations)]
@@ -695,22 +727,15 @@ def find_local_modules(source: str, referenced: Iterable[str] = (), extra: Itera
 
 
 def _imported_names(source: str, from_file: bool = False) -> list[str]:
-    """Absolute imports in ``source`` (or in the file it names); relative ones stay inside their package."""
-    try:
-        if from_file:
-            with open(source, "rb") as f:
-                tree = ast.parse(f.read(), source)
-        else:
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError, OSError):
-        return []  # the cell is checked elsewhere; a broken module file fails on the host with its own error
-    names: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.extend(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module)
-    return names
+    """Top-level names of the absolute imports in ``source`` (or in the file it names); relative ones stay inside
+    their package, and a file that cannot be read imports nothing here (it fails on the host with its own error)."""
+    if from_file:
+        try:
+            with open(source, encoding="utf-8", errors="replace") as f:
+                source = f.read()
+        except OSError:
+            return []
+    return capture.imported_modules(source)
 
 
 def _python_files(module: LocalModule) -> list[str]:

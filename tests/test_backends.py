@@ -50,10 +50,15 @@ def _stop_the_runners_the_test_started():
     """A job's runner starts the warm runner of the next job as it ends: the test ends those it caused."""
     before = _agent_runners()
     yield
+    import sys as _s
+    _s.__stderr__.write(f"\nbefore {before}\n")
     quiet, deadline = 0, time.monotonic() + 20
     while quiet < 3 and time.monotonic() < deadline:
         started = _agent_runners() - before
         quiet = 0 if started else quiet + 1
+        if started:
+            import sys as _s
+            _s.__stderr__.write(f"\nkilling {started} {[open(f'/proc/{p}/cmdline').read().split(chr(0))[-3:] for p in started if os.path.exists(f'/proc/{p}')]}\n")
         for pid in started:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -317,7 +322,7 @@ def test_a_tf_data_dataset_from_an_earlier_cell_trains_on_the_host(ip, capsys) -
     out = capsys.readouterr().out
 
     model = ip.user_ns["model"]
-    assert all(not np.array_equal(a, b) for a, b in zip(model.get_weights(), ip.user_ns["weights_before"]))
+    assert all(not np.array_equal(a, b) for a, b in zip(model.get_weights(), ip.user_ns["weights_before"], strict=True))
     assert int(model.optimizer.iterations.numpy()) == 2 * 16  # 256 samples / 16 per batch, 2 epochs
     assert [line.split(" - ")[0] for line in _epoch_lines(out)] == ["Epoch 1/2", "Epoch 2/2"]
     assert (

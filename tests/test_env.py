@@ -124,9 +124,9 @@ def _lines(text: str, needle: str) -> list[str]:
 
 def _stop_warm_runners(root: Path) -> None:
     """The warm runners a job left under ``root`` (conftest stops only those under its own folder)."""
-    for ready in root.rglob("warm/*.ready"):
+    for found in [*root.rglob("warm/*.ready"), *root.rglob("warm/*.starting")]:
         try:
-            os.kill(json.loads(ready.read_text())["pid"], signal.SIGTERM)
+            os.kill(json.loads(found.read_text())["pid"], signal.SIGTERM)
         except (OSError, ValueError, KeyError):
             pass
 
@@ -209,31 +209,43 @@ def test_another_interpreter_on_the_same_host_is_checked_again(ip, host_h, kerne
     assert len(tinypkg) == 1 and tinypkg[0].split()[:4] == ["*", "tinypkg", "1.0", "missing"]
 
 
-def test_remote_env_shows_the_table_after_a_refused_cell(ip, host_h, kernel_side) -> None:
-    refused = run(ip, "%%remote_train --host testhost\nimport tinypkg, onlyhere\n")
-    assert isinstance(refused.error_in_exec, HostSetupError)
+def test_remote_env_shows_the_table_any_time(ip, host_h, kernel_side) -> None:
+    # Before any cell: the base packages only (cloudpickle, numpy, keras, ...), the same on both sides.
+    report = ip.run_line_magic("remote_env", "--host testhost")
+    assert repr(report) == f"host testhost: python {PY} there, {PY} here; every package the cell uses matches"
+    assert report.blocking() == [] and "<table>" not in report._repr_html_()
 
+    # After a cell that ran: its packages too.
+    assert run(ip, "%%remote_train --host testhost\nimport tinypkg\nversion = tinypkg.__version__\n").success
     report = ip.run_line_magic("remote_env", "--host testhost")
     text = repr(report)
-    print(f"\n%remote_env --host testhost:\n{text}")
-    if not _lines(text, " onlyhere "):
-        pytest.xfail(
-            "magics.py _check_environment raises HostSetupError before it records _last_imports[host], so "
-            "%remote_env after a refused cell compares only the base packages, not the cell's"
-        )
+    lines = text.splitlines()
+    assert lines[0] == f"host testhost: python {PY} there, {PY} here"
+    assert lines[1].split() == ["package", "here", "host", "fix"]
+    assert [line.split()[:3] for line in lines[2:]] == [["tinypkg", "1.0", "2.0"]]
+    page = report._repr_html_()
+    assert "<table>" in page and "</table>" in page and page.count("<tr class=") == 1
+    assert "<td style='text-align:left'>tinypkg</td>" in page and "remote-magic-env-warning" in page
+
+    # After a refused cell: the table that refused it.
+    refused = run(ip, "%%remote_train --host testhost\nimport tinypkg, onlyhere\n")
+    assert isinstance(refused.error_in_exec, HostSetupError)
+    report = ip.run_line_magic("remote_env", "--host testhost")
+    text = repr(report)
+    print(f"\n%remote_env --host testhost, after the refused cell:\n{text}")
     assert text.splitlines()[0] == f"host testhost: python {PY} there, {PY} here"
     assert _lines(text, " onlyhere ")[0].split()[:4] == ["*", "onlyhere", "1.0", "missing"]
     assert _lines(text, " tinypkg ")[0].split()[:3] == ["tinypkg", "1.0", "2.0"]
     page = report._repr_html_()
-    assert "<table>" in page and "</table>" in page
     assert "<td style='text-align:left'>onlyhere</td>" in page and "remote-magic-env-blocking" in page
-    assert "<td style='text-align:left'>tinypkg</td>" in page and "remote-magic-env-warning" in page
+    assert text.splitlines()[-1] == "* the job cannot run on the host until this is fixed"
 
 
 # ------------------------------------------------------------------ --env FILE
 def test_env_file_builds_once_on_the_host_and_the_next_job_reuses_it(
-    ip, sshd, host_h, wheelhouse, tmp_path, monkeypatch, capsys
+    ip, sshd, host_h, kernel_side, wheelhouse, tmp_path, monkeypatch, capsys
 ) -> None:
+    """The host venv has tinypkg 2.0, this kernel 1.0: the env pins 1.0, so the job runs with the kernel's."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "requirements.txt").write_text(_requirements(wheelhouse, "tinypkg==1.0"))
     cell = "%%remote_train --host testhost --env requirements.txt\nimport tinypkg\nv = tinypkg.__version__\n"
@@ -266,6 +278,15 @@ def test_env_file_builds_once_on_the_host_and_the_next_job_reuses_it(
     assert ip.user_ns["v"] == "1.0"
     assert "built environment" not in shown and "environment:" not in shown
     assert _folders(envs_root) - before == {key}  # one env, reused
+    assert "tinypkg is 1.0 here" not in shown  # checked against the env, which has the kernel's version
+
+    # %remote_env --env compares with that env (reused, not rebuilt).
+    report = ip.run_line_magic("remote_env", "--host testhost --env requirements.txt")
+    assert repr(report) == (
+        f"host testhost (its environment): python {PY} there, {PY} here; every package the cell uses matches"
+    )
+    assert "built environment" not in capsys.readouterr().out
+    assert _folders(envs_root) - before == {key}
     with capsys.disabled():
         print(
             f"\n[--env requirements.txt on testhost] first job, builds the env: {first:.2f} s; "
@@ -379,6 +400,7 @@ def test_env_auto_installs_the_kernels_versions_that_the_host_lacks(
     PIP_NO_INDEX and PIP_FIND_LINKS. (Over SSH the agent's environment is the login's: see the report.)"""
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheelhouse))
+    monkeypatch.setenv("REMOTE_MAGIC_WARM", "0")  # no warm runner outlives the test in its own root
     root = tmp_path / "local-root"
     magics.hosts = {**magics.hosts, "local": {"root": str(root)}}
     cell = "%%remote_train --host local --env auto\nimport tinypkg, onlyhere\nv = (tinypkg.__version__, onlyhere.__version__)\n"

@@ -679,3 +679,20 @@ def test_the_cwd_defaults_to_the_kernels(tree: Path, cache: HashCache, monkeypat
     monkeypatch.chdir(tree / "notebooks")
     fs = collect_files("../data/train.csv", cache=cache)
     assert (fs.root, fs.cwd, _rels(fs)) == (str(tree), "notebooks", ["data/train.csv"])
+
+
+def test_a_package_pip_put_in_a_folder_of_its_own_is_installed_not_local(tmp_path, monkeypatch) -> None:
+    """`pip install --target K` makes no site-packages folder, but its packages are installed ones: never shipped."""
+    from wheels import build_wheel
+
+    wheel = build_wheel(tmp_path / "wheels", "targetpkg", "1.0")
+    target = tmp_path / "K"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--target", str(target), str(wheel)], check=True
+    )
+    (tmp_path / "mine.py").write_text("import targetpkg\n")
+    monkeypatch.syspath_prepend(str(target))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert project.is_local_module("targetpkg") is None
+    assert [m.name for m in project.find_local_modules("import mine\n")] == ["mine"]
