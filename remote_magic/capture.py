@@ -11,6 +11,7 @@ the cell visibly changes in place:
   ``obj.n += 1``), or
 * a method that changes objects in place is called on it: Keras/sklearn
   ``fit``, ``partial_fit``, ``train``, ``compile``, ``load_weights``, ...
+  PyTorch ``step``, ``zero_grad``, ``load_state_dict``
   and the list/dict/set/ndarray mutators (``append``, ``update``, ``sort``,
   ``fill``, ...), see ``MUTATING_METHODS``.
 
@@ -29,6 +30,8 @@ MUTATING_METHODS = frozenset(
         # training in place
         "fit", "fit_generator", "partial_fit", "train", "train_on_batch", "compile",
         "load_weights", "set_weights", "reset_states", "build",
+        # PyTorch: an optimizer or scheduler stepped, a state loaded
+        "step", "zero_grad", "load_state_dict",
         # containers and arrays
         "append", "extend", "insert", "pop", "popitem", "remove", "clear", "update",
         "setdefault", "add", "discard", "sort", "reverse", "fill", "resize",

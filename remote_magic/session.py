@@ -182,6 +182,8 @@ def prepare(
     inputs = capture.select_inputs(names, namespace, set(hidden) | protocol.RUNNER_NAMES)
     packed = payload.pack({n: namespace[n] for n in inputs}, namespace)
     wanted = outputs if outputs is not None else capture.default_outputs(names, inputs)
+    if outputs is None:
+        wanted += [n for n in _trained_together(wanted, inputs, namespace) if n not in wanted]
     submission = Submission(source, inputs, wanted, packed, name)
     if files or ship_modules or extra_modules:
         hashes = hashes or project.HashCache()
@@ -195,6 +197,30 @@ def prepare(
         submission.modules = project.module_files(local, hashes)
     submission.imports = _imports_of_the_job(source, packed.modules, submission.modules, local)
     return submission
+
+
+def _trained_together(wanted: list[str], inputs: list[str], namespace: dict[str, Any]) -> list[str]:
+    """Inputs that must come back with a wanted one: a PyTorch optimizer and the modules whose parameters it steps.
+
+    Brought back apart, the kernel's optimizer would go on stepping the old,
+    untrained parameters; in one pickle they stay the same objects.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    optimizers = {n: namespace[n] for n in inputs if isinstance(namespace[n], torch.optim.Optimizer)}
+    modules = {n: namespace[n] for n in inputs if isinstance(namespace[n], torch.nn.Module)}
+    extra: list[str] = []
+    for opt_name, optimizer in optimizers.items():
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for mod_name, module in modules.items():
+            if not any(id(p) in stepped for p in module.parameters()):
+                continue
+            if opt_name in wanted and mod_name not in wanted:
+                extra.append(mod_name)
+            if mod_name in wanted and opt_name not in wanted:
+                extra.append(opt_name)
+    return list(dict.fromkeys(extra))
 
 
 def _imports_of_the_job(
