@@ -202,6 +202,10 @@ class AgentClient:
         self.call("put-blob", digest, str(size), stdin=[buffer])
         self.upload_rate = compression.measured_rate(size, time.perf_counter() - start, self.upload_rate)
 
+    def put_blob_stream(self, digest: str, size: int, chunks: Iterable[bytes | memoryview]) -> None:
+        """Send one blob from pieces produced as it goes (a large file read while it is sent)."""
+        self.call("put-blob", digest, str(size), stdin=chunks)
+
     def put_blobs(self, blobs: list[tuple[str, memoryview]]) -> None:
         """Send many small blobs in one request (no compression: they are small)."""
         header = json.dumps([[digest, buffer.nbytes] for digest, buffer in blobs]).encode() + b"\n"

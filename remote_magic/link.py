@@ -45,6 +45,7 @@ class Request:
         self.error = ""
         self.answered = threading.Event()  # the exit frame arrived: stop sending stdin
         self.abandoned = threading.Event()  # nobody reads this request any more
+        self.input_error: Exception | None = None  # producing the input failed (not the link)
 
     def deliver(self, item: tuple[str, Any]) -> None:
         """Called by the reader thread; waits while the inbox is full, unless the request is abandoned."""
@@ -139,7 +140,7 @@ class AgentLink:
         self._requests[request.id] = request
         try:
             self._send({"id": request.id, "argv": argv})
-            for part in stdin:
+            for part in _until_it_fails(stdin, request):
                 view = memoryview(part).cast("B")
                 for start in range(0, view.nbytes, FRAME_BYTES):
                     if request.answered.is_set():
@@ -153,9 +154,23 @@ class AgentLink:
             self._requests.pop(request.id, None)
             self.dead = self.dead or f"the agent's connection failed: {exc}"
             raise ConnectionFailed(self.dead) from None
+        if request.input_error is not None:
+            # What was to be sent failed (a file changed as it was read): the command saw its input end early
+            # and fails on its own; the link is fine.  The caller learns why.
+            request.cancel()
+            raise request.input_error
         if self.dead and not request.answered.is_set():  # the reader ended while this request was being sent
             request.deliver(("dead", self.dead))
         return request
 
     def close(self) -> None:
         self.pipe.close()
+
+
+def _until_it_fails(parts: Iterable[bytes | memoryview], request: Request) -> Iterator[bytes | memoryview]:
+    """The parts of a request's input; if producing them fails, that error is kept on the request, not taken
+    for a failure of the link, and the input just ends there."""
+    try:
+        yield from parts
+    except Exception as exc:  # noqa: BLE001  (re-raised by request() once the command's input is closed)
+        request.input_error = exc

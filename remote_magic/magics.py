@@ -63,6 +63,9 @@ class MagicHints:
     def checkpoint(self, job_id: str, host: str) -> str:
         return f"`%remote_attach {job_id} --host {host} --checkpoint` brings back the model of its last checkpoint"
 
+    def fetch(self, job_id: str, host: str, patterns: list[str]) -> str:
+        return f"the files stay on the host: `%remote_fetch {job_id} '{','.join(patterns)}' --host {host}` gets them"
+
 
 def _list(text: str) -> list[str]:
     """A comma-separated option value, quotes and spaces around items tolerated."""
@@ -343,12 +346,13 @@ class RemoteMagics(Magics):
         key = (*where, tuple(needed))
         report = self._checked_environments.get(key)
         if report is None:
-            report = session.environment_report(client, needed, submission.env)
+            report = session.environment_report(client, needed, submission.env, submission.module_imports)
             if report.blocking():
                 raise HostSetupError(report.refusal())
             self._checked_environments[key] = report
             for row in report.warnings():
-                panel.get().note(f"{row.package} is {row.here} here but {row.host} on host {client.host}; {row.fix}")
+                there = row.host or "missing"
+                panel.get().note(f"{row.package} is {row.here} here but {there} on host {client.host}; {row.fix}")
 
     @magic_arguments()
     @host_argument

@@ -17,7 +17,7 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -100,6 +100,9 @@ class Hints(Protocol):
     def checkpoint(self, job_id: str, host: str) -> str:
         """How to get the model of the job's last checkpoint."""
 
+    def fetch(self, job_id: str, host: str, patterns: list[str]) -> str:
+        """How to bring the job's files back later."""
+
 
 class PlainHints:
     """Hints without any front end's syntax."""
@@ -112,6 +115,9 @@ class PlainHints:
 
     def checkpoint(self, job_id: str, host: str) -> str:
         return f"the checkpoint of job {job_id} on host {host} holds the model of its last checkpointed epoch"
+
+    def fetch(self, job_id: str, host: str, patterns: list[str]) -> str:
+        return f"the files stay with job {job_id} on host {host} until it is collected"
 
 
 @dataclass
@@ -132,7 +138,9 @@ class Submission:
     workdir: str | None = None  # --workdir: a folder on the host to run in instead
     env: str | None = None  # a built environment's key on the host
     backend: str | None = None  # the job's KERAS_BACKEND
-    imports: list[str] = field(default_factory=list)  # top-level modules the job needs (cell, local modules, pickle)
+    imports: list[str] = field(default_factory=list)  # top-level modules the cell and the pickle need
+    # imported only somewhere in the local modules sent (maybe optional, or in a file the cell never uses)
+    module_imports: list[str] = field(default_factory=list)
 
     def spec(self) -> dict[str, Any]:
         """The job's spec as the agent stores it (protocol.SPEC_KEYS)."""
@@ -195,7 +203,10 @@ def prepare(
         found_in = (source, packed.modules) if ship_modules else ("", set())
         local = project.find_local_modules(found_in[0], found_in[1], extra_modules or ())
         submission.modules = project.module_files(local, hashes)
-    submission.imports = _imports_of_the_job(source, packed.modules, submission.modules, local)
+    submission.imports = _imports_of_the_job(source, packed.modules, [], local)
+    submission.module_imports = [
+        n for n in _imports_of_the_job("", set(), submission.modules, local) if n not in submission.imports
+    ]
     return submission
 
 
@@ -605,19 +616,27 @@ class JobLifecycle:
         fetch: FileFetch | None = None,
     ) -> None:
         raise_for_final(final, job_id, client.host, self.hints)
-        if fetch is not None:
-            for line in fetch_files(client, job_id, fetch, self.cache()):
-                panel.note(line)
         if final.get("stopped"):
             panel.note(f"stopped at epoch {panel.view.epoch} of {panel.view.epochs or '?'}")
-        if not inject:
-            panel.note(f"finished; outputs not injected, as asked: {self.hints.attach(job_id, client.host)}")
-            return
-        values = fetch_outputs(client, job_id, final, self.cache())
-        self.inject(values)
-        for note in codec.take_notes():  # e.g. tensors that were on a GPU there are on the CPU here
-            panel.note(note)
-        panel.note(f"injected: {describe_injection(list(values))}")
+        try:
+            if not inject:
+                panel.note(f"finished; outputs not injected, as asked: {self.hints.attach(job_id, client.host)}")
+                return
+            values = fetch_outputs(client, job_id, final, self.cache())
+            self.inject(values)
+            for note in codec.take_notes():  # e.g. tensors that were on a GPU there are on the CPU here
+                panel.note(note)
+            panel.note(f"injected: {describe_injection(list(values))}")
+        finally:
+            if fetch is not None:  # after the outputs: a file that cannot be fetched never costs the model
+                self._fetch_into_panel(client, job_id, fetch, panel)
+
+    def _fetch_into_panel(self, client: AgentClient, job_id: str, fetch: FileFetch, panel: Panel) -> None:
+        try:
+            for line in fetch_files(client, job_id, fetch, self.cache()):
+                panel.note(line)
+        except (RemoteMagicError, OSError) as exc:
+            panel.note(f"--fetch failed: {exc}; {self.hints.fetch(job_id, client.host, fetch.patterns)}")
 
     def follow_in_background(
         self,
@@ -692,14 +711,21 @@ def kernel_backend() -> str | None:
 
 def needed_imports(submission: Submission) -> list[str]:
     """Top-level modules whose versions matter for this job: its imports, plus Keras's backend where Keras is used."""
-    names = list(dict.fromkeys([*_ALWAYS_NEEDED, *submission.imports]))
+    names = list(dict.fromkeys([*_ALWAYS_NEEDED, *submission.imports, *submission.module_imports]))
     if "keras" in names:
         names.append(submission.backend or kernel_backend() or "tensorflow")
     return list(dict.fromkeys(names))
 
 
-def environment_report(client: AgentClient, import_names: list[str], env: str | None = None) -> envcheck.EnvReport:
-    """This kernel's versions of the packages behind ``import_names`` next to the host's (or the env's there)."""
+def environment_report(
+    client: AgentClient, import_names: list[str], env: str | None = None, maybe_unused: Iterable[str] = ()
+) -> envcheck.EnvReport:
+    """This kernel's versions of the packages behind ``import_names`` next to the host's (or the env's there).
+
+    ``maybe_unused``: imports found only inside the local modules sent (an
+    optional import, a file the cell never uses): missing on the host, they
+    are a warning, not a refusal.
+    """
     distributions = envcheck.distributions_for(import_names)  # import -> distribution here
     local = envcheck.local_versions(distributions.values())
     asked = {dist: list(dict.fromkeys([dist, *_SAME_IMPORT.get(name, ())])) for name, dist in distributions.items()}
@@ -708,7 +734,14 @@ def environment_report(client: AgentClient, import_names: list[str], env: str | 
     remote = {dist: next((found.get(n) for n in names if found.get(n)), None) for dist, names in asked.items()}
     where = client.host + (" (its environment)" if env else "")
     python = client.hello()["python"]
-    return envcheck.compare(where, local, remote, platform.python_version(), answer["python"], python)
+    report = envcheck.compare(where, local, remote, platform.python_version(), answer["python"], python)
+    soft = {distributions[name] for name in maybe_unused if name in distributions}
+    for row in report.rows:
+        if row.blocking and row.package in soft:
+            row.blocking = False
+            row.fix = f"only your local modules import it (optional?); if the job needs it: {row.fix}"
+    report.rows.sort(key=lambda row: (not row.blocking, row.package))
+    return report
 
 
 def ensure_environment(

@@ -3,14 +3,12 @@
 The host answers ``submit`` with the digests it is missing; only those move
 (an unchanged 2 GB data folder moves 0 bytes).  Small blobs go many to a
 request, so 100k small files cost as much as their bytes and not 100k round
-trips; large ones go one by one, straight from a memory map of the file
-(never read whole into memory), compressed where it pays.
+trips; large ones go one by one: an input buffer compressed where it pays, a
+file streamed as it is read (never whole in memory).
 """
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +17,8 @@ from dataclasses import dataclass
 from .client import AgentClient
 from .errors import AgentCommandError
 
-LARGE_BLOB = 8 * 1024 * 1024  # sent alone (and maybe compressed); smaller ones are batched
+LARGE_BLOB = 8 * 1024 * 1024  # sent alone (an input buffer maybe compressed); smaller ones are batched
+FILE_CHUNK = 4 * 1024 * 1024
 BATCH_BYTES = 16 * 1024 * 1024
 BATCH_COUNT = 2000
 
@@ -39,31 +38,29 @@ class BlobSource:
     buffer: memoryview | None = None
     path: str | None = None
 
-    @contextmanager
-    def view(self) -> Iterator[memoryview]:
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        """The bytes, a bounded piece at a time (a file is read as it is sent, never whole and never mapped:
+        a file truncated meanwhile is an error here, not a crash of the kernel)."""
         if self.buffer is not None:
             yield self.buffer
             return
         assert self.path is not None
-        with open(self.path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != self.size:
-                raise FileChanged(f"{self.path} changed size after it was hashed")
-            if self.size == 0:
-                yield memoryview(b"")
-                return
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            try:
-                view = memoryview(mapped)
-                try:
-                    yield view
-                finally:
-                    view.release()
-            finally:
-                mapped.close()
+        try:
+            with open(self.path, "rb") as f:
+                remaining = self.size
+                while remaining:
+                    chunk = f.read(min(FILE_CHUNK, remaining))
+                    if not chunk:
+                        raise FileChanged(f"{self.path} got shorter while it was being sent")
+                    remaining -= len(chunk)
+                    yield chunk
+                if f.read(1):
+                    raise FileChanged(f"{self.path} got longer while it was being sent")
+        except OSError as exc:
+            raise FileChanged(f"{self.path} could not be read while it was being sent ({exc.strerror})") from None
 
     def read(self) -> bytes:
-        with self.view() as view:
-            return bytes(view)
+        return b"".join(bytes(chunk) for chunk in self.chunks())
 
 
 def send_missing(
@@ -106,8 +103,11 @@ def send_missing(
 
     for source in todo.values():
         if source.size >= LARGE_BLOB:
-            with _naming_the_file([source]), source.view() as view:
-                client.put_blob(source.digest, view, compress)
+            with _naming_the_file([source]):
+                if source.buffer is not None:
+                    client.put_blob(source.digest, source.buffer, compress)
+                else:  # a project file: streamed as it is read, as is
+                    client.put_blob_stream(source.digest, source.size, source.chunks())
             sent += source.size
             report()
             continue

@@ -192,6 +192,21 @@ def test_a_version_difference_alone_is_a_one_line_warning_and_the_job_runs(ip, h
     assert "tinypkg is 1.0" not in capsys.readouterr().out
 
 
+def test_an_optional_import_in_a_local_module_is_a_warning_not_a_refusal(
+    ip, host_h, kernel_side, tmp_path, monkeypatch, capsys
+) -> None:
+    """A helper that imports onlyhere inside try/except runs on a host without it: only the cell's own
+    imports and the pickle's can refuse a job."""
+    (tmp_path / "optional_helper.py").write_text(
+        "try:\n    import onlyhere\nexcept ImportError:\n    onlyhere = None\n\n\ndef has_it():\n    return onlyhere is not None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert run(ip, "%%remote_train --host testhost\nimport optional_helper\nthere = optional_helper.has_it()\n").success
+    assert ip.user_ns["there"] is False
+    warning = _lines(capsys.readouterr().out, "onlyhere is 1.0 here but missing on host testhost")
+    assert len(warning) == 1 and "only your local modules import it" in warning[0]
+
+
 def test_another_interpreter_on_the_same_host_is_checked_again(ip, host_h, kernel_side, capsys) -> None:
     """After a cell passed on the host venv (tinypkg 2.0), --python names an interpreter that has no tinypkg."""
     assert run(ip, "%%remote_train --host testhost\nimport tinypkg\nversion = tinypkg.__version__\n").success

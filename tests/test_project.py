@@ -266,16 +266,29 @@ def test_many_small_files_go_in_batches_not_one_round_trip_each(ip, tmp_path, mo
     assert calls == {"put_blobs": 3, "put_blob": 0}  # 2000 files a request
 
 
-def test_a_file_that_changes_while_being_sent_is_refused_naming_it(ip, project, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("size", "change", "said"),
+    [
+        (MiB, "same size, other bytes", "part.npy changed while it was being sent"),
+        (12 * MiB, "cut in half", "part.npy got shorter while it was being sent"),
+    ],
+)
+def test_a_file_that_changes_while_being_sent_is_refused_naming_it(
+    ip, project, monkeypatch, size, change, said
+) -> None:
+    """A small file (sent in a batch, caught by the host's hash check) and a large one (streamed as it is read)."""
     from remote_magic import upload
 
     target = project / "data" / "extra" / "part.npy"
-    target.write_bytes(os.urandom(MiB))  # content the host has never seen: it must be sent
+    target.write_bytes(os.urandom(size))  # content the host has never seen: it must be sent
     real = upload.send_missing
 
     def change_then_send(*args, **kwargs):  # type: ignore[no-untyped-def]
         data = bytearray(target.read_bytes())
-        data[-1] ^= 0xFF  # same size, other content: only the host's hash check can see it
+        if change == "cut in half":
+            del data[size // 2 :]
+        else:
+            data[-1] ^= 0xFF  # only the host's hash check can see this one
         target.write_bytes(bytes(data))
         return real(*args, **kwargs)
 
@@ -283,7 +296,9 @@ def test_a_file_that_changes_while_being_sent_is_refused_naming_it(ip, project, 
     result = run(ip, "%%remote_train --host testhost --files ../data/extra\nx = 1\n")
     assert not result.success
     message = str(result.error_in_exec)
-    assert "part.npy changed while it was being sent" in message and "nothing was run" in message
+    assert said in message and "nothing was run" in message
+    monkeypatch.undo()
+    assert run(ip, "%%remote_train --host testhost\ny = 2\n").success  # the connection is fine
 
 
 def test_the_packages_a_job_needs_are_its_own_not_remote_magic(ip, project) -> None:

@@ -164,10 +164,14 @@ def cmd_fetch_files(root: str, agent_hash: str, args: argparse.Namespace, io: Co
     """Store the job's files that match the patterns as blobs; list [path, sha256, size] for each."""
     path = jobs.job_dir(root, args.job_id)
     spec = jobs.read_spec(path)
-    cwd = layout.job_cwd(path, spec)
-    if not os.path.isdir(cwd):
+    if jobs.event_summary(path)["ended"] is None:
+        raise jobs.AgentError(
+            f"job {args.job_id} is still running: fetch its files once it ended (a file being "
+            "written now could arrive half written)"
+        )
+    if not os.path.isdir(layout.job_cwd(path, spec)):
         raise jobs.AgentError(f"job {args.job_id} has no working folder on the host any more")
-    io.print_json({"files": layout.store_files(root, path, cwd, args.patterns)})
+    io.print_json({"files": layout.store_files(root, path, spec, args.patterns)})
     return 0
 
 
@@ -249,7 +253,7 @@ def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) 
             kept_unfetched.append(row["job_id"])
             continue
         if not args.dry_run:
-            shutil.rmtree(path)
+            shutil.rmtree(path, onerror=_make_writable_and_retry)
             jobs.forget_summary(path)
         removed.append(row["job_id"])
     freed = 0
@@ -257,9 +261,16 @@ def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) 
         blobs = jobs.unreferenced_blobs(root)
         for digest in blobs:
             blob = os.path.join(jobs.blobs_dir(root), digest)
-            freed += os.path.getsize(blob)
-            if not args.dry_run:
-                os.unlink(blob)
+            try:
+                freed += os.path.getsize(blob)
+                if args.dry_run:
+                    continue
+                if "." in digest:  # a stale partial upload
+                    os.unlink(blob)
+                else:
+                    layout.drop_blob(root, digest)
+            except FileNotFoundError:
+                continue  # dropped by a job that changed it, just now
     agents, agent_bytes = _old_agents(root, agents_in_use, args.dry_run)
     io.print_json(
         {
@@ -271,6 +282,14 @@ def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) 
         }
     )
     return 0
+
+
+def _make_writable_and_retry(function: Any, path: str, _exc_info: Any) -> None:
+    """A folder the cell made read-only (a copied tree, a tool's cache) must not stop gc for good."""
+    os.chmod(os.path.dirname(path), 0o700)
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.chmod(path, 0o700)
+    function(path)
 
 
 def _old_agents(root: str, in_use: set[str], dry_run: bool) -> tuple[list[str], int]:
@@ -421,7 +440,8 @@ def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace, io: Comman
     from . import runner
 
     path = jobs.job_dir(root, args.job_id)
-    return runner.run_job(root, path, after=lambda: warm.prepare_next(root, agent_hash))
+    kind = warm.RunnerKind.of_this_process()  # as started: the cell may change KERAS_BACKEND
+    return runner.run_job(root, path, after=lambda: warm.prepare_next(root, agent_hash, kind))
 
 
 def cmd_warm_runner(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:

@@ -174,7 +174,7 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
             )
         if cwd is None:
             return {}
-        written, total = layout.written_files(cwd, started)
+        written, total = layout.written_files(path, spec, started)
         return {"files": written, "files_total": total}
 
     try:

@@ -239,16 +239,17 @@ def serve_one_job(root: str, agent_hash: str) -> int:
     os.dup2(log, 2)
     os.close(log)
     os.chdir(path)  # the runner moves to the job's working folder once its files are in place
-    return runner.run_job(root, path, warm=True, after=lambda: prepare_next(root, agent_hash))
+    return runner.run_job(root, path, warm=True, after=lambda: prepare_next(root, agent_hash, kind))
 
 
-def prepare_next(root: str, agent_hash: str) -> None:
+def prepare_next(root: str, agent_hash: str, kind: RunnerKind) -> None:
     """Start the warm runner for the next job, with the heavy packages the job that ends used.
 
-    Called by a job's runner as it ends; the runner's own tag is not passed on.
+    Called by a job's runner as it ends, with the kind it was started as (a cell may have changed
+    KERAS_BACKEND since); the runner's own tag is not passed on.
     """
     try:
-        ensure(root, agent_hash, RunnerKind.of_this_process(), heavy_modules_in_use())
+        ensure(root, agent_hash, kind, heavy_modules_in_use())
     except Exception:  # noqa: BLE001  (the job is over; a missing warm runner only costs speed)
         pass
 
