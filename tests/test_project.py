@@ -71,7 +71,12 @@ def project(ip, tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(root / "notebooks")
     monkeypatch.syspath_prepend(str(root / "notebooks"))
     monkeypatch.syspath_prepend(str(root))  # as `sys.path.append("..")` or `pip install -e ..` would
+    _forget_project_modules()  # another test's own `helpers` may still be imported
     yield root
+    _forget_project_modules()
+
+
+def _forget_project_modules() -> None:
     for name in [m for m in sys.modules if m.split(".")[0] in ("shapes", "helpers")]:
         del sys.modules[name]
 
