@@ -12,14 +12,18 @@ mtime, which ``get`` refreshes on every hit.  A lost blob only costs a download.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import threading
 import time
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from .paths import data_dir
+
+_CHUNK = 4 * 1024 * 1024
 
 DEFAULT_CACHE_LIMIT = 10 * 2**30
 """Bytes of blobs the cache keeps when no limit is given: 10 GiB."""
@@ -106,6 +110,48 @@ class BlobCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+        self._evict()
+
+    def copy_out(self, digest: str, size: int, out: BinaryIO) -> bool:
+        """Write the cached blob to ``out`` a piece at a time, checked against its digest; False when absent.
+
+        ``out`` may hold a partial copy when this returns False: the caller
+        writes to a temporary file and starts over.
+        """
+        path = self._path(digest)
+        hasher = hashlib.sha256()
+        try:
+            if os.path.getsize(path) != size:
+                raise ValueError
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    hasher.update(chunk)
+                    out.write(chunk)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            _remove(path)
+            return False
+        if hasher.hexdigest() != digest:
+            _remove(path)
+            return False
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return True
+
+    def put_file(self, digest: str, source: str) -> None:
+        """Store a copy of a local file whose content is ``digest`` (a fetched file), then evict over the limit."""
+        if os.path.getsize(source) > self.limit:
+            return
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        tmp = f"{self._path(digest)}.tmp-{secrets.token_hex(4)}"
+        try:
+            shutil.copyfile(source, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self._path(digest))
         except BaseException:
             _remove(tmp)
             raise

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import compression
 from .agent import bootstrap, protocol
@@ -242,9 +242,21 @@ class AgentClient:
 
     def get_blob(self, digest: str, size: int) -> bytearray:
         """A blob, copied once into one buffer and hashed as it arrives (no second pass over the bytes)."""
-        request = self.link().request(["cat-blob", digest])
         buffer = bytearray(size)
         view = memoryview(buffer)
+
+        def put(chunk: bytes, at: int) -> None:
+            view[at : at + len(chunk)] = chunk
+
+        self._receive_blob(digest, size, put)
+        return buffer
+
+    def get_blob_into(self, digest: str, size: int, out: BinaryIO) -> None:
+        """A blob written to ``out`` as it arrives, hashed on the way: a large file never sits in memory."""
+        self._receive_blob(digest, size, lambda chunk, _at: out.write(chunk))
+
+    def _receive_blob(self, digest: str, size: int, put: Callable[[bytes, int], object]) -> None:
+        request = self.link().request(["cat-blob", digest])
         hasher = hashlib.sha256()
         received = 0
         for chunk in request.chunks():
@@ -252,7 +264,7 @@ class AgentClient:
             if end > size:
                 request.cancel()
                 raise AgentCommandError(f"host {self.host} sent more than the {size} bytes of blob {digest[:12]}")
-            view[received:end] = chunk
+            put(chunk, received)
             hasher.update(chunk)
             received = end
         self._checked(Reply(request.returncode or 0, b"", request.error), "cat-blob")
@@ -263,4 +275,3 @@ class AgentClient:
                 f"blob {digest[:12]} from host {self.host} does not match its sha256 (damaged on the host's disk?); "
                 "nothing was loaded. Run the job again to produce it anew"
             )
-        return buffer

@@ -267,10 +267,10 @@ class RemoteMagics(Magics):
         if args.fetch:
             patterns = _list(args.fetch)
             for pattern in patterns:
-                if pattern.startswith(("/", "~")) or ".." in pattern.split("/"):
+                if pattern.startswith(("/", "~")):
                     raise UsageError(
-                        f"--fetch {pattern}: patterns name files under the job's working folder, "
-                        "relative to it, never above it"
+                        f"--fetch {pattern}: patterns are relative to the job's working folder on the host "
+                        "(`..` may climb within the job's own folder)"
                     )
             fetch = session.FileFetch(patterns, os.getcwd(), args.fetch_overwrite)
         shell = self.shell

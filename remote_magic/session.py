@@ -433,19 +433,30 @@ def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: Blo
                 f"{os.path.relpath(beside, request.folder)} (--fetch-overwrite replaces it)"
             )
             target = beside
-        buffer = fetch_blob(client, digest, size, cache)
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        tmp = f"{target}.part-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _fetch_file(client, digest, size, target, None if client.is_local else cache or BlobCache())
         saved.append(f"{os.path.relpath(target, request.folder)} ({size:,} bytes)")
     return [f"fetched: {', '.join(saved)}", *notes]
+
+
+def _fetch_file(client: AgentClient, digest: str, size: int, target: str, cache: BlobCache | None) -> None:
+    """One fetched file, streamed to a temporary file beside ``target`` and renamed into place when whole."""
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = f"{target}.part-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            cached = cache is not None and cache.copy_out(digest, size, f)
+            if not cached:
+                f.seek(0)
+                f.truncate()
+                client.get_blob_into(digest, size, f)
+        if cache is not None and not cached:
+            with contextlib.suppress(OSError):  # a full cache disk only costs a later download
+                cache.put_file(digest, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _same_content(path: str, digest: str, size: int) -> bool:

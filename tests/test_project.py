@@ -316,3 +316,33 @@ def test_the_packages_a_job_needs_are_its_own_not_remote_magic(ip, project) -> N
     assert {"cloudpickle", "numpy", "keras", "tensorflow"} <= set(needed)
     assert "remote_magic" not in needed and "shapes" not in needed and "json" not in needed
     assert [f.rel for f in submission.modules] == ["shapes/__init__.py", "shapes/layers.py", "shapes/models.py"]
+
+
+def test_a_large_fetched_file_streams_to_disk_is_cached_and_can_climb_within_the_layout(ip, project) -> None:
+    """20 MB written beside the notebook folder (`../models/`), as the layout mirrors the project."""
+    cell = (
+        "%%remote_train --host testhost --files ../data/train.csv --fetch ../models/weights.bin\n"
+        "import os, hashlib\n"
+        "os.makedirs('../models', exist_ok=True)\n"
+        "blob = os.urandom(20 * 2**20)\n"
+        "open('../models/weights.bin', 'wb').write(blob)\n"
+        "digest = hashlib.sha256(blob).hexdigest()\n"
+        "del blob\n"
+    )
+    assert run(ip, cell).success
+    fetched = project / "models" / "weights.bin"
+    import hashlib
+
+    assert hashlib.sha256(fetched.read_bytes()).hexdigest() == ip.user_ns["digest"]
+    assert not list((project / "models").glob("*.part-*"))
+
+    fetched.unlink()
+    client = _client(ip)
+    received = client.bytes_received
+    job = ip.magics_manager.registry["RemoteMagics"].registry.records()[-1].job_id
+    assert run(ip, f"%remote_fetch {job} ../models/weights.bin").success
+    assert hashlib.sha256(fetched.read_bytes()).hexdigest() == ip.user_ns["digest"]
+    assert client.bytes_received - received < SMALL  # from the local cache, not the host
+
+    result = run(ip, f"%remote_fetch {job} ../../../etc/passwd")
+    assert not result.success and "outside the job's folder" in str(result.error_in_exec)
