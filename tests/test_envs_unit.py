@@ -356,3 +356,24 @@ def test_report_text_and_html_name_the_differences() -> None:
     printer = Printer()
     report._repr_pretty_(printer, False)
     assert printer.out == text
+
+
+def test_an_installer_left_running_by_a_dead_agent_is_ended_before_the_next_build(root: str, wheelhouse: Path) -> None:
+    """The connection dropped mid-build: the agent died, its pip ran on. The next build ends it first,
+    so two installers never write into one folder."""
+    from remote_magic.agent import procs
+
+    text = _requirements(wheelhouse, "tinypkg==2.0", "# orphan test")
+    key = envs.env_key(envs.normalize_requirements(text))
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env=procs.tag_environment(dict(os.environ), f"env-build-{key}"),
+        start_new_session=True,
+    )
+    try:
+        result = envs.ensure(root, text)
+        assert result.built
+        assert orphan.wait(timeout=10) != 0  # ended by a signal, long before its 60 s
+    finally:
+        orphan.kill()
+        orphan.wait()

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata, util
 
-from . import jobs
+from . import jobs, procs
 
 ENVS_DIR = "envs"
 READY_FILE = ".ready"
@@ -167,6 +167,10 @@ def _build(path: str, requirements: list[str], on_output: Callable[[str], None],
         tail.append(line)
         on_output(line)
 
+    # A build whose agent died (a dropped connection) may have left its installer running: end it first.
+    tag = f"env-build-{os.path.basename(path)}"
+    with contextlib.suppress(OSError, ValueError):
+        procs.terminate_tagged(tag, grace=2.0)
     shutil.rmtree(path, ignore_errors=True)  # a build that died half-way
     try:
         jobs.ensure_dir(path)
@@ -179,12 +183,13 @@ def _build(path: str, requirements: list[str], on_output: Callable[[str], None],
             deadline,
             timeout,
             output,
+            tag,
         )
         _write_pth(python)
         requirements_file = os.path.join(path, REQUIREMENTS_FILE)
         jobs.atomic_write(requirements_file, ("\n".join(requirements) + "\n").encode("utf-8"), durable=False)
         for what, command in _install_commands(python, requirements_file):
-            _run(what, command, deadline, timeout, output)
+            _run(what, command, deadline, timeout, output, tag)
         elapsed = time.monotonic() - started
         output(f"environment {os.path.basename(path)} ready in {elapsed:.1f} s")
         ready = {"requirements": requirements, "python": sys.executable, "version": sys.version, "seconds": elapsed}
@@ -214,15 +219,23 @@ def _timeout() -> float:
         return DEFAULT_TIMEOUT
 
 
-def _run(what: str, command: list[str], deadline: float, timeout: float, output: Callable[[str], None]) -> None:
-    """Run one build step, its merged stdout/stderr to ``output`` line by line, killed at ``deadline``."""
-    env = dict(
-        os.environ,
-        PYTHONUNBUFFERED="1",  # lines as they happen, not when a buffer fills
-        PIP_DISABLE_PIP_VERSION_CHECK="1",
-        PIP_NO_INPUT="1",
-        PIP_PROGRESS_BAR="off",
-        UV_NO_PROGRESS="1",
+def _run(
+    what: str, command: list[str], deadline: float, timeout: float, output: Callable[[str], None], tag: str
+) -> None:
+    """Run one build step, its merged stdout/stderr to ``output`` line by line, killed at ``deadline``.
+
+    ``tag`` marks the step's processes (see procs.py), so a later build can end one its dead agent left.
+    """
+    env = procs.tag_environment(
+        dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",  # lines as they happen, not when a buffer fills
+            PIP_DISABLE_PIP_VERSION_CHECK="1",
+            PIP_NO_INPUT="1",
+            PIP_PROGRESS_BAR="off",
+            UV_NO_PROGRESS="1",
+        ),
+        tag,
     )
     env.pop("VIRTUAL_ENV", None)  # the installers are told the target explicitly
     remaining = deadline - time.monotonic()
