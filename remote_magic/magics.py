@@ -72,6 +72,40 @@ def _list(text: str) -> list[str]:
     return [item.strip() for item in text.strip().strip("'\"").split(",") if item.strip()]
 
 
+def _gpu_request(
+    count: str | None, ids: str | None, host_gpus: list[dict[str, Any]], host: str
+) -> tuple[int | str, list[int] | None, bool]:
+    """(gpus, gpu_ids, whether the default was used), checked against the host's GPUs before anything is sent."""
+    have = len(host_gpus)
+    none_there = f"host {host} has no GPUs (nvidia-smi finds none there)"
+    if ids is not None:
+        try:
+            wanted = [int(i) for i in _list(ids)]
+        except ValueError:
+            raise UsageError(f"--gpu-ids takes GPU numbers such as 2,3, not {ids!r}") from None
+        if not have:
+            raise UsageError(f"--gpu-ids {ids}: {none_there}; leave it out to run on the CPU")
+        missing = [i for i in wanted if not 0 <= i < have]
+        if missing or not wanted or len(set(wanted)) != len(wanted):
+            raise UsageError(f"--gpu-ids {ids}: host {host} has GPUs 0 to {have - 1}, each once")
+        return 0, sorted(wanted), False
+    if count is None:
+        return (1 if have else 0), None, bool(have)
+    text = count.strip().strip("'\"").lower()
+    if text == "all":
+        if not have:
+            raise UsageError(f"--gpus all: {none_there}; leave it out to run on the CPU")
+        return "all", None, False
+    if not text.isdigit():
+        raise UsageError(f"--gpus takes a number of GPUs (0 for none) or 'all', not {count!r}")
+    number = int(text)
+    if number > have:
+        raise UsageError(
+            f"--gpus {number}: {none_there}" if not have else f"--gpus {number}: host {host} has {have} GPUs"
+        )
+    return number, None, False
+
+
 class _PanelWhenNeeded:
     """The job's panel, shown only once there is something to show (a build, an upload, the job itself)."""
 
@@ -242,6 +276,13 @@ class RemoteMagics(Magics):
         "kernel's versions of the packages the host lacks ('auto')",
     )
     @argument("--backend", choices=session.KERAS_BACKENDS, help="the job's Keras backend (default: this kernel's)")
+    @argument(
+        "--gpus",
+        metavar="N|all",
+        help="how many of the host's GPUs the job holds, alone (default: 1 on a host with GPUs, 0 without); "
+        "the job waits in the host's queue until they are free",
+    )
+    @argument("--gpu-ids", metavar="IDS", help="exactly these GPUs of the host, e.g. 2,3")
     @cell_magic
     def remote_train(self, line: str, cell: str) -> None:
         """Run this cell on a host and bring back what it assigned.
@@ -292,9 +333,18 @@ class RemoteMagics(Magics):
         submission.compress = args.compress or self.compress
         submission.workdir = args.workdir
         submission.backend = args.backend or session.kernel_backend()
+        if args.gpus is not None and args.gpu_ids is not None:
+            raise UsageError("--gpus and --gpu-ids do not go together: give a count, or the GPUs themselves")
         client = self._client(args.host, args.python)
-        client.hello()
+        hello = client.hello()
         panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
+        host_gpus = hello.get("gpus") or []
+        submission.gpus, submission.gpu_ids, default_used = _gpu_request(args.gpus, args.gpu_ids, host_gpus, client.host)
+        if host_gpus:
+            settings = self.connections.settings_for(args.host or self.default_host)
+            submission.busy_gpu_memory = settings.busy_gpu_memory
+        if default_used and len(host_gpus) > 1:
+            panel.get().note(f"using 1 of {len(host_gpus)} GPUs; --gpus all for all")
         for note in codec.take_notes():  # e.g. a dataset saved with one shuffle order
             panel.get().note(note)
         if args.env:
@@ -370,7 +420,7 @@ class RemoteMagics(Magics):
             return JobDetail(client.host, client.status(job_id))
         if args.host:
             client = self._client(args.host)
-            return StatusTable(client.host, client.status())
+            return StatusTable(client.host, client.status(), client.gpus())
         return StatusTable(None, session.registered_jobs(self.registry.records(), self._client))
 
     @magic_arguments()

@@ -38,9 +38,27 @@ class HostSettings:
     python: str | None = None
     root: str | None = None
     ssh_config: str | None = None
+    busy_gpu_memory: int = 1024  # MiB that others' processes may use on a GPU the queue still counts as free
 
 
-HOST_SETTING_KEYS = frozenset({"python", "root"})
+HOST_SETTING_KEYS = frozenset({"python", "root", "busy_gpu_memory"})
+_UNITS_MIB = {"kib": 1 / 1024, "k": 1 / 1024, "mib": 1, "m": 1, "gib": 1024, "g": 1024}
+
+
+def memory_mib(value: object, setting: str) -> int:
+    """A memory size as a setting gives it: a number of bytes, or text such as '1GiB', '512MiB', '2G'."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value // (1024 * 1024)
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("kmgib")
+    unit = text[len(number) :]
+    try:
+        mib = float(number) * _UNITS_MIB[unit or "mib"] if unit else float(number) / (1024 * 1024)
+    except (KeyError, ValueError):
+        mib = -1
+    if not mib >= 0:
+        raise ValueError(f"{setting} takes a size such as '1GiB' or '512MiB' (or bytes), not {value!r}")
+    return int(mib)
 
 
 class Connections:
@@ -60,10 +78,15 @@ class Connections:
         unknown = set(settings) - HOST_SETTING_KEYS
         if unknown:
             raise ValueError(
-                f"the settings of host {host!r} have unknown keys {sorted(unknown)}; use 'python' and 'root'"
+                f"the settings of host {host!r} have unknown keys {sorted(unknown)}; "
+                f"use {', '.join(repr(k) for k in sorted(HOST_SETTING_KEYS))}"
             )
+        busy = settings.get("busy_gpu_memory")
         return HostSettings(
-            python=python or settings.get("python"), root=settings.get("root"), ssh_config=self.ssh_config
+            python=python or settings.get("python"),
+            root=settings.get("root"),
+            ssh_config=self.ssh_config,
+            busy_gpu_memory=memory_mib(busy, f"the busy_gpu_memory of host {host!r}") if busy is not None else 1024,
         )
 
     def get(self, host: str, python: str | None = None) -> AgentClient:
@@ -138,6 +161,9 @@ class Submission:
     workdir: str | None = None  # --workdir: a folder on the host to run in instead
     env: str | None = None  # a built environment's key on the host
     backend: str | None = None  # the job's KERAS_BACKEND
+    gpus: int | str = 0  # how many GPUs the job holds, or "all" (the host's queue gives them)
+    gpu_ids: list[int] | None = None  # exactly these GPUs instead
+    busy_gpu_memory: int | None = None  # MiB: see HostSettings
     imports: list[str] = field(default_factory=list)  # top-level modules the cell and the pickle need
     # imported only somewhere in the local modules sent (maybe optional, or in a file the cell never uses)
     module_imports: list[str] = field(default_factory=list)
@@ -157,7 +183,14 @@ class Submission:
             "modules": [[f.rel, f.digest, f.size, f.mode] for f in self.modules],
             "cwd": self.cwd,
         }
-        optional = {"workdir": self.workdir, "env": self.env, "backend": self.backend}
+        spec["gpus"] = self.gpus
+        optional = {
+            "workdir": self.workdir,
+            "env": self.env,
+            "backend": self.backend,
+            "gpu_ids": self.gpu_ids,
+            "busy_gpu_memory": self.busy_gpu_memory,
+        }
         spec.update({key: value for key, value in optional.items() if value is not None})
         return spec
 

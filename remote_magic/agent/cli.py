@@ -11,6 +11,7 @@ a problem is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import threading
 import time
 from typing import IO, Any
 
-from . import envs, jobs, launcher, layout, protocol, warm
+from . import dispatch, envs, gpus, jobs, launcher, layout, protocol, warm
 
 EXIT_PROBLEM = 2
 POLL_SECONDS = 0.02
@@ -59,6 +60,7 @@ def cmd_hello(root: str, agent_hash: str, args: argparse.Namespace, io: CommandI
             "hostname": socket.gethostname(),
             "root": root,
             "packages": package_versions(),
+            "gpus": [{"index": g.index, "name": g.name, "memory_total": g.memory_total} for g in gpus.inventory()],
         }
     )
     return 0
@@ -128,6 +130,15 @@ def _spec_problem(spec: Any, root: str) -> str | None:
         return "workdir must be a path on the host"
     if spec.get("env") is not None and not (isinstance(spec["env"], str) and envs.env_python(root, spec["env"])):
         return f"environment {spec['env']!r} is not built on this host (build it first: env-ensure)"
+    count = spec.get("gpus", 0)
+    if not (count == "all" or (isinstance(count, int) and not isinstance(count, bool) and count >= 0)):
+        return f"gpus must be a number of GPUs, 0 or more, or 'all', not {count!r}"
+    ids = spec.get("gpu_ids")
+    if ids is not None and not (isinstance(ids, list) and ids and all(isinstance(i, int) and i >= 0 for i in ids)):
+        return f"gpu_ids must be a list of GPU indices, not {ids!r}"
+    busy = spec.get("busy_gpu_memory")
+    if busy is not None and not (isinstance(busy, int) and busy >= 0):
+        return f"busy_gpu_memory must be MiB, 0 or more, not {busy!r}"
     backend = spec.get("backend")
     if backend is not None and not (isinstance(backend, str) and backend.isidentifier()):
         return f"backend must be a Keras backend name, not {backend!r}"
@@ -436,6 +447,25 @@ def cmd_stop(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO
     return 0
 
 
+def cmd_gpus(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    """The host's GPUs now: model, memory, utilization, and who holds each (a job of ours, or others' processes)."""
+    inventory = gpus.inventory()
+    held = dispatch.holdings(root) if inventory else {}
+    foreign = dispatch.others_on_gpus(inventory, 0) if inventory else {}
+    rows = []
+    for g in inventory:
+        holder = f"job {held[g.index]}" if g.index in held else None
+        if holder is None and g.index in foreign:
+            holder = ", ".join(gpus.describe_holder(p) for p in foreign[g.index])
+        rows.append({**dataclasses.asdict(g), "holder": holder, "job_id": held.get(g.index)})
+    io.print_json(rows)
+    return 0
+
+
+def cmd_dispatch(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    return dispatch.serve(root)
+
+
 def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     from . import runner
 
@@ -481,6 +511,8 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
             ("--dry-run", {"action": "store_true"}),
         ],
     ),
+    "gpus": (cmd_gpus, []),
+    "dispatch": (cmd_dispatch, []),
     "run-job": (cmd_run_job, [_JOB]),
     "warm-runner": (cmd_warm_runner, []),
 }

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from . import bootstrap, jobs, procs, protocol, warm
+from . import bootstrap, dispatch, gpus, jobs, procs, protocol, warm
 from .detach import spawn_detached, untagged_environment
 
 ENDED = "ended"
@@ -84,18 +84,39 @@ class ProcessLauncher(Launcher):
     name = "process"
 
     def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
+        """At once on a host without GPUs; through the host's GPU queue on one with GPUs."""
+        if not gpus.inventory():
+            self.start_now(root, agent_hash, path, spec, None)
+        elif dispatch.wanted_gpus(spec) is None:
+            self.start_now(root, agent_hash, path, spec, [])  # no GPU wanted: none visible
+        else:
+            dispatch.enqueue(root, agent_hash, path, spec)
+
+    def start_now(
+        self, root: str, agent_hash: str, path: str, spec: dict[str, Any], gpu_ids: list[int] | None
+    ) -> None:
+        """Start the job's runner: a warm one when it fits, else a new process.
+
+        ``gpu_ids``: the GPUs the job holds (``[]``: none visible), written
+        before the runner starts so a warm one sets CUDA_VISIBLE_DEVICES
+        before the cell; None on a host without GPUs.
+        """
         job_id = spec["job_id"]
         identity = None
         kind = warm.RunnerKind.for_job(root, spec)
+        env = procs.tag_environment(kind.environment(untagged_environment()), job_id)
+        if gpu_ids is not None:
+            jobs.atomic_write(os.path.join(path, protocol.ASSIGNED_FILE), json.dumps({"gpus": gpu_ids}).encode())
+            env.update(gpus.visible_devices_env(gpu_ids))
         use_warm = spec.get("warm", True) and warm.enabled()
         if use_warm:
-            identity = warm.claim(root, agent_hash, kind, job_id)
+            identity = warm.claim(root, agent_hash, kind, job_id, cuda_untouched=gpu_ids is not None)
         if identity is None:
             identity = spawn_detached(
                 [kind.python, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
                 log=os.path.join(path, protocol.RUNNER_LOG),
                 cwd=path,  # the runner moves to the job's working folder once its files are in place
-                env=procs.tag_environment(kind.environment(untagged_environment()), job_id),
+                env=env,
             )
         record = {"launcher": self.name, "identity": identity.to_json() if identity else None, "host": _hostname()}
         jobs.atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
@@ -109,6 +130,12 @@ class ProcessLauncher(Launcher):
     def poll(self, path: str, spec: dict[str, Any]) -> Phase:
         record = _read_launch(path)
         if record is None:
+            root = os.path.dirname(os.path.dirname(path))
+            if dispatch.is_queued(root, spec["job_id"]):
+                last = jobs.last_event(path) or {}
+                return Phase(
+                    protocol.STATE_QUEUED, "waiting for GPUs", reason=last.get("reason"), position=last.get("position")
+                )
             if os.path.exists(os.path.join(path, protocol.PID_FILE)):
                 return Phase(ENDED, "unknown", where=_hostname())  # recorded before start times: never trusted
             if time.time() - (spec.get("submitted") or 0) < START_GRACE_SECONDS:
@@ -120,13 +147,30 @@ class ProcessLauncher(Launcher):
         return Phase(ENDED, "exited", where=record.get("host"))
 
     def stop(self, path: str, spec: dict[str, Any]) -> bool:
+        if _leave_queue(path, spec, "stopped before it started: it had nothing to return yet"):
+            return True
         identity = self._runner(path)
         return identity is not None and procs.signal_process(identity, signal.SIGINT)
 
     def cancel(self, path: str, spec: dict[str, Any], grace: float) -> dict[str, Any]:
+        if _leave_queue(path, spec, "cancelled while it waited in the GPU queue"):
+            return {"queued": True}
         identity = self._runner(path)
         runner = identity if identity is not None and procs.is_running(identity) else None
         return procs.terminate_tagged(spec["job_id"], grace, also=runner)
+
+
+def _leave_queue(path: str, spec: dict[str, Any], message: str) -> bool:
+    """Take a job that has not started out of the GPU queue, with its final event; whether it was queued."""
+    if not dispatch.remove(os.path.dirname(os.path.dirname(path)), spec["job_id"]):
+        return False
+    log = jobs.EventLog(path)
+    try:
+        log.append(protocol.CANCELLED, message=message)
+    finally:
+        log.close()
+    jobs.forget_summary(path)
+    return True
 
 
 def _hostname() -> str:

@@ -52,6 +52,7 @@ BATCH = "batch"
 EPOCH = "epoch"
 TRAIN_END = "train_end"
 WARNING = "warning"
+GPU = "gpu"  # a sample of the job's GPUs: utilization and memory, every few seconds
 DONE = "done"
 ERROR = "error"
 CANCELLED = "cancelled"
@@ -88,6 +89,7 @@ INPUTS_FILE = "inputs.pkl"
 OUTPUTS_FILE = "outputs.pkl"
 EVENTS_FILE = "events.jsonl"
 PID_FILE = "runner.pid"  # before schema 2: a bare pid, never trusted for signals (it may be reused)
+ASSIGNED_FILE = "gpus.json"  # the GPUs the job holds, written before its runner starts
 LAUNCH_FILE = "launch.json"  # how the launcher started the job (for processes: pid, start time, boot id)
 SUMMARY_FILE = "summary.json"  # written by the runner when the job ends: listings need not read the log
 OUTPUT_BLOBS_FILE = "outputs.blobs"  # the output blobs, listed before they are written (gc keeps them)
@@ -127,11 +129,13 @@ def newer_schema_problem(schema: object, job_id: str) -> str | None:
 
 # The spec (spec.json): what was asked.  The client sends these keys; the agent adds job_id, submitted, schema.
 # files/modules: [path, sha256, size, mode] placed in the job's layout / on its sys.path; cwd: the kernel's
-# working directory inside that layout; env: a built environment's key; backend: the job's KERAS_BACKEND.
+# working directory inside that layout; env: a built environment's key; backend: the job's KERAS_BACKEND;
+# gpus: a count or "all", gpu_ids: exact GPUs (the host's queue gives them); busy_gpu_memory: MiB a foreign
+# process may use on a GPU that still counts as free.
 SPEC_KEYS = frozenset(
     {
         "source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client",
-        "workdir", "files", "modules", "cwd", "env", "backend",
+        "workdir", "files", "modules", "cwd", "env", "backend", "gpus", "gpu_ids", "busy_gpu_memory",
     }
 )  # fmt: skip
 

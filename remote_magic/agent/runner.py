@@ -15,10 +15,8 @@ import json
 import linecache
 import os
 import platform
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +26,7 @@ from collections.abc import Callable
 from importlib import metadata, util
 from typing import Any
 
-from . import callbacks, codec, jobs, layout, procs, protocol
+from . import callbacks, codec, gpus, jobs, layout, procs, protocol
 
 CELL_FILENAME = "<remote_train cell>"
 _VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")
@@ -90,24 +88,27 @@ def _after_return(text: str) -> str:
     return text.rsplit("\r", 1)[-1]
 
 
-def device_info() -> dict[str, Any]:
-    """GPU names and memory from nvidia-smi when the host has one, else CPU."""
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run(
-                [smi, "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=True,
-            ).stdout
-            gpus = [line.strip() for line in out.splitlines() if line.strip()]
-            if gpus:
-                return {"kind": "GPU", "gpus": gpus, "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return {"kind": "CPU", "gpus": []}
+def device_info(assigned: list[int] | None) -> dict[str, Any]:
+    """The GPUs the job holds (``GPU 2,3 of 4 × NVIDIA H100 80GB``), or CPU."""
+    if not assigned:
+        return {"kind": "CPU", "gpus": []}
+    inventory = gpus.inventory()
+    names = {g.index: g.name for g in inventory}
+    return {
+        "kind": "GPU",
+        "gpus": [names.get(i, "?") for i in assigned],
+        "indices": assigned,
+        "label": gpus.describe_job_gpus(assigned, inventory),
+    }
+
+
+def _assigned_gpus(path: str) -> list[int] | None:
+    """The GPUs the host's queue gave this job ([] for none), or None on a host without GPUs."""
+    try:
+        with open(os.path.join(path, protocol.ASSIGNED_FILE), encoding="utf-8") as f:
+            return [int(i) for i in json.load(f)["gpus"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def package_versions() -> dict[str, str | None]:
@@ -144,16 +145,22 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
     signal.signal(signal.SIGINT, lambda *_: hooks.stop_requested.set())
     signal.signal(signal.SIGTERM, _raise_cancelled)
 
+    assigned = _assigned_gpus(path)
+    if assigned is not None:  # a warm runner started without it; CUDA is not loaded in it (see warm.claim)
+        os.environ.update(gpus.visible_devices_env(assigned))
     emit(
         protocol.STARTED,
         host=socket.gethostname(),
         pid=os.getpid(),
         python=sys.executable,
         python_version=platform.python_version(),
-        device=device_info(),
+        device=device_info(assigned),
         warm=warm,
         versions=package_versions(),
     )
+    sampler = gpus.Sampler(assigned, emit) if assigned else None
+    if sampler is not None:
+        sampler.start()
     out, err = EventStream(emit, protocol.STDOUT), EventStream(emit, protocol.STDERR)
     sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
     started = time.time()
@@ -164,6 +171,7 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         """Before the final event: end open lines, drop blobs the cell changed, list the files it wrote."""
         out.close_line()
         err.close_line()
+        peaks = sampler.stop() if sampler is not None else {}
         changed = layout.check_linked(root, path)
         if changed:
             shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
@@ -173,9 +181,9 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
                 "so the next job gets them fresh from the kernel",
             )
         if cwd is None:
-            return {}
+            return peaks
         written, total = layout.written_files(path, spec, started)
-        return {"files": written, "files_total": total}
+        return {"files": written, "files_total": total, **peaks}
 
     try:
         cwd, modules = layout.materialize(root, path, spec)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import bootstrap, envs, jobs, procs, protocol
+from . import bootstrap, envs, gpus, jobs, procs, protocol
 from .detach import spawn_detached, untagged_environment
 
 HEAVY_MODULES = ("tensorflow", "keras", "torch", "jax", "sklearn", "pandas")
@@ -103,13 +103,21 @@ def _read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
-def claim(root: str, agent_hash: str, kind: RunnerKind, message: str) -> procs.ProcessIdentity | None:
-    """Hand ``message`` (a job id, or "exit") to one waiting warm runner of ``kind``; its identity, or None."""
-    return _claim(root, kind.key(agent_hash), message)
+def claim(
+    root: str, agent_hash: str, kind: RunnerKind, message: str, cuda_untouched: bool = False
+) -> procs.ProcessIdentity | None:
+    """Hand ``message`` (a job id, or "exit") to one waiting warm runner of ``kind``; its identity, or None.
+
+    ``cuda_untouched``: only a runner in which the CUDA driver is not loaded
+    will do (a GPU host: the job's CUDA_VISIBLE_DEVICES must take effect).
+    """
+    return _claim(root, kind.key(agent_hash), message, cuda_untouched)
 
 
-def _claim(root: str, key: str, message: str) -> procs.ProcessIdentity | None:
+def _claim(root: str, key: str, message: str, cuda_untouched: bool = False) -> procs.ProcessIdentity | None:
     for ready in _ready_files(root, key):
+        if cuda_untouched and (_read_json(ready) or {}).get("cuda", True):
+            continue  # it may have initialised CUDA for every GPU: never for a job that must see only its own
         claimed = ready[: -len(".ready")] + ".claimed"
         try:
             os.rename(ready, claimed)
@@ -209,7 +217,7 @@ def serve_one_job(root: str, agent_hash: str) -> int:
     fd = os.open(fifo, os.O_RDWR)
     try:
         identity = procs.identity_of(pid)
-        info = {"pid": pid, "fifo": fifo, "modules": modules, "agent": agent_hash}
+        info = {"pid": pid, "fifo": fifo, "modules": modules, "agent": agent_hash, "cuda": gpus.cuda_driver_mapped()}
         info["identity"] = identity.to_json() if identity else None
         jobs.atomic_write(ready, json.dumps(info).encode())
         with contextlib.suppress(FileNotFoundError):

@@ -53,12 +53,20 @@ class JobView:
     progress: str = ""  # one line that replaces itself: an upload or an environment build before the job starts
     files: list[list[Any]] = field(default_factory=list)  # [path, size] of what the cell wrote, newest first
     files_total: int = 0
+    reason: str = ""  # why a queued job waits (GPUs held by whom), and its place in the queue
+    position: int | None = None
+    gpu_now: list[dict[str, Any]] = field(default_factory=list)  # the last sample of the job's GPUs
+    gpu_peak: dict[str, int] = field(default_factory=dict)  # GPU index -> peak MiB used, when the job ended
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         self.next_seq = event["seq"] + 1
-        if kind == protocol.STARTED:
-            self.progress = ""
+        if kind == protocol.QUEUED:
+            self.reason, self.position = event.get("reason") or "", event.get("position")
+        elif kind == protocol.GPU:
+            self.gpu_now = event.get("gpus") or []
+        elif kind == protocol.STARTED:
+            self.progress, self.reason = "", ""
             self.state = protocol.STATE_RUNNING
             self.started = event["t"]
             self.device = describe_device(event.get("device"))
@@ -81,6 +89,7 @@ class JobView:
             self.state = protocol.final_state(event)
             self.ended = event["t"]
             self.files, self.files_total = event.get("files") or [], event.get("files_total") or 0
+            self.gpu_peak = event.get("gpu_peak") or {}
             if kind != protocol.DONE:
                 self.error = event.get("message")
 
@@ -132,6 +141,22 @@ class JobView:
         lines = "1 earlier line is" if left_out == 1 else f"{left_out:,} earlier lines are"
         return f"… {lines} on the host: `{command}`"
 
+    def waiting_line(self) -> str:
+        """``queued #2: waiting for 2 GPUs: 0 by job ...`` while the job waits in the host's queue."""
+        if self.state != protocol.STATE_QUEUED or not self.reason:
+            return ""
+        return f"queued #{self.position}: {self.reason}" if self.position else f"queued: {self.reason}"
+
+    def gpu_lines(self) -> list[str]:
+        """One line per GPU of the job: utilization and memory now, or the peak memory once it ended."""
+        if self.gpu_peak:
+            peaks = ", ".join(f"GPU {i} {mib / 1024:.1f} GiB" for i, mib in sorted(self.gpu_peak.items()))
+            return [f"peak GPU memory: {peaks}"]
+        return [
+            f"GPU {g['index']}: {g['utilization']}% · {g['memory_used'] / 1024:.1f} / {g['memory_total'] / 1024:.1f} GiB"
+            for g in self.gpu_now
+        ]
+
     def files_line(self, shown: int = FILES_SHOWN) -> str:
         """The files the cell wrote in its working folder, with sizes ("" when none)."""
         if not self.files:
@@ -168,7 +193,7 @@ def cap_line(text: str, limit: int = OUTPUT_LINE_CHARS) -> str:
 def describe_device(device: dict[str, Any] | None) -> str:
     if not device or device.get("kind") != "GPU":
         return "CPU"
-    return ", ".join(device.get("gpus", [])) or "GPU"
+    return device.get("label") or ", ".join(device.get("gpus", [])) or "GPU"
 
 
 def format_seconds(seconds: float) -> str:
@@ -199,6 +224,7 @@ def render_text(view: JobView) -> str:
     if tail:
         lines.append("".join(tail).rstrip("\n"))
     lines += [f"note: {note}" for note in view.notes]
+    lines += view.gpu_lines()
     if view.files:
         lines.append(view.files_line())
     if view.error:
@@ -225,6 +251,7 @@ def render_html(view: JobView) -> str:
     notes = "".join(f"<div>note: {html.escape(n)}</div>" for n in view.notes)
     error = f"<div><b>{html.escape(view.state)}</b>: {html.escape(view.error)}</div>" if view.error else ""
     error = (f"<div>{html.escape(view.files_line())}</div>" if view.files else "") + error
+    error = "".join(f"<div>{html.escape(line)}</div>" for line in view.gpu_lines()) + error
     tail, left_out = view.output_tail(_STATIC_LINES_SHOWN, _STATIC_CHARS_SHOWN)
     output = ""
     if left_out:
@@ -264,10 +291,13 @@ class TextPanel:
             self._write(view.output[-1])  # every line, as a terminal scrolls; a huge one cut as the view keeps it
         elif kind == protocol.WARNING:
             self._write(f"[remote_train] note: {event['message']}\n")
+        elif kind == protocol.QUEUED and view.reason:
+            self._write(f"[remote_train] {view.waiting_line()}\n")
         elif kind in protocol.TERMINAL:
             self._write(f"[remote_train] {view.title()}\n")
-            if view.files:
-                self._write(f"[remote_train] {view.files_line()}\n")
+            for line in [*view.gpu_lines(), view.files_line()]:
+                if line:
+                    self._write(f"[remote_train] {line}\n")
 
     def note(self, text: str) -> None:
         self.view.notes.append(text)
@@ -297,7 +327,7 @@ class WidgetPanel(TextPanel):
     """
 
     refresh_interval = 0.5
-    _THROTTLED = frozenset({protocol.STDOUT, protocol.STDERR, protocol.BATCH})
+    _THROTTLED = frozenset({protocol.STDOUT, protocol.STDERR, protocol.BATCH, protocol.GPU})
 
     def __init__(self, host: str) -> None:
         import ipywidgets as widgets
@@ -405,7 +435,13 @@ class WidgetPanel(TextPanel):
         self._last_refresh = time.monotonic()
         self._stale = False
         view = self.view
-        shown = [*view.notes[-3:], *([view.progress] if view.progress else []), view.files_line()]
+        shown = [
+            view.waiting_line(),
+            *view.notes[-3:],
+            *([view.progress] if view.progress else []),
+            *view.gpu_lines(),
+            view.files_line(),
+        ]
         self.header.value = f"<b>{html.escape(view.title())}</b>" + "".join(
             f"<div>{html.escape(n)}</div>" for n in shown if n
         )

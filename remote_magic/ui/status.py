@@ -20,10 +20,13 @@ def _cells(row: dict[str, Any]) -> list[str]:
     if row["state"] in ("unreachable", "gone"):
         return [row["job_id"], row.get("name") or "", f"{row['state']}: {row.get('message')}", "", "", "", ""]
     duration = format_seconds(end - row["started"]) if row.get("started") and end else ""
+    state = row["state"]
+    if state == "queued" and row.get("reason"):
+        state = f"queued #{row['position']}: {row['reason']}" if row.get("position") else f"queued: {row['reason']}"
     return [
         row["job_id"],
         row.get("name") or "",
-        row["state"],
+        state,
         epoch,
         "" if loss is None else f"{loss:.4f}",
         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "",
@@ -31,12 +34,32 @@ def _cells(row: dict[str, Any]) -> list[str]:
     ]
 
 
-class StatusTable:
-    """Jobs of one host (``host`` given) or of every host this machine used (a host column)."""
+_GPU_COLUMNS = ("gpu", "model", "memory", "utilization", "held by")
 
-    def __init__(self, host: str | None, rows: list[dict[str, Any]]) -> None:
+
+def _gpu_cells(gpu: dict[str, Any]) -> list[str]:
+    return [
+        str(gpu["index"]),
+        gpu["name"],
+        f"{gpu['memory_used'] / 1024:.1f} / {gpu['memory_total'] / 1024:.1f} GiB",
+        f"{gpu['utilization']}%",
+        gpu.get("holder") or "free",
+    ]
+
+
+class StatusTable:
+    """Jobs of one host (``host`` given) or of every host this machine used (a host column).
+
+    ``gpus``: the host's GPUs and who holds each, shown above the jobs.
+    """
+
+    def __init__(self, host: str | None, rows: list[dict[str, Any]], gpus: list[dict[str, Any]] | None = None) -> None:
         self.host = host
         self.rows = rows
+        self.gpus = gpus or []
+
+    def _gpu_table(self) -> list[list[str]]:
+        return [list(_GPU_COLUMNS), *(_gpu_cells(g) for g in self.gpus)]
 
     def _title(self) -> str:
         return f"Jobs on host {self.host}" if self.host else "Jobs submitted from this machine"
@@ -50,20 +73,30 @@ class StatusTable:
         return f"No jobs on host {self.host}." if self.host else "No jobs submitted from this machine yet."
 
     def _repr_html_(self) -> str:
+        gpus = ""
+        if self.gpus:
+            gpus = f"<p><b>GPUs of host {html.escape(self.host or '')}</b></p>{_html_table(self._gpu_table())}"
         if not self.rows:
-            return f"<p>{html.escape(self._empty())}</p>"
-        header, *rows = self._table()
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-        return f"<p><b>{html.escape(self._title())}</b></p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            return f"{gpus}<p>{html.escape(self._empty())}</p>"
+        return f"{gpus}<p><b>{html.escape(self._title())}</b></p>{_html_table(self._table())}"
 
     def __repr__(self) -> str:
+        gpus = f"GPUs of host {self.host}\n{_text_table(self._gpu_table())}\n" if self.gpus else ""
         if not self.rows:
-            return self._empty()
-        table = self._table()
-        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
-        return self._title() + "\n" + "\n".join(lines)
+            return gpus + self._empty()
+        return f"{gpus}{self._title()}\n{_text_table(self._table())}"
+
+
+def _html_table(table: list[list[str]]) -> str:
+    header, *rows = table
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _text_table(table: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
 
 
 class JobDetail:
