@@ -339,7 +339,9 @@ class RemoteMagics(Magics):
         hello = client.hello()
         panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
         host_gpus = hello.get("gpus") or []
-        submission.gpus, submission.gpu_ids, default_used = _gpu_request(args.gpus, args.gpu_ids, host_gpus, client.host)
+        submission.gpus, submission.gpu_ids, default_used = _gpu_request(
+            args.gpus, args.gpu_ids, host_gpus, client.host
+        )
         if host_gpus:
             settings = self.connections.settings_for(args.host or self.default_host)
             submission.busy_gpu_memory = settings.busy_gpu_memory

@@ -92,9 +92,7 @@ class ProcessLauncher(Launcher):
         else:
             dispatch.enqueue(root, agent_hash, path, spec)
 
-    def start_now(
-        self, root: str, agent_hash: str, path: str, spec: dict[str, Any], gpu_ids: list[int] | None
-    ) -> None:
+    def start_now(self, root: str, agent_hash: str, path: str, spec: dict[str, Any], gpu_ids: list[int] | None) -> None:
         """Start the job's runner: a warm one when it fits, else a new process.
 
         ``gpu_ids``: the GPUs the job holds (``[]``: none visible), written

@@ -102,6 +102,14 @@ def device_info(assigned: list[int] | None) -> dict[str, Any]:
     }
 
 
+def _sample_seconds() -> float:
+    """How often the job's GPUs are sampled ($REMOTE_MAGIC_GPU_SAMPLE_SECONDS on the host, default 5)."""
+    try:
+        return max(float(os.environ.get("REMOTE_MAGIC_GPU_SAMPLE_SECONDS", 5)), 0.1)
+    except ValueError:
+        return 5.0
+
+
 def _assigned_gpus(path: str) -> list[int] | None:
     """The GPUs the host's queue gave this job ([] for none), or None on a host without GPUs."""
     try:
@@ -158,7 +166,7 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         warm=warm,
         versions=package_versions(),
     )
-    sampler = gpus.Sampler(assigned, emit) if assigned else None
+    sampler = gpus.Sampler(assigned, emit, _sample_seconds()) if assigned else None
     if sampler is not None:
         sampler.start()
     out, err = EventStream(emit, protocol.STDOUT), EventStream(emit, protocol.STDERR)
