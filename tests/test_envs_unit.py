@@ -358,12 +358,13 @@ def test_report_text_and_html_name_the_differences() -> None:
     assert printer.out == text
 
 
-def test_an_installer_left_running_by_a_dead_agent_is_ended_before_the_next_build(root: str, wheelhouse: Path) -> None:
+def test_an_installer_left_running_by_a_dead_agent_is_ended_before_the_next_build(tmp_path, wheelhouse: Path) -> None:
     """The connection dropped mid-build: the agent died, its pip ran on. The next build ends it first,
     so two installers never write into one folder."""
     from remote_magic.agent import procs
 
-    text = _requirements(wheelhouse, "tinypkg==2.0", "# orphan test")
+    root = str(tmp_path)  # a root of its own: this env must be built here, not found from another test
+    text = _requirements(wheelhouse, "tinypkg==2.0")
     key = envs.env_key(envs.normalize_requirements(text))
     orphan = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"],
