@@ -257,3 +257,15 @@ def test_a_warm_runner_that_loaded_the_cuda_driver_never_serves_a_gpu_job(tmp_pa
     (folder / f"{key}-1.ready").write_text(json.dumps({"pid": 1, "fifo": "/nonexistent", "cuda": True}))
     assert warm.claim(root, "agenthash", kind, "20261127-000000-abcdef", cuda_untouched=True) is None
     assert (folder / f"{key}-1.ready").exists()  # left for a CPU job
+
+
+def test_busy_gpu_memory_is_a_host_setting_simulated_gpus(ip, gpu_host) -> None:
+    """20 GiB used by someone else's process: busy under the default (1 GiB), free under a 32 GiB setting."""
+    fake.save_state(gpu_host, {**fake.read_state(gpu_host), "processes": [{"gpu": 0, "pid": 4242, "memory": 20480}]})
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.hosts = {"local": {**magics.hosts["local"], "busy_gpu_memory": "32GiB"}}
+    assert run(ip, "%%remote_train --gpu-ids 0\nimport os\nseen = os.environ['CUDA_VISIBLE_DEVICES']\n").success
+    assert ip.user_ns["seen"] == "0"
+    magics.hosts = {"local": {**magics.hosts["local"], "busy_gpu_memory": "lots"}}
+    result = run(ip, "%%remote_train --gpu-ids 0\nx = 1\n")
+    assert not result.success and "busy_gpu_memory" in str(result.error_in_exec)
