@@ -139,6 +139,13 @@ def _spec_problem(spec: Any, root: str) -> str | None:
     busy = spec.get("busy_gpu_memory")
     if busy is not None and not (isinstance(busy, int) and busy >= 0):
         return f"busy_gpu_memory must be MiB, 0 or more, not {busy!r}"
+    sweep = spec.get("sweep")
+    if sweep is not None:
+        if not (isinstance(sweep, dict) and protocol.is_sweep_id(sweep.get("id")) and isinstance(sweep.get("trial"), int)):
+            return "sweep must say its id (sweep-...) and the trial's number"
+        parallel = sweep.get("parallel")
+        if parallel is not None and not (isinstance(parallel, int) and parallel >= 1):
+            return f"a sweep's parallel must be 1 or more, not {parallel!r}"
     backend = spec.get("backend")
     if backend is not None and not (isinstance(backend, str) and backend.isidentifier()):
         return f"backend must be a Keras backend name, not {backend!r}"

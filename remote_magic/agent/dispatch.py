@@ -11,7 +11,9 @@ holds (``queue/held/<job>.json``), and tells each waiting job why it waits
 and where it stands, as ``queued`` events in its own log (so the panel and a
 replay show it).  A GPU is free when no live job of ours holds it and
 processes that are not ours use less than ``busy_gpu_memory`` of it.  A job
-that ended, or whose runner died, holds nothing.
+that ended, or whose runner died, holds nothing.  The trials of a sweep go
+through the same queue, on any host, so that no more than its ``parallel``
+run at once, also with no client connected.
 """
 
 from __future__ import annotations
@@ -109,9 +111,9 @@ def remove(root: str, job_id: str) -> bool:
     return False
 
 
-def holdings(root: str) -> dict[int, str]:
-    """GPU index -> the id of the live job of ours that holds it (ended or dead jobs are pruned)."""
-    held: dict[int, str] = {}
+def _held_records(root: str) -> list[dict[str, Any]]:
+    """What the queue started and still runs: job id, its GPUs, its sweep (ended or dead jobs are pruned)."""
+    records = []
     folder = _held(root)
     for name in os.listdir(folder):
         file = os.path.join(folder, name)
@@ -123,9 +125,13 @@ def holdings(root: str) -> dict[int, str]:
         if not _still_running(root, record["job_id"]):
             jobs.unlink_quietly(file)
             continue
-        for index in record["gpus"]:
-            held[int(index)] = record["job_id"]
-    return held
+        records.append(record)
+    return records
+
+
+def holdings(root: str) -> dict[int, str]:
+    """GPU index -> the id of the live job of ours that holds it."""
+    return {int(index): record["job_id"] for record in _held_records(root) for index in record["gpus"]}
 
 
 def _still_running(root: str, job_id: str) -> bool:
@@ -149,6 +155,7 @@ def _round(root: str) -> int:
         return 0
     inventory = gpus.inventory()
     held = holdings(root)
+    running = _running_trials(root)
     foreign = others_on_gpus(inventory, _busy_mib(root, entries))
     free = [g.index for g in inventory if g.index not in held and g.index not in foreign]
     waiting = []
@@ -162,17 +169,46 @@ def _round(root: str) -> int:
         if jobs.event_summary(path)["ended"] is not None:
             jobs.unlink_quietly(file)  # cancelled while it waited
             continue
-        chosen = None if waiting else _choose(wanted_gpus(spec), free, len(inventory))
+        sweep = spec.get("sweep") or {}
+        full = bool(sweep.get("parallel")) and running.get(sweep["id"], 0) >= sweep["parallel"]
+        if full:  # the sweep's own limit: its later trials wait, other jobs go on
+            waiting.append((path, spec, entry))
+            continue
+        wanted = wanted_gpus(spec) if inventory else None
+        # Strict FIFO for GPUs: a job waiting for GPUs holds back every job behind it; one waiting only for
+        # its sweep's limit does not.
+        blocked = any(not _sweep_full(waiting_spec, running) for _, waiting_spec, _ in waiting)
+        chosen = None if blocked else _choose(wanted, free, len(inventory))
         if chosen is None:
             waiting.append((path, spec, entry))
             continue
         jobs.unlink_quietly(file)
         free = [i for i in free if i not in chosen]
-        _start(root, entry["agent"], path, spec, chosen)
+        if sweep:
+            running[sweep["id"]] = running.get(sweep["id"], 0) + 1
+        _start(root, entry["agent"], path, spec, chosen if inventory else None)
     for position, (path, spec, _entry) in enumerate(waiting, 1):
-        reason = _why(wanted_gpus(spec), inventory, held, foreign, position)
+        if _sweep_full(spec, running):
+            sweep = spec["sweep"]
+            reason = f"waiting for a trial of {sweep['id']} to end: it runs {sweep['parallel']} at a time"
+        else:
+            reason = _why(wanted_gpus(spec), inventory, held, foreign, position)
         _tell(path, reason, position)
     return len(waiting)
+
+
+def _sweep_full(spec: dict[str, Any], running: dict[str, int]) -> bool:
+    sweep = spec.get("sweep") or {}
+    return bool(sweep.get("parallel")) and running.get(sweep["id"], 0) >= sweep["parallel"]
+
+
+def _running_trials(root: str) -> dict[str, int]:
+    """Sweep id -> how many of its trials run now (started through the queue and not ended)."""
+    counts: dict[str, int] = {}
+    for record in _held_records(root):
+        if record.get("sweep"):
+            counts[record["sweep"]] = counts.get(record["sweep"], 0) + 1
+    return counts
 
 
 def others_on_gpus(inventory: list[gpus.Gpu], busy_mib: int) -> dict[int, list[gpus.GpuProcess]]:
@@ -240,10 +276,15 @@ def _tell(path: str, reason: str, position: int) -> None:
     jobs.forget_summary(path)
 
 
-def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: list[int]) -> None:
+def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: list[int] | None) -> None:
     from . import launcher
 
-    held = {"job_id": spec["job_id"], "gpus": chosen, "t": time.time()}
+    held = {
+        "job_id": spec["job_id"],
+        "gpus": chosen or [],
+        "t": time.time(),
+        "sweep": (spec.get("sweep") or {}).get("id"),
+    }
     jobs.atomic_write(os.path.join(_held(root), f"{spec['job_id']}.json"), json.dumps(held).encode())
     launcher.ProcessLauncher().start_now(root, agent_hash, path, spec, chosen)
 

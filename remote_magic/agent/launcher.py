@@ -84,8 +84,12 @@ class ProcessLauncher(Launcher):
     name = "process"
 
     def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
-        """At once on a host without GPUs; through the host's GPU queue on one with GPUs."""
-        if not gpus.inventory():
+        """At once on a host without GPUs; through the host's queue on one with GPUs, and for a sweep's trial
+        (the queue keeps to the sweep's parallel limit)."""
+        has_gpus = bool(gpus.inventory())
+        if spec.get("sweep") and spec["sweep"].get("parallel"):
+            dispatch.enqueue(root, agent_hash, path, spec)
+        elif not has_gpus:
             self.start_now(root, agent_hash, path, spec, None)
         elif dispatch.wanted_gpus(spec) is None:
             self.start_now(root, agent_hash, path, spec, [])  # no GPU wanted: none visible
@@ -132,7 +136,7 @@ class ProcessLauncher(Launcher):
             if dispatch.is_queued(root, spec["job_id"]):
                 last = jobs.last_event(path) or {}
                 return Phase(
-                    protocol.STATE_QUEUED, "waiting for GPUs", reason=last.get("reason"), position=last.get("position")
+                    protocol.STATE_QUEUED, "waiting in the queue", reason=last.get("reason"), position=last.get("position")
                 )
             if os.path.exists(os.path.join(path, protocol.PID_FILE)):
                 return Phase(ENDED, "unknown", where=_hostname())  # recorded before start times: never trusted
