@@ -141,7 +141,9 @@ def _spec_problem(spec: Any, root: str) -> str | None:
         return f"busy_gpu_memory must be MiB, 0 or more, not {busy!r}"
     sweep = spec.get("sweep")
     if sweep is not None:
-        if not (isinstance(sweep, dict) and protocol.is_sweep_id(sweep.get("id")) and isinstance(sweep.get("trial"), int)):
+        if not (
+            isinstance(sweep, dict) and protocol.is_sweep_id(sweep.get("id")) and isinstance(sweep.get("trial"), int)
+        ):
             return "sweep must say its id (sweep-...) and the trial's number"
         parallel = sweep.get("parallel")
         if parallel is not None and not (isinstance(parallel, int) and parallel >= 1):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from . import bootstrap, gpus, jobs, protocol
+from . import bootstrap, gpus, jobs, protocol, runners
 from .detach import spawn_detached, untagged_environment
 
 QUEUE_DIR = "queue"
@@ -122,7 +122,7 @@ def _held_records(root: str) -> list[dict[str, Any]]:
                 record = json.load(f)
         except (OSError, ValueError):
             continue
-        if not _still_running(root, record["job_id"]):
+        if not _still_running(root, record):
             jobs.unlink_quietly(file)
             continue
         records.append(record)
@@ -134,15 +134,11 @@ def holdings(root: str) -> dict[int, str]:
     return {int(index): record["job_id"] for record in _held_records(root) for index in record["gpus"]}
 
 
-def _still_running(root: str, job_id: str) -> bool:
-    from . import launcher  # the launcher starts jobs through this module: imported when needed
-
+def _still_running(root: str, record: dict[str, Any]) -> bool:
     try:
-        path = jobs.job_dir(root, job_id)
-        row = launcher.job_row(path)
+        return runners.still_running(jobs.job_dir(root, record["job_id"]), float(record.get("t") or 0))
     except (OSError, ValueError, jobs.AgentError):
         return False
-    return row["state"] in protocol.ACTIVE_STATES
 
 
 def _round(root: str) -> int:
@@ -277,8 +273,6 @@ def _tell(path: str, reason: str, position: int) -> None:
 
 
 def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: list[int] | None) -> None:
-    from . import launcher
-
     held = {
         "job_id": spec["job_id"],
         "gpus": chosen or [],
@@ -286,7 +280,7 @@ def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: 
         "sweep": (spec.get("sweep") or {}).get("id"),
     }
     jobs.atomic_write(os.path.join(_held(root), f"{spec['job_id']}.json"), json.dumps(held).encode())
-    launcher.ProcessLauncher().start_now(root, agent_hash, path, spec, chosen)
+    runners.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or "process")
 
 
 def _ensure_dispatcher(root: str, agent_hash: str) -> None:

@@ -11,21 +11,17 @@ is never signalled and never taken for the job.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from . import bootstrap, dispatch, gpus, jobs, procs, protocol, warm
-from .detach import spawn_detached, untagged_environment
+from . import dispatch, gpus, jobs, procs, protocol, runners
 
 ENDED = "ended"
 # A job whose launcher has recorded nothing this long after submit never started.
-START_GRACE_SECONDS = 30.0
 
 
 @dataclass
@@ -69,15 +65,6 @@ class Launcher(ABC):
         """End the job and everything it started; SIGKILL (or the like) after ``grace`` seconds."""
 
 
-def _read_launch(path: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(path, protocol.LAUNCH_FILE), encoding="utf-8") as f:
-            record = json.load(f)
-        return record if isinstance(record, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 class ProcessLauncher(Launcher):
     """The job's runner is a detached process on this host."""
 
@@ -90,57 +77,27 @@ class ProcessLauncher(Launcher):
         if spec.get("sweep") and spec["sweep"].get("parallel"):
             dispatch.enqueue(root, agent_hash, path, spec)
         elif not has_gpus:
-            self.start_now(root, agent_hash, path, spec, None)
+            runners.start_runner(root, agent_hash, path, spec, None, self.name)
         elif dispatch.wanted_gpus(spec) is None:
-            self.start_now(root, agent_hash, path, spec, [])  # no GPU wanted: none visible
+            runners.start_runner(root, agent_hash, path, spec, [], self.name)  # no GPU wanted: none visible
         else:
             dispatch.enqueue(root, agent_hash, path, spec)
 
-    def start_now(self, root: str, agent_hash: str, path: str, spec: dict[str, Any], gpu_ids: list[int] | None) -> None:
-        """Start the job's runner: a warm one when it fits, else a new process.
-
-        ``gpu_ids``: the GPUs the job holds (``[]``: none visible), written
-        before the runner starts so a warm one sets CUDA_VISIBLE_DEVICES
-        before the cell; None on a host without GPUs.
-        """
-        job_id = spec["job_id"]
-        identity = None
-        kind = warm.RunnerKind.for_job(root, spec)
-        env = procs.tag_environment(kind.environment(untagged_environment()), job_id)
-        if gpu_ids is not None:
-            jobs.atomic_write(os.path.join(path, protocol.ASSIGNED_FILE), json.dumps({"gpus": gpu_ids}).encode())
-            env.update(gpus.visible_devices_env(gpu_ids))
-        use_warm = spec.get("warm", True) and warm.enabled()
-        if use_warm:
-            identity = warm.claim(root, agent_hash, kind, job_id, cuda_untouched=gpu_ids is not None)
-        if identity is None:
-            identity = spawn_detached(
-                [kind.python, "-c", bootstrap.RUN, root, agent_hash, "run-job", job_id],
-                log=os.path.join(path, protocol.RUNNER_LOG),
-                cwd=path,  # the runner moves to the job's working folder once its files are in place
-                env=env,
-            )
-        record = {"launcher": self.name, "identity": identity.to_json() if identity else None, "host": _hostname()}
-        jobs.atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
-        if use_warm:
-            warm.ensure(root, agent_hash, kind)  # the next job's runner
-
-    def _runner(self, path: str) -> procs.ProcessIdentity | None:
-        record = _read_launch(path)
-        return procs.ProcessIdentity.from_json(record.get("identity")) if record else None
-
     def poll(self, path: str, spec: dict[str, Any]) -> Phase:
-        record = _read_launch(path)
+        record = runners.read_launch(path)
         if record is None:
             root = os.path.dirname(os.path.dirname(path))
             if dispatch.is_queued(root, spec["job_id"]):
                 last = jobs.last_event(path) or {}
                 return Phase(
-                    protocol.STATE_QUEUED, "waiting in the queue", reason=last.get("reason"), position=last.get("position")
+                    protocol.STATE_QUEUED,
+                    "waiting in the queue",
+                    reason=last.get("reason"),
+                    position=last.get("position"),
                 )
             if os.path.exists(os.path.join(path, protocol.PID_FILE)):
-                return Phase(ENDED, "unknown", where=_hostname())  # recorded before start times: never trusted
-            if time.time() - (spec.get("submitted") or 0) < START_GRACE_SECONDS:
+                return Phase(ENDED, "unknown", where=runners.hostname())  # recorded before start times: never trusted
+            if time.time() - (spec.get("submitted") or 0) < runners.START_GRACE_SECONDS:
                 return Phase(protocol.STATE_QUEUED, "starting", reason="starting")
             return Phase(ENDED, "never started")
         identity = procs.ProcessIdentity.from_json(record.get("identity"))
@@ -151,13 +108,13 @@ class ProcessLauncher(Launcher):
     def stop(self, path: str, spec: dict[str, Any]) -> bool:
         if _leave_queue(path, spec, "stopped before it started: it had nothing to return yet"):
             return True
-        identity = self._runner(path)
+        identity = runners.runner_identity(path)
         return identity is not None and procs.signal_process(identity, signal.SIGINT)
 
     def cancel(self, path: str, spec: dict[str, Any], grace: float) -> dict[str, Any]:
         if _leave_queue(path, spec, "cancelled while it waited in the GPU queue"):
             return {"queued": True}
-        identity = self._runner(path)
+        identity = runners.runner_identity(path)
         runner = identity if identity is not None and procs.is_running(identity) else None
         return procs.terminate_tagged(spec["job_id"], grace, also=runner)
 
@@ -173,10 +130,6 @@ def _leave_queue(path: str, spec: dict[str, Any], message: str) -> bool:
         log.close()
     jobs.forget_summary(path)
     return True
-
-
-def _hostname() -> str:
-    return socket.gethostname()
 
 
 LAUNCHERS: dict[str, Launcher] = {ProcessLauncher.name: ProcessLauncher()}
