@@ -166,12 +166,16 @@ def status_row(spec: dict[str, Any]) -> dict[str, Any]:
 
     ``launcher``: the launcher's own word for the job's phase (a scheduler's
     state name, ``process``); ``reason``/``position``: why and where a queued
-    job waits; ``where``: the node or host it runs on.
+    job waits; ``where``: the node or host it runs on; ``title``: the name,
+    else the cell's first statement (a readable title for an unnamed job);
+    ``sweep``: the sweep a trial belongs to, its number and parameters.
     """
     return {
         **event_fields(),
         "job_id": spec["job_id"],
         "name": spec.get("name"),
+        "title": spec.get("name") or first_statement(spec.get("source") or ""),
+        "sweep": spec.get("sweep"),
         "schema": spec.get("schema", 1),
         "submitted": spec.get("submitted"),
         "state": STATE_QUEUED,
@@ -180,6 +184,15 @@ def status_row(spec: dict[str, Any]) -> dict[str, Any]:
         "checkpoint": None,
         "fetched": False,
     }
+
+
+def first_statement(source: str, limit: int = 60) -> str:
+    """The cell's first line of code (comments and magics skipped), cut to ``limit`` characters."""
+    for line in source.splitlines():
+        text = line.strip()
+        if text and not text.startswith(("#", "%")):
+            return text if len(text) <= limit else text[: limit - 1] + "…"
+    return ""
 
 
 def make_event(seq: int, type_: str, **fields: Any) -> dict[str, Any]:
