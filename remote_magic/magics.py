@@ -7,6 +7,7 @@ with ``%config RemoteMagics.default_host = "gpu1"``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -15,19 +16,21 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from . import compression, payload, session, upload
+from . import compression, payload, project, session, upload
 from .agent import codec, protocol
 from .cache import DEFAULT_CACHE_LIMIT
 from .capture import CaptureError
 from .client import AgentClient
 from .config import hosts_trait, ssh_config_trait
-from .errors import HostSetupError
+from .errors import HostSetupError, RemoteMagicError
 from .payload import PayloadError
 from .project import ProjectError
 from .registry import Registry
+from .sweep import MODES, Sweep, SweepError, SweepRun, Trial, expand_grid, json_params, new_sweep_id
 from .transport import LOCAL_HOST
-from .ui.panel import make_panel
+from .ui.panel import JobView, make_panel
 from .ui.status import JobDetail, StatusTable
+from .ui.sweep_panel import make_sweep_panel
 
 
 def host_argument(func: Any) -> Any:
@@ -104,6 +107,13 @@ def _gpu_request(
             f"--gpus {number}: {none_there}" if not have else f"--gpus {number}: host {host} has {have} GPUs"
         )
     return number, None, False
+
+
+def _default_parallel(gpus: int | str, gpu_ids: list[int] | None, host_gpus: list[dict[str, Any]]) -> int:
+    """How many trials of a sweep fit on the host's GPUs at once (at --gpus each); 1 without GPUs to share."""
+    if not host_gpus or gpu_ids is not None or gpus == "all" or not gpus:
+        return 1
+    return max(1, len(host_gpus) // int(gpus))
 
 
 class _PanelWhenNeeded:
@@ -283,6 +293,36 @@ class RemoteMagics(Magics):
         "the job waits in the host's queue until they are free",
     )
     @argument("--gpu-ids", metavar="IDS", help="exactly these GPUs of the host, e.g. 2,3")
+    @argument(
+        "--sweep",
+        metavar="GRID",
+        help="run the cell once per set of parameters in the kernel variable GRID, each trial a job of its own: "
+        "a dict of lists (every combination) or a list of dicts (one per trial); the names need not exist here",
+    )
+    @argument(
+        "--parallel",
+        type=int,
+        metavar="K",
+        help="with --sweep: at most K trials run at once, kept by the host (default: as many as the host's GPUs "
+        "allow at --gpus each; 1 on a host without GPUs)",
+    )
+    @argument(
+        "--metric",
+        metavar="NAME",
+        help="with --sweep: the metric that ranks the trials (default: the first validation metric, val_loss if logged)",
+    )
+    @argument(
+        "--mode",
+        choices=MODES,
+        help="with --sweep: whether the lowest or highest --metric is best (default: max for accuracy-like names, "
+        "min for losses)",
+    )
+    @argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="with --sweep: the name of the sweep object injected when it ends (default: sweep)",
+    )
     @cell_magic
     def remote_train(self, line: str, cell: str) -> None:
         """Run this cell on a host and bring back what it assigned.
@@ -304,6 +344,7 @@ class RemoteMagics(Magics):
             )
         if args.fetch_overwrite and not args.fetch:
             raise UsageError("--fetch-overwrite goes with --fetch PATTERNS")
+        grid = self._sweep_grid(args)
         fetch = None
         if args.fetch:
             patterns = _list(args.fetch)
@@ -314,46 +355,41 @@ class RemoteMagics(Magics):
                         "(`..` may climb within the job's own folder)"
                     )
             fetch = session.FileFetch(patterns, os.getcwd(), args.fetch_overwrite)
-        shell = self.shell
-        try:
-            submission = session.prepare(
-                cell,
-                shell.user_ns,
-                set(shell.user_ns_hidden),
-                outputs=_names(args.out),
-                name=args.name,
-                files=args.files,
-                ship_modules=self.ship_modules == "auto",
-                extra_modules=_list(args.modules) if args.modules else None,
-            )
-        except (CaptureError, PayloadError, ProjectError) as exc:
-            raise UsageError(str(exc)) from None
-        submission.checkpoint_every = args.checkpoint_every
-        submission.warm = self.warm_runner
-        submission.compress = args.compress or self.compress
-        submission.workdir = args.workdir
-        submission.backend = args.backend or session.kernel_backend()
         if args.gpus is not None and args.gpu_ids is not None:
             raise UsageError("--gpus and --gpu-ids do not go together: give a count, or the GPUs themselves")
+        hashes = project.HashCache()  # a sweep's trials share their files: each is hashed once
+        bound: list[dict[str, Any]] = [{}] if grid is None else grid
+        submissions = [self._prepare(cell, args, params, hashes) for params in bound]
         client = self._client(args.host, args.python)
         hello = client.hello()
-        panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
         host_gpus = hello.get("gpus") or []
-        submission.gpus, submission.gpu_ids, default_used = _gpu_request(
-            args.gpus, args.gpu_ids, host_gpus, client.host
-        )
-        if host_gpus:
-            settings = self.connections.settings_for(args.host or self.default_host)
-            submission.busy_gpu_memory = settings.busy_gpu_memory
-        if default_used and len(host_gpus) > 1:
+        gpus, gpu_ids, default_used = _gpu_request(args.gpus, args.gpu_ids, host_gpus, client.host)
+        sweep = None
+        if grid is not None:
+            parallel = args.parallel or _default_parallel(gpus, gpu_ids, host_gpus)
+            trials = [Trial(number, params) for number, params in enumerate(grid)]
+            sweep = Sweep(new_sweep_id(), client.host, trials, args.metric, args.mode, parallel, args.as_name)
+            panel = _PanelWhenNeeded(lambda: make_sweep_panel(sweep, self.panel))
+        else:
+            panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
+        busy = self.connections.settings_for(args.host or self.default_host).busy_gpu_memory if host_gpus else None
+        for submission in submissions:
+            submission.gpus, submission.gpu_ids, submission.busy_gpu_memory = gpus, gpu_ids, busy
+        if default_used and len(host_gpus) > 1 and sweep is None:
             panel.get().note(f"using 1 of {len(host_gpus)} GPUs; --gpus all for all")
         for note in codec.take_notes():  # e.g. a dataset saved with one shuffle order
             panel.get().note(note)
         if args.env:
-            submission.env = self._environment(client, args.env, submission, panel) or None
-        self._check_environment(client, submission, panel)
+            env = self._environment(client, args.env, submissions[0], panel) or None
+            for submission in submissions:
+                submission.env = env
+        for submission in submissions:  # checked once per set of imports: the trials' are the same
+            self._check_environment(client, submission, panel)
+        if sweep is not None:
+            self._run_sweep(client, sweep, submissions, args, panel)
+            return
         try:
-            job_id = session.submit(client, submission, progress=_upload_progress(panel))
+            job_id = session.submit(client, submissions[0], progress=_upload_progress(panel))
         except upload.FileChanged as exc:
             raise UsageError(str(exc)) from None
         self.registry.add(client.host, job_id, args.name, self._notebook_path())
@@ -371,6 +407,102 @@ class RemoteMagics(Magics):
         shown = panel.get()
         shown.start(job_id, args.name)
         self.lifecycle.run(client, job_id, shown, fetch=fetch)
+
+    def _prepare(self, cell: str, args: Any, params: dict[str, Any], hashes: project.HashCache) -> session.Submission:
+        """The cell as one job; a sweep's trial sees its parameters as variables (sent, whether or not defined here)."""
+        shell = self.shell
+        try:
+            submission = session.prepare(
+                cell,
+                {**shell.user_ns, **params} if params else shell.user_ns,
+                set(shell.user_ns_hidden) - set(params),
+                outputs=_names(args.out),
+                name=args.name,
+                files=args.files,
+                ship_modules=self.ship_modules == "auto",
+                extra_modules=_list(args.modules) if args.modules else None,
+                hashes=hashes,
+            )
+        except (CaptureError, PayloadError, ProjectError) as exc:
+            raise UsageError(str(exc)) from None
+        submission.checkpoint_every = args.checkpoint_every
+        submission.warm = self.warm_runner
+        submission.compress = args.compress or self.compress
+        submission.workdir = args.workdir
+        submission.backend = args.backend or session.kernel_backend()
+        return submission
+
+    def _sweep_grid(self, args: Any) -> list[dict[str, Any]] | None:
+        """The trials' parameters of --sweep GRID (None without it), refused before anything is sent."""
+        if args.sweep is None:
+            given = {"--parallel": args.parallel, "--metric": args.metric, "--mode": args.mode, "--as": args.as_name}
+            for option, value in given.items():
+                if value is not None:
+                    raise UsageError(f"{option} goes with --sweep GRID (a kernel variable holding the parameters)")
+            return None
+        name = args.sweep.strip().strip("'\"")
+        if not name.isidentifier():
+            raise UsageError(f"--sweep takes the name of a kernel variable holding the grid, not {args.sweep!r}")
+        if name not in self.shell.user_ns:
+            raise UsageError(
+                f"--sweep {name}: this kernel has no variable {name}; define it in an earlier cell, "
+                f"e.g. {name} = {{'lr': [0.001, 0.01], 'units': [16, 32]}}"
+            )
+        try:
+            grid = expand_grid(name, self.shell.user_ns[name])
+        except SweepError as exc:
+            raise UsageError(str(exc)) from None
+        if args.parallel is not None and args.parallel < 1:
+            raise UsageError(f"--parallel takes how many trials may run at once, 1 or more, not {args.parallel}")
+        if args.as_name is not None and not args.as_name.isidentifier():
+            raise UsageError(f"--as takes a variable name for the sweep object, not {args.as_name!r}")
+        if args.fetch:
+            raise UsageError(
+                "--fetch does not go with --sweep: every trial writes its own files. `%remote_fetch JOB PATTERNS` "
+                "brings one trial's (its job id is in sweep.results)"
+            )
+        return grid
+
+    def _run_sweep(
+        self, client: AgentClient, sweep: Sweep, submissions: list[session.Submission], args: Any, panel: Any
+    ) -> None:
+        """Submit every trial at once (the host keeps to --parallel), then follow them all into one panel."""
+        base = args.name or "sweep"
+        submitted: list[str] = []
+        try:
+            for trial, submission in zip(sweep.trials, submissions, strict=True):
+                params = json_params(trial.params)
+                submission.sweep = {"id": sweep.id, "trial": trial.number, "parallel": sweep.parallel, "params": params}
+                submission.name = f"{base} #{trial.number}: {trial.label}"[:120]
+                trial.job_id = session.submit(client, submission, progress=_upload_progress(panel))
+                submitted.append(trial.job_id)
+                trial.view = JobView(client.host, job_id=trial.job_id, name=submission.name)
+                record = {**submission.sweep, "metric": args.metric, "mode": args.mode, "name": args.as_name}
+                self.registry.add(client.host, trial.job_id, submission.name, self._notebook_path(), sweep=record)
+        except BaseException as exc:
+            for job_id in submitted:  # half a sweep is not what was asked
+                with contextlib.suppress(RemoteMagicError):
+                    client.cancel(job_id)
+            if submitted:
+                print(f"sweep {sweep.id}: the {len(submitted)} trials submitted before this failure were cancelled")
+            if isinstance(exc, upload.FileChanged):
+                raise UsageError(str(exc)) from None
+            raise
+        run = SweepRun(client, sweep, panel.get(), self.lifecycle, inject=not args.no_inject)
+        name = sweep.name or "sweep"
+        if args.detach:
+            print(
+                f"sweep {sweep.id}: {len(sweep.trials)} trials submitted to host {client.host}, {sweep.parallel} at a "
+                f"time; they run on. `%remote_status --host {client.host}` lists them, "
+                f"`%remote_attach {sweep.id}` follows the sweep and brings back `{name}`."
+            )
+            if self._kernel_stays_alive():
+                panel.get().start()
+                run.start(detached=True)
+            return
+        panel.get().start()
+        run.start()
+        run.wait()
 
     def _environment(self, client: AgentClient, env: str, submission: session.Submission, panel: Any) -> str:
         """Build the --env environment on the host (once), showing its build; its key ("" when nothing is needed)."""
@@ -427,16 +559,26 @@ class RemoteMagics(Magics):
 
     @magic_arguments()
     @host_argument
-    @job_argument
+    @argument("job", help="the job id, as shown by %%remote_status, or a sweep's id (sweep-...)")
     @argument(
         "--checkpoint",
         action="store_true",
         help="inject the model from the job's last checkpoint (for a job that was killed or is still running)",
     )
+    @argument("--as", dest="as_name", metavar="NAME", help="for a sweep: the name of the sweep object injected")
     @line_magic
     def remote_attach(self, line: str) -> None:
-        """Replay a job's events, follow it live, and inject its outputs when it ends."""
+        """Replay a job's events, follow it live, and inject its outputs when it ends.
+
+        For a sweep: follow every trial into one panel, then inject the sweep object.
+        """
         args = parse_argstring(self.remote_attach, line)
+        sweep_id = args.job.strip().strip("'\"")
+        if protocol.is_sweep_id(sweep_id):
+            self._attach_sweep(sweep_id, args)
+            return
+        if args.as_name is not None:
+            raise UsageError("--as names the object of a sweep: give a sweep's id (sweep-...)")
         job_id = _job_id(args.job)
         client = self._client(self._job_host(job_id, args.host))
         if args.checkpoint:
@@ -450,6 +592,44 @@ class RemoteMagics(Magics):
         panel = make_panel(client.host, self.panel)
         panel.start(job_id)
         self.lifecycle.run(client, job_id, panel)
+
+    def _attach_sweep(self, sweep_id: str, args: Any) -> None:
+        """Rebuild a sweep from the registry (a kernel restart lost it), follow its trials, inject the sweep object."""
+        if args.checkpoint:
+            raise UsageError(
+                "--checkpoint brings back one job's model: give a trial's job id (they are in sweep.results)"
+            )
+        if args.as_name is not None and not args.as_name.isidentifier():
+            raise UsageError(f"--as takes a variable name for the sweep object, not {args.as_name!r}")
+        records = self.registry.sweep(sweep_id)
+        if not records and not args.host:
+            raise UsageError(
+                f"sweep {sweep_id} was not submitted from this machine (it is not in {self.registry.path}); "
+                f"`%remote_attach {sweep_id} --host HOST` finds its trials on the host"
+            )
+        client = self._client(args.host or records[0].host)
+        # Each trial as (number, parameters as recorded: JSON values, the repr of anything else; job id; name).
+        found = [(r.sweep["trial"], r.sweep.get("params"), r.job_id, r.name) for r in records if r.sweep]
+        meta = (records[0].sweep or {}) if records else {}
+        if not found:  # submitted elsewhere: the host's status rows say which jobs are its trials
+            rows = [row for row in client.status() if (row.get("sweep") or {}).get("id") == sweep_id]
+            found = [(r["sweep"]["trial"], r["sweep"].get("params"), r["job_id"], r.get("name")) for r in rows]
+            meta = rows[0]["sweep"] if rows else {}
+        if not found:
+            raise UsageError(f"host {client.host} has no trial of sweep {sweep_id} (collected by %remote_gc?)")
+        trials = [
+            Trial(number, dict(params or {}), job_id, JobView(client.host, job_id, name))
+            for number, params, job_id, name in sorted(found, key=lambda trial: trial[0])
+        ]
+        sweep = Sweep(
+            sweep_id, client.host, trials, meta.get("metric"), meta.get("mode"), meta.get("parallel"),
+            args.as_name or meta.get("name"),
+        )  # fmt: skip
+        panel = make_sweep_panel(sweep, self.panel)
+        panel.start()
+        run = SweepRun(client, sweep, panel, self.lifecycle)
+        run.start()
+        run.wait()
 
     @magic_arguments()
     @host_argument

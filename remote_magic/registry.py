@@ -7,6 +7,11 @@ a ``flock`` on ``jobs.lock`` beside it.  The lock lives in its own file because
 ``remove`` replaces ``jobs.jsonl`` with a new file (a new inode): a lock on the
 old one would let a waiting writer append to a file that is already gone.
 
+A sweep's trials are ordinary job records that also carry ``sweep`` (its id,
+the trial's number and parameters, and how the sweep ranks its trials), so
+``%remote_attach sweep-...`` finds every trial after a kernel restart.
+Records without it (every job before sweeps) read as they always did.
+
 The file is read leniently and rewritten conservatively: a line that is not a
 job record (damaged, cut short by a killed writer, or written by a newer
 version) is skipped when listing and kept byte for byte when rewriting.
@@ -34,6 +39,7 @@ class JobRecord:
     name: str | None = None
     notebook: str | None = None
     submitted: float = 0.0
+    sweep: dict[str, Any] | None = None  # {"id", "trial", "params", "metric", "mode", "name"} for a sweep's trial
 
 
 class Registry:
@@ -51,9 +57,19 @@ class Registry:
         finally:
             os.close(fd)
 
-    def add(self, host: str, job_id: str, name: str | None = None, notebook: str | None = None) -> JobRecord:
-        record = JobRecord(host, job_id, name, notebook, time.time())
-        line = json.dumps(asdict(record)).encode() + b"\n"
+    def add(
+        self,
+        host: str,
+        job_id: str,
+        name: str | None = None,
+        notebook: str | None = None,
+        sweep: dict[str, Any] | None = None,
+    ) -> JobRecord:
+        record = JobRecord(host, job_id, name, notebook, time.time(), sweep)
+        fields = asdict(record)
+        if sweep is None:
+            del fields["sweep"]  # a plain job's line stays as before sweeps
+        line = json.dumps(fields).encode() + b"\n"
         with self._locked(exclusive=True):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
@@ -74,6 +90,11 @@ class Registry:
     def find(self, job_id: str) -> JobRecord | None:
         matches = [r for r in self.records() if r.job_id == job_id]
         return matches[-1] if matches else None
+
+    def sweep(self, sweep_id: str) -> list[JobRecord]:
+        """The trials of a sweep, in trial order."""
+        trials = [r for r in self.records() if r.sweep and r.sweep.get("id") == sweep_id]
+        return sorted(trials, key=lambda r: r.sweep["trial"] if r.sweep else 0)
 
     def remove(self, host: str, job_ids: set[str]) -> None:
         """Forget jobs (after ``gc`` removed them from the host).
@@ -129,7 +150,10 @@ def _parse(line: bytes) -> JobRecord | None:
         return None
     if isinstance(submitted, bool) or not isinstance(submitted, int | float):
         return None
-    return JobRecord(host, job_id, name, notebook, submitted)
+    sweep = entry.get("sweep")
+    if not (isinstance(sweep, dict) and isinstance(sweep.get("id"), str) and isinstance(sweep.get("trial"), int)):
+        sweep = None  # a damaged sweep part leaves a plain job record
+    return JobRecord(host, job_id, name, notebook, submitted, sweep)
 
 
 def _matches(line: bytes, host: str, job_ids: set[str]) -> bool:

@@ -164,6 +164,7 @@ class Submission:
     gpus: int | str = 0  # how many GPUs the job holds, or "all" (the host's queue gives them)
     gpu_ids: list[int] | None = None  # exactly these GPUs instead
     busy_gpu_memory: int | None = None  # MiB: see HostSettings
+    sweep: dict[str, Any] | None = None  # a sweep's trial: {"id", "trial", "parallel", "params"} (protocol.SPEC_KEYS)
     imports: list[str] = field(default_factory=list)  # top-level modules the cell and the pickle need
     # imported only somewhere in the local modules sent (maybe optional, or in a file the cell never uses)
     module_imports: list[str] = field(default_factory=list)
@@ -190,6 +191,7 @@ class Submission:
             "backend": self.backend,
             "gpu_ids": self.gpu_ids,
             "busy_gpu_memory": self.busy_gpu_memory,
+            "sweep": self.sweep,
         }
         spec.update({key: value for key, value in optional.items() if value is not None})
         return spec

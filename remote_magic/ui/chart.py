@@ -15,6 +15,8 @@ from typing import Any
 WIDTH, HEIGHT = 260, 150
 _PAD_LEFT, _PAD_RIGHT, _PAD_TOP, _PAD_BOTTOM = 44, 8, 20, 24
 TRAIN_COLOR, VALIDATION_COLOR = "#1f77b4", "#ff7f0e"
+# One color per curve where many share a chart (a sweep's trials), repeating after ten.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
 def metric_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -47,7 +49,10 @@ def _label(value: float) -> str:
     return f"{value:.3g}"
 
 
-def svg_chart(title: str, series: dict[str, list[tuple[int, float]]]) -> str:
+def svg_chart(
+    title: str, series: dict[str, list[tuple[int, float]]], colors: dict[str, str] | None = None, width: int = WIDTH
+) -> str:
+    """One chart; each series in its color from ``colors``, else blue for training and orange for validation."""
     points = [p for values in series.values() for p in values]
     if not points:
         return ""
@@ -56,7 +61,7 @@ def svg_chart(title: str, series: dict[str, list[tuple[int, float]]]) -> str:
     if y_high == y_low:
         y_low, y_high = y_low - 0.5, y_high + 0.5
     x_span = max(x_high - x_low, 1)
-    plot_w, plot_h = WIDTH - _PAD_LEFT - _PAD_RIGHT, HEIGHT - _PAD_TOP - _PAD_BOTTOM
+    plot_w, plot_h = width - _PAD_LEFT - _PAD_RIGHT, HEIGHT - _PAD_TOP - _PAD_BOTTOM
 
     def x(epoch: float) -> float:
         return _PAD_LEFT + (epoch - x_low) / x_span * plot_w
@@ -65,8 +70,8 @@ def svg_chart(title: str, series: dict[str, list[tuple[int, float]]]) -> str:
         return _PAD_TOP + (y_high - value) / (y_high - y_low) * plot_h
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-        f'viewBox="0 0 {WIDTH} {HEIGHT}" class="remote-magic-chart" data-metric="{html.escape(title)}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{HEIGHT}" '
+        f'viewBox="0 0 {width} {HEIGHT}" class="remote-magic-chart" data-metric="{html.escape(title)}" '
         'style="font: 10px sans-serif; background: white">',
         f'<text x="{_PAD_LEFT}" y="12" font-weight="bold">{html.escape(title)}</text>',
         f'<rect x="{_PAD_LEFT}" y="{_PAD_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>',
@@ -74,15 +79,15 @@ def svg_chart(title: str, series: dict[str, list[tuple[int, float]]]) -> str:
     for tick in _ticks(y_low, y_high):
         parts.append(f'<text x="{_PAD_LEFT - 4}" y="{y(tick) + 3:.1f}" text-anchor="end">{_label(tick)}</text>')
         parts.append(
-            f'<line x1="{_PAD_LEFT}" x2="{WIDTH - _PAD_RIGHT}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#eee"/>'
+            f'<line x1="{_PAD_LEFT}" x2="{width - _PAD_RIGHT}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#eee"/>'
         )
     for tick in _ticks(x_low, x_high):
         if tick == int(tick):
             parts.append(f'<text x="{x(tick):.1f}" y="{HEIGHT - 10}" text-anchor="middle">{int(tick)}</text>')
-    parts.append(f'<text x="{WIDTH - _PAD_RIGHT}" y="{HEIGHT - 1}" text-anchor="end">epoch</text>')
+    parts.append(f'<text x="{width - _PAD_RIGHT}" y="{HEIGHT - 1}" text-anchor="end">epoch</text>')
     legend_x = _PAD_LEFT + 70
     for name, values in series.items():
-        color = VALIDATION_COLOR if name.startswith("val_") else TRAIN_COLOR
+        color = (colors or {}).get(name) or (VALIDATION_COLOR if name.startswith("val_") else TRAIN_COLOR)
         coords = " ".join(f"{x(e):.1f},{y(v):.1f}" for e, v in values)
         parts.append(
             f'<polyline data-series="{html.escape(name)}" points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>'

@@ -312,21 +312,75 @@ class TextPanel:
         """The job ended and its outputs are handled: nothing more will be shown."""
 
 
-class WidgetPanel(TextPanel):
+class ThrottledRedraw:
+    """Redraws a widget at once for what matters, at most every ``refresh_interval`` seconds for floods.
+
+    A redraw sends the whole widget to the frontend, so a flood of output or
+    batches is drawn at most every ``refresh_interval`` seconds, the last
+    change by a timer; other changes are drawn at once.  Events arrive in
+    followers' threads, the timer in its own and clicks in a subshell's: one
+    lock keeps what is drawn still while it is drawn.  Subclasses draw in
+    ``_refresh``, which starts with ``_drawn()``.
+    """
+
+    refresh_interval = 0.5
+
+    def _init_redraw(self) -> None:
+        self._lock = threading.RLock()
+        self._last_refresh = 0.0
+        self._stale = False
+        self._timer: threading.Timer | None = None
+        self._finished = False
+
+    def _refresh(self) -> None:
+        raise NotImplementedError
+
+    def _drawn(self) -> None:
+        self._last_refresh = time.monotonic()
+        self._stale = False
+
+    def _redraw(self, throttled: bool) -> None:
+        """Draw now, or (``throttled`` and drawn within the interval) soon."""
+        if not throttled or time.monotonic() - self._last_refresh >= self.refresh_interval:
+            self._refresh()
+        else:
+            self._refresh_later()
+
+    def _refresh_later(self) -> None:
+        """Mark the widget behind the view; one timer draws it when the interval is up, so nothing stays unseen."""
+        self._stale = True
+        if self._timer is None and not self._finished:
+            delay = max(self.refresh_interval - (time.monotonic() - self._last_refresh), 0.0)
+            self._timer = threading.Timer(delay, self._refresh_pending)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _refresh_pending(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._stale and not self._finished:
+                self._refresh()
+
+    def _stop_redrawing(self) -> None:
+        """Draw what is pending, and nothing after it."""
+        with self._lock:
+            self._finished = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._stale:
+                self._refresh()
+
+
+class WidgetPanel(ThrottledRedraw, TextPanel):
     """The live ipywidgets panel under the cell.
 
     When the job ends, the display is replaced by its static HTML and text
     copy (chart included), so a saved notebook, nbconvert's HTML export or a
-    notebook opened without a kernel show the finished panel.
-
-    A redraw sends the whole widget (chart, table, log) to the frontend, so a
-    flood of output or batches is drawn at most every ``refresh_interval``
-    seconds, the last change by a timer; other events are drawn at once.
-    ``handle`` runs in the follower's thread, the timer in its own and clicks
-    in a subshell's: one lock keeps the view still while it is drawn.
+    notebook opened without a kernel show the finished panel.  Output,
+    batches and GPU samples are redrawn at most every ``refresh_interval``.
     """
 
-    refresh_interval = 0.5
     _THROTTLED = frozenset({protocol.STDOUT, protocol.STDERR, protocol.BATCH, protocol.GPU})
 
     def __init__(self, host: str) -> None:
@@ -357,13 +411,9 @@ class WidgetPanel(TextPanel):
             ]
         )
         self._click_handlers: dict[str, Callable[[Any], None]] = {}
-        self._lock = threading.RLock()
-        self._last_refresh = 0.0
-        self._stale = False
-        self._timer: threading.Timer | None = None
-        self._finished = False
+        self._init_redraw()
         self._refresh()
-        self.display_handle = display(_LiveBundle(self), display_id=True)
+        self.display_handle = display(LiveBundle(self.box, StaticBundle(self.view)), display_id=True)
 
     def set_actions(self, on_stop: Callable[[], Any] | None, on_detach: Callable[[], Any] | None) -> None:
         for button, action in ((self.stop_button, on_stop), (self.detach_button, on_detach)):
@@ -389,10 +439,7 @@ class WidgetPanel(TextPanel):
             kind = event["type"]
             if kind in protocol.TERMINAL:
                 self.stop_button.disabled = self.detach_button.disabled = True
-            if kind not in self._THROTTLED or time.monotonic() - self._last_refresh >= self.refresh_interval:
-                self._refresh()
-            else:
-                self._refresh_later()
+            self._redraw(kind in self._THROTTLED)
 
     def note(self, text: str) -> None:
         with self._lock:
@@ -406,34 +453,12 @@ class WidgetPanel(TextPanel):
 
     def finish(self) -> None:
         """Draw what is pending, then swap the live widget for the static copy of the finished panel."""
-        with self._lock:
-            self._finished = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if self._stale:
-                self._refresh()
+        self._stop_redrawing()
         if self.display_handle is not None:
-            self.display_handle.update(_StaticBundle(self.view))
-
-    def _refresh_later(self) -> None:
-        """Mark the widget behind the view; one timer draws it when the interval is up, so nothing stays unseen."""
-        self._stale = True
-        if self._timer is None and not self._finished:
-            delay = max(self.refresh_interval - (time.monotonic() - self._last_refresh), 0.0)
-            self._timer = threading.Timer(delay, self._refresh_pending)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _refresh_pending(self) -> None:
-        with self._lock:
-            self._timer = None
-            if self._stale and not self._finished:
-                self._refresh()
+            self.display_handle.update(StaticBundle(self.view))
 
     def _refresh(self) -> None:
-        self._last_refresh = time.monotonic()
-        self._stale = False
+        self._drawn()
         view = self.view
         shown = [
             view.waiting_line(),
@@ -464,25 +489,26 @@ class WidgetPanel(TextPanel):
             self.log.value = (view.where_the_log_is(left_out) + "\n" if left_out else "") + "".join(tail)
 
 
-class _LiveBundle:
+class StaticBundle:
+    """A finished panel as text and HTML; anything with ``render_text`` and ``render_html`` renderers works."""
+
+    def __init__(self, view: Any, text: Callable[[Any], str] = render_text, page: Callable[[Any], str] = render_html):
+        self.view, self.text, self.page = view, text, page
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return {"text/plain": self.text(self.view), "text/html": self.page(self.view)}
+
+
+class LiveBundle:
     """The widget, with text and HTML copies for frontends that cannot show widgets."""
 
-    def __init__(self, panel: WidgetPanel) -> None:
-        self.panel = panel
+    def __init__(self, box: Any, static: StaticBundle) -> None:
+        self.box, self.static = box, static
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle = dict(self.panel.box._repr_mimebundle_(**kwargs) or {})
-        bundle["text/plain"] = render_text(self.panel.view)
-        bundle["text/html"] = render_html(self.panel.view)
+        bundle = dict(self.box._repr_mimebundle_(**kwargs) or {})
+        bundle.update(self.static._repr_mimebundle_())
         return bundle
-
-
-class _StaticBundle:
-    def __init__(self, view: JobView) -> None:
-        self.view = view
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        return {"text/plain": render_text(self.view), "text/html": render_html(self.view)}
 
 
 _SUBSHELL: dict[str, str] = {}
@@ -525,9 +551,12 @@ def serve_clicks_while_busy(buttons: list[Any]) -> bool:
 
 
 def make_panel(host: str, mode: str = "auto") -> TextPanel:
-    if mode == "widget" or (mode == "auto" and _in_kernel_with_widgets()):
-        return WidgetPanel(host)
-    return TextPanel(host)
+    return WidgetPanel(host) if wants_widgets(mode) else TextPanel(host)
+
+
+def wants_widgets(mode: str) -> bool:
+    """Whether a panel in ``mode`` ('auto', 'widget', 'text') is drawn with widgets here."""
+    return mode == "widget" or (mode == "auto" and _in_kernel_with_widgets())
 
 
 def _in_kernel_with_widgets() -> bool:
