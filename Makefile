@@ -36,6 +36,6 @@ test: $(STAMP) system-deps lint
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
-# Eight figures against baselines measured in the same run; writes bench/results/latest.json.
+# Nine figures against baselines measured in the same run; writes bench/results/latest.json.
 bench: $(STAMP) system-deps
 	$(PY) bench/run.py

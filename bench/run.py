@@ -1,4 +1,4 @@
-"""remote_magic benchmark: eight figures, each against a baseline measured in the same run.
+"""remote_magic benchmark: nine figures, each against a baseline measured in the same run.
 
     make bench                 # full sizes (512 MiB transfers, 1 GiB re-run)
     .venv/bin/python bench/run.py --quick   # small sizes, a smoke run
@@ -324,11 +324,38 @@ class Bench:
         self.record(8, "queued job: GPUs freed -> started (simulated GPUs, local, median)", ours * 1000,
                     baseline * 1000, "ms", "< 1000 ms", ours < 1.0)  # fmt: skip
 
+    # 9 ---------------------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """8 trials of a tiny fit as one sweep (2 at a time: the VM has 2 cores) vs the same 8 fits as 8 cells."""
+        self.quiet_cell(
+            "import numpy as np, keras\n"
+            "sx = np.random.default_rng(9).random((512, 16), dtype=np.float32)\n"
+            "sy = (sx.sum(axis=1) > 8).astype('float32')\n"
+            "grid = {'lr': [1e-3, 3e-3, 1e-2, 3e-2], 'units': [8, 16]}\n"
+        )
+        fit = (
+            "model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(units, activation='relu'),"
+            " keras.layers.Dense(1)])\n"
+            "model.compile(optimizer=keras.optimizers.Adam(lr), loss='mse')\n"
+            "history = model.fit(sx, sy, epochs=3, validation_split=0.25, verbose=0)\n"
+        )
+        start = time.perf_counter()
+        for lr in (1e-3, 3e-3, 1e-2, 3e-2):
+            for units in (8, 16):
+                self.quiet_cell(f"%%remote_train --host testhost\nlr, units = {lr}, {units}\n" + fit)
+        sequential = time.perf_counter() - start
+        start = time.perf_counter()
+        self.quiet_cell("%%remote_train --host testhost --sweep grid --parallel 2\n" + fit)
+        swept = time.perf_counter() - start
+        self.record(9, "8-trial sweep (2 at a time, sshd) vs 8 cells back to back: wall time", swept, sequential,
+                    "s", "<= 1.0 x", swept <= sequential,
+                    extra={"per_trial_s": swept / 8, "per_cell_s": sequential / 8})  # fmt: skip
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-8)")
+    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-9)")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="remote_magic-bench-") as tmp:
@@ -338,7 +365,7 @@ def main() -> int:
         bench.start()
         try:
             figures = [bench.upload, bench.download, bench.rerun, bench.trivial, bench.keras_fit, bench.memory,
-                       bench.latency, bench.queue_start]  # fmt: skip
+                       bench.latency, bench.queue_start, bench.sweep]  # fmt: skip
             for number, figure in enumerate(figures, start=1):
                 if not args.only or number in args.only:
                     print(f"figure {number}: {figure.__name__} ...", flush=True)
