@@ -82,8 +82,8 @@ def _gone(pid: int) -> bool:
 
 
 def _epoch_lines(text: str) -> list[str]:
-    """The panel's epoch rows, without the ETA that depends on timing."""
-    return [line.split(" - ETA ")[0] for line in text.splitlines() if line.startswith("Epoch ")]
+    """The panel's epoch rows (step rows for a remote_log loop), without the ETA that depends on timing."""
+    return [line.split(" - ETA ")[0] for line in text.splitlines() if line.startswith(("Epoch ", "Step "))]
 
 
 # ---------------------------------------------------------------- Keras on jax and torch, in real kernels
@@ -273,9 +273,9 @@ for epoch in range(3):
 
 def _check_torch_training(ip, out: str) -> None:  # type: ignore[no-untyped-def]
     rows = _epoch_lines(out)
-    assert [row.split(" - ")[0] for row in rows] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+    assert [row.split(" - ")[0] for row in rows] == ["Step 1/3", "Step 2/3", "Step 3/3"]
     losses = ip.user_ns["losses"]
-    assert rows == [f"Epoch {i}/3 - loss: {loss:.4f}" for i, loss in enumerate(losses, 1)]
+    assert rows == [f"Step {i}/3 - loss: {loss:.4f}" for i, loss in enumerate(losses, 1)]
     assert losses[2] < losses[0]
 
     net, optimizer = ip.user_ns["net"], ip.user_ns["optimizer"]

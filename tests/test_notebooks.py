@@ -95,7 +95,7 @@ def test_long_training_notebook_detaches_attaches_and_charts(monkeypatch) -> Non
     assert re.findall(r"Epoch \d+/30", attached) == [f"Epoch {i}/30" for i in range(1, 31)]
     assert "epochs: 30" in _texts(by_source['print("epochs:", len(history.history["loss"]))'])
     numpy_loop = _texts(by_source["%%remote_train --name numpy-loop"])
-    assert "Epoch 50/50 - loss:" in numpy_loop
+    assert "Step 50/50 - loss:" in numpy_loop
     assert "w = 3.00, b = 0.50" in _texts(by_source['print(f"w = {w:.2f}, b = {b:.2f}")'])
     body, _ = HTMLExporter().from_notebook_node(nb)
     assert body.count('class="remote-magic-chart"') >= 3  # loss and accuracy of the long run, loss of the loop

@@ -66,13 +66,15 @@ def test_widget_state_after_each_epoch_and_the_same_on_replay(ip) -> None:
     assert replay.table.value == live.table.value and replay.chart.value == live.chart.value
 
 
-def test_static_copy_keeps_every_epoch_and_the_chart() -> None:
+def test_static_copy_keeps_every_epoch_in_the_chart_and_the_text_and_the_latest_in_the_table() -> None:
     from remote_magic.ui.panel import JobView
 
     view = JobView("gpu1", job_id="j1", state="done", epochs=250)
     view.rows = [{"epoch": e, "logs": {"loss": 1 / e, "val_loss": 1.2 / e}, "seconds": 0.1} for e in range(1, 251)]
     page = render_html(view)
-    assert page.count("<tr>") == 251 and page.count("<polyline") == 2
+    assert page.count("<polyline") == 2  # the chart has every epoch; the table the latest ones
+    assert re.findall(r"<tr><td>(\d+)</td>", page) == [str(e) for e in range(239, 251)]
+    assert "… 238 earlier epochs in the chart" in page
     assert len(re.search(r'data-series="loss" points="([^"]*)"', page).group(1).split()) == 250
     assert render_text(view).count("\nEpoch ") == 250
     assert set(metric_groups(view.rows)) == {"loss"}
@@ -167,3 +169,25 @@ def test_the_widget_draws_a_pending_line_soon_without_another_event() -> None:
         time.sleep(0.05)
     assert panel.log.value.endswith("first\n")
     panel.finish()
+
+
+def test_a_remote_log_loop_of_50_steps_shows_steps_the_latest_rows_and_no_empty_column(ip) -> None:
+    """As a new user saw it in JupyterLab: the finished table showed rows 1-7 with an empty `time` column and
+    the chart's axis said `epoch`."""
+    cell = "for step in range(1, 51):\n    remote_log(step=step, total=50, loss=1.0 / step)\n"
+    client = AgentClient(LocalTransport())
+    job_id = session.submit(client, session.prepare(cell, {}))
+    from remote_magic.ui.panel import JobView
+
+    view = JobView("local")
+    session.follow(client, job_id, view.apply)
+    page = render_html(view)
+    table = page[page.index("<table") :]
+    assert "<th>step</th>" in table and "<th>time</th>" not in table
+    rows = re.findall(r"<tr><td>(\d+)</td>", table)
+    assert rows == [str(i) for i in range(39, 51)]  # the latest rows
+    assert "… 38 earlier steps in the chart" in table
+    assert ">step</text>" in page and ">epoch</text>" not in page  # the chart's axis
+    assert 'fill="#1f77b4">loss</text>' not in page  # a lone series needs no legend: the title says it
+    assert "Step 50/50 - loss: 0.0200" in render_text(view)
+    client.close()

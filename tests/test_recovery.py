@@ -67,11 +67,11 @@ def test_remote_log_gives_a_numpy_loop_the_same_panel(ip, capsys) -> None:
     )
     assert run(ip, cell).success
     out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if line.startswith("Epoch")]
-    assert lines == [
-        "Epoch 1/3 - loss: 1.0000 - weight: 0.5000",
-        "Epoch 2/3 - loss: 0.5000 - weight: 1.0000",
-        "Epoch 3/3 - loss: 0.3333 - weight: 1.5000",
+    lines = [line for line in out.splitlines() if line.startswith("Step")]
+    assert lines == [  # a remote_log loop counts steps
+        "Step 1/3 - loss: 1.0000 - weight: 0.5000",
+        "Step 2/3 - loss: 0.5000 - weight: 1.0000",
+        "Step 3/3 - loss: 0.3333 - weight: 1.5000",
     ]
     assert ip.user_ns["w"] == 1.5
 

@@ -271,7 +271,7 @@ def _remote_log(emit: Any) -> Any:
         if total is not None and total != state["total"]:
             state["total"] = int(total)
             emit(protocol.TRAIN_BEGIN, epochs=state["total"], steps=None, source="remote_log")
-        emit(protocol.EPOCH, epoch=state["step"], epochs=state["total"], logs=callbacks.floats(metrics))
+        emit(protocol.EPOCH, epoch=state["step"], epochs=state["total"], logs=callbacks.floats(metrics), unit="step")
 
     return remote_log
 

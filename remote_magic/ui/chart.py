@@ -50,9 +50,17 @@ def _label(value: float) -> str:
 
 
 def svg_chart(
-    title: str, series: dict[str, list[tuple[int, float]]], colors: dict[str, str] | None = None, width: int = WIDTH
+    title: str,
+    series: dict[str, list[tuple[int, float]]],
+    colors: dict[str, str] | None = None,
+    width: int = WIDTH,
+    unit: str = "epoch",
 ) -> str:
-    """One chart; each series in its color from ``colors``, else blue for training and orange for validation."""
+    """One chart; each series in its color from ``colors``, else blue for training and orange for validation.
+
+    ``unit`` names the x axis (``step`` for a ``remote_log`` loop).  A
+    legend is drawn only when it tells something the title does not.
+    """
     points = [p for values in series.values() for p in values]
     if not points:
         return ""
@@ -84,8 +92,9 @@ def svg_chart(
     for tick in _ticks(x_low, x_high):
         if tick == int(tick):
             parts.append(f'<text x="{x(tick):.1f}" y="{HEIGHT - 10}" text-anchor="middle">{int(tick)}</text>')
-    parts.append(f'<text x="{width - _PAD_RIGHT}" y="{HEIGHT - 1}" text-anchor="end">epoch</text>')
+    parts.append(f'<text x="{width - _PAD_RIGHT}" y="{HEIGHT - 1}" text-anchor="end">{html.escape(unit)}</text>')
     legend_x = _PAD_LEFT + 70
+    show_legend = list(series) != [title]
     for name, values in series.items():
         color = (colors or {}).get(name) or (VALIDATION_COLOR if name.startswith("val_") else TRAIN_COLOR)
         coords = " ".join(f"{x(e):.1f},{y(v):.1f}" for e, v in values)
@@ -94,13 +103,14 @@ def svg_chart(
         )
         if len(values) == 1:
             parts.append(f'<circle cx="{x(values[0][0]):.1f}" cy="{y(values[0][1]):.1f}" r="2" fill="{color}"/>')
-        parts.append(f'<text x="{legend_x}" y="12" fill="{color}">{html.escape(name)}</text>')
-        legend_x += 8 + 6 * len(name)
+        if show_legend:
+            parts.append(f'<text x="{legend_x}" y="12" fill="{color}">{html.escape(name)}</text>')
+            legend_x += 8 + 6 * len(name)
     parts.append("</svg>")
     return "".join(parts)
 
 
-def svg_charts(rows: list[dict[str, Any]]) -> str:
+def svg_charts(rows: list[dict[str, Any]], unit: str = "epoch") -> str:
     """One chart per metric, side by side (wrapping), as one HTML fragment."""
-    charts = [svg_chart(name, series) for name, series in metric_groups(rows).items()]
+    charts = [svg_chart(name, series, unit=unit) for name, series in metric_groups(rows).items()]
     return "<div style='display:flex;flex-wrap:wrap;gap:6px'>" + "".join(charts) + "</div>" if charts else ""
