@@ -159,7 +159,9 @@ class SweepTextPanel:
         if kind == protocol.STARTED:
             self._write(f"[remote_train] {who}: running · job {trial.job_id} · {view.device}\n")
         elif kind == protocol.EPOCH:
-            self._write(f"[remote_train] trial {trial.number} · {format_epoch(view.rows[-1], view.epochs, view.unit)}\n")
+            self._write(
+                f"[remote_train] trial {trial.number} · {format_epoch(view.rows[-1], view.epochs, view.unit)}\n"
+            )
         elif kind == protocol.QUEUED and view.reason and self._said.get(trial.number) != view.reason:
             self._said[trial.number] = view.reason  # once per reason: its place in the queue changes often
             self._write(f"[remote_train] {who}: {state_text(self.sweep, trial)}\n")
