@@ -1,7 +1,8 @@
 /**
  * remote_magic for JupyterLab: a "Remote training" sidebar listing every job
- * this machine submitted (grouped by host) and a status bar item counting the
- * running ones. Data comes from the server extension's REST API
+ * this machine submitted (grouped by host, with each host's GPUs; a sweep's
+ * trials under one entry; finished jobs folded) and a status bar item counting
+ * the running ones. Data comes from the server extension's REST API
  * (/remote-magic/api), which talks to the hosts through the same session
  * layer as the magics.
  */
@@ -22,11 +23,28 @@ const PLUGIN_ID = 'remote-magic-labextension:plugin';
 const PANEL_ID = 'remote-magic-jobs';
 const POLL_MS = 3000;
 const RUNNING = new Set(['queued', 'running']);
+// Neither running nor finished: the host did not answer, the job may still run.
+const UNKNOWN = new Set(['unreachable']);
+const FAILED = new Set(['error', 'killed']);
+// Jobs the user cleared from the list (``host/job_id``); only this browser forgets them, the hosts keep them.
+const CLEARED_KEY = 'remote-magic:cleared-jobs';
+
+interface ISweep {
+  id: string;
+  trial: number;
+  params?: Record<string, unknown>;
+  parallel?: number | null;
+  metric?: string | null;
+  mode?: string | null;
+  name?: string | null;
+}
 
 interface IJob {
   host: string;
   job_id: string;
   name?: string | null;
+  title?: string | null;
+  sweep?: ISweep | null;
   state: string;
   epoch?: number | null;
   epochs?: number | null;
@@ -35,12 +53,37 @@ interface IJob {
   ended?: number | null;
   submitted?: number | null;
   message?: string | null;
+  reason?: string | null;
+  position?: number | null;
+}
+
+interface IGpu {
+  index: number;
+  name: string;
+  memory_used: number | string;
+  memory_total: number | string;
+  utilization: number | string;
+  holder?: string | null;
+  job_id?: string | null;
+}
+
+interface IHostGpus {
+  host: string;
+  gpus: IGpu[];
+  error: string | null;
 }
 
 interface IEvent {
   seq: number;
   type: string;
   text?: string;
+}
+
+/** What the sidebar lists: one job, or the trials of one sweep under a single entry. */
+interface IEntry {
+  key: string;
+  sweep: ISweep | null;
+  jobs: IJob[];
 }
 
 /** The one helper that calls the server extension (auth and XSRF handled by ServerConnection). */
@@ -68,17 +111,64 @@ const ICON = new LabIcon({
     'd="M4 5h16v10H4zM2 17h20v2H2zM6 7v6h2V7zm4 3v3h2v-3zm4-2v5h2V8z"/></svg>'
 });
 
-const STATE_ICONS: Record<string, string> = {
-  queued: '⏳',
-  running: '▶',
-  done: '✔',
-  stopped: '⏹',
-  error: '✖',
-  cancelled: '⊘',
-  killed: '☠',
-  unreachable: '⚠',
-  gone: '∅'
+// State icons drawn as inline SVG (colour from CSS): glyphs such as U+23F9 are missing from the
+// browser's default fonts and show as a box.
+const stroke = (width = 1.6, color = 'currentColor') =>
+  `fill="none" stroke="${color}" stroke-width="${width}" stroke-linecap="round" stroke-linejoin="round"`;
+const STATE_SVG: Record<string, string> = {
+  queued: `<circle cx="8" cy="8" r="6.2" ${stroke()}/><path d="M8 4.6V8l2.4 1.6" ${stroke()}/>`,
+  running: '<path d="M4.5 2.8v10.4L13 8z" fill="currentColor"/>',
+  done: `<path d="M2.8 8.4l3.4 3.4L13.2 4.6" ${stroke(2)}/>`,
+  stopped: '<rect x="3.5" y="3.5" width="9" height="9" rx="1.2" fill="currentColor"/>',
+  error:
+    '<circle cx="8" cy="8" r="6.8" fill="currentColor"/>' +
+    `<path d="M5.6 5.6l4.8 4.8m0-4.8l-4.8 4.8" ${stroke(1.6, '#fff')}/>`,
+  cancelled: `<circle cx="8" cy="8" r="6.2" ${stroke()}/><path d="M3.8 12.2l8.4-8.4" ${stroke()}/>`,
+  killed: `<path d="M3.5 3.5l9 9m0-9l-9 9" ${stroke(2.2)}/>`,
+  unreachable:
+    '<path d="M8 1.6l6.9 12.2H1.1z" fill="currentColor"/>' +
+    `<path d="M8 6.2v3.4M8 11.6v.1" ${stroke(1.6, '#fff')}/>`,
+  gone: `<circle cx="8" cy="8" r="6.2" ${stroke()} stroke-dasharray="2.4 2.2"/>`,
+  unknown: '<circle cx="8" cy="8" r="3.2" fill="currentColor"/>'
 };
+
+function stateIcon(state: string): HTMLSpanElement {
+  const icon = element('span', 'jp-RemoteMagic-icon');
+  icon.innerHTML = // fixed markup only, never text from a job
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16" width="12" height="12" aria-hidden="true">' +
+    `${STATE_SVG[state] || STATE_SVG.unknown}</svg>`;
+  return icon;
+}
+
+function isFinished(job: IJob): boolean {
+  return !RUNNING.has(job.state) && !UNKNOWN.has(job.state);
+}
+
+function jobKey(job: IJob): string {
+  return `${job.host}/${job.job_id}`;
+}
+
+/** The job's one-line title: its name, else the cell's first statement (from the host), else its id. */
+function jobTitle(job: IJob): string {
+  return job.title || job.name || job.job_id;
+}
+
+function formatParams(params: Record<string, unknown> | undefined): string {
+  return Object.entries(params || {})
+    .map(([name, value]) => `${name}=${typeof value === 'string' ? value : JSON.stringify(value)}`)
+    .join(', ');
+}
+
+function trialLabel(sweep: ISweep): string {
+  const params = formatParams(sweep.params);
+  return params ? `#${sweep.trial} ${params}` : `#${sweep.trial}`;
+}
+
+function formatMetric(value: number): string {
+  return Math.abs(value) >= 1000 || (value !== 0 && Math.abs(value) < 0.001)
+    ? value.toExponential(2)
+    : value.toFixed(4);
+}
 
 function formatSeconds(seconds: number): string {
   if (seconds < 60) {
@@ -89,6 +179,14 @@ function formatSeconds(seconds: number): string {
     return `${minutes}m${String(Math.floor(seconds % 60)).padStart(2, '0')}s`;
   }
   return `${Math.floor(minutes / 60)}h${String(minutes % 60).padStart(2, '0')}m`;
+}
+
+/** MiB as GiB, as short as it reads well: 0, 0.5, 12, 80. */
+function formatGiB(mib: number | string): string {
+  if (typeof mib !== 'number') {
+    return '?';
+  }
+  return mib === 0 ? '0' : (mib / 1024).toFixed(mib < 10240 ? 1 : 0);
 }
 
 function element<K extends keyof HTMLElementTagNameMap>(
@@ -104,13 +202,73 @@ function element<K extends keyof HTMLElementTagNameMap>(
   return node;
 }
 
-/** The sidebar: jobs grouped by host, refreshed while any of them runs. */
+/**
+ * A fold that stays open across the refreshes that re-render the list: ``open`` holds the keys of the
+ * open ones, updated on the click itself (a ``toggle`` event comes later, maybe after a re-render).
+ */
+function foldable(fold: HTMLDetailsElement, summary: HTMLElement, open: Set<string>, key: string): void {
+  fold.open = open.has(key);
+  summary.onclick = event => {
+    event.preventDefault();
+    fold.open = !fold.open;
+    if (fold.open) {
+      open.add(key);
+    } else {
+      open.delete(key);
+    }
+  };
+}
+
+/** How a sweep ranks its trials: its own metric and mode, else the first validation metric (min for losses). */
+function sweepMetric(sweep: ISweep, trials: IJob[]): { metric: string; mode: string } | null {
+  let metric = sweep.metric || null;
+  if (!metric) {
+    const names = trials.flatMap(job => Object.keys(job.logs || {}));
+    metric = names.find(name => name.startsWith('val_')) || names.find(name => name === 'loss') || names[0] || null;
+  }
+  if (!metric) {
+    return null;
+  }
+  const maximise = /acc|auc|precision|recall|f1|score|iou|r2/i.test(metric) && !/loss|error/i.test(metric);
+  return { metric, mode: sweep.mode || (maximise ? 'max' : 'min') };
+}
+
+/** "1 running · 2 done · 1 failed": a sweep's trials counted by what they are doing. */
+function stateCounts(trials: IJob[]): string {
+  const counts = new Map<string, number>();
+  for (const job of trials) {
+    const word = FAILED.has(job.state) ? 'failed' : job.state;
+    counts.set(word, (counts.get(word) || 0) + 1);
+  }
+  const order = ['running', 'queued', 'done', 'failed', 'stopped', 'cancelled', 'unreachable', 'gone'];
+  const words = [...counts.keys()].sort((a, b) => order.indexOf(a) - order.indexOf(b));
+  return words.map(word => `${counts.get(word)} ${word}`).join(' · ');
+}
+
+/** The state a sweep shows as a whole: running while any trial runs, error when none finished well. */
+function sweepState(trials: IJob[]): string {
+  for (const state of ['running', 'queued', 'unreachable', 'done']) {
+    if (trials.some(job => job.state === state)) {
+      return state;
+    }
+  }
+  return trials[0]?.state || 'unknown';
+}
+
+/** The sidebar: jobs grouped by host, each host's GPUs, sweeps as one entry; refreshed while any job runs. */
 class JobsPanel extends Widget {
   jobs: IJob[] = [];
+  gpus = new Map<string, IHostGpus>();
   onChange: (running: number) => void = () => undefined;
   private timer: number | null = null;
   private list: HTMLDivElement;
   private status: HTMLDivElement;
+  private footer: HTMLDivElement;
+  private cleared: Set<string>;
+  // What the user opened stays open across the refreshes that re-render the list.
+  private openSweeps = new Set<string>();
+  private openFinished = new Set<string>();
+  private logs = new Map<string, { text: string[]; next: number }>();
 
   constructor() {
     super();
@@ -128,6 +286,9 @@ class JobsPanel extends Widget {
     this.node.appendChild(this.status);
     this.list = element('div', 'jp-RemoteMagic-list');
     this.node.appendChild(this.list);
+    this.footer = element('div', 'jp-RemoteMagic-footer');
+    this.node.appendChild(this.footer);
+    this.cleared = JobsPanel.loadCleared();
   }
 
   get running(): number {
@@ -140,13 +301,19 @@ class JobsPanel extends Widget {
       window.clearTimeout(this.timer);
       this.timer = null;
     }
+    const query = fresh ? '?fresh=1' : '';
+    const gpus = requestAPI<{ hosts: IHostGpus[] }>('gpus', {}, query).catch(() => null);
     try {
-      const reply = await requestAPI<{ jobs: IJob[] }>('jobs', {}, fresh ? '?fresh=1' : '');
+      const reply = await requestAPI<{ jobs: IJob[] }>('jobs', {}, query);
       this.jobs = reply.jobs;
       this.status.textContent = '';
+      this.forgetVanished();
     } catch (error) {
       this.status.textContent = `Could not list jobs: ${error}`;
     }
+    const hosts = await gpus; // a server without the GPUs API, or a failed call: no GPU lines
+    this.gpus = new Map((hosts?.hosts || []).map(host => [host.host, host]));
+    await this.updateLogs();
     this.render();
     this.onChange(this.running);
     if (this.running > 0) {
@@ -154,8 +321,61 @@ class JobsPanel extends Widget {
     }
   }
 
+  private static loadCleared(): Set<string> {
+    try {
+      const saved = JSON.parse(window.localStorage.getItem(CLEARED_KEY) || '[]');
+      return new Set(Array.isArray(saved) ? saved.filter(key => typeof key === 'string') : []);
+    } catch {
+      return new Set();
+    }
+  }
+
+  private saveCleared(): void {
+    try {
+      window.localStorage.setItem(CLEARED_KEY, JSON.stringify([...this.cleared]));
+    } catch {
+      // storage full or disabled: cleared for this page only
+    }
+  }
+
+  /** Cleared ids of jobs no longer in the registry (collected, removed) need not be kept. */
+  private forgetVanished(): void {
+    const known = new Set(this.jobs.map(jobKey));
+    const kept = [...this.cleared].filter(key => known.has(key));
+    if (kept.length !== this.cleared.size) {
+      this.cleared = new Set(kept);
+      this.saveCleared();
+    }
+  }
+
+  /** One entry per job, and one per sweep holding all its trials; newest first. */
+  private entries(jobs: IJob[]): IEntry[] {
+    const entries: IEntry[] = [];
+    const sweeps = new Map<string, IEntry>();
+    for (const job of [...jobs].reverse()) {
+      const sweep = job.sweep && job.sweep.id ? job.sweep : null;
+      if (!sweep) {
+        entries.push({ key: jobKey(job), sweep: null, jobs: [job] });
+        continue;
+      }
+      const key = `${job.host}/${sweep.id}`;
+      let entry = sweeps.get(key);
+      if (!entry) {
+        entry = { key, sweep, jobs: [] };
+        sweeps.set(key, entry);
+        entries.push(entry);
+      }
+      entry.jobs.push(job);
+    }
+    for (const entry of sweeps.values()) {
+      entry.jobs.sort((a, b) => (a.sweep?.trial ?? 0) - (b.sweep?.trial ?? 0));
+    }
+    return entries;
+  }
+
   private render(): void {
     this.list.textContent = '';
+    this.footer.textContent = '';
     if (this.jobs.length === 0) {
       this.list.appendChild(
         element('p', 'jp-RemoteMagic-empty', 'No jobs yet. Run a %%remote_train cell.')
@@ -164,51 +384,220 @@ class JobsPanel extends Widget {
     }
     const hosts = [...new Set(this.jobs.map(job => job.host))];
     for (const host of hosts) {
+      const gpus = this.gpus.get(host)?.gpus || [];
+      const visible = this.jobs.filter(job => job.host === host && !this.cleared.has(jobKey(job)));
+      if (visible.length === 0 && gpus.length === 0) {
+        continue; // every job of it cleared: nothing to show
+      }
       const group = element('section', 'jp-RemoteMagic-host');
       group.dataset.host = host;
       group.appendChild(element('h3', 'jp-RemoteMagic-hostname', host));
-      const jobs = this.jobs.filter(job => job.host === host).reverse();
-      for (const job of jobs) {
-        group.appendChild(this.renderJob(job));
+      if (gpus.length > 0) {
+        group.appendChild(this.renderGpus(host, gpus));
+      }
+      const entries = this.entries(visible);
+      const finished = entries.filter(entry => entry.jobs.every(isFinished));
+      for (const entry of entries.filter(entry => !finished.includes(entry))) {
+        group.appendChild(this.renderEntry(entry));
+      }
+      if (finished.length > 0) {
+        group.appendChild(this.renderFinished(host, finished));
       }
       this.list.appendChild(group);
     }
+    if (this.cleared.size > 0) {
+      const count = this.cleared.size;
+      this.footer.appendChild(
+        element('span', 'jp-RemoteMagic-clearedcount', `${count} cleared job${count === 1 ? '' : 's'} hidden`)
+      );
+      const restore = element('button', 'jp-RemoteMagic-restore jp-mod-styled', 'Show again');
+      restore.title = 'List the cleared jobs again';
+      restore.onclick = () => {
+        this.cleared.clear();
+        this.saveCleared();
+        this.render();
+      };
+      this.footer.appendChild(restore);
+    }
   }
 
-  private renderJob(job: IJob): HTMLElement {
-    const row = element('div', `jp-RemoteMagic-job jp-RemoteMagic-state-${job.state}`);
+  /** One line per GPU: index, utilization, memory used/total, and who holds it (a job's title, or free). */
+  private renderGpus(host: string, gpus: IGpu[]): HTMLElement {
+    const box = element('div', 'jp-RemoteMagic-gpus');
+    const models = [...new Set(gpus.map(gpu => gpu.name))];
+    const head = models.length === 1 ? `${gpus.length} × ${models[0]}` : `${gpus.length} GPUs`;
+    box.appendChild(element('div', 'jp-RemoteMagic-gpuhead', head)).title = models.join(', ');
+    for (const gpu of gpus) {
+      const line = element('div', 'jp-RemoteMagic-gpu');
+      line.dataset.gpu = String(gpu.index);
+      line.appendChild(element('span', 'jp-RemoteMagic-gpuindex', String(gpu.index)));
+      const usage = element('span', 'jp-RemoteMagic-gpuutil');
+      const bar = element('span', 'jp-RemoteMagic-gpubar');
+      const fill = element('span', 'jp-RemoteMagic-gpufill');
+      const percent = typeof gpu.utilization === 'number' ? gpu.utilization : 0;
+      fill.style.width = `${Math.max(0, Math.min(100, percent))}%`;
+      bar.appendChild(fill);
+      usage.appendChild(bar);
+      usage.appendChild(
+        element('span', '', typeof gpu.utilization === 'number' ? `${gpu.utilization}%` : String(gpu.utilization))
+      );
+      line.appendChild(usage);
+      line.appendChild(
+        element('span', 'jp-RemoteMagic-gpumem', `${formatGiB(gpu.memory_used)}/${formatGiB(gpu.memory_total)} GiB`)
+      );
+      const holder = this.holderOf(host, gpu);
+      const who = element('span', `jp-RemoteMagic-gpuholder${holder ? '' : ' jp-RemoteMagic-free'}`, holder || 'free');
+      who.title = gpu.job_id ? `${holder} (job ${gpu.job_id})` : holder || 'free';
+      line.appendChild(who);
+      box.appendChild(line);
+    }
+    return box;
+  }
+
+  private holderOf(host: string, gpu: IGpu): string | null {
+    const job = gpu.job_id ? this.jobs.find(job => job.host === host && job.job_id === gpu.job_id) : undefined;
+    if (job) {
+      return job.sweep ? `${jobTitle(job)} ${trialLabel(job.sweep)}` : jobTitle(job);
+    }
+    return gpu.holder || null;
+  }
+
+  private renderEntry(entry: IEntry): HTMLElement {
+    return entry.sweep ? this.renderSweep(entry.sweep, entry.key, entry.jobs) : this.renderJob(entry.jobs[0]);
+  }
+
+  /** "N finished", folded; Clear finished hides them in this browser (the hosts keep them). */
+  private renderFinished(host: string, finished: IEntry[]): HTMLElement {
+    const fold = element('details', 'jp-RemoteMagic-finished');
+    const summary = element('summary', 'jp-RemoteMagic-finishedsummary');
+    foldable(fold, summary, this.openFinished, host);
+    summary.appendChild(element('span', 'jp-RemoteMagic-finishedcount', `${finished.length} finished`));
+    const clear = element('button', 'jp-RemoteMagic-clear jp-mod-styled', 'Clear finished');
+    clear.title = 'Hide these jobs from this list (nothing is deleted on the host)';
+    clear.onclick = event => {
+      event.preventDefault(); // not a toggle of the fold
+      event.stopPropagation();
+      for (const entry of finished) {
+        entry.jobs.forEach(job => this.cleared.add(jobKey(job)));
+      }
+      this.saveCleared();
+      this.render();
+    };
+    summary.appendChild(clear);
+    fold.appendChild(summary);
+    for (const entry of finished) {
+      fold.appendChild(this.renderEntry(entry));
+    }
+    return fold;
+  }
+
+  /** A sweep as one entry: its counts and best trial on top, its trials inside (best first). */
+  private renderSweep(sweep: ISweep, key: string, trials: IJob[]): HTMLElement {
+    const state = sweepState(trials);
+    const box = element('details', 'jp-RemoteMagic-sweep');
+    box.dataset.sweepId = sweep.id;
+    box.dataset.state = state;
+    const summary = element('summary', `jp-RemoteMagic-sweepsummary jp-RemoteMagic-state-${state}`);
+    foldable(box, summary, this.openSweeps, key);
+    const title = element('div', 'jp-RemoteMagic-jobtitle');
+    title.appendChild(stateIcon(state));
+    // Its name, else the cell's first statement (every trial runs the same cell).
+    const text = sweep.name || trials[0].title || sweep.id;
+    const name = element('span', 'jp-RemoteMagic-name', text);
+    name.title = `${text}\nsweep ${sweep.id}`;
+    title.appendChild(name);
+    const count = `${trials.length} trial${trials.length === 1 ? '' : 's'}`;
+    title.appendChild(element('span', 'jp-RemoteMagic-state', count));
+    summary.appendChild(title);
+    summary.appendChild(element('div', 'jp-RemoteMagic-details jp-RemoteMagic-sweepid', sweep.id));
+    summary.appendChild(element('div', 'jp-RemoteMagic-details jp-RemoteMagic-sweepcounts', stateCounts(trials)));
+    const ranking = sweepMetric(sweep, trials);
+    let ranked = trials;
+    let best = '';
+    if (ranking) {
+      const sign = ranking.mode === 'max' ? -1 : 1;
+      const value = (job: IJob) => {
+        const metric = (job.logs || {})[ranking.metric];
+        return typeof metric === 'number' && isFinite(metric) ? sign * metric : Infinity;
+      };
+      ranked = [...trials].sort((a, b) => value(a) - value(b));
+      const first = ranked[0];
+      if (value(first) !== Infinity && first.sweep) {
+        const metric = formatMetric((first.logs || {})[ranking.metric]);
+        best = `best ${ranking.metric} ${metric} (${trialLabel(first.sweep)})`;
+      }
+    }
+    if (best) {
+      const line = element('div', 'jp-RemoteMagic-details jp-RemoteMagic-sweepbest', best);
+      line.title = best;
+      summary.appendChild(line);
+    }
+    box.appendChild(summary);
+
+    const body = element('div', 'jp-RemoteMagic-trials');
+    for (const job of ranked) {
+      body.appendChild(this.renderJob(job, ranking?.metric));
+    }
+    const running = trials.filter(job => RUNNING.has(job.state));
+    if (running.length > 0) {
+      const actions = element('div', 'jp-RemoteMagic-actions');
+      const cancel = element('button', 'jp-RemoteMagic-cancelsweep jp-mod-styled', 'Cancel sweep');
+      cancel.onclick = () => void this.cancelSweep(sweep, running);
+      actions.appendChild(cancel);
+      body.appendChild(actions);
+    }
+    box.appendChild(body);
+    return box;
+  }
+
+  /** A job's row; ``metric``: the one its sweep ranks trials by, shown first. */
+  private renderJob(job: IJob, metric?: string): HTMLElement {
+    const ended = isFinished(job) ? ' jp-RemoteMagic-ended' : '';
+    const row = element('div', `jp-RemoteMagic-job jp-RemoteMagic-state-${job.state}${ended}`);
     row.dataset.jobId = job.job_id;
     row.dataset.state = job.state;
     const title = element('div', 'jp-RemoteMagic-jobtitle');
-    title.appendChild(element('span', 'jp-RemoteMagic-name', job.name || job.job_id));
-    const state = element('span', 'jp-RemoteMagic-state', `${STATE_ICONS[job.state] || '?'} ${job.state}`);
-    title.appendChild(state);
+    title.appendChild(stateIcon(job.state));
+    const text = job.sweep ? trialLabel(job.sweep) : jobTitle(job);
+    const name = element('span', 'jp-RemoteMagic-name', text);
+    name.title = `${job.sweep ? `${text}: ${jobTitle(job)}` : text}\njob ${job.job_id} on ${job.host}`;
+    title.appendChild(name);
+    title.appendChild(element('span', 'jp-RemoteMagic-state', job.state));
     row.appendChild(title);
 
-    if (job.epochs) {
+    if (job.epochs && !isFinished(job)) {
       const bar = element('progress', 'jp-RemoteMagic-progress');
       bar.max = job.epochs;
       bar.value = job.epoch || 0;
       row.appendChild(bar);
     }
     const details: string[] = [];
-    if (job.epoch) {
-      details.push(`epoch ${job.epoch}/${job.epochs || '?'}`);
-    }
     const logs = job.logs || {};
-    if (logs.loss !== undefined) {
-      details.push(`loss ${logs.loss.toFixed(4)}`);
-    }
-    if (logs.val_loss !== undefined) {
-      details.push(`val_loss ${logs.val_loss.toFixed(4)}`);
+    // A trial shows first the metric its sweep ranks by; then every job its epoch and losses.
+    const shown = [...new Set([...(metric ? [metric] : []), 'epoch', 'loss', 'val_loss'])];
+    for (const key of shown) {
+      if (key === 'epoch') {
+        if (job.epoch) {
+          details.push(`epoch ${job.epoch}/${job.epochs || '?'}`);
+        }
+      } else if (typeof logs[key] === 'number') {
+        details.push(`${key} ${formatMetric(logs[key])}`);
+      }
     }
     if (job.started) {
       const end = job.ended || Date.now() / 1000;
       details.push(formatSeconds(end - job.started));
     }
-    row.appendChild(element('div', 'jp-RemoteMagic-details', details.join(' · ')));
-    if (job.message && !['done', 'stopped'].includes(job.state)) {
-      row.appendChild(element('div', 'jp-RemoteMagic-message', job.message));
+    if (details.length > 0) {
+      const line = element('div', 'jp-RemoteMagic-details', details.join(' · '));
+      line.title = line.textContent || '';
+      row.appendChild(line);
+    }
+    const message = job.state === 'queued' && job.reason ? this.queuedMessage(job) : job.message;
+    if (message && !['done', 'stopped'].includes(job.state)) {
+      const line = element('div', 'jp-RemoteMagic-message', message);
+      line.title = message;
+      row.appendChild(line);
     }
 
     const actions = element('div', 'jp-RemoteMagic-actions');
@@ -222,16 +611,26 @@ class JobsPanel extends Widget {
     copy.onclick = () => void navigator.clipboard?.writeText(copy.title);
     actions.appendChild(copy);
     const log = element('button', 'jp-RemoteMagic-showlog jp-mod-styled', 'Show log');
-    log.onclick = () => void this.showLog(job, row);
+    log.onclick = () => void this.toggleLog(job, row);
     actions.appendChild(log);
     row.appendChild(actions);
+    const open = this.logs.get(jobKey(job));
+    if (open) {
+      row.appendChild(this.logView(open.text));
+    }
     return row;
+  }
+
+  private queuedMessage(job: IJob): string {
+    return job.position ? `#${job.position} in the queue: ${job.reason}` : `${job.reason}`;
   }
 
   private async cancel(job: IJob): Promise<void> {
     const answer = await showDialog({
       title: 'Cancel remote job?',
-      body: `Job ${job.name || job.job_id} on ${job.host} will be ended now; nothing it produced so far is returned.`,
+      body:
+        `Job ${jobTitle(job)} (${job.job_id}) on ${job.host} will be ended now; ` +
+        'nothing it produced so far is returned.',
       buttons: [Dialog.cancelButton({ label: 'Keep running' }), Dialog.warnButton({ label: 'Cancel job' })]
     });
     if (!answer.button.accept) {
@@ -245,22 +644,74 @@ class JobsPanel extends Widget {
     await this.refresh();
   }
 
-  private async showLog(job: IJob, row: HTMLElement): Promise<void> {
+  private async cancelSweep(sweep: ISweep, running: IJob[]): Promise<void> {
+    const answer = await showDialog({
+      title: 'Cancel the sweep?',
+      body:
+        `The ${running.length} trial${running.length === 1 ? '' : 's'} of ${sweep.name || sweep.id} ` +
+        'still running or queued will be ended now; finished trials keep their outputs.',
+      buttons: [Dialog.cancelButton({ label: 'Keep running' }), Dialog.warnButton({ label: 'Cancel sweep' })]
+    });
+    if (!answer.button.accept) {
+      return;
+    }
+    for (const job of running) {
+      try {
+        await requestAPI(`jobs/${encodeURIComponent(job.host)}/${job.job_id}/cancel`, { method: 'POST' });
+      } catch (error) {
+        this.status.textContent = `Could not cancel ${job.job_id}: ${error}`;
+      }
+    }
+    await this.refresh();
+  }
+
+  private logView(lines: string[]): HTMLPreElement {
+    const pre = element('pre', 'jp-RemoteMagic-log', lines.slice(-30).join('') || '(no output)');
+    window.requestAnimationFrame(() => (pre.scrollTop = pre.scrollHeight));
+    return pre;
+  }
+
+  /** Output lines from ``next`` on, added to what the open log already shows. */
+  private async readLog(job: IJob, log: { text: string[]; next: number }): Promise<void> {
+    const reply = await requestAPI<{ events: IEvent[] }>(
+      `jobs/${encodeURIComponent(job.host)}/${job.job_id}/events`,
+      {},
+      `?from=${log.next}`
+    );
+    for (const event of reply.events) {
+      if (event.type === 'stdout' || event.type === 'stderr') {
+        log.text.push(event.text || '');
+      }
+      log.next = Math.max(log.next, event.seq + 1);
+    }
+    log.text.splice(0, Math.max(0, log.text.length - 200));
+  }
+
+  /** Open logs of running jobs follow them: each refresh reads only the new events. */
+  private async updateLogs(): Promise<void> {
+    for (const job of this.jobs) {
+      const log = this.logs.get(jobKey(job));
+      if (log && RUNNING.has(job.state)) {
+        await this.readLog(job, log).catch(() => undefined);
+      }
+    }
+  }
+
+  private async toggleLog(job: IJob, row: HTMLElement): Promise<void> {
+    const key = jobKey(job);
     const existing = row.querySelector('.jp-RemoteMagic-log');
     if (existing) {
       existing.remove();
+      this.logs.delete(key);
       return;
     }
+    const log = { text: [] as string[], next: 0 };
     const pre = element('pre', 'jp-RemoteMagic-log', 'loading…');
     row.appendChild(pre);
     try {
-      const reply = await requestAPI<{ events: IEvent[] }>(
-        `jobs/${encodeURIComponent(job.host)}/${job.job_id}/events`
-      );
-      const lines = reply.events
-        .filter(event => event.type === 'stdout' || event.type === 'stderr')
-        .map(event => event.text || '');
-      pre.textContent = lines.slice(-30).join('') || '(no output)';
+      await this.readLog(job, log);
+      this.logs.set(key, log);
+      pre.replaceWith(this.logView(log.text));
     } catch (error) {
       pre.textContent = `Could not read the log: ${error}`;
     }

@@ -29,25 +29,61 @@ AUTH_RESOURCE = "remote_magic"
 
 
 class JobService:
-    """Jobs of every host in the registry, through one connection per host, cached briefly."""
+    """Jobs and GPUs of every host in the registry, through one connection per host, cached briefly."""
 
     def __init__(self, connections: session.Connections, registry: Registry, cache_seconds: float) -> None:
         self.connections = connections
         self.registry = registry
         self.cache_seconds = cache_seconds
         self._cached: tuple[float, list[dict[str, Any]]] | None = None
+        self._cached_gpus: tuple[float, list[dict[str, Any]]] | None = None
         self._lock = asyncio.Lock()
+        self._gpus_lock = asyncio.Lock()
+
+    def _fresh(self, taken: float) -> bool:
+        return time.monotonic() - taken < self.cache_seconds
 
     async def jobs(self) -> list[dict[str, Any]]:
         async with self._lock:
-            if self._cached and time.monotonic() - self._cached[0] < self.cache_seconds:
+            if self._cached and self._fresh(self._cached[0]):
                 return self._cached[1]
-            rows = await asyncio.to_thread(session.registered_jobs, self.registry.records(), self.connections.get)
+            rows = await asyncio.to_thread(self._list_jobs)
             self._cached = (time.monotonic(), rows)
             return rows
 
-    def forget_cache(self) -> None:
-        self._cached = None
+    def _list_jobs(self) -> list[dict[str, Any]]:
+        records = self.registry.records()  # a file lock: in this worker thread, never on the event loop
+        return _with_recorded_sweeps(session.registered_jobs(records, self.connections.get), records)
+
+    async def gpus(self) -> list[dict[str, Any]]:
+        """Each host with registered jobs and its GPUs now (``[]`` on a host without); ``error`` for one not reached.
+
+        The hosts are asked at once, so one that does not answer delays the answer by its own timeout only.
+        """
+        async with self._gpus_lock:
+            if self._cached_gpus and self._fresh(self._cached_gpus[0]):
+                return self._cached_gpus[1]
+            records = await asyncio.to_thread(self.registry.records)
+            hosts = list(dict.fromkeys(record.host for record in records))
+            listing = list(await asyncio.gather(*(self._host_gpus(host) for host in hosts)))
+            self._cached_gpus = (time.monotonic(), listing)
+            return listing
+
+    async def _host_gpus(self, host: str) -> dict[str, Any]:
+        try:
+            gpus = await asyncio.to_thread(self._gpus_of, host)
+        except (RemoteMagicError, ValueError) as exc:  # ValueError: the host's settings are wrong
+            return {"host": host, "gpus": [], "error": str(exc) or type(exc).__name__}
+        return {"host": host, "gpus": gpus, "error": None}
+
+    def _gpus_of(self, host: str) -> list[dict[str, Any]]:
+        return self.connections.get(host).gpus()  # get() may start the connection: in the worker thread too
+
+    def forget_cache(self, jobs: bool = True, gpus: bool = True) -> None:
+        if jobs:
+            self._cached = None
+        if gpus:
+            self._cached_gpus = None
 
     async def is_registered(self, host: str, job_id: str) -> bool:
         """Whether this machine submitted ``job_id`` to ``host``: the API reaches no other job of a shared host."""
@@ -61,6 +97,21 @@ class JobService:
         result = await asyncio.to_thread(self.connections.get(host).cancel, job_id)
         self.forget_cache()
         return result
+
+
+def _with_recorded_sweeps(rows: list[dict[str, Any]], records: list[Any]) -> list[dict[str, Any]]:
+    """A trial's row keeps its sweep even when the host no longer knows the job (gone, unreachable).
+
+    The registry's record of a trial carries its sweep (with how the sweep ranks
+    its trials: ``metric``, ``mode``); the host's row, when there is one, wins
+    field by field.
+    """
+    recorded = {(r.host, r.job_id): getattr(r, "sweep", None) for r in records}
+    for row in rows:
+        sweep = recorded.get((row["host"], row["job_id"]))
+        if isinstance(sweep, dict):
+            row["sweep"] = {**sweep, **(row.get("sweep") or {})}
+    return rows
 
 
 class _Handler(ExtensionHandlerMixin, APIHandler):
@@ -86,7 +137,7 @@ class JobsHandler(_Handler):
     @authorized  # GET: "read"
     async def get(self) -> None:
         if self.get_argument("fresh", "") == "1":  # the Refresh button: ask the hosts now
-            self.service.forget_cache()
+            self.service.forget_cache(gpus=False)
 
         async def listing() -> dict[str, Any]:
             return {"jobs": await self.service.jobs(), "time": time.time()}
@@ -110,6 +161,19 @@ class EventsHandler(_Handler):
         await self._run(events())
 
 
+class GpusHandler(_Handler):
+    @tornado.web.authenticated
+    @authorized  # GET: "read"
+    async def get(self) -> None:
+        if self.get_argument("fresh", "") == "1":
+            self.service.forget_cache(jobs=False)
+
+        async def listing() -> dict[str, Any]:
+            return {"hosts": await self.service.gpus(), "time": time.time()}
+
+        await self._run(listing())
+
+
 class CancelHandler(_Handler):
     @tornado.web.authenticated
     @authorized  # POST: "write"
@@ -119,12 +183,12 @@ class CancelHandler(_Handler):
 
 
 class RemoteMagicApp(ExtensionApp):
-    """Serves the jobs API the JupyterLab sidebar uses."""
+    """Serves the jobs and GPUs API the JupyterLab sidebar uses."""
 
     name = "remote_magic"
     hosts = hosts_trait()
     ssh_config = ssh_config_trait()
-    cache_seconds = Float(3.0, help="How long a job listing is reused before the hosts are asked again.").tag(
+    cache_seconds = Float(3.0, help="How long a job or GPU listing is reused before the hosts are asked again.").tag(
         config=True
     )
 
@@ -136,6 +200,7 @@ class RemoteMagicApp(ExtensionApp):
         self.handlers.extend(
             [
                 (URL_PREFIX + "/jobs", JobsHandler),
+                (URL_PREFIX + "/gpus", GpusHandler),
                 (_JOB_URL + "/events", EventsHandler),
                 (_JOB_URL + "/cancel", CancelHandler),
             ]
