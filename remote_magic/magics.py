@@ -473,6 +473,8 @@ class RemoteMagics(Magics):
             for trial, submission in zip(sweep.trials, submissions, strict=True):
                 params = json_params(trial.params)
                 submission.sweep = {"id": sweep.id, "trial": trial.number, "parallel": sweep.parallel, "params": params}
+                given = {"metric": args.metric, "mode": args.mode, "name": args.name}
+                submission.sweep.update({k: v for k, v in given.items() if v})  # the sidebar ranks by them too
                 submission.name = f"{base} #{trial.number}: {trial.label}"[:120]
                 trial.job_id = session.submit(client, submission, progress=_upload_progress(panel))
                 submitted.append(trial.job_id)

@@ -76,6 +76,34 @@ def test_remote_log_gives_a_numpy_loop_the_same_panel(ip, capsys) -> None:
     assert ip.user_ns["w"] == 1.5
 
 
+def test_stop_ends_a_remote_log_loop_where_it_is_and_brings_back_what_it_has(ip) -> None:
+    """Stop (or an interrupt) reaches a plain loop through remote_log, not only a Keras fit."""
+    from remote_magic import session
+
+    client = ip.magics_manager.registry["RemoteMagics"]._client("testhost")
+    cell = (
+        "import time\n"
+        "done = 0\n"
+        "for step in range(1, 1001):\n"
+        "    time.sleep(0.05)\n"
+        "    done = step\n"
+        "    remote_log(step=step, total=1000, loss=1.0 / step)\n"
+    )
+    job_id = session.submit(client, session.prepare(cell, {}))
+    seen: list[dict] = []
+
+    def on_event(event: dict) -> None:
+        seen.append(event)
+        if event["type"] == "epoch" and event["epoch"] == 3:
+            client.stop(job_id)
+
+    final = session.follow(client, job_id, on_event)
+    assert final["type"] == "done" and final["stopped"]
+    values = session.fetch_outputs(client, job_id, final)
+    assert 3 <= values["done"] < 100  # it ended near the step it was stopped at, not after 1000
+    assert [e["epoch"] for e in seen if e["type"] == "epoch"][-1] == values["done"]
+
+
 def test_gc_removes_fetched_jobs_and_their_blobs_but_keeps_unfetched_ones(ip, sshd, capsys) -> None:
     root = sshd.host_root
     assert run(ip, "import numpy as np\nbig = np.arange(300_000.0)\n").success

@@ -201,10 +201,11 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         namespace.update(_load_inputs(root, path, spec))
         for note in codec.take_notes():
             emit(protocol.WARNING, message=note)
-        namespace["remote_log"] = _remote_log(emit)
+        namespace["remote_log"] = _remote_log(emit, hooks.stop_requested)
         callbacks.watch_keras(hooks)
         phase = "cell"
-        _run_cell(spec["source"], namespace)
+        with contextlib.suppress(StopRequested):  # a loop stopped on request: what it has so far comes back
+            _run_cell(spec["source"], namespace)
         out.close_line()
         err.close_line()
         phase = "outputs"
@@ -258,11 +259,21 @@ def _end_leftovers(job_id: str) -> None:
         pass
 
 
-def _remote_log(emit: Any) -> Any:
+class StopRequested(BaseException):
+    """Raised by ``remote_log`` after a Stop (or an interrupt in the notebook): the loop ends where it is.
+
+    A BaseException, so a loop's own ``except Exception`` does not swallow
+    it; the runner then brings back what the cell has so far, as a stopped
+    Keras fit does.
+    """
+
+
+def _remote_log(emit: Any, stop_requested: threading.Event) -> Any:
     """``remote_log(step=..., total=..., **metrics)``: the panel for any training loop.
 
     Each call is one row, like a Keras epoch; ``step`` counts from 1 by
     default, ``total`` (once is enough) gives the progress bar its end.
+    After a Stop, the call records its row and ends the loop.
     """
     state = {"step": 0, "total": None}
 
@@ -272,6 +283,8 @@ def _remote_log(emit: Any) -> Any:
             state["total"] = int(total)
             emit(protocol.TRAIN_BEGIN, epochs=state["total"], steps=None, source="remote_log")
         emit(protocol.EPOCH, epoch=state["step"], epochs=state["total"], logs=callbacks.floats(metrics), unit="step")
+        if stop_requested.is_set():
+            raise StopRequested()
 
     return remote_log
 
