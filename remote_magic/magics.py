@@ -542,7 +542,7 @@ class RemoteMagics(Magics):
 
     @magic_arguments()
     @host_argument
-    @argument("job", nargs="?", help="a job id: show its detail and last log lines")
+    @argument("job", nargs="?", help="a job id: show its detail and last log lines; a sweep id (sweep-...): its trials")
     @line_magic
     def remote_status(self, line: str) -> StatusTable | JobDetail:
         """List jobs (state, epoch, last loss, timing), or one job in detail.
@@ -550,6 +550,10 @@ class RemoteMagics(Magics):
         Without --host: every job this machine submitted, on every host.
         """
         args = parse_argstring(self.remote_status, line)
+        if args.job and protocol.is_sweep_id(args.job.strip().strip("'\"")):
+            client, found, _ = self._sweep_trials(args.job.strip().strip("'\""), args.host, "remote_status")
+            ids = {job_id for _, _, job_id, _ in found}
+            return StatusTable(client.host, [row for row in client.status() if row["job_id"] in ids])
         if args.job:
             job_id = _job_id(args.job)
             client = self._client(self._job_host(job_id, args.host))
@@ -603,22 +607,7 @@ class RemoteMagics(Magics):
             )
         if args.as_name is not None and not args.as_name.isidentifier():
             raise UsageError(f"--as takes a variable name for the sweep object, not {args.as_name!r}")
-        records = self.registry.sweep(sweep_id)
-        if not records and not args.host:
-            raise UsageError(
-                f"sweep {sweep_id} was not submitted from this machine (it is not in {self.registry.path}); "
-                f"`%remote_attach {sweep_id} --host HOST` finds its trials on the host"
-            )
-        client = self._client(args.host or records[0].host)
-        # Each trial as (number, parameters as recorded: JSON values, the repr of anything else; job id; name).
-        found = [(r.sweep["trial"], r.sweep.get("params"), r.job_id, r.name) for r in records if r.sweep]
-        meta = (records[0].sweep or {}) if records else {}
-        if not found:  # submitted elsewhere: the host's status rows say which jobs are its trials
-            rows = [row for row in client.status() if (row.get("sweep") or {}).get("id") == sweep_id]
-            found = [(r["sweep"]["trial"], r["sweep"].get("params"), r["job_id"], r.get("name")) for r in rows]
-            meta = rows[0]["sweep"] if rows else {}
-        if not found:
-            raise UsageError(f"host {client.host} has no trial of sweep {sweep_id} (collected by %remote_gc?)")
+        client, found, meta = self._sweep_trials(sweep_id, args.host, "remote_attach")
         trials = [
             Trial(number, dict(params or {}), job_id, JobView(client.host, job_id, name))
             for number, params, job_id, name in sorted(found, key=lambda trial: trial[0])
@@ -632,6 +621,31 @@ class RemoteMagics(Magics):
         run = SweepRun(client, sweep, panel, self.lifecycle)
         run.start()
         run.wait()
+
+    def _sweep_trials(
+        self, sweep_id: str, host: str | None, magic: str
+    ) -> tuple[AgentClient, list[tuple[int, Any, str, str | None]], dict[str, Any]]:
+        """A sweep's host and trials, as (number, parameters as recorded, job id, name), and what it was run with.
+
+        From the registry when this machine submitted it, else (with --host)
+        from the host's status rows.
+        """
+        records = self.registry.sweep(sweep_id)
+        if not records and not host:
+            raise UsageError(
+                f"sweep {sweep_id} was not submitted from this machine (it is not in {self.registry.path}); "
+                f"`%{magic} {sweep_id} --host HOST` finds its trials on the host"
+            )
+        client = self._client(host or records[0].host)
+        found = [(r.sweep["trial"], r.sweep.get("params"), r.job_id, r.name) for r in records if r.sweep]
+        meta = (records[0].sweep or {}) if records else {}
+        if not found:  # submitted elsewhere: the host's status rows say which jobs are its trials
+            rows = [row for row in client.status() if (row.get("sweep") or {}).get("id") == sweep_id]
+            found = [(r["sweep"]["trial"], r["sweep"].get("params"), r["job_id"], r.get("name")) for r in rows]
+            meta = rows[0]["sweep"] if rows else {}
+        if not found:
+            raise UsageError(f"host {client.host} has no trial of sweep {sweep_id} (collected by %remote_gc?)")
+        return client, sorted(found, key=lambda trial: trial[0]), meta
 
     @magic_arguments()
     @host_argument
@@ -677,6 +691,15 @@ class RemoteMagics(Magics):
     def remote_cancel(self, line: str) -> None:
         """Stop a job now: its whole process group is ended (SIGTERM, then SIGKILL)."""
         args = parse_argstring(self.remote_cancel, line)
+        if protocol.is_sweep_id(args.job.strip().strip("'\"")):
+            sweep_id = args.job.strip().strip("'\"")
+            client, found, _ = self._sweep_trials(sweep_id, args.host, "remote_cancel")
+            ended = sum(1 for _, _, job_id, _ in found if client.cancel(job_id).get("cancelled"))
+            print(
+                f"sweep {sweep_id} on host {client.host}: cancelled {ended} of its {len(found)} trials "
+                f"(the others had ended)"
+            )
+            return
         job_id = _job_id(args.job)
         client = self._client(self._job_host(job_id, args.host))
         result = client.cancel(job_id)

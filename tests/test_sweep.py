@@ -390,3 +390,19 @@ def test_registry_records_carry_the_sweep_and_old_records_still_read(tmp_path: P
     assert "sweep" not in (tmp_path / "jobs.jsonl").read_text().splitlines()[0]  # a plain job's line as before
     assert [r.sweep["trial"] for r in registry.sweep("sweep-x")] == [0, 1]
     assert registry.find("20261127-000000-000001").sweep is None
+
+
+def test_status_and_cancel_take_a_sweep_id(ip, capsys) -> None:
+    """`%remote_status sweep-...` lists its trials (one waits: 1 at a time on a CPU host), `%remote_cancel
+    sweep-...` ends them all, the waiting one without it ever starting."""
+    assert run(ip, "steps = {'pause': [30, 30]}\n").success
+    cell = "%%remote_train --sweep steps --detach --no-inject\nimport time\ntime.sleep(pause)\nslept = pause\n"
+    assert run(ip, cell).success
+    sweep_id = re.search(r"sweep (sweep-\S+): 2 trials submitted", capsys.readouterr().out).group(1)
+    table = ip.run_line_magic("remote_status", sweep_id)
+    assert len(table.rows) == 2 and {row["state"] for row in table.rows} <= {"queued", "running"}
+    assert any(row["state"] == "queued" for row in table.rows)
+    assert run(ip, f"%remote_cancel {sweep_id}").success
+    assert f"sweep {sweep_id} on host local: cancelled 2 of its 2 trials" in capsys.readouterr().out
+    states = {row["state"] for row in ip.run_line_magic("remote_status", sweep_id).rows}
+    assert states == {"cancelled"}
