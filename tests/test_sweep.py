@@ -237,7 +237,11 @@ def _click_when_trial_0_ended(kernel, data: Path, flag: Path) -> None:  # type: 
             if not records or not any(data.glob(f"**/jobs/{records[0].job_id}/summary.json")):
                 continue
             seen = len(kernel.messages)
-            kernel.click(kernel.button_comm("#0"))
+            try:
+                button = kernel.button_comm("#0")
+            except LookupError:
+                continue  # the panel draws trial 0's row at its next redraw: look again
+            kernel.click(button)
             while time.monotonic() < deadline:
                 said = " ".join(json.dumps(m["content"]) for m in kernel.messages[seen:])
                 if "injected trial 0" in said:
