@@ -35,17 +35,8 @@ def main() -> int:
     server = make_sshd(tmp / "sshd")
     server.start()
     try:
-        root = tmp / "proj"
-        for rel, text in {**project.PACKAGE, "notebooks/helpers.py": project.HELPERS}.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_text(text)
+        root = project.write_project(tmp / "proj")
         data = root / "data"
-        (data / "extra").mkdir(parents=True)
-        rng = np.random.default_rng(0)
-        rows = np.hstack([rng.random((64, 4)), rng.random((64, 1))]).astype("float32")
-        np.savetxt(data / "train.csv", rows, delimiter=",", header="a,b,c,d,y", comments="", fmt="%.5f")
-        np.save(data / "big.npy", rng.random(50 * MiB // 8))
-        np.save(data / "extra" / "part.npy", rng.random(MiB // 8))
         os.chdir(root / "notebooks")
         sys.path[:0] = [str(root / "notebooks"), str(root)]
         from IPython.testing.globalipapp import start_ipython

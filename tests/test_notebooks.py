@@ -59,7 +59,8 @@ def test_quickstart_on_the_local_default_with_the_widget_panel(monkeypatch) -> N
     assert "val_accuracy" in body and "injected: history, model" in body
 
 
-def test_quickstart_over_ssh_configured_like_a_user_would(sshd, tmp_path, monkeypatch) -> None:
+def _configure_like_a_user(sshd, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The test sshd as the kernels' default host, set in an IPython profile as a user would."""
     profile = tmp_path / "ipython" / "profile_default"
     profile.mkdir(parents=True)
     (profile / "ipython_config.py").write_text(
@@ -69,6 +70,10 @@ def test_quickstart_over_ssh_configured_like_a_user_would(sshd, tmp_path, monkey
         "c.RemoteMagics.panel = 'text'\n"
     )
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+
+
+def test_quickstart_over_ssh_configured_like_a_user_would(sshd, tmp_path, monkeypatch) -> None:
+    _configure_like_a_user(sshd, tmp_path, monkeypatch)
     nb = _execute(QUICKSTART)
     _check_quickstart(nb, sshd.alias)
     status = next(c for c in nb.cells if c.source.strip() == "%remote_status")
@@ -131,14 +136,6 @@ def test_project_notebook_ships_its_package_and_data_and_fetches_the_model_file(
 
 
 def test_project_notebook_over_ssh(sshd, tmp_path, monkeypatch) -> None:
-    profile = tmp_path / "ipython" / "profile_default"
-    profile.mkdir(parents=True)
-    (profile / "ipython_config.py").write_text(
-        f"c.RemoteMagics.default_host = {sshd.alias!r}\n"
-        f"c.RemoteMagics.ssh_config = {str(sshd.ssh_config)!r}\n"
-        f"c.RemoteMagics.hosts = {{{sshd.alias!r}: {{'python': {PYTHON!r}}}}}\n"
-        "c.RemoteMagics.panel = 'text'\n"
-    )
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    _configure_like_a_user(sshd, tmp_path, monkeypatch)
     nb = _execute(_project_copy(tmp_path / "copy"))
     _check_project(nb, sshd.alias)

@@ -51,10 +51,8 @@ part_sum = float(np.load("../data/extra/part.npy").sum())
 """
 
 
-@pytest.fixture
-def project(ip, tmp_path, monkeypatch) -> Path:
-    """The project on disk, the kernel in its notebooks/ folder, as after `import helpers` in a first cell."""
-    root = tmp_path / "proj"
+def write_project(root: Path) -> Path:
+    """The package, the helper beside the notebooks folder, a CSV and ~51 MB of .npy (also used by bench/)."""
     for rel, text in {**PACKAGE, "notebooks/helpers.py": HELPERS}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
@@ -65,6 +63,14 @@ def project(ip, tmp_path, monkeypatch) -> Path:
     np.savetxt(data / "train.csv", rows, delimiter=",", header="a,b,c,d,y", comments="", fmt="%.5f")
     np.save(data / "big.npy", rng.random(50 * MiB // 8))
     np.save(data / "extra" / "part.npy", rng.random(MiB // 8))
+    return root
+
+
+@pytest.fixture
+def project(ip, tmp_path, monkeypatch) -> Path:
+    """The project on disk, the kernel in its notebooks/ folder, as after `import helpers` in a first cell."""
+    root = write_project(tmp_path / "proj")
+    data = root / "data"
     (data / ".gitignore").write_text("scratch/\n")
     (data / "scratch").mkdir()
     (data / "scratch" / "huge.bin").write_bytes(b"x" * (4 * MiB))  # ignored: never sent
