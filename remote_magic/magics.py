@@ -372,9 +372,11 @@ class RemoteMagics(Magics):
             panel = _PanelWhenNeeded(lambda: make_sweep_panel(sweep, self.panel))
         else:
             panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
-        busy = self.connections.settings_for(args.host or self.default_host).busy_gpu_memory if host_gpus else None
+        settings = self.connections.settings_for(args.host or self.default_host)
+        busy = settings.busy_gpu_memory if host_gpus else None
         for submission in submissions:
             submission.gpus, submission.gpu_ids, submission.busy_gpu_memory = gpus, gpu_ids, busy
+            submission.queue = settings.queue
         if default_used and len(host_gpus) > 1 and sweep is None:
             panel.get().note(f"using 1 of {len(host_gpus)} GPUs; --gpus all for all")
         for note in codec.take_notes():  # e.g. a dataset saved with one shuffle order

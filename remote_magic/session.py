@@ -39,9 +39,10 @@ class HostSettings:
     root: str | None = None
     ssh_config: str | None = None
     busy_gpu_memory: int = 1024  # MiB that others' processes may use on a GPU the queue still counts as free
+    queue: str | None = None  # a GPU queue folder shared by the host's users (default: one per host root)
 
 
-HOST_SETTING_KEYS = frozenset({"python", "root", "busy_gpu_memory"})
+HOST_SETTING_KEYS = frozenset({"python", "root", "busy_gpu_memory", "queue"})
 _UNITS_MIB = {"kib": 1 / 1024, "k": 1 / 1024, "mib": 1, "m": 1, "gib": 1024, "g": 1024}
 
 
@@ -87,6 +88,7 @@ class Connections:
             root=settings.get("root"),
             ssh_config=self.ssh_config,
             busy_gpu_memory=memory_mib(busy, f"the busy_gpu_memory of host {host!r}") if busy is not None else 1024,
+            queue=settings.get("queue"),
         )
 
     def get(self, host: str, python: str | None = None) -> AgentClient:
@@ -164,6 +166,7 @@ class Submission:
     gpus: int | str = 0  # how many GPUs the job holds, or "all" (the host's queue gives them)
     gpu_ids: list[int] | None = None  # exactly these GPUs instead
     busy_gpu_memory: int | None = None  # MiB: see HostSettings
+    queue: str | None = None  # the host's shared queue folder: see HostSettings
     sweep: dict[str, Any] | None = None  # a sweep's trial: {"id", "trial", "parallel", "params"} (protocol.SPEC_KEYS)
     imports: list[str] = field(default_factory=list)  # top-level modules the cell and the pickle need
     # imported only somewhere in the local modules sent (maybe optional, or in a file the cell never uses)
@@ -191,6 +194,7 @@ class Submission:
             "backend": self.backend,
             "gpu_ids": self.gpu_ids,
             "busy_gpu_memory": self.busy_gpu_memory,
+            "queue": self.queue,
             "sweep": self.sweep,
         }
         spec.update({key: value for key, value in optional.items() if value is not None})

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -50,11 +51,17 @@ _UNITS = {
 
 
 # ----------------------------------------------------------------- for tests
-def install(folder: Path, state: Path, python: str = sys.executable) -> Path:
-    """Write ``folder/nvidia-smi``, which runs this fake on ``state``; returns its path. Put ``folder`` first on PATH."""
+def install(folder: Path, state: Path, python: str = sys.executable, copy: bool = False) -> Path:
+    """Write ``folder/nvidia-smi``, which runs this fake on ``state``; returns its path. Put ``folder`` first on PATH.
+
+    ``copy``: run a copy of this script in ``folder``, for users who cannot read the checkout.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     exe = folder / "nvidia-smi"
-    argv = [python, str(Path(__file__).resolve()), str(state.resolve())]
+    script = Path(__file__).resolve()
+    if copy:
+        script = Path(shutil.copy(script, folder / script.name))
+    argv = [python, str(script), str(state.resolve())]
     exe.write_text("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in argv) + ' "$@"\n')
     exe.chmod(0o755)
     if not state.exists():

@@ -70,6 +70,18 @@ class Sshd:
                 self.process.wait()
         self.process = None
 
+    def add_env(self, variables: dict[str, str]) -> None:
+        """Add variables to what the agent's sessions get (the ``SetEnv`` line); before ``start``.
+
+        sshd honours only its first SetEnv line, so ``make_sshd(extra_config=...)`` cannot add one.
+        """
+        config = self.dir / "sshd_config"
+        extra = " ".join(f"{name}={value}" for name, value in variables.items())
+        lines = config.read_text().splitlines(keepends=True)
+        index = next(i for i, line in enumerate(lines) if line.startswith("SetEnv "))
+        lines[index] = lines[index].rstrip("\n") + f" {extra}\n"
+        config.write_text("".join(lines))
+
     def connection_processes(self) -> list[int]:
         """The per-connection sshd processes (and what runs under them), not the listener."""
         if self.process is None:

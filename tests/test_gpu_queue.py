@@ -21,6 +21,7 @@ from pathlib import Path
 import fake_nvidia_smi as fake
 import pytest
 from conftest import run
+from host_processes import kill_processes_under, processes_under
 
 from remote_magic.agent import warm
 
@@ -45,30 +46,8 @@ def gpu_host(ip, tmp_path, monkeypatch) -> Iterator[Path]:  # type: ignore[no-un
     magics.hosts = {**magics.hosts, "local": {"root": str(root)}}
     magics.connections.close()
     yield state
-    _end_everything(root)
+    kill_processes_under(root)
     magics.connections.close()
-
-
-def _end_everything(root: Path) -> None:
-    """Stop what the tests' jobs left: runners still going, warm runners, the dispatcher."""
-    for pid in _processes_under(root):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _processes_under(root: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if str(root).encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def _root(ip) -> Path:  # type: ignore[no-untyped-def]
@@ -123,7 +102,7 @@ def test_detached_jobs_run_in_queue_order_with_no_client_connected_simulated_gpu
     magics = ip.magics_manager.registry["RemoteMagics"]
     magics.stop_background()
     magics.connections.close()
-    for pid in _processes_under(root):
+    for pid in processes_under(root):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         if b"serve" in cmdline.split(b"\0"):
             os.kill(pid, signal.SIGKILL)

@@ -139,6 +139,9 @@ def _spec_problem(spec: Any, root: str) -> str | None:
     busy = spec.get("busy_gpu_memory")
     if busy is not None and not (isinstance(busy, int) and busy >= 0):
         return f"busy_gpu_memory must be MiB, 0 or more, not {busy!r}"
+    queue = spec.get("queue")
+    if queue is not None and not (isinstance(queue, str) and queue.startswith(("/", "~"))):
+        return f"queue must be an absolute folder on the host (the host setting 'queue'), not {queue!r}"
     sweep = spec.get("sweep")
     if sweep is not None:
         if not (
@@ -463,10 +466,11 @@ def cmd_gpus(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO
     foreign = dispatch.others_on_gpus(inventory, 0) if inventory else {}
     rows = []
     for g in inventory:
-        holder = f"job {held[g.index]}" if g.index in held else None
+        record = held.get(g.index)
+        holder = dispatch.holder(record, root) if record else None
         if holder is None and g.index in foreign:
             holder = ", ".join(gpus.describe_holder(p) for p in foreign[g.index])
-        rows.append({**dataclasses.asdict(g), "holder": holder, "job_id": held.get(g.index)})
+        rows.append({**dataclasses.asdict(g), "holder": holder, "job_id": record and record["job_id"]})
     io.print_json(rows)
     return 0
 

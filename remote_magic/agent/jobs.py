@@ -48,11 +48,16 @@ def ensure_dir(path: str) -> str:
     return path
 
 
-def atomic_write(path: str, data: bytes | memoryview, durable: bool = True) -> None:
-    """Write tmp, fsync (when ``durable``), rename: readers never see a partial file."""
+def atomic_write(path: str, data: bytes | memoryview, durable: bool = True, mode: int = FILE_MODE) -> None:
+    """Write tmp, fsync (when ``durable``), rename: readers never see a partial file.
+
+    ``mode`` other than 0600 (a queue shared by a group) is set whatever the umask.
+    """
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
+        if mode != FILE_MODE:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:

@@ -131,12 +131,14 @@ def newer_schema_problem(schema: object, job_id: str) -> str | None:
 # files/modules: [path, sha256, size, mode] placed in the job's layout / on its sys.path; cwd: the kernel's
 # working directory inside that layout; env: a built environment's key; backend: the job's KERAS_BACKEND;
 # gpus: a count or "all", gpu_ids: exact GPUs (the host's queue gives them); busy_gpu_memory: MiB a foreign
-# process may use on a GPU that still counts as free; sweep: {"id", "trial", "parallel", "params"} of a sweep's
+# process may use on a GPU that still counts as free; queue: the host's GPU queue folder when its users share
+# one (host setting); sweep: {"id", "trial", "parallel", "params"} of a sweep's
 # trial (the host runs at most ``parallel`` trials of one sweep at once).
 SPEC_KEYS = frozenset(
     {
         "source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client",
-        "workdir", "files", "modules", "cwd", "env", "backend", "gpus", "gpu_ids", "busy_gpu_memory", "sweep",
+        "workdir", "files", "modules", "cwd", "env", "backend", "gpus", "gpu_ids", "busy_gpu_memory", "queue",
+        "sweep",
     }
 )  # fmt: skip
 
