@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -107,6 +108,40 @@ def _gpu_request(
             f"--gpus {number}: {none_there}" if not have else f"--gpus {number}: host {host} has {have} GPUs"
         )
     return number, None, False
+
+
+def _slurm_gpus(count: str | None, ids: str | None, slurm: session.SlurmSettings, host: str) -> int:
+    """The job's GPU request on a Slurm host: a count only (Slurm picks the GPUs); the host setting by default."""
+    if ids is not None:
+        raise UsageError(f"--gpu-ids: on Slurm host {host}, Slurm picks the GPUs; ask for a number with --gpus N")
+    if count is None:
+        return slurm.gpus
+    text = count.strip().strip("'\"").lower()
+    if not text.isdigit():
+        raise UsageError(
+            f"--gpus {count}: on Slurm host {host}, Slurm picks the GPUs; --gpus takes a number per job (0 for none)"
+        )
+    return int(text)
+
+
+def _slurm_options(args: Any, settings: session.HostSettings, host: str) -> dict[str, Any]:
+    """What --time, --partition and --slurm change for this job; a UsageError on a host without Slurm."""
+    given = {"time": args.time, "partition": args.partition, "extra_args": args.slurm}
+    if settings.slurm is None:
+        used = [f"--{'slurm' if key == 'extra_args' else key}" for key, value in given.items() if value]
+        if used:
+            raise UsageError(
+                f"{', '.join(used)}: host {host} is not a Slurm host; set 'scheduler': 'slurm' in its "
+                "c.RemoteMagics.hosts entry if jobs there go through Slurm"
+            )
+        return {}
+    if args.sweep:
+        raise UsageError(f"--sweep on Slurm host {host} is not supported yet (it comes as a job array)")
+    try:
+        extra = shlex.split(args.slurm or "")
+    except ValueError as exc:
+        raise UsageError(f"--slurm {args.slurm!r}: {exc}") from None
+    return {**given, "extra_args": extra}
 
 
 def _default_parallel(gpus: int | str, gpu_ids: list[int] | None, host_gpus: list[dict[str, Any]]) -> int:
@@ -293,6 +328,9 @@ class RemoteMagics(Magics):
         "the job waits in the host's queue until they are free",
     )
     @argument("--gpu-ids", metavar="IDS", help="exactly these GPUs of the host, e.g. 2,3")
+    @argument("--time", metavar="LIMIT", help="on a Slurm host: the job's time limit, e.g. 2:00:00 (Slurm's --time)")
+    @argument("--partition", help="on a Slurm host: the partition to run in (default: the host setting)")
+    @argument("--slurm", metavar="ARGS", help='on a Slurm host: more sbatch options for this job, e.g. "--mem=8G"')
     @argument(
         "--sweep",
         metavar="GRID",
@@ -362,8 +400,13 @@ class RemoteMagics(Magics):
         submissions = [self._prepare(cell, args, params, hashes) for params in bound]
         client = self._client(args.host, args.python)
         hello = client.hello()
-        host_gpus = hello.get("gpus") or []
-        gpus, gpu_ids, default_used = _gpu_request(args.gpus, args.gpu_ids, host_gpus, client.host)
+        settings = self.connections.settings_for(args.host or self.default_host)
+        slurm_options = _slurm_options(args, settings, client.host)
+        host_gpus = (hello.get("gpus") or []) if settings.slurm is None else []
+        if settings.slurm is not None:
+            gpus, gpu_ids, default_used = _slurm_gpus(args.gpus, args.gpu_ids, settings.slurm, client.host), None, False
+        else:
+            gpus, gpu_ids, default_used = _gpu_request(args.gpus, args.gpu_ids, host_gpus, client.host)
         sweep = None
         if grid is not None:
             parallel = args.parallel or _default_parallel(gpus, gpu_ids, host_gpus)
@@ -372,11 +415,13 @@ class RemoteMagics(Magics):
             panel = _PanelWhenNeeded(lambda: make_sweep_panel(sweep, self.panel))
         else:
             panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
-        settings = self.connections.settings_for(args.host or self.default_host)
         busy = settings.busy_gpu_memory if host_gpus else None
         for submission in submissions:
             submission.gpus, submission.gpu_ids, submission.busy_gpu_memory = gpus, gpu_ids, busy
             submission.queue = settings.queue
+            if settings.slurm is not None:
+                submission.gpus, submission.warm = 0, False  # the GPUs are Slurm's to give; no warm runners there
+                submission.slurm = settings.slurm.job_options(int(gpus), slurm_options)
         if default_used and len(host_gpus) > 1 and sweep is None:
             panel.get().note(f"using 1 of {len(host_gpus)} GPUs; --gpus all for all")
         for note in codec.take_notes():  # e.g. a dataset saved with one shuffle order

@@ -34,15 +34,39 @@ _BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
 
 
 @dataclass
+class SlurmSettings:
+    """A Slurm host's defaults for its jobs (``scheduler: "slurm"`` in the host's settings)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None  # Slurm's --time, e.g. "2:00:00"
+    sbatch_args: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)  # shell lines before Python in the job, e.g. module load
+    gpus: int = 0  # a login node has no nvidia-smi to count from: the default GPU request
+    signal_grace: int = 120  # seconds before the time limit that the job checkpoints and requeues itself
+
+    def job_options(self, gpus: int, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The job's ``slurm`` spec: these settings, ``overrides`` from the cell's options on top."""
+        options = {key: getattr(self, key) for key in SLURM_SETTING_KEYS if key != "gpus"}
+        options.update({key: value for key, value in overrides.items() if value})
+        return {**options, "gpus": gpus}
+
+
+SLURM_SETTING_KEYS = ("partition", "account", "qos", "time", "sbatch_args", "setup", "gpus", "signal_grace")
+
+
+@dataclass
 class HostSettings:
     python: str | None = None
     root: str | None = None
     ssh_config: str | None = None
     busy_gpu_memory: int = 1024  # MiB that others' processes may use on a GPU the queue still counts as free
     queue: str | None = None  # a GPU queue folder shared by the host's users (default: one per host root)
+    slurm: SlurmSettings | None = None  # scheduler: "slurm": jobs go through the cluster's queue
 
 
-HOST_SETTING_KEYS = frozenset({"python", "root", "busy_gpu_memory", "queue"})
+HOST_SETTING_KEYS = frozenset({"python", "root", "busy_gpu_memory", "queue", "scheduler", *SLURM_SETTING_KEYS})
 _UNITS_MIB = {"kib": 1 / 1024, "k": 1 / 1024, "mib": 1, "m": 1, "gib": 1024, "g": 1024}
 
 
@@ -60,6 +84,28 @@ def memory_mib(value: object, setting: str) -> int:
     if not mib >= 0:
         raise ValueError(f"{setting} takes a size such as '1GiB' or '512MiB' (or bytes), not {value!r}")
     return int(mib)
+
+
+def _slurm_settings(host: str, settings: dict[str, Any]) -> SlurmSettings | None:
+    """The Slurm part of a host's settings, checked: its keys mean nothing without ``scheduler: "slurm"``."""
+    scheduler = settings.get("scheduler")
+    given = sorted(key for key in SLURM_SETTING_KEYS if key in settings)
+    if scheduler is None:
+        if given:
+            raise ValueError(f"the settings of host {host!r} have {given}, which only apply with 'scheduler': 'slurm'")
+        return None
+    if scheduler != "slurm":
+        raise ValueError(f"host {host!r}: 'scheduler' can be 'slurm' (or left out for a plain host), not {scheduler!r}")
+    slurm = SlurmSettings(**{key: settings[key] for key in given})
+    for key in ("sbatch_args", "setup"):
+        value = getattr(slurm, key)
+        if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"host {host!r}: {key!r} takes a list of strings, not {value!r}")
+    for key in ("gpus", "signal_grace"):
+        value = getattr(slurm, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"host {host!r}: {key!r} takes a whole number, 0 or more, not {value!r}")
+    return slurm
 
 
 class Connections:
@@ -89,6 +135,7 @@ class Connections:
             ssh_config=self.ssh_config,
             busy_gpu_memory=memory_mib(busy, f"the busy_gpu_memory of host {host!r}") if busy is not None else 1024,
             queue=settings.get("queue"),
+            slurm=_slurm_settings(host, settings),
         )
 
     def get(self, host: str, python: str | None = None) -> AgentClient:
@@ -167,6 +214,7 @@ class Submission:
     gpu_ids: list[int] | None = None  # exactly these GPUs instead
     busy_gpu_memory: int | None = None  # MiB: see HostSettings
     queue: str | None = None  # the host's shared queue folder: see HostSettings
+    slurm: dict[str, Any] | None = None  # on a Slurm host: the job's sbatch options (SlurmSettings.job_options)
     sweep: dict[str, Any] | None = None  # a sweep's trial: {"id", "trial", "parallel", "params"} (protocol.SPEC_KEYS)
     imports: list[str] = field(default_factory=list)  # top-level modules the cell and the pickle need
     # imported only somewhere in the local modules sent (maybe optional, or in a file the cell never uses)
@@ -196,8 +244,11 @@ class Submission:
             "busy_gpu_memory": self.busy_gpu_memory,
             "queue": self.queue,
             "sweep": self.sweep,
+            "slurm": self.slurm,
         }
         spec.update({key: value for key, value in optional.items() if value is not None})
+        if self.slurm is not None:
+            spec["launcher"] = "slurm"
         return spec
 
     def blob_sources(self) -> list[upload.BlobSource]:

@@ -440,9 +440,7 @@ def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace, io: Command
     layout.check_linked(root, path)  # a runner killed before its own check may have changed a shipped file
     last = jobs.last_event(path)
     if last is None or last["type"] not in protocol.TERMINAL:
-        log = jobs.EventLog(path)
-        log.append(protocol.CANCELLED, message="cancelled on request (killed after the grace period)")
-        log.close()
+        jobs.append_event(path, protocol.CANCELLED, message="cancelled on request (killed after the grace period)")
     jobs.forget_summary(path)
     io.print_json({"job_id": args.job_id, "cancelled": True, "killed": bool(ended.get("killed")), **ended})
     return 0

@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from . import bootstrap, gpus, jobs, procs, protocol, runners
+from . import bootstrap, gpus, jobs, procs, runners
 from .detach import spawn_detached, untagged_environment
 
 QUEUE_DIR = "queue"
@@ -348,7 +348,7 @@ def _round(root: str) -> int:
             reason = f"waiting for a trial of {sweep['id']} to end: it runs {sweep['parallel']} at a time"
         else:
             reason = _why(entry["wanted"], inventory, held, foreign, position)
-        _tell(path, reason, position)
+        jobs.tell_waiting(path, reason, position)
     return sum(path is not None for path, _ in waiting)
 
 
@@ -418,21 +418,6 @@ def _why(
     busy = [f"{','.join(map(str, indices))} by {holder}" for holder, indices in by.items()]
     ahead = f" (behind {position - 1} earlier job{'s' * (position != 2)})" if position > 1 else ""
     return f"waiting for {what}{ahead}" + (f": {', '.join(busy)}" if busy else "")
-
-
-def _tell(path: str, reason: str, position: int) -> None:
-    """A ``queued`` event with why the job waits, when that changed (the job's log is ours until it starts)."""
-    last = jobs.last_event(path)
-    if last is not None and last.get("reason") == reason and last.get("position") == position:
-        return
-    if last is not None and last["type"] not in (protocol.QUEUED,):
-        return  # it started meanwhile: its runner owns the log now
-    log = jobs.EventLog(path)
-    try:
-        log.append(protocol.QUEUED, reason=reason, position=position)
-    finally:
-        log.close()
-    jobs.forget_summary(path)
 
 
 def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: list[int] | None) -> None:

@@ -507,6 +507,26 @@ def forget_summary(path: str) -> None:
         _SUMMARIES.pop(path, None)
 
 
+def append_event(path: str, type_: str, **fields: Any) -> None:
+    """One event from outside the runner (a launcher, the queue, a cancel): only while no runner writes the log."""
+    log = EventLog(path)
+    try:
+        log.append(type_, **fields)
+    finally:
+        log.close()
+    forget_summary(path)
+
+
+def tell_waiting(path: str, reason: str, position: int | None) -> None:
+    """A ``queued`` event saying why the job waits, when that changed; never once the job started or ended."""
+    last = last_event(path)
+    if last is not None and last["type"] != protocol.QUEUED:
+        return  # it started meanwhile: its runner owns the log now
+    if last is not None and last.get("reason") == reason and last.get("position") == position:
+        return
+    append_event(path, protocol.QUEUED, reason=reason, position=position)
+
+
 @contextlib.contextmanager
 def blob_lock(root: str, exclusive: bool) -> Iterator[None]:
     """Shared while a job is created or outputs are stored, exclusive while ``gc`` deletes blobs.

@@ -123,12 +123,7 @@ def _leave_queue(path: str, spec: dict[str, Any], message: str) -> bool:
     """Take a job that has not started out of the GPU queue, with its final event; whether it was queued."""
     if not dispatch.remove(os.path.dirname(os.path.dirname(path)), spec["job_id"]):
         return False
-    log = jobs.EventLog(path)
-    try:
-        log.append(protocol.CANCELLED, message=message)
-    finally:
-        log.close()
-    jobs.forget_summary(path)
+    jobs.append_event(path, protocol.CANCELLED, message=message)
     return True
 
 
@@ -137,6 +132,10 @@ LAUNCHERS: dict[str, Launcher] = {ProcessLauncher.name: ProcessLauncher()}
 
 def launcher_for(spec: dict[str, Any]) -> Launcher:
     name = spec.get("launcher") or ProcessLauncher.name
+    if name == "slurm" and name not in LAUNCHERS:  # imported on first use: it builds on this module
+        from .slurm import SlurmLauncher
+
+        LAUNCHERS[name] = SlurmLauncher()
     if name not in LAUNCHERS:
         raise jobs.AgentError(f"this agent cannot run jobs with launcher {name!r}")
     return LAUNCHERS[name]

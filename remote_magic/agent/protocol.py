@@ -138,7 +138,7 @@ SPEC_KEYS = frozenset(
     {
         "source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client",
         "workdir", "files", "modules", "cwd", "env", "backend", "gpus", "gpu_ids", "busy_gpu_memory", "queue",
-        "sweep",
+        "sweep", "slurm",
     }
 )  # fmt: skip
 

@@ -110,8 +110,22 @@ def _sample_seconds() -> float:
         return 5.0
 
 
+def slurm_job() -> dict[str, Any] | None:
+    """The Slurm job this runner is (id, node, how often it was requeued), or None off Slurm."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    return {
+        "id": os.environ["SLURM_JOB_ID"],
+        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        "restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+    }
+
+
 def _assigned_gpus(path: str) -> list[int] | None:
-    """The GPUs the host's queue gave this job ([] for none), or None on a host without GPUs."""
+    """The GPUs the host's queue (or Slurm) gave this job ([] for none), or None on a host without GPUs."""
+    if "SLURM_JOB_ID" in os.environ:  # Slurm set CUDA_VISIBLE_DEVICES itself when the job asked for GPUs
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        return [int(i) for i in visible.split(",") if i.strip().isdigit()]
     try:
         with open(os.path.join(path, protocol.ASSIGNED_FILE), encoding="utf-8") as f:
             return [int(i) for i in json.load(f)["gpus"]]
@@ -153,8 +167,9 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
     signal.signal(signal.SIGINT, lambda *_: hooks.stop_requested.set())
     signal.signal(signal.SIGTERM, _raise_cancelled)
 
+    slurm = slurm_job()
     assigned = _assigned_gpus(path)
-    if assigned is not None:  # a warm runner started without it; CUDA is not loaded in it (see warm.claim)
+    if assigned is not None and slurm is None:  # a warm runner started without it; CUDA is not loaded in it
         os.environ.update(gpus.visible_devices_env(assigned))
     emit(
         protocol.STARTED,
@@ -165,8 +180,9 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         device=device_info(assigned),
         warm=warm,
         versions=package_versions(),
+        **({"slurm": slurm} if slurm else {}),
     )
-    sampler = gpus.Sampler(assigned, emit, _sample_seconds()) if assigned else None
+    sampler = gpus.Sampler(assigned, emit, _sample_seconds()) if assigned and gpus.inventory() else None
     if sampler is not None:
         sampler.start()
     out, err = EventStream(emit, protocol.STDOUT), EventStream(emit, protocol.STDERR)

@@ -71,6 +71,10 @@ class JobView:
             self.state = protocol.STATE_RUNNING
             self.started = event["t"]
             self.device = describe_device(event.get("device"))
+            slurm = event.get("slurm")
+            if slurm:  # where Slurm put it: the node, and the cluster's own job id
+                where = f"node {slurm.get('node')} (Slurm job {slurm.get('id')})"
+                self.device = f"{where} · {self.device}" if self.device else where
         elif kind == protocol.TRAIN_BEGIN:
             self.epochs, self.steps, self.epoch, self.batch = event.get("epochs"), event.get("steps"), 0, 0
         elif kind == protocol.BATCH:

@@ -1,0 +1,229 @@
+"""Jobs on a Slurm cluster: the agent on the login node submits with ``sbatch``, and asks ``squeue`` how they are.
+
+The login node cannot see compute-node processes, so everything the process
+launcher reads from ``/proc`` comes from Slurm here: pending with Slurm's
+reason, running on a node, or one of Slurm's end states.  Clusters without
+``slurmdbd`` forget a job ``MinJobAge`` after it ends, so the last state
+seen is kept in the job folder (``slurm.json``); once the job has run, its
+own event log is the truth.  A job that Slurm no longer knows and whose log
+has no end was killed; it is never silently dropped.
+
+The job script runs the same runner as on a plain host, from the host root,
+which must be on a filesystem that the login and compute nodes share: the
+script checks that it sees the job folder and says so when it does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from typing import Any
+
+from . import bootstrap, jobs, procs, protocol, runners, warm
+from .detach import untagged_environment
+from .launcher import ENDED, Launcher, Phase
+
+STATE_FILE = "slurm.json"  # the Slurm job id and the last state seen: squeue forgets ended jobs
+SCRIPT_FILE = "slurm.sh"
+CANCEL_MARK = "cancel-requested"  # a SIGTERM after this is our cancel, not a preemption
+COMMAND_SECONDS = 60.0
+POLL_SECONDS = 2.0  # squeue is asked at most this often per job (attach polls much more often)
+DEFAULT_SIGNAL_GRACE = 120  # seconds before the time limit that USR2 comes (checkpoint, requeue)
+NOT_SHARED_EXIT = 97  # the script's exit status when the compute node cannot see the job folder
+PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED"}
+RUNNING = {"RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+
+# A first USR2 can come before the runner is imported: remember it rather than die of it.
+RUN = "import signal,sys\nsignal.signal(signal.SIGUSR2,lambda *a:setattr(sys,'_remote_magic_usr2',1))\n" + bootstrap.RUN
+
+_seen: dict[str, tuple[float, dict[str, str] | None]] = {}  # Slurm job id -> (when asked, squeue's row)
+
+
+class SlurmError(jobs.AgentError):
+    """Slurm refused or failed a command: its own words, with what to do."""
+
+
+def _command(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    if shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
+        raise SlurmError(
+            f"{argv[0]} is not on the PATH of the agent on this login node ({os.uname().nodename}); "
+            "is this a Slurm login node? If Slurm comes from a module, add `module load slurm` to the host "
+            "setting 'setup', or put Slurm's bin folder on PATH in ~/.bashrc"
+        )
+    return subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_SECONDS, env=env, check=False)
+
+
+def read_state(path: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(path: str, record: dict[str, Any]) -> None:
+    jobs.atomic_write(os.path.join(path, STATE_FILE), json.dumps(record).encode(), durable=False)
+
+
+def job_script(root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> str:
+    """The batch script: Slurm's options, the host's setup lines, a check that the node sees the job, the runner."""
+    options = spec.get("slurm") or {}
+    name = spec.get("name") or spec["job_id"]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={shlex.quote('rm-' + name)}",
+        f"#SBATCH --output={shlex.quote(os.path.join(path, 'slurm-%j.out'))}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=USR2@{int(options.get('signal_grace') or DEFAULT_SIGNAL_GRACE)}",
+    ]
+    for key in ("partition", "account", "qos", "time"):
+        if options.get(key):
+            lines.append(f"#SBATCH --{key}={shlex.quote(str(options[key]))}")
+    if options.get("gpus"):
+        lines.append(f"#SBATCH --gres=gpu:{int(options['gpus'])}")
+    lines += list(options.get("setup") or [])
+    job_file = shlex.quote(os.path.join(path, "spec.json"))
+    lines += [
+        f"if [ ! -r {job_file} ]; then",
+        f'  echo "remote_magic: node $(hostname) cannot see the job folder {shlex.quote(path)}: the host root must be '
+        'on a filesystem that the login and compute nodes share (set the host setting root to a folder there)" >&2',
+        f"  exit {NOT_SHARED_EXIT}",
+        "fi",
+        f"cd {shlex.quote(path)}",
+    ]
+    kind = warm.RunnerKind.for_job(root, spec)
+    command = [kind.python, "-c", RUN, root, agent_hash, "run-job", spec["job_id"]]
+    lines.append("exec " + " ".join(shlex.quote(part) for part in command))
+    return "\n".join(lines) + "\n"
+
+
+def sbatch_argv(spec: dict[str, Any], script: str) -> list[str]:
+    """``sbatch --parsable`` with the host's and the cell's extra arguments (they override the script's)."""
+    options = spec.get("slurm") or {}
+    return ["sbatch", "--parsable", *options.get("sbatch_args", []), *options.get("extra_args", []), script]
+
+
+class SlurmLauncher(Launcher):
+    """The job is a Slurm batch job; its runner runs on a compute node."""
+
+    name = "slurm"
+
+    def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
+        script = os.path.join(path, SCRIPT_FILE)
+        jobs.atomic_write(script, job_script(root, agent_hash, path, spec).encode())
+        kind = warm.RunnerKind.for_job(root, spec)
+        env = procs.tag_environment(kind.environment(untagged_environment()), spec["job_id"])
+        try:
+            done = _command(sbatch_argv(spec, script), env)
+            if done.returncode != 0:
+                raise SlurmError(f"Slurm refused the job: {_one_line(done.stderr or done.stdout, 'sbatch')}")
+        except (SlurmError, OSError, subprocess.TimeoutExpired) as exc:
+            message = str(exc) if isinstance(exc, SlurmError) else f"sbatch failed: {exc}"
+            _end(path, protocol.ERROR, message=message, exc_type="SlurmError", traceback="", phase="submit")
+            raise SlurmError(message) from None
+        slurm_id = done.stdout.strip().split(";")[0]
+        _write_state(path, {"id": slurm_id, "state": "PENDING", "t": time.time()})
+        record = {"launcher": self.name, "slurm_id": slurm_id, "host": runners.hostname()}
+        jobs.atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
+
+    def poll(self, path: str, spec: dict[str, Any]) -> Phase:
+        state = read_state(path)
+        slurm_id = state.get("id")
+        if not slurm_id:
+            if time.time() - (spec.get("submitted") or 0) < runners.START_GRACE_SECONDS:
+                return Phase(protocol.STATE_QUEUED, "submitting", reason="submitting")
+            return Phase(ENDED, "never submitted")
+        row = _squeue(slurm_id)
+        if row is None:  # Slurm forgot it: what was seen last decides
+            word = state.get("state", "")
+            if word in PENDING or word in RUNNING:
+                word = "unknown to squeue"
+            return Phase(ENDED, word or "unknown to squeue", where=state.get("node"))
+        word, reason, node = row["state"], row["reason"], row["node"]
+        if word != state.get("state") or (node and node != state.get("node")):
+            _write_state(path, {**state, "state": word, "node": node or state.get("node"), "t": time.time()})
+        if word in PENDING:
+            shown = reason if reason and reason != "None" else word.lower()
+            jobs.tell_waiting(path, shown, None)
+            return Phase(protocol.STATE_QUEUED, word, reason=shown)
+        if word in RUNNING:
+            return Phase(protocol.STATE_RUNNING, word, where=node or None)
+        return Phase(ENDED, word, where=node or state.get("node"))
+
+    def stop(self, path: str, spec: dict[str, Any]) -> bool:
+        """SIGINT to the batch step: the runner finishes the batch and brings back what it has."""
+        slurm_id = read_state(path).get("id")
+        if not slurm_id:
+            return False
+        phase = self.poll(path, spec)
+        if phase.state == protocol.STATE_QUEUED:
+            self._scancel(slurm_id)
+            _end(path, protocol.CANCELLED, message="stopped before it started: it had nothing to return yet")
+            return True
+        return self._scancel(slurm_id, "--signal=INT", "--batch")
+
+    def cancel(self, path: str, spec: dict[str, Any], grace: float) -> dict[str, Any]:
+        """``scancel``; a running job's runner gets SIGTERM from Slurm (SIGKILL after the cluster's KillWait)."""
+        slurm_id = read_state(path).get("id")
+        if not slurm_id:
+            return {}
+        phase = self.poll(path, spec)
+        if phase.state == protocol.STATE_QUEUED:
+            self._scancel(slurm_id)
+            _end(path, protocol.CANCELLED, message="cancelled while it waited in Slurm's queue")
+            return {"queued": True, "slurm_id": slurm_id}
+        if phase.active:
+            jobs.atomic_write(os.path.join(path, CANCEL_MARK), b"", durable=False)
+            self._scancel(slurm_id)
+            deadline = time.monotonic() + grace + 5
+            while time.monotonic() < deadline and jobs.event_summary(path)["ended"] is None:
+                _seen.pop(slurm_id, None)
+                if not self.poll(path, spec).active:
+                    break
+                time.sleep(0.2)
+        return {"slurm_id": slurm_id}
+
+    def _scancel(self, slurm_id: str, *options: str) -> bool:
+        _seen.pop(slurm_id, None)
+        done = _command(["scancel", *options, slurm_id])
+        if done.returncode != 0:
+            raise SlurmError(f"scancel {slurm_id} failed: {_one_line(done.stderr or done.stdout, 'scancel')}")
+        return True
+
+
+def _one_line(text: str, tool: str) -> str:
+    """A Slurm tool's error lines as one line (the client shows one), without the tool's own prefix."""
+    lines = [line.strip().removeprefix(f"{tool}: error: ").removeprefix(f"{tool}: ") for line in text.splitlines()]
+    return "; ".join(line for line in lines if line) or "no message"
+
+
+def _squeue(slurm_id: str) -> dict[str, str] | None:
+    """squeue's row for the job (state, reason, node), or None when Slurm no longer knows it; cached briefly."""
+    now = time.monotonic()
+    cached = _seen.get(slurm_id)
+    if cached is not None and now - cached[0] < POLL_SECONDS:
+        return cached[1]
+    done = _command(["squeue", "-h", "-t", "all", "-j", slurm_id, "-o", "%T|%r|%N"])
+    if done.returncode != 0:
+        if "Invalid job id" in done.stderr:
+            _seen[slurm_id] = (now, None)
+            return None
+        raise SlurmError(f"squeue failed: {_one_line(done.stderr, 'squeue')}")
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    row = None
+    if lines:
+        state, reason, node = ([*lines[0].split("|"), "", "", ""])[:3]
+        row = {"state": state.strip(), "reason": reason.strip(), "node": node.strip()}
+    _seen[slurm_id] = (now, row)
+    return row
+
+
+def _end(path: str, type_: str, **fields: Any) -> None:
+    if jobs.event_summary(path)["ended"] is None:
+        jobs.append_event(path, type_, **fields)

@@ -1,0 +1,168 @@
+"""``%%remote_train`` on a Slurm host: a real single-node Slurm (tests/slurm_cluster.py), reached through a test sshd.
+
+The agent runs on the "login node" over SSH and submits with sbatch; the
+job runs on the cluster's one node.  The node's 4 GPUs are a SIMULATION
+(device nodes in gres.conf), so Slurm hands out real CUDA_VISIBLE_DEVICES
+on a machine without GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MODEL_CELL, PYTHON, run
+from slurm_cluster import SlurmCluster
+from sshd import Sshd, make_sshd
+
+HOST = "cluster"
+
+
+@pytest.fixture(scope="module")
+def login_node(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """The cluster's login node: an sshd whose sessions find the cluster (SLURM_CONF)."""
+    server = make_sshd(tmp_path_factory.mktemp("login"), alias=HOST)
+    server.add_env(slurm_cluster.env())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def cluster_ip(ip, login_node: Sshd, slurm_cluster: SlurmCluster):  # type: ignore[no-untyped-def]
+    """The kernel, with host ``cluster`` set up as a Slurm host; the cluster is idle before and after each test."""
+    slurm_cluster.wait_idle()
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.ssh_config = str(login_node.ssh_config)
+    magics.hosts = {HOST: {"python": PYTHON, "scheduler": "slurm", "signal_grace": 30}}
+    yield ip
+    magics.stop_background()
+    magics.connections.close()
+    slurm_cluster.cancel_all()
+
+
+def _job_ids(ip) -> list[str]:  # type: ignore[no-untyped-def]
+    return [r.job_id for r in ip.magics_manager.registry["RemoteMagics"].registry.records()]
+
+
+def _submit(ip, options: str, cell: str) -> str:  # type: ignore[no-untyped-def]
+    before = set(_job_ids(ip))
+    result = run(ip, f"%%remote_train --host {HOST} {options}\n{cell}")
+    assert result.success, result.error_in_exec
+    [job] = [j for j in _job_ids(ip) if j not in before]
+    return job
+
+
+def _row(ip, job: str) -> dict:  # type: ignore[no-untyped-def]
+    client = ip.magics_manager.registry["RemoteMagics"]._client(HOST)
+    return next(r for r in client.status() if r["job_id"] == job)
+
+
+def _wait_row(ip, job: str, ready, timeout: float = 60) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    row = _row(ip, job)
+    while time.monotonic() < deadline and not ready(row):
+        time.sleep(0.3)
+        row = _row(ip, job)
+    assert ready(row), row
+    return row
+
+
+def _slurm_id(login_node: Sshd, job: str) -> str:
+    return json.loads((login_node.host_root / "jobs" / job / "slurm.json").read_text())["id"]
+
+
+GPU_CELL = "import os, time\nseen = os.environ.get('CUDA_VISIBLE_DEVICES')\ntime.sleep({s})\n"
+
+
+def test_a_keras_fit_through_slurm_streams_every_epoch_and_brings_the_model_back(cluster_ip, capsys) -> None:
+    ip = cluster_ip
+    assert run(ip, MODEL_CELL).success
+    capsys.readouterr()
+    result = run(ip, f"%%remote_train --host {HOST}\nhistory = model.fit(x_train, y_train, epochs=3, verbose=0)\n")
+    assert result.success, result.error_in_exec
+    out = capsys.readouterr().out
+    model = ip.user_ns["model"]
+    changed = [not np.array_equal(a, b) for a, b in zip(model.get_weights(), ip.user_ns["weights_before"], strict=True)]
+    assert all(changed) and model.predict(ip.user_ns["x_train"][:3], verbose=0).shape == (3, 1)
+    epochs = [line.split(" - ")[0] for line in out.splitlines() if line.startswith("Epoch ")]
+    assert epochs == [f"Epoch {i}/3" for i in range(1, 4)]
+    assert "(Slurm job " in out and "node " in out and "injected: history, model" in out
+
+
+def test_gpus_come_from_slurm_two_jobs_get_disjoint_devices_and_a_third_waits_simulated_gpus(
+    cluster_ip, login_node: Sshd
+) -> None:
+    ip = cluster_ip
+    jobs = [_submit(ip, "--gpus 2 --detach --no-inject", GPU_CELL.format(s=4)) for _ in range(3)]
+    waiting = _wait_row(ip, jobs[2], lambda r: r["state"] == "queued" and r.get("reason") == "Resources", 30)
+    assert waiting["launcher"] == "slurm: PENDING"
+    rows = [_wait_row(ip, j, lambda r: r["state"] == "done", 90) for j in jobs]
+    assert all(r["state"] == "done" for r in rows)
+    seen = []
+    for job in jobs:
+        events = [json.loads(line) for line in (login_node.host_root / "jobs" / job / "events.jsonl").open()]
+        started = next(e for e in events if e["type"] == "started")
+        seen.append(set(map(int, started["device"].get("indices", []))))
+        assert started["slurm"]["id"] == _slurm_id(login_node, job)
+    assert len(seen[0]) == len(seen[1]) == 2 and not seen[0] & seen[1]
+    queued = [e for e in map(json.loads, (login_node.host_root / "jobs" / jobs[2] / "events.jsonl").open())]
+    assert any(e["type"] == "queued" and e.get("reason") == "Resources" for e in queued)
+
+
+def test_cancel_while_pending_and_while_running(cluster_ip, slurm_cluster: SlurmCluster, login_node: Sshd) -> None:
+    ip = cluster_ip
+    hold = _submit(ip, "--gpus 4 --detach --no-inject", GPU_CELL.format(s=60))
+    _wait_row(ip, hold, lambda r: r["state"] == "running", 30)
+    pending = _submit(ip, "--gpus 1 --detach --no-inject", GPU_CELL.format(s=0))
+    _wait_row(ip, pending, lambda r: r["state"] == "queued", 30)
+    ip.run_line_magic("remote_cancel", f"{pending} --host {HOST}")
+    assert _row(ip, pending)["state"] == "cancelled"
+    assert slurm_cluster.squeue(int(_slurm_id(login_node, pending)))["state"] == "CANCELLED"
+    ip.run_line_magic("remote_cancel", f"{hold} --host {HOST}")
+    row = _row(ip, hold)
+    assert row["state"] == "cancelled", row
+    slurm_cluster.wait_state(int(_slurm_id(login_node, hold)), "CANCELLED", "COMPLETED", "FAILED", timeout=40)
+
+
+def test_slurm_options_are_checked_before_anything_is_sent(cluster_ip) -> None:
+    ip = cluster_ip
+    for options, words in [
+        ("--gpus all", "Slurm picks the GPUs"),
+        ("--gpu-ids 0", "Slurm picks the GPUs"),
+        ("--partition nosuchpartition", "Slurm refused the job"),
+    ]:
+        before = set(_job_ids(ip))
+        result = run(ip, f"%%remote_train --host {HOST} {options}\nx = 1\n")
+        assert not result.success and words in str(result.error_in_exec), (options, result.error_in_exec)
+        assert "x" not in ip.user_ns
+        for job in set(_job_ids(ip)) - before:  # a refused job is over, never left waiting
+            assert _row(ip, job)["state"] == "error"
+    result = run(ip, "%%remote_train --host local --time 1:00\nx = 1\n")
+    assert not result.success and "not a Slurm host" in str(result.error_in_exec)
+
+
+def test_a_login_node_without_sbatch_is_a_clear_error(ip, tmp_path: Path) -> None:
+    """A host set as Slurm whose agent finds no sbatch (its PATH has no Slurm): the error says what to do."""
+    server = make_sshd(tmp_path / "nosbatch", alias=HOST)
+    server.add_env({"PATH": str(tmp_path / "empty")})
+    server.start()
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    try:
+        magics.ssh_config = str(server.ssh_config)
+        magics.hosts = {HOST: {"python": PYTHON, "scheduler": "slurm"}}
+        before = set(_job_ids(ip))
+        result = run(ip, f"%%remote_train --host {HOST}\nx = 1\n")
+        assert not result.success
+        message = str(result.error_in_exec)
+        assert "sbatch is not on the PATH" in message and "'setup'" in message, message
+        assert all(_row(ip, job)["state"] == "error" for job in set(_job_ids(ip)) - before)
+    finally:
+        magics.connections.close()
+        server.stop()
