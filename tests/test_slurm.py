@@ -166,3 +166,91 @@ def test_a_login_node_without_sbatch_is_a_clear_error(ip, tmp_path: Path) -> Non
     finally:
         magics.connections.close()
         server.stop()
+
+
+SLOW_FIT = """
+import time
+import keras
+
+class Slow(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        time.sleep(0.7)
+
+history = model.fit(x_train, y_train, epochs=8, batch_size=32, verbose=0, callbacks=[Slow()])
+"""
+
+
+def _log(login_node: Sshd, job: str) -> list[dict]:
+    path = login_node.host_root / "jobs" / job / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _wait_event(login_node: Sshd, job: str, ready, timeout: float = 60) -> list[dict]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = _log(login_node, job)
+        if ready(events):
+            return events
+        time.sleep(0.2)
+    raise AssertionError(_log(login_node, job)[-5:])
+
+
+def _preempted_fit_resumes(  # type: ignore[no-untyped-def]
+    ip, login_node: Sshd, slurm_cluster: SlurmCluster, preempt, capsys, release: bool = True
+) -> list[dict]:
+    """Run SLOW_FIT detached, preempt it at epoch 3, let Slurm start it again, follow it to the end.
+
+    ``release``: start the requeued job at once rather than after Slurm's own delay (~2 min).
+    """
+    assert run(ip, MODEL_CELL).success
+    job = _submit(ip, "--detach", SLOW_FIT)
+    _wait_event(login_node, job, lambda events: any(e["type"] == "epoch" and e["epoch"] >= 3 for e in events))
+    slurm_id = _slurm_id(login_node, job)
+    preempt(slurm_id)
+    _wait_event(login_node, job, lambda events: any(e["type"] == "requeued" for e in events))
+    slurm_cluster.wait_state(int(slurm_id), "PENDING", timeout=60)
+    assert _row(ip, job)["state"] == "requeued"
+    if release:
+        slurm_cluster.release(int(slurm_id))
+    capsys.readouterr()
+    ip.run_line_magic("remote_attach", f"{job} --host {HOST}")
+    out = capsys.readouterr().out
+    events = _log(login_node, job)
+    assert [e["epoch"] for e in events if e["type"] == "epoch"] == list(range(1, 9))  # each epoch once
+    assert [e["slurm"]["restarts"] for e in events if e["type"] == "started"] == [0, 1]
+    assert "requeued at epoch" in out and "resumed from its checkpoint at epoch" in out and "lost" not in out
+    epochs = [line.split(" - ")[0] for line in out.splitlines() if line.startswith("Epoch ")]
+    assert epochs == [f"Epoch {i}/8" for i in range(1, 9)], out
+    model, history = ip.user_ns["model"], ip.user_ns["history"]
+    changed = [not np.array_equal(a, b) for a, b in zip(model.get_weights(), ip.user_ns["weights_before"], strict=True)]
+    assert all(changed) and model.predict(ip.user_ns["x_train"][:3], verbose=0).shape == (3, 1)
+    assert len(history.history["loss"]) == 8 and history.epoch == list(range(8))
+    assert int(model.optimizer.iterations.numpy()) >= 8 * 8  # 256 samples / 32: the optimizer went on, not anew
+    return events
+
+
+@pytest.mark.timeout(420)
+def test_a_time_limit_warning_usr2_checkpoints_requeues_and_resumes_after_slurms_own_delay(
+    cluster_ip, login_node: Sshd, slurm_cluster: SlurmCluster, capsys
+) -> None:
+    """The one test that waits out Slurm's requeue delay (BeginTime, ~2 min): the panel follows the job through it."""
+
+    def usr2(slurm_id: str) -> None:
+        slurm_cluster.run("scancel", "--signal=USR2", "--batch", slurm_id)
+
+    started = time.monotonic()
+    events = _preempted_fit_resumes(cluster_ip, login_node, slurm_cluster, usr2, capsys, release=False)
+    print(f"requeue cycle with Slurm's own delay: {time.monotonic() - started:.0f} s")
+    [requeued] = [e for e in events if e["type"] == "requeued"]
+    assert requeued["reason"].startswith("time limit") and requeued["epoch"] >= 3
+
+
+def test_a_preemption_by_sigterm_that_slurm_requeues_resumes(
+    cluster_ip, login_node: Sshd, slurm_cluster: SlurmCluster, capsys
+) -> None:
+    def preempt(slurm_id: str) -> None:  # as PreemptMode=REQUEUE does: SIGTERM, then Slurm requeues the job
+        slurm_cluster.run("scontrol", "requeue", slurm_id)
+
+    events = _preempted_fit_resumes(cluster_ip, login_node, slurm_cluster, preempt, capsys)
+    [requeued] = [e for e in events if e["type"] == "requeued"]
+    assert requeued["reason"].startswith("preempted")

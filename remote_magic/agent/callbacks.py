@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
@@ -25,14 +26,40 @@ EmitFn = Callable[..., Any]
 BATCH_INTERVAL = 0.5
 
 
-class TrainingHooks:
-    """What the runner gives every fit: where events go, the stop request, checkpointing."""
+class Requeue(BaseException):
+    """The scheduler wants the job off its node (preemption, time limit): checkpointed, it ends and comes back.
 
-    def __init__(self, emit: EmitFn, checkpoint: Callable[[Any, int, int | None], None] | None = None) -> None:
+    A BaseException, so neither the cell nor Keras swallows it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Resume:
+    """Where a requeued job goes on: the epochs done, the saved model, and the history of those epochs."""
+
+    epoch: int
+    load: Callable[[], Any]  # the checkpointed model
+    history: dict[str, list[float]]
+
+
+class TrainingHooks:
+    """What the runner gives every fit: where events go, the stop request, checkpointing, requeue and resume."""
+
+    def __init__(
+        self, emit: EmitFn, checkpoint: Callable[..., None] | None = None, resume: Resume | None = None
+    ) -> None:
         self.emit = emit
         self.checkpoint = checkpoint
         # Set by the runner's SIGINT handler: finish the current batch, then stop.
         self.stop_requested = threading.Event()
+        # Set by a scheduler's warning signal during a fit: checkpoint after the batch, then Requeue.
+        self.requeue_reason: str | None = None
+        self.training = False
+        self.resume = resume
 
 
 def watch_keras(hooks: TrainingHooks) -> None:
@@ -81,7 +108,21 @@ def _patch_fit(keras: Any, hooks: TrainingHooks) -> None:
         callbacks = [] if callbacks is None else list(callbacks)
         callbacks.append(event_callback_class(hooks))
         bound.arguments["callbacks"] = callbacks
-        return original_fit(*bound.args, **bound.kwargs)
+        resume = hooks.resume
+        epochs = bound.arguments.get("epochs", signature.parameters["epochs"].default)
+        if resume is not None and int(bound.arguments.get("initial_epoch") or 0) < resume.epoch < epochs:
+            hooks.resume = None  # the fit the job was in when it was requeued (the first one that long)
+            restore(self, resume.load())
+            bound.arguments["initial_epoch"] = resume.epoch
+            hooks.emit(protocol.RESUMED, epoch=resume.epoch, epochs=epochs)
+        hooks.training = True
+        try:
+            history = original_fit(*bound.args, **bound.kwargs)
+        finally:
+            hooks.training = False
+        if resume is not None and hooks.resume is None and history is not None:
+            _prepend_history(history, resume)
+        return history
 
     fit._remote_magic = True  # type: ignore[attr-defined]
     fit.__doc__ = original_fit.__doc__
@@ -114,6 +155,10 @@ def _event_callback_class(keras: Any) -> type:
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             if self.hooks.stop_requested.is_set():
                 self.model.stop_training = True
+            if self.hooks.requeue_reason is not None:  # the epochs done, with this epoch's batches so far
+                if self.hooks.checkpoint is not None:
+                    self.hooks.checkpoint(self.model, self.epoch - 1, self.epochs, force=True)
+                raise Requeue(self.hooks.requeue_reason)
             now = time.time()
             if now - self.last_batch_event >= BATCH_INTERVAL:
                 self.last_batch_event = now
@@ -145,3 +190,24 @@ def floats(logs: Any) -> dict[str, float]:
         except (TypeError, ValueError):
             continue
     return result
+
+
+def restore(model: Any, saved: Any) -> None:
+    """Put a checkpointed model's weights and optimizer state into the cell's own model, which it goes on with."""
+    model.set_weights(saved.get_weights())
+    optimizer, saved_optimizer = getattr(model, "optimizer", None), getattr(saved, "optimizer", None)
+    if optimizer is None or saved_optimizer is None or not saved_optimizer.variables:
+        return
+    if not getattr(optimizer, "built", True):
+        optimizer.build(model.trainable_variables)
+    if len(optimizer.variables) == len(saved_optimizer.variables):
+        for variable, value in zip(optimizer.variables, saved_optimizer.variables, strict=True):
+            variable.assign(value)
+
+
+def _prepend_history(history: Any, resume: Resume) -> None:
+    """The History of a resumed fit covers every epoch, those before the requeue included."""
+    done = list(range(resume.epoch))
+    history.epoch = done + list(getattr(history, "epoch", []))
+    for key, values in resume.history.items():
+        history.history[key] = list(values[: resume.epoch]) + list(history.history.get(key, []))

@@ -520,7 +520,7 @@ def append_event(path: str, type_: str, **fields: Any) -> None:
 def tell_waiting(path: str, reason: str, position: int | None) -> None:
     """A ``queued`` event saying why the job waits, when that changed; never once the job started or ended."""
     last = last_event(path)
-    if last is not None and last["type"] != protocol.QUEUED:
+    if last is not None and last["type"] not in (protocol.QUEUED, protocol.REQUEUED):
         return  # it started meanwhile: its runner owns the log now
     if last is not None and last.get("reason") == reason and last.get("position") == position:
         return

@@ -31,7 +31,9 @@ class Phase:
     ``state``: ``queued``, ``running`` or ``ended`` (the event log then says
     how).  ``word``: the launcher's own name for it.  ``reason`` and
     ``position``: why and where a queued job waits.  ``where``: the host or
-    node it runs on.
+    node it runs on.  ``final`` and ``message``: for a job that ended with
+    no final event in its log, the state and words its launcher knows for it
+    (a scheduler's cancel or time limit), instead of plain ``killed``.
     """
 
     state: str
@@ -39,6 +41,8 @@ class Phase:
     reason: str | None = None
     position: int | None = None
     where: str | None = None
+    final: str | None = None
+    message: str | None = None
 
     @property
     def active(self) -> bool:
@@ -162,7 +166,7 @@ def job_row(path: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
         row["state"] = summary["state"] or phase.state
         row.update(reason=phase.reason, position=phase.position, where=phase.where or row["where"])
         return row
-    row.update(state=protocol.STATE_KILLED, message=LOST_MESSAGE)
+    row.update(state=phase.final or protocol.STATE_KILLED, message=phase.message or LOST_MESSAGE)
     return row
 
 

@@ -95,6 +95,7 @@ SUMMARY_FILE = "summary.json"  # written by the runner when the job ends: listin
 OUTPUT_BLOBS_FILE = "outputs.blobs"  # the output blobs, listed before they are written (gc keeps them)
 FETCHED_BLOBS_FILE = "fetched-files.blobs"  # blobs made of the job's files for --fetch (gc keeps them)
 RUNNER_LOG = "runner.log"
+CANCEL_MARK = "cancel-requested"  # written before a scheduler's cancel: the SIGTERM that follows is not a preemption
 FETCHED_MARK = "fetched"  # written when the client fetched the outputs; gc keeps unfetched jobs
 CHECKPOINT_DIR = "ckpt"
 CHECKPOINT_FILE = "checkpoint.pkl"

@@ -153,6 +153,8 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
     """Run the job in ``path`` in this process; ``after`` runs once the job's end is recorded."""
     log = jobs.EventLog(path)
     log.summary = jobs.EventSummary()
+    for event, _ in jobs.iter_events(path):  # a requeued job's log goes on: its summary covers all of it
+        log.summary.feed(event)
     lock = threading.Lock()
 
     def emit(type_: str, **fields: Any) -> dict[str, Any]:
@@ -163,11 +165,15 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
     job_id = spec["job_id"]
     os.environ.update(procs.tag_environment({}, job_id))  # what the cell starts is the job's too
     namespace: dict[str, Any] = {}
-    hooks = callbacks.TrainingHooks(emit, _checkpointer(path, spec, namespace, emit))
-    signal.signal(signal.SIGINT, lambda *_: hooks.stop_requested.set())
-    signal.signal(signal.SIGTERM, _raise_cancelled)
-
     slurm = slurm_job()
+    resume = _resume_point(root, path, namespace) if slurm and slurm["restarts"] else None
+    hooks = callbacks.TrainingHooks(emit, _checkpointer(path, spec, namespace, emit), resume)
+    signal.signal(signal.SIGINT, lambda *_: hooks.stop_requested.set())
+    if slurm is None:
+        signal.signal(signal.SIGTERM, _raise_cancelled)
+    else:
+        _handle_scheduler_signals(path, hooks)
+
     assigned = _assigned_gpus(path)
     if assigned is not None and slurm is None:  # a warm runner started without it; CUDA is not loaded in it
         os.environ.update(gpus.visible_devices_env(assigned))
@@ -241,6 +247,14 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         wind_up()
         emit(protocol.CANCELLED, message="cancelled on request")
         return 1
+    except callbacks.Requeue as requeue:  # no final event: the job comes back and goes on from its checkpoint
+        with contextlib.suppress(Exception):
+            wind_up()
+        epoch = (jobs.read_checkpoint_meta(path) or {}).get("epoch") or 0
+        emit(protocol.REQUEUED, reason=requeue.reason, epoch=epoch)
+        if requeue.reason == TIME_LIMIT_REASON and slurm is not None:
+            _requeue_self(slurm["id"], emit)
+        return 0
     except BaseException as exc:  # noqa: BLE001  (everything the cell raises is reported)
         files = {}
         with contextlib.suppress(Exception):
@@ -312,13 +326,11 @@ def _checkpointer(path: str, spec: dict[str, Any], namespace: dict[str, Any], em
     name, custom objects with it), kept in one file so it never fills the
     blob store; a killed job still yields the model of its last epoch.
     """
-    every = int(spec.get("checkpoint_every", 1) or 0)
-    if every <= 0:
-        return None
+    every = int(spec.get("checkpoint_every", 1) or 0)  # 0: only when a scheduler requeues the job
     folder = os.path.join(path, protocol.CHECKPOINT_DIR)
 
-    def checkpoint(model: Any, epoch: int, epochs: int | None) -> None:
-        if epoch % every:
+    def checkpoint(model: Any, epoch: int, epochs: int | None, force: bool = False) -> None:
+        if not force and (every <= 0 or epoch % every):
             return
         names = [n for n, v in namespace.items() if v is model and not n.startswith("_")] or ["model"]
         try:
@@ -331,6 +343,75 @@ def _checkpointer(path: str, spec: dict[str, Any], namespace: dict[str, Any], em
             emit(protocol.WARNING, message=f"checkpoint at epoch {epoch} failed: {type(exc).__name__}: {exc}")
 
     return checkpoint
+
+
+TIME_LIMIT_REASON = "time limit near (USR2)"
+PREEMPTED_REASON = "preempted (SIGTERM from Slurm)"
+
+
+def _handle_scheduler_signals(path: str, hooks: callbacks.TrainingHooks) -> None:
+    """Under Slurm: USR2 (the time limit is near) and SIGTERM (preemption) checkpoint the job and requeue it.
+
+    In a fit, the request waits for the end of the current batch; elsewhere it
+    ends the cell at once (it runs again from the top when the job comes back).
+    A SIGTERM after our own cancel (its mark in the job folder) is a cancel.
+    """
+
+    def requeue(reason: str) -> None:
+        if hooks.requeue_reason is not None:
+            return
+        hooks.requeue_reason = reason
+        if not hooks.training:
+            raise callbacks.Requeue(reason)
+
+    def on_term(*_: Any) -> None:
+        if os.path.exists(os.path.join(path, protocol.CANCEL_MARK)):
+            raise Cancelled()
+        requeue(PREEMPTED_REASON)
+
+    signal.signal(signal.SIGUSR2, lambda *_: requeue(TIME_LIMIT_REASON))
+    signal.signal(signal.SIGTERM, on_term)
+    if getattr(sys, "_remote_magic_usr2", False):  # it came before this handler (slurm.RUN caught it)
+        hooks.requeue_reason = TIME_LIMIT_REASON
+
+
+def _requeue_self(slurm_id: str, emit: Any) -> None:
+    """Ask Slurm to put the job back in its queue (a preemption by SIGTERM is requeued by Slurm itself)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["scontrol", "requeue", slurm_id], capture_output=True, text=True, timeout=60)
+        problem = done.stderr.strip() if done.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = str(exc)
+    if problem:
+        emit(protocol.WARNING, message=f"scontrol requeue {slurm_id} failed ({problem}): the job will not come back")
+
+
+def _resume_point(root: str, path: str, namespace: dict[str, Any]) -> callbacks.Resume | None:
+    """Where a requeued job's training goes on: its checkpoint, and the epochs its log already has."""
+    meta = jobs.read_checkpoint_meta(path)
+    if not meta or not meta.get("epoch"):
+        return None
+    history: dict[str, list[float]] = {}
+    resumed = False
+    for event, _ in jobs.iter_events(path):
+        if event["type"] == protocol.RESUMED:
+            resumed = True
+        elif event["type"] == protocol.TRAIN_BEGIN:
+            if not resumed:
+                history = {}  # a later fit starts its own history; a resumed one goes on with it
+            resumed = False
+        elif event["type"] == protocol.EPOCH and event.get("unit") != "step":
+            for key, value in (event.get("logs") or {}).items():
+                history.setdefault(key, []).append(value)
+
+    def load() -> Any:
+        with open(os.path.join(path, protocol.CHECKPOINT_DIR, protocol.CHECKPOINT_FILE), "rb") as f:
+            saved = codec.loads(f.read(), [], receiver="host")
+        return saved[meta.get("name") or next(iter(saved))]
+
+    return callbacks.Resume(int(meta["epoch"]), load, history)
 
 
 def _raise_cancelled(*_: Any) -> None:

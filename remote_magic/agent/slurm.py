@@ -29,7 +29,6 @@ from .launcher import ENDED, Launcher, Phase
 
 STATE_FILE = "slurm.json"  # the Slurm job id and the last state seen: squeue forgets ended jobs
 SCRIPT_FILE = "slurm.sh"
-CANCEL_MARK = "cancel-requested"  # a SIGTERM after this is our cancel, not a preemption
 COMMAND_SECONDS = 60.0
 POLL_SECONDS = 2.0  # squeue is asked at most this often per job (attach polls much more often)
 DEFAULT_SIGNAL_GRACE = 120  # seconds before the time limit that USR2 comes (checkpoint, requeue)
@@ -80,7 +79,8 @@ def job_script(root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> s
         f"#SBATCH --output={shlex.quote(os.path.join(path, 'slurm-%j.out'))}",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
-        f"#SBATCH --signal=USR2@{int(options.get('signal_grace') or DEFAULT_SIGNAL_GRACE)}",
+        # B: to the batch shell, which is the runner (exec): without it only srun steps get the signal
+        f"#SBATCH --signal=B:USR2@{int(options.get('signal_grace') or DEFAULT_SIGNAL_GRACE)}",
     ]
     for key in ("partition", "account", "qos", "time"):
         if options.get(key):
@@ -142,9 +142,9 @@ class SlurmLauncher(Launcher):
         row = _squeue(slurm_id)
         if row is None:  # Slurm forgot it: what was seen last decides
             word = state.get("state", "")
-            if word in PENDING or word in RUNNING:
+            if not word or word in PENDING or word in RUNNING:
                 word = "unknown to squeue"
-            return Phase(ENDED, word or "unknown to squeue", where=state.get("node"))
+            return _ended(path, word, state.get("node"), slurm_id)
         word, reason, node = row["state"], row["reason"], row["node"]
         if word != state.get("state") or (node and node != state.get("node")):
             _write_state(path, {**state, "state": word, "node": node or state.get("node"), "t": time.time()})
@@ -154,7 +154,7 @@ class SlurmLauncher(Launcher):
             return Phase(protocol.STATE_QUEUED, word, reason=shown)
         if word in RUNNING:
             return Phase(protocol.STATE_RUNNING, word, where=node or None)
-        return Phase(ENDED, word, where=node or state.get("node"))
+        return _ended(path, word, node or state.get("node"), slurm_id)
 
     def stop(self, path: str, spec: dict[str, Any]) -> bool:
         """SIGINT to the batch step: the runner finishes the batch and brings back what it has."""
@@ -179,7 +179,7 @@ class SlurmLauncher(Launcher):
             _end(path, protocol.CANCELLED, message="cancelled while it waited in Slurm's queue")
             return {"queued": True, "slurm_id": slurm_id}
         if phase.active:
-            jobs.atomic_write(os.path.join(path, CANCEL_MARK), b"", durable=False)
+            jobs.atomic_write(os.path.join(path, protocol.CANCEL_MARK), b"", durable=False)
             self._scancel(slurm_id)
             deadline = time.monotonic() + grace + 5
             while time.monotonic() < deadline and jobs.event_summary(path)["ended"] is None:
@@ -195,6 +195,42 @@ class SlurmLauncher(Launcher):
         if done.returncode != 0:
             raise SlurmError(f"scancel {slurm_id} failed: {_one_line(done.stderr or done.stdout, 'scancel')}")
         return True
+
+
+_END_WORDS = {
+    "CANCELLED": (protocol.STATE_CANCELLED, "cancelled in Slurm (scancel, or by an admin)"),
+    "TIMEOUT": (protocol.STATE_KILLED, "Slurm ended it at its time limit (TIMEOUT) before it could checkpoint"),
+    "PREEMPTED": (protocol.STATE_KILLED, "preempted by Slurm and not requeued (PREEMPTED)"),
+    "NODE_FAIL": (protocol.STATE_KILLED, "its node failed (NODE_FAIL)"),
+    "BOOT_FAIL": (protocol.STATE_KILLED, "its node failed to boot (BOOT_FAIL)"),
+    "DEADLINE": (protocol.STATE_KILLED, "Slurm ended it at its deadline (DEADLINE)"),
+    "OUT_OF_MEMORY": (
+        protocol.STATE_KILLED,
+        'it ran out of memory (OUT_OF_MEMORY); ask for more with --slurm "--mem=16G" or the host setting sbatch_args',
+    ),
+    "unknown to squeue": (
+        protocol.STATE_KILLED,
+        "Slurm no longer knows the job and its log has no end: killed, or lost with its node",
+    ),
+}
+
+
+def _ended(path: str, word: str, node: str | None, slurm_id: str) -> Phase:
+    """A job Slurm says has ended; for one whose log has no end, Slurm's word for what happened."""
+    final, message = _END_WORDS.get(word, (protocol.STATE_KILLED, None))
+    if word in ("FAILED", "COMPLETED") and not _ever_started(path):
+        message = (
+            f"Slurm says {word}, but the job never started: if the compute nodes cannot see the host root, "
+            f"put it on a filesystem they share (host setting root); Slurm's output is in "
+            f"{os.path.join(path, f'slurm-{slurm_id}.out')} on the node"
+        )
+    elif message is None:
+        message = f"Slurm says {word}, and the runner ended without a final event (killed, or out of memory)"
+    return Phase(ENDED, word, where=node, final=final, message=message)
+
+
+def _ever_started(path: str) -> bool:
+    return any(event["type"] == protocol.STARTED for event, _ in jobs.iter_events(path))
 
 
 def _one_line(text: str, tool: str) -> str:

@@ -91,6 +91,11 @@ class JobView:
             self.output.append(cap_line(event["text"]))
         elif kind == protocol.WARNING:
             self.notes.append(event["message"])
+        elif kind == protocol.REQUEUED:
+            self.state, self.reason = protocol.STATE_REQUEUED, ""
+            self.notes.append(f"requeued at epoch {event.get('epoch') or 0}: {event.get('reason')}")
+        elif kind == protocol.RESUMED:
+            self.notes.append(f"resumed from its checkpoint at epoch {event.get('epoch')}")
         elif kind in protocol.TERMINAL:
             self.state = protocol.final_state(event)
             self.ended = event["t"]
@@ -149,9 +154,9 @@ class JobView:
 
     def waiting_line(self) -> str:
         """``queued #2: waiting for 2 GPUs: 0 by job ...`` while the job waits in the host's queue."""
-        if self.state != protocol.STATE_QUEUED or not self.reason:
+        if self.state not in (protocol.STATE_QUEUED, protocol.STATE_REQUEUED) or not self.reason:
             return ""
-        return f"queued #{self.position}: {self.reason}" if self.position else f"queued: {self.reason}"
+        return f"{self.state} #{self.position}: {self.reason}" if self.position else f"{self.state}: {self.reason}"
 
     def gpu_lines(self) -> list[str]:
         """One line per GPU of the job: utilization and memory now, or the peak memory once it ended."""
@@ -309,8 +314,8 @@ class TextPanel:
             self._write(format_epoch(view.rows[-1], view.epochs, view.unit) + suffix + "\n")
         elif kind in (protocol.STDOUT, protocol.STDERR):
             self._write(view.output[-1])  # every line, as a terminal scrolls; a huge one cut as the view keeps it
-        elif kind == protocol.WARNING:
-            self._write(f"[remote_train] note: {event['message']}\n")
+        elif kind in (protocol.WARNING, protocol.REQUEUED, protocol.RESUMED):
+            self._write(f"[remote_train] note: {view.notes[-1]}\n")
         elif kind == protocol.QUEUED and view.reason:
             self._write(f"[remote_train] {view.waiting_line()}\n")
         elif kind in protocol.TERMINAL:
