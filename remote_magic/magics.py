@@ -135,8 +135,6 @@ def _slurm_options(args: Any, settings: session.HostSettings, host: str) -> dict
                 "c.RemoteMagics.hosts entry if jobs there go through Slurm"
             )
         return {}
-    if args.sweep:
-        raise UsageError(f"--sweep on Slurm host {host} is not supported yet (it comes as a job array)")
     try:
         extra = shlex.split(args.slurm or "")
     except ValueError as exc:
@@ -409,7 +407,9 @@ class RemoteMagics(Magics):
             gpus, gpu_ids, default_used = _gpu_request(args.gpus, args.gpu_ids, host_gpus, client.host)
         sweep = None
         if grid is not None:
-            parallel = args.parallel or _default_parallel(gpus, gpu_ids, host_gpus)
+            # On Slurm the cluster's scheduler spreads the trials: all at once unless --parallel says otherwise
+            slurm_parallel = len(grid) if settings.slurm is not None else None
+            parallel = args.parallel or slurm_parallel or _default_parallel(gpus, gpu_ids, host_gpus)
             trials = [Trial(number, params) for number, params in enumerate(grid)]
             sweep = Sweep(new_sweep_id(), client.host, trials, args.metric, args.mode, parallel, args.as_name)
             panel = _PanelWhenNeeded(lambda: make_sweep_panel(sweep, self.panel))
@@ -519,7 +519,13 @@ class RemoteMagics(Magics):
         try:
             for trial, submission in zip(sweep.trials, submissions, strict=True):
                 params = json_params(trial.params)
-                submission.sweep = {"id": sweep.id, "trial": trial.number, "parallel": sweep.parallel, "params": params}
+                submission.sweep = {
+                    "id": sweep.id,
+                    "trial": trial.number,
+                    "trials": len(sweep.trials),
+                    "parallel": sweep.parallel,
+                    "params": params,
+                }
                 given = {"metric": args.metric, "mode": args.mode, "name": args.name}
                 submission.sweep.update({k: v for k, v in given.items() if v})  # the sidebar ranks by them too
                 submission.name = f"{base} #{trial.number}: {trial.label}"[:120]

@@ -254,3 +254,30 @@ def test_a_preemption_by_sigterm_that_slurm_requeues_resumes(
     events = _preempted_fit_resumes(cluster_ip, login_node, slurm_cluster, preempt, capsys)
     [requeued] = [e for e in events if e["type"] == "requeued"]
     assert requeued["reason"].startswith("preempted")
+
+
+SWEEP_CELL = (
+    "import time\n"
+    "began = time.time()\n"
+    "for step in range(1, 4):\n"
+    "    time.sleep(0.5)\n"
+    "    remote_log(step=step, total=3, score=lr * units * step, loss=1 / (lr * units * step))\n"
+    "ended = time.time()\n"
+)
+
+
+def test_a_2x2_sweep_is_one_job_array_with_two_tasks_at_a_time(cluster_ip, login_node: Sshd, capsys) -> None:
+    ip = cluster_ip
+    ip.user_ns["grid"] = {"lr": [1.0, 2.0], "units": [1, 3]}
+    result = run(ip, f"%%remote_train --host {HOST} --sweep grid --parallel 2\n" + SWEEP_CELL)
+    assert result.success, result.error_in_exec
+    sweep = ip.user_ns["sweep"]
+    rows = sweep.results
+    assert len(rows) == 4 and all(r["state"] == "done" for r in rows)
+    assert sorted(r["score"] for r in rows) == pytest.approx([3.0, 6.0, 9.0, 18.0])
+    assert sweep.best_trial().params == {"lr": 2.0, "units": 3}  # loss is the metric: lowest wins
+    ids = [_slurm_id(login_node, t.job_id) for t in sweep.trials]
+    arrays = {i.split("_")[0] for i in ids}
+    assert len(arrays) == 1 and sorted(int(i.split("_")[1]) for i in ids) == [0, 1, 2, 3]  # one array
+    spans = [(sweep.load(t.number)["began"], sweep.load(t.number)["ended"]) for t in sweep.trials]
+    assert max(sum(1 for b, e in spans if b <= begin < e) for begin, _ in spans) <= 2

@@ -113,7 +113,8 @@ def test_a_keras_grid_on_simulated_gpus_ranks_six_trials_and_one_error_does_not_
         started = next(e["t"] for e in events if e["type"] == "started")
         spans.append((started, events[-1]["t"]))
         spec = json.loads((root / "jobs" / trial.job_id / "spec.json").read_text())
-        assert spec["sweep"] == {"id": sweep.id, "trial": trial.number, "parallel": 3, "params": trial.params}
+        expected = {"id": sweep.id, "trial": trial.number, "trials": 6, "parallel": 3, "params": trial.params}
+        assert spec["sweep"] == expected
         assert len(trial.gpus) == 1  # each trial held one simulated GPU
     assert _most_at_once(spans) <= 3
     records = [r for r in Registry().records() if r.sweep and r.sweep["id"] == sweep.id]

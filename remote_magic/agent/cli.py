@@ -148,6 +148,9 @@ def _spec_problem(spec: Any, root: str) -> str | None:
             isinstance(sweep, dict) and protocol.is_sweep_id(sweep.get("id")) and isinstance(sweep.get("trial"), int)
         ):
             return "sweep must say its id (sweep-...) and the trial's number"
+        trials = sweep.get("trials")
+        if trials is not None and not (isinstance(trials, int) and 0 <= sweep["trial"] < trials):
+            return f"a sweep's trials must count its trials, trial {sweep['trial']} among them, not {trials!r}"
         parallel = sweep.get("parallel")
         if parallel is not None and not (isinstance(parallel, int) and parallel >= 1):
             return f"a sweep's parallel must be 1 or more, not {parallel!r}"

@@ -151,6 +151,8 @@ def package_versions() -> dict[str, str | None]:
 
 def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] | None = None) -> int:
     """Run the job in ``path`` in this process; ``after`` runs once the job's end is recorded."""
+    if "SLURM_JOB_ID" in os.environ and os.path.exists(os.path.join(path, protocol.CANCEL_MARK)):
+        return 1  # cancelled while Slurm started it: the cancel wrote its final event
     log = jobs.EventLog(path)
     log.summary = jobs.EventSummary()
     for event, _ in jobs.iter_events(path):  # a requeued job's log goes on: its summary covers all of it

@@ -23,12 +23,14 @@ import subprocess
 import time
 from typing import Any
 
-from . import bootstrap, jobs, procs, protocol, runners, warm
+from . import bootstrap, jobs, protocol, runners, warm
 from .detach import untagged_environment
 from .launcher import ENDED, Launcher, Phase
 
 STATE_FILE = "slurm.json"  # the Slurm job id and the last state seen: squeue forgets ended jobs
 SCRIPT_FILE = "slurm.sh"
+ARRAYS_DIR = "slurm-arrays"  # <sweep id>/<trial>: each trial's job id, until the last one submits the array
+ARRAY_GRACE_SECONDS = 600.0  # a sweep's trial may wait this long for its last trial to submit the array
 COMMAND_SECONDS = 60.0
 POLL_SECONDS = 2.0  # squeue is asked at most this often per job (attach polls much more often)
 DEFAULT_SIGNAL_GRACE = 120  # seconds before the time limit that USR2 comes (checkpoint, requeue)
@@ -69,14 +71,19 @@ def _write_state(path: str, record: dict[str, Any]) -> None:
     jobs.atomic_write(os.path.join(path, STATE_FILE), json.dumps(record).encode(), durable=False)
 
 
-def job_script(root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> str:
-    """The batch script: Slurm's options, the host's setup lines, a check that the node sees the job, the runner."""
+def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[str]) -> str:
+    """The batch script: Slurm's options, the host's setup lines, a check that the node sees the job, the runner.
+
+    With several jobs (a sweep's trials) it is a job array: task i runs ``job_ids[i]``.
+    """
     options = spec.get("slurm") or {}
-    name = spec.get("name") or spec["job_id"]
+    name = (spec.get("sweep") or {}).get("id") if len(job_ids) > 1 else spec.get("name") or spec["job_id"]
+    home = jobs.job_dir(root, job_ids[-1])  # the folder of the job that submits: its script and Slurm's output
+    log = "slurm-%A_%a.out" if len(job_ids) > 1 else "slurm-%j.out"
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={shlex.quote('rm-' + name)}",
-        f"#SBATCH --output={shlex.quote(os.path.join(path, 'slurm-%j.out'))}",
+        f"#SBATCH --job-name={shlex.quote('rm-' + str(name))}",
+        f"#SBATCH --output={shlex.quote(os.path.join(home, log))}",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
         # B: to the batch shell, which is the runner (exec): without it only srun steps get the signal
@@ -87,19 +94,24 @@ def job_script(root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> s
             lines.append(f"#SBATCH --{key}={shlex.quote(str(options[key]))}")
     if options.get("gpus"):
         lines.append(f"#SBATCH --gres=gpu:{int(options['gpus'])}")
+    if len(job_ids) > 1:
+        parallel = int((spec.get("sweep") or {}).get("parallel") or len(job_ids))
+        lines.append(f"#SBATCH --array=0-{len(job_ids) - 1}%{min(parallel, len(job_ids))}")
     lines += list(options.get("setup") or [])
-    job_file = shlex.quote(os.path.join(path, "spec.json"))
+    kind = warm.RunnerKind.for_job(root, spec)
+    command = [kind.python, "-c", RUN, root, agent_hash, "run-job"]
     lines += [
-        f"if [ ! -r {job_file} ]; then",
-        f'  echo "remote_magic: node $(hostname) cannot see the job folder {shlex.quote(path)}: the host root must be '
-        'on a filesystem that the login and compute nodes share (set the host setting root to a folder there)" >&2',
+        f"JOBS=({' '.join(shlex.quote(job_id) for job_id in job_ids)})",
+        'JOB="${JOBS[${SLURM_ARRAY_TASK_ID:-0}]}"',
+        f'FOLDER={shlex.quote(os.path.join(root, "jobs"))}/"$JOB"',
+        'if [ ! -r "$FOLDER/spec.json" ]; then',
+        '  echo "remote_magic: node $(hostname) cannot see the job folder $FOLDER: the host root must be on a '
+        'filesystem that the login and compute nodes share (set the host setting root to a folder there)" >&2',
         f"  exit {NOT_SHARED_EXIT}",
         "fi",
-        f"cd {shlex.quote(path)}",
+        'cd "$FOLDER"',
+        "exec " + " ".join(shlex.quote(part) for part in command) + ' "$JOB"',
     ]
-    kind = warm.RunnerKind.for_job(root, spec)
-    command = [kind.python, "-c", RUN, root, agent_hash, "run-job", spec["job_id"]]
-    lines.append("exec " + " ".join(shlex.quote(part) for part in command))
     return "\n".join(lines) + "\n"
 
 
@@ -109,36 +121,74 @@ def sbatch_argv(spec: dict[str, Any], script: str) -> list[str]:
     return ["sbatch", "--parsable", *options.get("sbatch_args", []), *options.get("extra_args", []), script]
 
 
+def _array_trials(root: str, spec: dict[str, Any]) -> list[str] | None:
+    """A sweep's trials go as one job array, submitted by the last: their job ids once all are in, else None."""
+    sweep = spec["sweep"]
+    folder = jobs.ensure_dir(os.path.join(root, ARRAYS_DIR, sweep["id"]))
+    jobs.atomic_write(os.path.join(folder, str(sweep["trial"])), spec["job_id"].encode(), durable=False)
+    if sweep["trial"] != sweep["trials"] - 1:
+        return None
+    found = []
+    for number in range(sweep["trials"]):
+        try:
+            with open(os.path.join(folder, str(number)), encoding="utf-8") as f:
+                found.append(f.read().strip())
+        except OSError:
+            raise SlurmError(
+                f"sweep {sweep['id']}: trial {number} never reached the host; submit the sweep again"
+            ) from None
+    return found
+
+
 class SlurmLauncher(Launcher):
     """The job is a Slurm batch job; its runner runs on a compute node."""
 
     name = "slurm"
 
     def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
+        job_ids = [spec["job_id"]]
+        if (spec.get("sweep") or {}).get("trials"):
+            _write_state(path, {"array": spec["sweep"]["id"], "t": time.time()})
+            try:
+                found = _array_trials(root, spec)
+            except SlurmError as exc:
+                _end(path, protocol.ERROR, message=str(exc), exc_type="SlurmError", traceback="", phase="submit")
+                raise
+            if found is None:
+                return  # submitted with the sweep's last trial
+            job_ids = found
+        paths = [jobs.job_dir(root, job_id) for job_id in job_ids]
         script = os.path.join(path, SCRIPT_FILE)
-        jobs.atomic_write(script, job_script(root, agent_hash, path, spec).encode())
+        jobs.atomic_write(script, job_script(root, agent_hash, spec, job_ids).encode())
         kind = warm.RunnerKind.for_job(root, spec)
-        env = procs.tag_environment(kind.environment(untagged_environment()), spec["job_id"])
+        env = kind.environment(untagged_environment())  # each runner tags itself with its own job id
         try:
             done = _command(sbatch_argv(spec, script), env)
             if done.returncode != 0:
                 raise SlurmError(f"Slurm refused the job: {_one_line(done.stderr or done.stdout, 'sbatch')}")
         except (SlurmError, OSError, subprocess.TimeoutExpired) as exc:
             message = str(exc) if isinstance(exc, SlurmError) else f"sbatch failed: {exc}"
-            _end(path, protocol.ERROR, message=message, exc_type="SlurmError", traceback="", phase="submit")
+            for each in paths:
+                _end(each, protocol.ERROR, message=message, exc_type="SlurmError", traceback="", phase="submit")
             raise SlurmError(message) from None
         slurm_id = done.stdout.strip().split(";")[0]
-        _write_state(path, {"id": slurm_id, "state": "PENDING", "t": time.time()})
-        record = {"launcher": self.name, "slurm_id": slurm_id, "host": runners.hostname()}
-        jobs.atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
+        for index, each in enumerate(paths):
+            task_id = f"{slurm_id}_{index}" if len(paths) > 1 else slurm_id
+            _write_state(each, {"id": task_id, "state": "PENDING", "t": time.time()})
+            record = {"launcher": self.name, "slurm_id": task_id, "host": runners.hostname()}
+            jobs.atomic_write(os.path.join(each, protocol.LAUNCH_FILE), json.dumps(record).encode())
+        if len(paths) > 1:
+            shutil.rmtree(os.path.join(root, ARRAYS_DIR, spec["sweep"]["id"]), ignore_errors=True)
 
     def poll(self, path: str, spec: dict[str, Any]) -> Phase:
         state = read_state(path)
         slurm_id = state.get("id")
         if not slurm_id:
-            if time.time() - (spec.get("submitted") or 0) < runners.START_GRACE_SECONDS:
-                return Phase(protocol.STATE_QUEUED, "submitting", reason="submitting")
-            return Phase(ENDED, "never submitted")
+            grace = ARRAY_GRACE_SECONDS if state.get("array") else runners.START_GRACE_SECONDS
+            if time.time() - (spec.get("submitted") or 0) < grace:
+                reason = "submitting the sweep as one job array" if state.get("array") else "submitting"
+                return Phase(protocol.STATE_QUEUED, "submitting", reason=reason)
+            return Phase(ENDED, "never submitted", final=protocol.STATE_KILLED, message="it never reached Slurm")
         row = _squeue(slurm_id)
         if row is None:  # Slurm forgot it: what was seen last decides
             word = state.get("state", "")
@@ -161,33 +211,38 @@ class SlurmLauncher(Launcher):
         slurm_id = read_state(path).get("id")
         if not slurm_id:
             return False
-        phase = self.poll(path, spec)
-        if phase.state == protocol.STATE_QUEUED:
-            self._scancel(slurm_id)
-            _end(path, protocol.CANCELLED, message="stopped before it started: it had nothing to return yet")
+        if not _runs(path):
+            self._cancel_waiting(path, slurm_id, "stopped before it started: it had nothing to return yet")
             return True
         return self._scancel(slurm_id, "--signal=INT", "--batch")
 
     def cancel(self, path: str, spec: dict[str, Any], grace: float) -> dict[str, Any]:
-        """``scancel``; a running job's runner gets SIGTERM from Slurm (SIGKILL after the cluster's KillWait)."""
+        """``scancel``; a running job's runner gets SIGTERM from Slurm (SIGKILL after the cluster's KillWait).
+
+        The log decides whether the runner runs (squeue may lag behind a start): a job
+        that waits gets its final event here, a running one writes its own.
+        """
         slurm_id = read_state(path).get("id")
         if not slurm_id:
             return {}
-        phase = self.poll(path, spec)
-        if phase.state == protocol.STATE_QUEUED:
-            self._scancel(slurm_id)
-            _end(path, protocol.CANCELLED, message="cancelled while it waited in Slurm's queue")
+        if not _runs(path):
+            self._cancel_waiting(path, slurm_id, "cancelled while it waited in Slurm's queue")
             return {"queued": True, "slurm_id": slurm_id}
-        if phase.active:
-            jobs.atomic_write(os.path.join(path, protocol.CANCEL_MARK), b"", durable=False)
-            self._scancel(slurm_id)
-            deadline = time.monotonic() + grace + 5
-            while time.monotonic() < deadline and jobs.event_summary(path)["ended"] is None:
-                _seen.pop(slurm_id, None)
-                if not self.poll(path, spec).active:
-                    break
-                time.sleep(0.2)
+        jobs.atomic_write(os.path.join(path, protocol.CANCEL_MARK), b"", durable=False)
+        self._scancel(slurm_id)
+        deadline = time.monotonic() + grace + 5
+        while time.monotonic() < deadline and jobs.event_summary(path)["ended"] is None:
+            _seen.pop(slurm_id, None)
+            if not self.poll(path, spec).active:
+                break
+            time.sleep(0.2)
         return {"slurm_id": slurm_id}
+
+    def _cancel_waiting(self, path: str, slurm_id: str, message: str) -> None:
+        """A job in Slurm's queue: the mark first, so a runner that starts meanwhile exits before the cell."""
+        jobs.atomic_write(os.path.join(path, protocol.CANCEL_MARK), b"", durable=False)
+        self._scancel(slurm_id)
+        _end(path, protocol.CANCELLED, message=message)
 
     def _scancel(self, slurm_id: str, *options: str) -> bool:
         _seen.pop(slurm_id, None)
@@ -229,6 +284,11 @@ def _ended(path: str, word: str, node: str | None, slurm_id: str) -> Phase:
     return Phase(ENDED, word, where=node, final=final, message=message)
 
 
+def _runs(path: str) -> bool:
+    """Whether the job's runner has started (and not been requeued since): its log says so before squeue does."""
+    return jobs.event_summary(path)["state"] == protocol.STATE_RUNNING
+
+
 def _ever_started(path: str) -> bool:
     return any(event["type"] == protocol.STARTED for event, _ in jobs.iter_events(path))
 
@@ -245,7 +305,7 @@ def _squeue(slurm_id: str) -> dict[str, str] | None:
     cached = _seen.get(slurm_id)
     if cached is not None and now - cached[0] < POLL_SECONDS:
         return cached[1]
-    done = _command(["squeue", "-h", "-t", "all", "-j", slurm_id, "-o", "%T|%r|%N"])
+    done = _command(["squeue", "-h", "-r", "-t", "all", "-j", slurm_id, "-o", "%T|%r|%N"])
     if done.returncode != 0:
         if "Invalid job id" in done.stderr:
             _seen[slurm_id] = (now, None)
