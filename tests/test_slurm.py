@@ -281,3 +281,27 @@ def test_a_2x2_sweep_is_one_job_array_with_two_tasks_at_a_time(cluster_ip, login
     assert len(arrays) == 1 and sorted(int(i.split("_")[1]) for i in ids) == [0, 1, 2, 3]  # one array
     spans = [(sweep.load(t.number)["began"], sweep.load(t.number)["ended"]) for t in sweep.trials]
     assert max(sum(1 for b, e in spans if b <= begin < e) for begin, _ in spans) <= 2
+
+
+def test_a_root_the_compute_node_cannot_see_is_a_clear_error_simulated(cluster_ip, login_node: Sshd) -> None:
+    """SIMULATED unshared root: the job's setup line re-runs its script in a private mount namespace where a
+    tmpfs hides the host root, as on a compute node that lacks the login node's filesystem."""
+    ip = cluster_ip
+    root = login_node.host_root
+    hide = (
+        f'[ -n "$HIDDEN" ] || HIDDEN=1 exec unshare -m --propagation private '
+        f'sh -c "mount -t tmpfs none {root} && exec bash $0"'
+    )
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.hosts = {HOST: {**magics.hosts[HOST], "setup": [hide]}}
+    before = set(_job_ids(ip))
+    result = run(ip, f"%%remote_train --host {HOST}\nx = 1\n")
+    assert not result.success
+    message = str(result.error_in_exec)
+    assert "never started" in message and "filesystem they share" in message, message
+    assert "x" not in ip.user_ns
+    [job] = set(_job_ids(ip)) - before
+    row = _row(ip, job)
+    assert row["state"] == "killed" and "host root" in row["message"]
+    output = next((root / "jobs" / job).glob("slurm-*.out")).read_text()
+    assert "cannot see the job folder" in output

@@ -379,10 +379,12 @@ def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace, io: Command
                 continue
             if time.monotonic() - checked >= LIVENESS_SECONDS:
                 checked = time.monotonic()
-                if not job_launcher.poll(path, spec).active:
+                phase = job_launcher.poll(path, spec)
+                if not phase.active:
                     if tail.has_unread():
                         continue  # the runner wrote its last events just before exiting
-                    lost = protocol.make_event(next_seq, protocol.LOST, message=launcher.LOST_MESSAGE)
+                    message = phase.message or launcher.LOST_MESSAGE  # e.g. a scheduler's word for what happened
+                    lost = protocol.make_event(next_seq, protocol.LOST, message=message)
                     io.write_text(protocol.encode_event(lost))
                     io.stdout.flush()
                     return 0

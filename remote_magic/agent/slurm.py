@@ -199,7 +199,7 @@ class SlurmLauncher(Launcher):
         if word != state.get("state") or (node and node != state.get("node")):
             _write_state(path, {**state, "state": word, "node": node or state.get("node"), "t": time.time()})
         if word in PENDING:
-            shown = reason if reason and reason != "None" else word.lower()
+            shown = reason if reason and reason != "None" else "waiting for Slurm's scheduler"
             jobs.tell_waiting(path, shown, None)
             return Phase(protocol.STATE_QUEUED, word, reason=shown)
         if word in RUNNING:
