@@ -126,7 +126,13 @@ def _slurm_gpus(count: str | None, ids: str | None, slurm: session.SlurmSettings
 
 def _slurm_options(args: Any, settings: session.HostSettings, host: str) -> dict[str, Any]:
     """What --time, --partition and --slurm change for this job; a UsageError on a host without Slurm."""
-    given = {"time": args.time, "partition": args.partition, "extra_args": args.slurm}
+    given = {
+        "time": args.time,
+        "partition": args.partition,
+        "extra_args": args.slurm,
+        "tasks": args.tasks,
+        "nodes": args.nodes,
+    }
     if settings.slurm is None:
         used = [f"--{'slurm' if key == 'extra_args' else key}" for key, value in given.items() if value]
         if used:
@@ -135,6 +141,9 @@ def _slurm_options(args: Any, settings: session.HostSettings, host: str) -> dict
                 "c.RemoteMagics.hosts entry if jobs there go through Slurm"
             )
         return {}
+    for option in ("tasks", "nodes"):
+        if given[option] is not None and given[option] < 1:
+            raise UsageError(f"--{option} takes a number, 1 or more, not {given[option]}")
     try:
         extra = shlex.split(args.slurm or "")
     except ValueError as exc:
@@ -328,6 +337,14 @@ class RemoteMagics(Magics):
     @argument("--gpu-ids", metavar="IDS", help="exactly these GPUs of the host, e.g. 2,3")
     @argument("--time", metavar="LIMIT", help="on a Slurm host: the job's time limit, e.g. 2:00:00 (Slurm's --time)")
     @argument("--partition", help="on a Slurm host: the partition to run in (default: the host setting)")
+    @argument(
+        "--tasks",
+        type=int,
+        metavar="N",
+        help="on a Slurm host: run the cell as N tasks under srun (RANK, WORLD_SIZE, MASTER_ADDR... set for "
+        "PyTorch DDP and keras.distribution); task 0 streams and brings back the outputs",
+    )
+    @argument("--nodes", type=int, metavar="M", help="on a Slurm host: spread --tasks over M nodes")
     @argument("--slurm", metavar="ARGS", help='on a Slurm host: more sbatch options for this job, e.g. "--mem=8G"')
     @argument(
         "--sweep",

@@ -305,3 +305,51 @@ def test_a_root_the_compute_node_cannot_see_is_a_clear_error_simulated(cluster_i
     assert row["state"] == "killed" and "host root" in row["message"]
     output = next((root / "jobs" / job).glob("slurm-*.out")).read_text()
     assert "cannot see the job folder" in output
+
+
+DDP_CELL = """
+import os
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+net = torch.nn.Linear(4, 1)
+ddp = torch.nn.parallel.DistributedDataParallel(net)
+optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+data = torch.Generator().manual_seed(100 + rank)  # each task its own batches: DDP averages the gradients
+for step in range(1, 6):
+    x = torch.randn(16, 4, generator=data)
+    loss = ((ddp(x) - x.sum(1, keepdim=True)) ** 2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    remote_log(step=step, total=5, loss=loss.item())
+torch.save(net.state_dict(), f"weights-{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_two_tasks_train_pytorch_ddp_to_identical_weights(cluster_ip, login_node: Sshd, capsys) -> None:
+    import torch
+
+    ip = cluster_ip
+    capsys.readouterr()
+    before = set(_job_ids(ip))
+    result = run(ip, f"%%remote_train --host {HOST} --tasks 2\n" + DDP_CELL)
+    assert result.success, result.error_in_exec
+    [job] = set(_job_ids(ip)) - before
+    out = capsys.readouterr().out
+    assert [line.split(" - ")[0] for line in out.splitlines() if line.startswith("Step ")] == [
+        f"Step {i}/5" for i in range(1, 6)
+    ], out  # task 0's rows, each once
+    assert ip.user_ns["rank"] == 0 and ip.user_ns["world"] == 2
+    saved = {p.name: torch.load(p) for p in (login_node.host_root / "jobs" / job / "work").rglob("weights-*.pt")}
+    assert sorted(saved) == ["weights-0.pt", "weights-1.pt"]
+    for name, tensor in saved["weights-0.pt"].items():
+        assert torch.equal(tensor, saved["weights-1.pt"][name])  # both ranks: the same weights
+    returned = ip.user_ns["net"].state_dict()
+    assert all(torch.equal(returned[name], tensor) for name, tensor in saved["weights-0.pt"].items())
+    torch.manual_seed(0)
+    assert not torch.equal(returned["weight"], torch.nn.Linear(4, 1).weight)  # it trained from the same start

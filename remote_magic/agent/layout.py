@@ -125,6 +125,8 @@ def _place(root: str, folder: str, rel: str, digest: str, size: int, mode: int) 
     gone = jobs.AgentError(
         f"the host's stored copy of {rel} was changed by another job and dropped; run the cell again to send it anew"
     )
+    if os.path.lexists(target) and not os.path.isdir(target):
+        os.unlink(target)  # a requeued job places its files again; never copy onto a link to the blob
     try:
         st = os.stat(blob)
         if not _intact(root, digest, st):

@@ -153,6 +153,11 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
     """Run the job in ``path`` in this process; ``after`` runs once the job's end is recorded."""
     if "SLURM_JOB_ID" in os.environ and os.path.exists(os.path.join(path, protocol.CANCEL_MARK)):
         return 1  # cancelled while Slurm started it: the cancel wrote its final event
+    group = process_group()
+    if group is not None:
+        os.environ.update(group)
+        if group["RANK"] != "0":
+            return run_worker(root, path)
     log = jobs.EventLog(path)
     log.summary = jobs.EventSummary()
     for event, _ in jobs.iter_events(path):  # a requeued job's log goes on: its summary covers all of it
@@ -219,6 +224,8 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
 
     try:
         cwd, modules = layout.materialize(root, path, spec)
+        if group is not None:  # the other tasks wait for the files
+            jobs.atomic_write(os.path.join(path, PLACED_FILE), _placement_stamp().encode(), durable=False)
         _use_job_folders(cwd, modules, spec)
         started = time.time()
         phase = "inputs"
@@ -271,6 +278,67 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         _end_leftovers(job_id)
         if after is not None and spec.get("warm", True):
             after()
+
+
+PLACED_FILE = "placed"  # task 0 of a multi-task job has placed the files (for this start of the job)
+WORKER_WAIT_SECONDS = 300.0
+
+
+def process_group() -> dict[str, str] | None:
+    """What PyTorch DDP (``env://``) and ``keras.distribution.initialize()`` read, from Slurm's variables,
+    when the job runs as several tasks (``--tasks``); None otherwise."""
+    tasks = int(os.environ.get("SLURM_NTASKS") or 1)
+    if "SLURM_JOB_ID" not in os.environ or "SLURM_STEP_ID" not in os.environ or tasks < 2:
+        return None
+    address = os.environ.get("MASTER_ADDR") or socket.gethostname()
+    port = int(os.environ.get("MASTER_PORT") or 29500)
+    rank = os.environ.get("SLURM_PROCID", "0")
+    return {
+        "RANK": rank,
+        "WORLD_SIZE": str(tasks),
+        "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": address,
+        "MASTER_PORT": str(port),
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"{address}:{port + 1}",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": str(tasks),
+        "KERAS_DISTRIBUTION_PROCESS_ID": rank,
+    }
+
+
+def _placement_stamp() -> str:
+    return f"{os.environ.get('SLURM_JOB_ID')}-{os.environ.get('SLURM_RESTART_COUNT') or 0}"
+
+
+def run_worker(root: str, path: str) -> int:
+    """Task 1..N-1 of a multi-task job: the same cell on the same inputs, in the same folder.
+
+    Task 0 writes the events and outputs; what this task prints goes to the
+    job's Slurm output file.  A requeue is task 0's to decide (USR2 ignored).
+    """
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    spec = jobs.read_spec(path)
+    os.environ.update(procs.tag_environment({}, spec["job_id"]))
+    placed, stamp = os.path.join(path, PLACED_FILE), _placement_stamp()
+    deadline = time.monotonic() + WORKER_WAIT_SECONDS
+    while True:
+        with contextlib.suppress(OSError):
+            with open(placed, encoding="utf-8") as f:
+                if f.read() == stamp:
+                    break
+        if time.monotonic() > deadline:
+            print(f"task {os.environ.get('RANK')}: task 0 did not place the job's files in time", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    modules = os.path.join(path, layout.MODULES_DIR) if spec.get("modules") else None
+    _use_job_folders(layout.job_cwd(path, spec), modules, spec)
+    namespace = _load_inputs(root, path, spec)
+    namespace["remote_log"] = lambda *args, **kwargs: None  # task 0's rows are the panel's
+    try:
+        _run_cell(spec["source"], namespace)
+    except BaseException:  # noqa: BLE001  (reported in the job's Slurm output; srun ends the other tasks)
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def _use_job_folders(cwd: str, modules: str | None, spec: dict[str, Any]) -> None:

@@ -94,6 +94,9 @@ def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[s
             lines.append(f"#SBATCH --{key}={shlex.quote(str(options[key]))}")
     if options.get("gpus"):
         lines.append(f"#SBATCH --gres=gpu:{int(options['gpus'])}")
+    tasks, nodes = int(options.get("tasks") or 1), int(options.get("nodes") or 1)
+    if tasks > 1 or nodes > 1:
+        lines += [f"#SBATCH --ntasks={tasks}", f"#SBATCH --nodes={nodes}"]
     if len(job_ids) > 1:
         parallel = int((spec.get("sweep") or {}).get("parallel") or len(job_ids))
         lines.append(f"#SBATCH --array=0-{len(job_ids) - 1}%{min(parallel, len(job_ids))}")
@@ -110,8 +113,16 @@ def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[s
         f"  exit {NOT_SHARED_EXIT}",
         "fi",
         'cd "$FOLDER"',
-        "exec " + " ".join(shlex.quote(part) for part in command) + ' "$JOB"',
     ]
+    launch = "exec "
+    if tasks > 1 or nodes > 1:  # every task runs the runner; task 0 writes the events and outputs
+        lines += [
+            'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+            "export MASTER_ADDR MASTER_PORT",
+        ]
+        launch = "exec srun --unbuffered --kill-on-bad-exit=1 "
+    lines.append(launch + " ".join(shlex.quote(part) for part in command) + ' "$JOB"')
     return "\n".join(lines) + "\n"
 
 
