@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import MODEL_CELL, PYTHON, run
 from kernel import Kernel
+from notebooks import write_profile
 
 from remote_magic.agent import codec, warm
 from remote_magic.transport.deploy import agent_hash
@@ -131,12 +132,7 @@ print("history", len(history.history["loss"]))
 @pytest.fixture
 def start_kernel(sshd, tmp_path):
     """Starts real kernels on a Keras backend, configured for the test sshd as in test_kernel.py; stops them after."""
-    profile = tmp_path / "ipython" / "profile_default"
-    profile.mkdir(parents=True)
-    (profile / "ipython_config.py").write_text(
-        f"c.RemoteMagics.ssh_config = {str(sshd.ssh_config)!r}\n"
-        f"c.RemoteMagics.hosts = {{{sshd.alias!r}: {{'python': {PYTHON!r}}}}}\n"
-    )
+    write_profile(tmp_path / "ipython", ssh_config=str(sshd.ssh_config), hosts={sshd.alias: {"python": PYTHON}})
     started: list[Kernel] = []
 
     def start(backend: str) -> Kernel:

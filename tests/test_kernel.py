@@ -10,17 +10,13 @@ import time
 import pytest
 from conftest import MODEL_CELL, PYTHON
 from kernel import Kernel
+from notebooks import write_profile
 
 
 @pytest.fixture
 def kernel_env(sshd, tmp_path) -> dict[str, str]:
     """The environment of a kernel configured for the test sshd, as a user's ipython_config.py would."""
-    profile = tmp_path / "ipython" / "profile_default"
-    profile.mkdir(parents=True)
-    (profile / "ipython_config.py").write_text(
-        f"c.RemoteMagics.ssh_config = {str(sshd.ssh_config)!r}\n"
-        f"c.RemoteMagics.hosts = {{{sshd.alias!r}: {{'python': {PYTHON!r}}}}}\n"
-    )
+    write_profile(tmp_path / "ipython", ssh_config=str(sshd.ssh_config), hosts={sshd.alias: {"python": PYTHON}})
     return {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython"), "REMOTE_MAGIC_PANEL": "text"}
 
 

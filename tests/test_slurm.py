@@ -9,6 +9,7 @@ on a machine without GPUs.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MODEL_CELL, PYTHON, run
+from notebooks import execute, texts, write_profile
 from slurm_cluster import SlurmCluster
 from sshd import Sshd, make_sshd
 
@@ -353,3 +355,26 @@ def test_two_tasks_train_pytorch_ddp_to_identical_weights(cluster_ip, login_node
     assert all(torch.equal(returned[name], tensor) for name, tensor in saved["weights-0.pt"].items())
     torch.manual_seed(0)
     assert not torch.equal(returned["weight"], torch.nn.Linear(4, 1).weight)  # it trained from the same start
+
+
+def test_the_slurm_example_notebook_runs_on_the_test_cluster(
+    login_node: Sshd, slurm_cluster, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """examples/notebooks/04_slurm.ipynb in a real kernel, its host ``cluster`` configured as its first cell says."""
+    slurm_cluster.wait_idle()
+    hosts = {HOST: {"python": PYTHON, "scheduler": "slurm", "time": "0:30:00"}}
+    folder = write_profile(tmp_path / "ipython", ssh_config=str(login_node.ssh_config), hosts=hosts, panel="text")
+    monkeypatch.setenv("IPYTHONDIR", str(folder))
+    nb = execute(Path(__file__).resolve().parent.parent / "examples" / "notebooks" / "04_slurm.ipynb")
+    shown = {cell.source.splitlines()[0]: texts(cell) for cell in nb.cells if cell.cell_type == "code"}
+    fit = shown["%%remote_train --host cluster --time 0:10:00 --name slurm-fit"]
+    assert re.findall(r"Epoch \d/5", fit) == [f"Epoch {i}/5" for i in range(1, 6)] and "(Slurm job " in fit
+    evaluated = next(text for source, text in shown.items() if source.startswith("loss, accuracy"))
+    assert "epochs trained: 5" in evaluated and float(evaluated.rsplit(": ", 1)[1]) > 0.7
+    assert "4 trials; best: {" in shown["best = sweep.best_trial()"]
+    assert "injected: net, world" in shown["%%remote_train --host cluster --tasks 2 --out net,world"]
+    assert "trained with 2 tasks" in next(
+        text for source, text in shown.items() if source.startswith('print(f"trained')
+    )
+    status = shown["%remote_status --host cluster"]
+    assert "slurm-fit" in status and "done" in status

@@ -114,8 +114,9 @@ def slurm_job() -> dict[str, Any] | None:
     """The Slurm job this runner is (id, node, how often it was requeued), or None off Slurm."""
     if "SLURM_JOB_ID" not in os.environ:
         return None
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return {
-        "id": os.environ["SLURM_JOB_ID"],
+        "id": f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"],  # as squeue and scancel take it
         "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
         "restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
     }
