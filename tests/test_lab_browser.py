@@ -26,8 +26,8 @@ from pathlib import Path
 import fake_nvidia_smi as fake
 import pytest
 from conftest import run
+from host_processes import kill_processes_under
 from sshd import free_port
-from test_gpu_queue import _end_everything
 from test_lifecycle import _submitted_job_id
 from test_server import submit_job, wait_for_state
 
@@ -243,7 +243,7 @@ def gpu_lab(tmp_path, monkeypatch) -> Iterator[GpuLab]:
             yield GpuLab(base, token, connections)
     finally:
         connections.close()
-        _end_everything(root)
+        kill_processes_under(root)
 
 
 def _open_sidebar(page, base: str, token: str):  # type: ignore[no-untyped-def]

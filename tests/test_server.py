@@ -15,8 +15,8 @@ import fake_nvidia_smi as fake
 import pytest
 import tornado.httpclient
 from conftest import PYTHON, run
+from host_processes import kill_processes_under
 from jupyter_server.auth.authorizer import Authorizer
-from test_gpu_queue import _end_everything
 from test_lifecycle import _submitted_job_id
 
 from remote_magic import session
@@ -201,7 +201,7 @@ def gpu_host(tmp_path, monkeypatch) -> Iterator[GpuHost]:
     monkeypatch.setenv("PATH", fake.path_with(tmp_path / "bin"))
     root = tmp_path / "hostroot"
     yield GpuHost(state, root)
-    _end_everything(root)  # the runners, warm runners and dispatcher the jobs left
+    kill_processes_under(root)  # the runners, warm runners and dispatcher the jobs left
 
 
 def submit_job(

@@ -21,11 +21,13 @@ def _cells(row: dict[str, Any]) -> list[str]:
         return [row["job_id"], row.get("name") or "", f"{row['state']}: {row.get('message')}", "", "", "", ""]
     duration = format_seconds(end - row["started"]) if row.get("started") and end else ""
     state = row["state"]
-    if state == "queued" and row.get("reason"):
-        state = f"queued #{row['position']}: {row['reason']}" if row.get("position") else f"queued: {row['reason']}"
+    if state in ("queued", "requeued") and row.get("reason"):
+        state = f"{state} #{row['position']}: {row['reason']}" if row.get("position") else f"{state}: {row['reason']}"
+    elif state == "running" and str(row.get("launcher") or "").startswith("slurm") and row.get("where"):
+        state = f"running on {row['where']}"  # a cluster's node
     return [
         row["job_id"],
-        row.get("name") or "",
+        row.get("name") or row.get("title") or "",
         state,
         epoch,
         "" if loss is None else f"{loss:.4f}",
