@@ -22,7 +22,7 @@ import { Widget } from '@lumino/widgets';
 const PLUGIN_ID = 'remote-magic-labextension:plugin';
 const PANEL_ID = 'remote-magic-jobs';
 const POLL_MS = 3000;
-const RUNNING = new Set(['queued', 'running']);
+const RUNNING = new Set(['queued', 'running', 'requeued']);  // requeued: back in a scheduler's queue
 // Neither running nor finished: the host did not answer, the job may still run.
 const UNKNOWN = new Set(['unreachable']);
 const FAILED = new Set(['error', 'killed']);
@@ -117,6 +117,7 @@ const stroke = (width = 1.6, color = 'currentColor') =>
   `fill="none" stroke="${color}" stroke-width="${width}" stroke-linecap="round" stroke-linejoin="round"`;
 const STATE_SVG: Record<string, string> = {
   queued: `<circle cx="8" cy="8" r="6.2" ${stroke()}/><path d="M8 4.6V8l2.4 1.6" ${stroke()}/>`,
+  requeued: `<path d="M12.8 6.2A5 5 0 1 0 13 9.4" ${stroke()}/><path d="M13.2 2.8v3.6H9.6" ${stroke()}/>`,
   running: '<path d="M4.5 2.8v10.4L13 8z" fill="currentColor"/>',
   done: `<path d="M2.8 8.4l3.4 3.4L13.2 4.6" ${stroke(2)}/>`,
   stopped: '<rect x="3.5" y="3.5" width="9" height="9" rx="1.2" fill="currentColor"/>',
@@ -240,14 +241,14 @@ function stateCounts(trials: IJob[]): string {
     const word = FAILED.has(job.state) ? 'failed' : job.state;
     counts.set(word, (counts.get(word) || 0) + 1);
   }
-  const order = ['running', 'queued', 'done', 'failed', 'stopped', 'cancelled', 'unreachable', 'gone'];
+  const order = ['running', 'queued', 'requeued', 'done', 'failed', 'stopped', 'cancelled', 'unreachable', 'gone'];
   const words = [...counts.keys()].sort((a, b) => order.indexOf(a) - order.indexOf(b));
   return words.map(word => `${counts.get(word)} ${word}`).join(' · ');
 }
 
 /** The state a sweep shows as a whole: running while any trial runs, error when none finished well. */
 function sweepState(trials: IJob[]): string {
-  for (const state of ['running', 'queued', 'unreachable', 'done']) {
+  for (const state of ['running', 'requeued', 'queued', 'unreachable', 'done']) {
     if (trials.some(job => job.state === state)) {
       return state;
     }
@@ -593,7 +594,8 @@ class JobsPanel extends Widget {
       line.title = line.textContent || '';
       row.appendChild(line);
     }
-    const message = job.state === 'queued' && job.reason ? this.queuedMessage(job) : job.message;
+    const waiting = (job.state === 'queued' || job.state === 'requeued') && job.reason;
+    const message = waiting ? this.queuedMessage(job) : job.message;
     if (message && !['done', 'stopped'].includes(job.state)) {
       const line = element('div', 'jp-RemoteMagic-message', message);
       line.title = message;
