@@ -378,3 +378,20 @@ def test_the_slurm_example_notebook_runs_on_the_test_cluster(
     )
     status = shown["%remote_status --host cluster"]
     assert "slurm-fit" in status and "done" in status
+
+
+def test_stop_ends_the_fit_after_the_batch_and_the_partial_model_comes_back(
+    cluster_ip, login_node: Sshd, capsys
+) -> None:
+    ip = cluster_ip
+    assert run(ip, MODEL_CELL).success
+    job = _submit(ip, "--detach", SLOW_FIT)
+    _wait_event(login_node, job, lambda events: any(e["type"] == "epoch" and e["epoch"] >= 2 for e in events))
+    assert ip.magics_manager.registry["RemoteMagics"]._client(HOST).stop(job)["stop_requested"]
+    ip.run_line_magic("remote_attach", f"{job} --host {HOST}")
+    done = _log(login_node, job)[-1]
+    assert done["type"] == "done" and done["stopped"]
+    epochs = len(ip.user_ns["history"].history["loss"])
+    assert 2 <= epochs < 8  # stopped early, with what it had
+    model = ip.user_ns["model"]
+    assert not np.array_equal(model.get_weights()[0], ip.user_ns["weights_before"][0])
