@@ -395,3 +395,24 @@ def test_stop_ends_the_fit_after_the_batch_and_the_partial_model_comes_back(
     assert 2 <= epochs < 8  # stopped early, with what it had
     model = ip.user_ns["model"]
     assert not np.array_equal(model.get_weights()[0], ip.user_ns["weights_before"][0])
+
+
+def test_a_runner_killed_on_its_node_shows_as_killed_with_slurms_word(
+    cluster_ip, login_node: Sshd, slurm_cluster: SlurmCluster
+) -> None:
+    """SIGKILL on the node (out of memory, say): no final event; the row says what Slurm saw, never a silent drop."""
+    ip = cluster_ip
+    job = _submit(ip, "--detach --no-inject", GPU_CELL.format(s=60))
+    _wait_row(ip, job, lambda r: r["state"] == "running", 30)
+    slurm_cluster.run("scancel", "--signal=KILL", "--batch", _slurm_id(login_node, job))
+    row = _wait_row(ip, job, lambda r: r["state"] not in ("running", "queued", "requeued"), 60)
+    assert row["state"] == "killed" and "Slurm says FAILED" in row["message"], row
+    assert [e["type"] for e in _log(login_node, job)][-1] == "started"  # nothing was written after: it was killed
+
+
+def test_two_tasks_initialise_keras_distribution_on_jax(cluster_ip) -> None:
+    ip = cluster_ip
+    cell = "import keras\nkeras.distribution.initialize()\nimport jax\nprocesses, index = jax.process_count(), jax.process_index()\n"
+    result = run(ip, f"%%remote_train --host {HOST} --tasks 2 --backend jax --out processes,index\n" + cell)
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["processes"] == 2 and ip.user_ns["index"] == 0
