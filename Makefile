@@ -13,14 +13,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# OpenSSH's sshd, which the tests start on 127.0.0.1, and Debian's chromium for the JupyterLab
-# browser tests (installed when missing and we are root).
+# OpenSSH's sshd, which the tests start on 127.0.0.1, Debian's chromium for the JupyterLab
+# browser tests, and Slurm with munge for the Slurm tests, which start their own single-node
+# cluster (installed when missing and we are root).
 system-deps:
 	@missing=""; [ -x /usr/sbin/sshd ] || missing="openssh-server"; [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	  else echo "the tests need: sudo apt-get install $$missing"; exit 1; fi; \
+	slurm=""; [ -x /usr/sbin/slurmctld ] || slurm="slurmctld"; [ -x /usr/sbin/slurmd ] || slurm="$$slurm slurmd"; \
+	[ -x /usr/bin/sbatch ] || slurm="$$slurm slurm-client"; [ -x /usr/sbin/munged ] || slurm="$$slurm munge"; \
+	if [ -n "$$missing$$slurm" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
+	    { [ -z "$$missing" ] || apt-get install -y -qq $$missing; } && \
+	    { [ -z "$$slurm" ] || apt-get install -y -qq --no-install-recommends $$slurm; }; \
+	  else echo "the tests need: sudo apt-get install $$missing $$slurm (Slurm: --no-install-recommends)"; exit 1; fi; \
 	fi
 
 demo: $(STAMP)

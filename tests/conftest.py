@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ["REMOTE_MAGIC_WARM_IDLE"] = "120"  # warm runners the tests leave behind exit soon
 
+from slurm_cluster import SlurmCluster, start_cluster  # noqa: E402
 from sshd import Sshd, make_sshd  # noqa: E402
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)  # jp_fetch and a real Jupyter server, for test_server.py
@@ -91,3 +92,17 @@ model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, activation="r
 model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
 weights_before = [w.copy() for w in model.get_weights()]
 """
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A real single-node Slurm (4 SIMULATED GPUs) with fresh state and spool, once per session, stopped by pid.
+
+    Client tools and jobs find it through ``slurm_cluster.env()`` (``SLURM_CONF``); over the test sshd,
+    add it with ``sshd.add_env(slurm_cluster.env())`` before that sshd starts.
+    """
+    cluster = start_cluster(_TMP / "slurm")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
