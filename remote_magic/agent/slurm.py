@@ -25,7 +25,7 @@ from typing import Any
 
 from . import bootstrap, jobs, protocol, runners, warm
 from .detach import untagged_environment
-from .launcher import ENDED, Launcher, Phase
+from .phase import ENDED, Launcher, Phase
 
 STATE_FILE = "slurm.json"  # the Slurm job id and the last state seen: squeue forgets ended jobs
 SCRIPT_FILE = "slurm.sh"
