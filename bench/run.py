@@ -351,11 +351,57 @@ class Bench:
                     "s", "<= 1.0 x", swept <= sequential,
                     extra={"per_trial_s": swept / 8, "per_cell_s": sequential / 8})  # fmt: skip
 
+    # 10 --------------------------------------------------------------------------------------
+    def trivial_back_to_back(self) -> None:
+        """Ten trivial cells with no pause between them, as Run All or a loop of experiments sends them."""
+        self.ip.user_ns["x"] = 1
+        self.quiet_cell("%%remote_train --host testhost\ny = x + 1\n")  # warm connection and agent
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            self.quiet_cell("%%remote_train --host testhost\ny = x + 1\n")
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        base = _median_time(lambda: self.ssh("python3", "-c", "pass"), 5)
+        self.record(10, "trivial cell, 10 back to back (no pause), sshd: median", median, base, "s",
+                    "< 0.25 s and <= 1.0 x `ssh host python3 -c pass`", median < 0.25 and median <= base,
+                    extra={"max_s": max(times), "times_s": times})  # fmt: skip
+
+    # 11 --------------------------------------------------------------------------------------
+    def keras_back_to_back(self) -> None:
+        """Five tiny fits back to back: the overhead over the same fit in the kernel, as a user feels it."""
+        self.quiet_cell(
+            "import numpy as np, keras\n"
+            "bx = np.random.default_rng(11).random((512, 16), dtype=np.float32)\n"
+            "by = (bx.sum(axis=1) > 8).astype('float32')\n"
+            "def tiny_b():\n"
+            "    m = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation='relu'), keras.layers.Dense(1)])\n"
+            "    m.compile(optimizer='adam', loss='mse')\n"
+            "    return m\n"
+            "bmodel = tiny_b()\n"
+            "bmodel.fit(bx, by, epochs=2, verbose=0)\n"
+        )
+        local_fit = _median_time(
+            lambda: self.quiet_cell("bmodel = tiny_b()\nbmodel.fit(bx, by, epochs=2, verbose=0)\n"), 3
+        )
+        fit = "bmodel = tiny_b()\nget_ipython().run_cell_magic('remote_train', '--host testhost', 'bmodel.fit(bx, by, epochs=2, verbose=0)')\n"
+        self.quiet_cell(fit)  # the host has seen a Keras job: its warm runners import Keras
+        self.wait_for_warm_runner("testhost")
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            self.quiet_cell(fit)
+            times.append(time.perf_counter() - start)
+        overhead = statistics.median(times) - local_fit
+        self.record(11, "tiny Keras fit, 5 back to back (no pause), sshd: median overhead", overhead, local_fit,
+                    "s", "overhead <= 0.5 s", overhead <= 0.5, ratio=statistics.median(times) / local_fit,
+                    extra={"times_s": times, "max_overhead_s": max(times) - local_fit})  # fmt: skip
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-9)")
+    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-11)")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="remote_magic-bench-") as tmp:
@@ -365,7 +411,8 @@ def main() -> int:
         bench.start()
         try:
             figures = [bench.upload, bench.download, bench.rerun, bench.trivial, bench.keras_fit, bench.memory,
-                       bench.latency, bench.queue_start, bench.sweep]  # fmt: skip
+                       bench.latency, bench.queue_start, bench.sweep, bench.trivial_back_to_back,
+                       bench.keras_back_to_back]  # fmt: skip
             for number, figure in enumerate(figures, start=1):
                 if not args.only or number in args.only:
                     print(f"figure {number}: {figure.__name__} ...", flush=True)
