@@ -222,18 +222,18 @@ def test_backend_option_overrides_the_kernels_and_warm_runners_never_mix_backend
     assert run(ip, "%%remote_train\n" + BACKEND_CELL).success
     assert ip.user_ns["b"] == "tensorflow"
     first = _job_started(ip, "local", capsys.readouterr().out)
-    assert first["pid"] != jax_runner  # a tensorflow job never gets the waiting jax runner
+    assert first.get("warm_runner") != jax_runner  # a tensorflow job never gets the waiting jax runner
     tensorflow_runner = _next_warm_runner(ip, "tensorflow", first)
 
     assert run(ip, "%%remote_train\n" + BACKEND_CELL).success
     assert ip.user_ns["b"] == "tensorflow"
     second = _job_started(ip, "local", capsys.readouterr().out)
-    assert second["warm"] and second["pid"] == tensorflow_runner  # served by the tensorflow warm runner
+    assert second["warm"] and second["warm_runner"] == tensorflow_runner  # served by the tensorflow warm runner
 
     assert run(ip, "%%remote_train --backend jax\n" + BACKEND_CELL).success
     assert ip.user_ns["b"] == "jax"
     last = _job_started(ip, "local", capsys.readouterr().out)
-    assert last["warm"] and last["pid"] == jax_runner  # the jax runner waited through both tensorflow jobs
+    assert last["warm"] and last["warm_runner"] == jax_runner  # the jax runner waited through both tensorflow jobs
 
 
 # ---------------------------------------------------------------- a PyTorch loop with remote_log

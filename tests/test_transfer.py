@@ -89,6 +89,27 @@ def test_a_warm_runner_starts_the_next_job_and_shares_no_state(ip) -> None:
     assert session.fetch_outputs(transport, job, final)["leak"] is False
 
 
+def test_jobs_forked_from_one_warm_runner_draw_their_own_random_numbers(ip) -> None:
+    """Each job is a fork of the same warm runner, which imported torch (seeding its generator): without a
+    reseed in the fork, every job would draw the same numbers."""
+    transport = ip.magics_manager.registry["RemoteMagics"]._client("local")
+    cell = "import numpy as np, torch\nr = (float(torch.rand(1)), float(np.random.rand()))\n"
+    draws: dict[int, list] = {}
+    for _ in range(50):
+        events: list[dict] = []
+        job = session.submit(transport, session.prepare(cell, {}))
+        final = session.follow(transport, job, events.append)
+        started = next(e for e in events if e["type"] == "started")
+        if started.get("warm_runner"):  # after the first job, the warm runner imports torch too
+            runner = draws.setdefault(started["warm_runner"], [])
+            runner.append(session.fetch_outputs(transport, job, final)["r"])
+            if len(runner) == 2:
+                break
+    pair = next((d for d in draws.values() if len(d) == 2), None)
+    assert pair is not None, draws  # two forks of one warm runner that had imported torch
+    assert pair[0][0] != pair[1][0] and pair[0][1] != pair[1][1], pair
+
+
 def test_zstd_upload_sends_fewer_bytes_and_the_host_gets_the_same_array(ip) -> None:
     ip.user_ns["sparse"] = np.zeros(8 * MiB // 8)
     ip.user_ns["sparse"][::1000] = 1.0

@@ -491,7 +491,7 @@ def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace, io: Comman
 
 
 def cmd_warm_runner(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    return warm.serve_one_job(root, agent_hash)
+    return warm.serve(root, agent_hash)
 
 
 _JOB = ("job_id", {})

@@ -150,8 +150,11 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] | None = None) -> int:
-    """Run the job in ``path`` in this process; ``after`` runs once the job's end is recorded."""
+def run_job(root: str, path: str, warm: int | None = None, after: Callable[[], None] | None = None) -> int:
+    """Run the job in ``path`` in this process; ``after`` runs once the job's end is recorded.
+
+    ``warm``: the pid of the warm runner this process was forked from (None: started cold).
+    """
     if "SLURM_JOB_ID" in os.environ and os.path.exists(os.path.join(path, protocol.CANCEL_MARK)):
         return 1  # cancelled while Slurm started it: the cancel wrote its final event
     group = process_group()
@@ -192,7 +195,8 @@ def run_job(root: str, path: str, warm: bool = False, after: Callable[[], None] 
         python=sys.executable,
         python_version=platform.python_version(),
         device=device_info(assigned),
-        warm=warm,
+        warm=warm is not None,
+        warm_runner=warm,
         versions=package_versions(),
         **({"slurm": slurm} if slurm else {}),
     )

@@ -1,14 +1,19 @@
 """Warm runners: a job starts in a Python that has already imported its heavy packages.
 
-Importing TensorFlow or PyTorch costs seconds.  The agent keeps one
-pre-started runner per (root, interpreter or environment, Keras backend,
-agent version) that has imported
-the heavy packages the last jobs used, waiting on a FIFO in ``warm/``.
-``submit`` claims it by renaming its ``.ready`` file (atomic: one claimant
-wins) and writing the job id into the FIFO.  A warm runner serves exactly
-one job, so no state leaks between jobs; the next one is started when a job
-ends.  An unused warm runner exits after ``REMOTE_MAGIC_WARM_IDLE`` seconds
-(default 30 minutes); ``REMOTE_MAGIC_WARM=0`` on the host turns them off.
+Importing TensorFlow or PyTorch costs seconds of CPU.  The agent keeps one
+warm runner per (root, interpreter or environment, Keras backend, agent
+version) that has imported the heavy packages the last jobs used and waits
+on a FIFO in ``warm/``.  It never runs a job itself: for each job id written
+into its FIFO it forks, and the fork (in a session of its own, adopted by
+init) runs the job, so every job starts from the same freshly imported state
+and none sees another's (random generators are reseeded in the fork).  So
+cells back to back each find it ready, with no import competing with the
+job before.  The fork takes the job by creating ``<job>/runner.claim``
+exclusively and records itself in ``launch.json``; a submit that gets no
+answer in time takes the claim itself and starts a runner of its own, so a
+job never runs twice.  An unused warm runner exits after
+``REMOTE_MAGIC_WARM_IDLE`` seconds (default 30 minutes);
+``REMOTE_MAGIC_WARM=0`` on the host turns them off.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import json
 import os
 import select
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +37,9 @@ from .detach import spawn_detached, untagged_environment
 HEAVY_MODULES = ("tensorflow", "keras", "torch", "jax", "sklearn", "pandas")
 STARTING_TIMEOUT = 180.0
 LOG_LIMIT = 1024 * 1024
+CLAIM_FILE = "runner.claim"  # created exclusively by whoever starts the job's runner: it never runs twice
+ANSWER_SECONDS = 5.0  # how long a submit waits for the warm runner's fork to take the job
+LATE_ANSWER_SECONDS = 30.0  # it took the claim but has not written launch.json yet
 
 
 def enabled() -> bool:
@@ -104,41 +113,87 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def claim(
-    root: str, agent_hash: str, kind: RunnerKind, message: str, cuda_untouched: bool = False
+    root: str, agent_hash: str, kind: RunnerKind, job_id: str, cuda_untouched: bool = False
 ) -> procs.ProcessIdentity | None:
-    """Hand ``message`` (a job id, or "exit") to one waiting warm runner of ``kind``; its identity, or None.
+    """Have a warm runner of ``kind`` fork the runner of ``job_id``; the fork's identity, or None.
 
     ``cuda_untouched``: only a runner in which the CUDA driver is not loaded
     will do (a GPU host: the job's CUDA_VISIBLE_DEVICES must take effect).
+    None means no warm runner took the job, and the claim is ours: start one.
     """
-    return _claim(root, kind.key(agent_hash), message, cuda_untouched)
-
-
-def _claim(root: str, key: str, message: str, cuda_untouched: bool = False) -> procs.ProcessIdentity | None:
-    for ready in _ready_files(root, key):
-        if cuda_untouched and (_read_json(ready) or {}).get("cuda", True):
+    try:
+        path = jobs.job_dir(root, job_id)
+    except jobs.AgentError:
+        return None  # no such job here: nothing to start
+    for ready in _ready_files(root, kind.key(agent_hash)):
+        info = _read_json(ready)
+        if info is None or (cuda_untouched and info.get("cuda", True)):
             continue  # it may have initialised CUDA for every GPU: never for a job that must see only its own
-        claimed = ready[: -len(".ready")] + ".claimed"
-        try:
-            os.rename(ready, claimed)
-        except FileNotFoundError:
-            continue  # another submit took it
-        info = _read_json(claimed)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(claimed)
-        identity = procs.ProcessIdentity.from_json(info.get("identity")) if info else None
-        if info is None or identity is None or not procs.is_running(identity):
+        identity = procs.ProcessIdentity.from_json(info.get("identity"))
+        if identity is None or not procs.is_running(identity) or not _send(info["fifo"], job_id):
             continue
-        try:
-            fd = os.open(info["fifo"], os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            continue  # nobody reading: it is gone
-        try:
-            os.write(fd, (message + "\n").encode())
-        finally:
-            os.close(fd)
-        return identity
+        launched = _wait_for_launch(path, ANSWER_SECONDS)
+        if launched is not None:
+            return launched
+        if _take_claim(path):
+            return None  # it never read the job id (it was exiting): the job is ours to start
+        return _wait_for_launch(path, LATE_ANSWER_SECONDS)  # it has the job: wait for its record
+    if not _take_claim(path):
+        return _wait_for_launch(path, LATE_ANSWER_SECONDS)
     return None
+
+
+def _send(fifo: str, message: str) -> bool:
+    """One line into a warm runner's FIFO (atomic: under PIPE_BUF); False when nobody reads it any more."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        os.write(fd, (message + "\n").encode())
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _take_claim(path: str) -> bool:
+    try:
+        os.close(os.open(os.path.join(path, CLAIM_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, jobs.FILE_MODE))
+        return True
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        return True  # no job folder (yet): nobody can have started its runner
+
+
+def _wait_for_launch(path: str, seconds: float) -> procs.ProcessIdentity | None:
+    deadline = time.monotonic() + seconds
+    while True:
+        record = _read_json(os.path.join(path, protocol.LAUNCH_FILE))
+        if record and record.get("identity"):
+            return procs.ProcessIdentity.from_json(record["identity"])
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.005)
+
+
+def _retire(root: str, key: str) -> bool:
+    """Tell one waiting warm runner of ``key`` to exit (it lacks packages recent jobs use); whether one was."""
+    for ready in _ready_files(root, key):
+        retired = ready[: -len(".ready")] + ".retired"
+        try:
+            os.rename(ready, retired)  # no submit finds it any more
+        except FileNotFoundError:
+            continue
+        info = _read_json(retired)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(retired)
+        if info is not None:
+            _send(info["fifo"], "exit")
+        return True
+    return False
 
 
 @contextlib.contextmanager
@@ -172,7 +227,7 @@ def _ensure_locked(root: str, agent_hash: str, kind: RunnerKind, key: str, used_
     if used_modules is not None and not set(used_modules) <= set(wanted):
         wanted = sorted(set(wanted) | set(used_modules))
         jobs.atomic_write(_imports_file(root, key), json.dumps(wanted).encode())
-        while _claim(root, key, "exit") is not None:
+        while _retire(root, key):
             pass  # retire runners that lack the new packages
     if _ready_files(root, key):
         return
@@ -198,8 +253,8 @@ def heavy_modules_in_use() -> list[str]:
     return sorted(m for m in HEAVY_MODULES if m in sys.modules)
 
 
-def serve_one_job(root: str, agent_hash: str) -> int:
-    """The warm runner: import, wait for one job id on the FIFO, run that job."""
+def serve(root: str, agent_hash: str) -> int:
+    """The warm runner: import, then fork a runner for each job id written into the FIFO, until idle."""
     kind = RunnerKind.of_this_process()
     folder, key, pid = _folder(root), kind.key(agent_hash), os.getpid()
     modules = wanted_imports(root, key)
@@ -208,13 +263,13 @@ def serve_one_job(root: str, agent_hash: str) -> int:
             __import__(module)
         except Exception:  # noqa: BLE001  (a package that fails to import just stays cold)
             continue
-    from . import runner
+    from . import runner  # noqa: F401  (imported once here, not in every job)
 
     fifo = os.path.join(folder, f"{key}-{pid}.fifo")
     ready = os.path.join(folder, f"{key}-{pid}.ready")
     os.mkfifo(fifo, 0o600)
     # Read-write keeps a writer open on our side: no end-of-file while nobody has written yet.
-    fd = os.open(fifo, os.O_RDWR)
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
     try:
         identity = procs.identity_of(pid)
         info = {"pid": pid, "fifo": fifo, "modules": modules, "agent": agent_hash, "cuda": gpus.cuda_driver_mapped()}
@@ -222,32 +277,83 @@ def serve_one_job(root: str, agent_hash: str) -> int:
         jobs.atomic_write(ready, json.dumps(info).encode())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, f"{key}.starting"))
-        readable, _, _ = select.select([fd], [], [], idle_seconds())
-        if not readable:
-            try:
-                os.rename(ready, ready + ".expired")  # nobody can claim us any more
-                os.unlink(ready + ".expired")
-                return 0
-            except FileNotFoundError:
-                readable, _, _ = select.select([fd], [], [], 10)  # claimed at this very moment
-                if not readable:
+        pending = ""
+        while True:
+            readable, _, _ = select.select([fd], [], [], idle_seconds())
+            if not readable:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(ready, ready + ".expired")  # no submit finds us any more
+                    os.unlink(ready + ".expired")
+                time.sleep(0.2)  # a submit that found us just before: its job id arrives now or never
+            with contextlib.suppress(BlockingIOError):
+                pending += os.read(fd, 4096).decode()
+            *lines, pending = pending.split("\n")
+            for message in (line.strip() for line in lines):
+                if message == "exit":
                     return 0
-        message = os.read(fd, 4096).decode().strip()
+                if message:
+                    _fork_job(root, agent_hash, kind, message, fd)
+            if not readable or not os.path.exists(ready):
+                return 0
     finally:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fifo)
-    if message in ("", "exit"):
-        return 0
-    path = jobs.job_dir(root, message)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ready)
+
+
+def _fork_job(root: str, agent_hash: str, kind: RunnerKind, job_id: str, fifo_fd: int) -> None:
+    """Run ``job_id`` in a fork of this process, detached (its own session, adopted by init) as a cold runner is."""
+    warm_runner = os.getpid()
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)  # the intermediate process exits at once
+        return
+    code = 1
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.close(fifo_fd)
+        code = _run_forked(root, agent_hash, kind, job_id, warm_runner)
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_forked(root: str, agent_hash: str, kind: RunnerKind, job_id: str, warm_runner: int) -> int:
+    path = jobs.job_dir(root, job_id)
+    if not protocol.is_job_id(job_id) or not _take_claim(path):
+        return 0  # another runner has it (the submit gave up waiting for us)
+    identity = procs.identity_of(os.getpid())
+    spec = jobs.read_spec(path)
+    record = {"launcher": spec.get("launcher") or "process", "identity": identity.to_json() if identity else None}
+    jobs.atomic_write(
+        os.path.join(path, protocol.LAUNCH_FILE), json.dumps({**record, "host": socket.gethostname()}).encode()
+    )
+    _reseed()
     # From here on this process is the job's: what the cell starts carries the job's tag.
-    os.environ.update(procs.tag_environment({}, message))
+    os.environ.update(procs.tag_environment({}, job_id))
     log = os.open(os.path.join(path, protocol.RUNNER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, jobs.FILE_MODE)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
     os.chdir(path)  # the runner moves to the job's working folder once its files are in place
-    return runner.run_job(root, path, warm=True, after=lambda: prepare_next(root, agent_hash, kind))
+    from . import runner
+
+    return runner.run_job(root, path, warm=warm_runner, after=lambda: prepare_next(root, agent_hash, kind))
+
+
+def _reseed() -> None:
+    """A fork starts with its parent's random generators: give the job fresh ones, as a new process has."""
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["torch"].seed()
 
 
 def prepare_next(root: str, agent_hash: str, kind: RunnerKind) -> None:
