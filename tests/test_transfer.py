@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +112,31 @@ def test_jobs_forked_from_one_warm_runner_draw_their_own_random_numbers(ip) -> N
     pair = next((d for d in draws.values() if len(d) == 2), None)
     assert pair is not None, draws  # two forks of one warm runner that had imported torch
     assert pair[0][0] != pair[1][0] and pair[0][1] != pair[1][1], pair
+
+
+def test_a_killed_warm_runner_is_replaced(ip) -> None:
+    """Out of memory or kill -9: its ready file stays behind; the next jobs must not take it for a live runner."""
+    transport = ip.magics_manager.registry["RemoteMagics"]._client("local")
+    root = Path(transport.transport.root)
+
+    def started_of_a_job() -> dict:
+        events: list[dict] = []
+        session.follow(transport, session.submit(transport, session.prepare("x = 1\n", {})), events.append)
+        return next(e for e in events if e["type"] == "started")
+
+    started_of_a_job()
+    deadline = time.monotonic() + 60
+    while not list((root / "warm").glob("*.ready")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = [json.loads(p.read_text())["pid"] for p in (root / "warm").glob("*.ready")]
+    assert killed
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(50):
+        started = started_of_a_job()
+        if started.get("warm"):
+            break
+    assert started.get("warm") and started["warm_runner"] not in killed, started
 
 
 def test_zstd_upload_sends_fewer_bytes_and_the_host_gets_the_same_array(ip) -> None:

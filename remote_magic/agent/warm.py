@@ -98,10 +98,21 @@ def wanted_imports(root: str, key: str) -> list[str]:
 
 
 def _ready_files(root: str, key: str) -> list[str]:
+    """The ready files of live warm runners of ``key``; those of runners that died (SIGKILL, OOM) are removed."""
     folder, prefix = _folder(root), key + "-"
-    return [
-        os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(prefix) and n.endswith(".ready")
-    ]
+    found = []
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith(prefix) and name.endswith(".ready")):
+            continue
+        path = os.path.join(folder, name)
+        info = _read_json(path)
+        identity = procs.ProcessIdentity.from_json((info or {}).get("identity"))
+        if info is not None and identity is not None and not procs.is_running(identity):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        found.append(path)
+    return found
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
