@@ -173,6 +173,10 @@ class AgentClient:
         """Every job's row (no ``job_id``), or one job's detail."""
         return self.call_json("status", *([job_id] if job_id else []))
 
+    def warm_up(self, backend: str) -> None:
+        """Start a warm runner for ``backend`` on the host now, so the first job finds it ready."""
+        self.call_json("warm-up", "--backend", backend)
+
     def gpus(self) -> list[dict[str, Any]]:
         """The host's GPUs now (model, memory, utilization) and who holds each; [] on a host without."""
         return self.call_json("gpus")

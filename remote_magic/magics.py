@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import threading
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -221,6 +222,11 @@ class RemoteMagics(Magics):
         help="Keep a pre-started runner on each host with the heavy packages (TensorFlow, PyTorch, ...) "
         "the last jobs imported, so the next job starts without the import cost.",
     ).tag(config=True)
+    prewarm = Bool(
+        True,
+        help="When the extension loads, connect to the default host in the background and start its warm "
+        "runner, so the first cell does not wait for the connection, the agent and the imports.",
+    ).tag(config=True)
     follow_detached = Bool(
         False,
         help="Follow --detach jobs in the background outside Jupyter kernels too (terminal IPython).",
@@ -243,6 +249,23 @@ class RemoteMagics(Magics):
         self.connections = session.Connections()
         self.registry = Registry()
         self.lifecycle = session.JobLifecycle(lambda values: self.shell.user_ns.update(values), MagicHints())
+        if self.prewarm and self.warm_runner:
+            threading.Thread(target=self._prewarm, name="remote_magic prewarm", daemon=True).start()
+
+    def _prewarm(self) -> None:
+        """Connect, check the agent and start the default host's warm runner while the user's first cells run.
+
+        Quiet: a host that cannot be reached now says so when a cell asks for it, as without this.
+        """
+        try:
+            host = self.default_host
+            if self.connections.settings_for(host).slurm is not None:
+                return  # no warm runners on a login node
+            client = self._client(host)
+            client.hello()
+            client.warm_up(session.expected_kernel_backend())
+        except Exception:  # noqa: BLE001  (a warm-up that fails only costs the speed it would have won)
+            pass
 
     @property
     def background(self) -> list[session.BackgroundFollower]:

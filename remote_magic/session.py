@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import sys
@@ -808,6 +809,21 @@ def kernel_backend() -> str | None:
         with contextlib.suppress(Exception):
             return str(keras.backend.backend())
     return os.environ.get("KERAS_BACKEND") or None
+
+
+def expected_kernel_backend() -> str:
+    """The backend this kernel's Keras has or will have once imported, without importing it (for a warm-up).
+
+    As Keras decides: $KERAS_BACKEND, else the "backend" of $KERAS_HOME/keras.json (~/.keras), else tensorflow.
+    """
+    now = kernel_backend()
+    if now:
+        return now
+    config = os.path.join(os.environ.get("KERAS_HOME") or os.path.expanduser(os.path.join("~", ".keras")), "keras.json")
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(config, encoding="utf-8") as f:
+            return str(json.load(f).get("backend") or "tensorflow")
+    return "tensorflow"
 
 
 def needed_imports(submission: Submission) -> list[str]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -137,6 +140,35 @@ def test_a_killed_warm_runner_is_replaced(ip) -> None:
         if started.get("warm"):
             break
     assert started.get("warm") and started["warm_runner"] not in killed, started
+
+
+PREWARM_SCRIPT = """
+import sys, time
+from IPython.testing.globalipapp import start_ipython
+ip = start_ipython()
+ip.run_line_magic("config", f"RemoteMagics.prewarm = {sys.argv[1]}")
+ip.run_line_magic("load_ext", "remote_magic")
+time.sleep(float(sys.argv[2]))  # a user reading, or building a model: no cell has asked for the host
+"""
+
+
+@pytest.mark.parametrize("prewarm", [True, False])
+def test_loading_the_extension_starts_the_default_hosts_warm_runner_before_any_cell(tmp_path, prewarm) -> None:
+    env = {**os.environ, "REMOTE_MAGIC_DATA_DIR": str(tmp_path / "data"), "KERAS_BACKEND": "tensorflow"}
+    kernel = subprocess.Popen([sys.executable, "-c", PREWARM_SCRIPT, str(prewarm), "60"], env=env)
+    warm = tmp_path / "data" / "local" / "warm"
+    try:
+        deadline = time.monotonic() + (60 if prewarm else 8)
+        while time.monotonic() < deadline and not list(warm.glob("*.ready")):
+            time.sleep(0.1)
+        ready = list(warm.glob("*.ready"))
+        assert bool(ready) is prewarm, ready
+    finally:
+        kernel.kill()
+        kernel.wait()
+        for file in warm.glob("*.ready"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                os.kill(json.loads(file.read_text())["pid"], signal.SIGTERM)
 
 
 def test_zstd_upload_sends_fewer_bytes_and_the_host_gets_the_same_array(ip) -> None:

@@ -494,6 +494,13 @@ def cmd_warm_runner(root: str, agent_hash: str, args: argparse.Namespace, io: Co
     return warm.serve(root, agent_hash)
 
 
+def cmd_warm_up(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    """Have a warm runner of this interpreter and backend ready or starting (a kernel that just loaded us)."""
+    warm.ensure(root, agent_hash, warm.RunnerKind(sys.executable, args.backend or os.environ.get("KERAS_BACKEND", "")))
+    io.print_json({"warm": warm.enabled()})
+    return 0
+
+
 _JOB = ("job_id", {})
 # command -> (function, its arguments as (name, add_argument keywords))
 _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
@@ -531,6 +538,7 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
     "dispatch": (cmd_dispatch, []),
     "run-job": (cmd_run_job, [_JOB]),
     "warm-runner": (cmd_warm_runner, []),
+    "warm-up": (cmd_warm_up, [("--backend", {"default": ""})]),
 }
 
 
