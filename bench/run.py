@@ -1,4 +1,4 @@
-"""remote_magic benchmark: twelve figures, each against a baseline measured in the same run.
+"""remote_magic benchmark: fourteen figures, each against a baseline measured in the same run.
 
     make bench                 # full sizes (512 MiB transfers, 1 GiB re-run)
     .venv/bin/python bench/run.py --quick   # small sizes, a smoke run
@@ -445,11 +445,68 @@ class Bench:
         while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
             time.sleep(0.05)
 
+    # 13 --------------------------------------------------------------------------------------
+    def first_cell(self) -> None:
+        """The first cell of a fresh kernel (a new process: load the extension, make a new 512 MiB array, run
+        one cell), agent deployed and no warm runner waiting; vs scp and an OpenSSH pipe of the same bytes."""
+        import numpy as np
+
+        data = np.random.default_rng(13).integers(0, 255, self.size, dtype=np.uint8)
+        path = self.tmp / "first.bin"
+        data.tofile(path)
+        del data
+        scp_time = _median_time(lambda: self.scp(str(path), "testhost:/tmp/remote_magic-bench-first.bin"), 3)
+        pipe = f"cat {path} | ssh -F {self.sshd.ssh_config} -c aes128-gcm@openssh.com testhost 'cat > /dev/null'"
+        pipe_time = _median_time(lambda: subprocess.run(pipe, shell=True, check=True), 3)
+        script = (
+            "import sys, time, numpy as np\n"
+            "from IPython.testing.globalipapp import start_ipython\n"
+            "ip = start_ipython()\n"
+            "ip.run_line_magic('load_ext', 'remote_magic')\n"
+            "ip.user_ns['first'] = np.fromfile(sys.argv[2], dtype=np.uint8)\n"
+            "ip.user_ns['first'][:8] = int(sys.argv[1])  # new bytes each round\n"
+            "start = time.perf_counter()\n"
+            "result = ip.run_cell('%%remote_train\\nn = int(first[:8].sum())\\n', store_history=False)\n"
+            "assert result.success and ip.user_ns['n'] == 8 * int(sys.argv[1]), result.error_in_exec\n"
+            "print('FIRST', time.perf_counter() - start)\n"
+        )
+        from notebooks import write_profile
+
+        hosts = {"testhost": {"python": sys.executable}}
+        profile = write_profile(self.tmp / "ipython-first", ssh_config=str(self.sshd.ssh_config), hosts=hosts,
+                                default_host="testhost", panel="text")  # fmt: skip
+        times = []
+        for round_ in range(3):
+            self.stop_warm_runners()
+            env = {**os.environ, "IPYTHONDIR": str(profile)}
+            out = subprocess.run([sys.executable, "-c", script, str(round_ + 1), str(path)], env=env,
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+            times.append(float(out.split("FIRST", 1)[1].split()[0]))
+        ours = statistics.median(times)
+        path.unlink()
+        self.record(13, f"first cell of a fresh kernel, new {self.size // MiB} MiB array, sshd: wall time", ours,
+                    pipe_time, "s", ">= 0.85 x the OpenSSH pipe's speed (stretch >= 1.3 x scp)",
+                    ours <= pipe_time / 0.85, extra={"scp_s": scp_time, "times_s": times})  # fmt: skip
+
+    # 14 --------------------------------------------------------------------------------------
+    def waiting_runners(self) -> None:
+        """What the waiting warm runners hold in memory (after the Keras figures: TensorFlow and Keras)."""
+        roots = [self.sshd.host_root, Path(os.environ["REMOTE_MAGIC_DATA_DIR"]) / "local"]
+        rss, anonymous, count = 0, 0, 0
+        for ready in [r for root in roots for r in root.glob("warm/*.ready")]:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                status = Path(f"/proc/{json.loads(ready.read_text())['pid']}/status").read_text()
+                fields = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if "kB" in line}
+                rss, anonymous, count = rss + fields["VmRSS"], anonymous + fields["RssAnon"], count + 1
+        self.record(14, f"memory of the {count} waiting warm runner(s), RSS (anonymous in extra)", rss / 1024,
+                    0.0, "MiB", "one per kind, reported", True, ratio=0.0,
+                    extra={"anonymous_mib": anonymous / 1024, "runners": count})  # fmt: skip
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-12)")
+    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-14)")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="remote_magic-bench-") as tmp:
@@ -460,7 +517,7 @@ def main() -> int:
         try:
             figures = [bench.upload, bench.download, bench.rerun, bench.trivial, bench.keras_fit, bench.memory,
                        bench.latency, bench.queue_start, bench.sweep, bench.trivial_back_to_back,
-                       bench.keras_back_to_back, bench.run_all]  # fmt: skip
+                       bench.keras_back_to_back, bench.run_all, bench.first_cell, bench.waiting_runners]  # fmt: skip
             for number, figure in enumerate(figures, start=1):
                 if not args.only or number in args.only:
                     print(f"figure {number}: {figure.__name__} ...", flush=True)
