@@ -88,11 +88,10 @@ def _after_return(text: str) -> str:
     return text.rsplit("\r", 1)[-1]
 
 
-def device_info(assigned: list[int] | None) -> dict[str, Any]:
+def device_info(assigned: list[int] | None, inventory: list[gpus.Gpu]) -> dict[str, Any]:
     """The GPUs the job holds (``GPU 2,3 of 4 × NVIDIA H100 80GB``), or CPU."""
     if not assigned:
         return {"kind": "CPU", "gpus": []}
-    inventory = gpus.inventory()
     names = {g.index: g.name for g in inventory}
     return {
         "kind": "GPU",
@@ -188,19 +187,21 @@ def run_job(root: str, path: str, warm: int | None = None, after: Callable[[], N
     assigned = _assigned_gpus(path)
     if assigned is not None and slurm is None:  # a warm runner started without it; CUDA is not loaded in it
         os.environ.update(gpus.visible_devices_env(assigned))
+    inventory = gpus.inventory() if assigned else []  # one nvidia-smi call at start, not one per use
     emit(
         protocol.STARTED,
         host=socket.gethostname(),
         pid=os.getpid(),
         python=sys.executable,
         python_version=platform.python_version(),
-        device=device_info(assigned),
+        device=device_info(assigned, inventory),
         warm=warm is not None,
         warm_runner=warm,
         versions=package_versions(),
         **({"slurm": slurm} if slurm else {}),
     )
-    sampler = gpus.Sampler(assigned, emit, _sample_seconds()) if assigned and gpus.inventory() else None
+    # On Slurm a node may have no nvidia-smi: then nothing to sample
+    sampler = gpus.Sampler(assigned, emit, _sample_seconds()) if assigned and inventory else None
     if sampler is not None:
         sampler.start()
     out, err = EventStream(emit, protocol.STDOUT), EventStream(emit, protocol.STDERR)
