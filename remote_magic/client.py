@@ -26,6 +26,8 @@ from .transport.deploy import agent_hash, agent_tarball
 
 # Packages the host's Python needs for every job (the agent itself is stdlib only).
 REQUIRED_PACKAGES = ("cloudpickle", "numpy")
+# A blob this large travels over the transport's bulk path (OpenSSH), where it has one.
+BULK_MIN_BYTES = 8 * 1024 * 1024
 
 
 class AgentClient:
@@ -36,6 +38,10 @@ class AgentClient:
         self._hello: dict[str, Any] | None = None
         self._link: AgentLink | None = None
         self._link_lock = threading.Lock()
+        self._bulk: AgentLink | None = None
+        self._bulk_lock = threading.Lock()
+        self.bulk_unavailable: str | None = None  # why large blobs go over the control link instead
+        self._bulk_refusal: Exception | None = None  # the bulk path reached a host with another key: never use it
         self.upload_rate: float | None = None  # bytes/s of the last large uncompressed upload
 
     # ---- what the transport says about the host
@@ -56,6 +62,10 @@ class AgentClient:
         return self.transport.bytes_received
 
     def close(self) -> None:
+        with self._bulk_lock:
+            if self._bulk is not None:
+                self._bulk.close()
+                self._bulk = None
         with self._link_lock:
             if self._link is not None:
                 self._link.close()
@@ -96,6 +106,57 @@ class AgentClient:
                     raise self._command_error("start", CommandResult(status, b"", link.pipe.stderr())) from None
             raise AssertionError("the agent was deployed but still reports missing")
 
+    def bulk_link(self) -> AgentLink:
+        """The agent server for large blobs: a second one through OpenSSH where the transport offers it, else
+        the control link.  A host key other than the one the control link verified stops here (HostKeyError)."""
+        control = self.link()  # first: it deploys the agent and verifies the host key the bulk path is pinned to
+        with self._bulk_lock:
+            if self._bulk_refusal is not None:
+                raise self._bulk_refusal
+            if self._bulk is not None and not self._bulk.dead:
+                return self._bulk
+            if self.bulk_unavailable is not None:
+                return control
+            pipe = self.transport.spawn_bulk(self._agent_argv("serve"))
+            if pipe is None:
+                self.bulk_unavailable = "this host has no bulk path (no OpenSSH client, or bulk_ssh is off)"
+                return control
+            link = AgentLink(pipe, self.transport.count)
+            try:
+                self._checked(link.request(["hello"]).reply(), "hello")
+            except (ConnectionFailed, AgentCommandError):
+                link.close()
+                pipe.exit_status()  # its stderr is whole once it ended
+                stderr = pipe.stderr()
+                refusal = self.transport.bulk_refusal(stderr)
+                if refusal is not None:
+                    self._bulk_refusal = refusal
+                    raise refusal from None
+                lines = stderr.decode(errors="replace").strip().splitlines()
+                self.bulk_unavailable = f"the OpenSSH client failed: {lines[-1] if lines else 'no message'}"
+                return control
+            self._bulk = link
+            return link
+
+    def start_bulk(self) -> None:
+        """Bring the bulk path up in the background (a second login: ~0.4 s), so that a cell's large blobs,
+        hashed meanwhile, find it ready.  Quiet: a failure shows when a blob needs the path."""
+        if not self.transport.has_bulk_path or self.bulk_unavailable is not None:
+            return
+        if self._bulk is not None and not self._bulk.dead:
+            return
+
+        def start() -> None:
+            try:
+                self.bulk_link()
+            except Exception:  # noqa: BLE001  (raised again, refusal included, where a blob needs the path)
+                pass
+
+        threading.Thread(target=start, name="remote_magic bulk path", daemon=True).start()
+
+    def _link_for(self, size: int) -> AgentLink:
+        return self.bulk_link() if size >= BULK_MIN_BYTES else self.link()
+
     def hello(self) -> dict[str, Any]:
         """The host's interpreter and packages, checked once per connection."""
         self.link()
@@ -111,10 +172,12 @@ class AgentClient:
         return hello
 
     # ---- raw calls (one place for errors)
-    def call(self, *args: str, stdin: bytes | Iterable[bytes | memoryview] | None = None) -> Reply:
-        """Run an agent command and wait for its whole answer."""
+    def call(
+        self, *args: str, stdin: bytes | Iterable[bytes | memoryview] | None = None, link: AgentLink | None = None
+    ) -> Reply:
+        """Run an agent command and wait for its whole answer (on ``link``: by default the control link)."""
         parts = () if stdin is None else [stdin] if isinstance(stdin, bytes) else stdin
-        reply = self.link().request(list(args), parts).reply()
+        reply = (link or self.link()).request(list(args), parts).reply()
         self._checked(reply, args[0])
         return reply
 
@@ -203,16 +266,17 @@ class AgentClient:
         """Send one blob; ``compress``: "none", "zstd", or "auto" (only where it pays, see compression.py)."""
         size = buffer.nbytes
         host_has_zstd = bool(self.hello()["packages"].get("zstandard"))
+        link = self._link_for(size)
         if compression.should_compress(buffer, compress, self.host, host_has_zstd, self.is_local, self.upload_rate):
-            self.call("put-blob", digest, str(size), "--zstd", stdin=compression.zstd_chunks(buffer))
+            self.call("put-blob", digest, str(size), "--zstd", stdin=compression.zstd_chunks(buffer), link=link)
             return
         start = time.perf_counter()
-        self.call("put-blob", digest, str(size), stdin=[buffer])
+        self.call("put-blob", digest, str(size), stdin=[buffer], link=link)
         self.upload_rate = compression.measured_rate(size, time.perf_counter() - start, self.upload_rate)
 
     def put_blob_stream(self, digest: str, size: int, chunks: Iterable[bytes | memoryview]) -> None:
         """Send one blob from pieces produced as it goes (a large file read while it is sent)."""
-        self.call("put-blob", digest, str(size), stdin=chunks)
+        self.call("put-blob", digest, str(size), stdin=chunks, link=self._link_for(size))
 
     def put_blobs(self, blobs: list[tuple[str, memoryview]]) -> None:
         """Send many small blobs in one request (no compression: they are small)."""
@@ -264,7 +328,7 @@ class AgentClient:
         self._receive_blob(digest, size, lambda chunk, _at: out.write(chunk))
 
     def _receive_blob(self, digest: str, size: int, put: Callable[[bytes, int], object]) -> None:
-        request = self.link().request(["cat-blob", digest])
+        request = self._link_for(size).request(["cat-blob", digest])
         hasher = hashlib.sha256()
         received = 0
         for chunk in request.chunks():

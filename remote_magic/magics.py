@@ -7,6 +7,7 @@ with ``%config RemoteMagics.default_host = "gpu1"``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shlex
@@ -263,6 +264,7 @@ class RemoteMagics(Magics):
                 return  # no warm runners on a login node
             client = self._client(host)
             client.hello()
+            client.start_bulk()
             client.warm_up(session.expected_kernel_backend())
         except Exception:  # noqa: BLE001  (a warm-up that fails only costs the speed it would have won)
             pass
@@ -433,11 +435,15 @@ class RemoteMagics(Magics):
             fetch = session.FileFetch(patterns, os.getcwd(), args.fetch_overwrite)
         if args.gpus is not None and args.gpu_ids is not None:
             raise UsageError("--gpus and --gpu-ids do not go together: give a count, or the GPUs themselves")
+        client = self._client(args.host, args.python)
+        # Connect (and bring up the bulk path) while the inputs are pickled and hashed: on a fresh kernel the
+        # connection is ready when they are.
+        connecting = concurrent.futures.Future[dict[str, Any]]()
+        threading.Thread(target=_connect_into, args=(client, connecting), daemon=True).start()
         hashes = project.HashCache()  # a sweep's trials share their files: each is hashed once
         bound: list[dict[str, Any]] = [{}] if grid is None else grid
         submissions = [self._prepare(cell, args, params, hashes) for params in bound]
-        client = self._client(args.host, args.python)
-        hello = client.hello()
+        hello = connecting.result()
         settings = self.connections.settings_for(args.host or self.default_host)
         slurm_options = _slurm_options(args, settings, client.host)
         host_gpus = (hello.get("gpus") or []) if settings.slurm is None else []
@@ -851,3 +857,13 @@ def _seconds(text: str) -> float:
     if not seconds >= 0:  # also refuses nan
         raise UsageError(f"--older-than takes an age such as 30m, 12h or 7d, not {text!r}")
     return seconds
+
+
+def _connect_into(client: AgentClient, result: concurrent.futures.Future[dict[str, Any]]) -> None:
+    """``client.hello()`` into ``result`` (its error too, raised where the cell waits for it); then the bulk path."""
+    try:
+        result.set_result(client.hello())
+    except BaseException as exc:  # noqa: BLE001  (handed to the cell's thread, which raises it)
+        result.set_exception(exc)
+        return
+    client.start_bulk()

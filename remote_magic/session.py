@@ -65,9 +65,12 @@ class HostSettings:
     busy_gpu_memory: int = 1024  # MiB that others' processes may use on a GPU the queue still counts as free
     queue: str | None = None  # a GPU queue folder shared by the host's users (default: one per host root)
     slurm: SlurmSettings | None = None  # scheduler: "slurm": jobs go through the cluster's queue
+    bulk_ssh: str | None = "ssh"  # the OpenSSH client for large blobs (name on PATH or path); None: paramiko only
 
 
-HOST_SETTING_KEYS = frozenset({"python", "root", "busy_gpu_memory", "queue", "scheduler", *SLURM_SETTING_KEYS})
+HOST_SETTING_KEYS = frozenset(
+    {"python", "root", "busy_gpu_memory", "queue", "bulk_ssh", "scheduler", *SLURM_SETTING_KEYS}
+)
 _UNITS_MIB = {"kib": 1 / 1024, "k": 1 / 1024, "mib": 1, "m": 1, "gib": 1024, "g": 1024}
 
 
@@ -109,6 +112,17 @@ def _slurm_settings(host: str, settings: dict[str, Any]) -> SlurmSettings | None
     return slurm
 
 
+def _bulk_ssh(host: str, settings: dict[str, Any]) -> str | None:
+    value = settings.get("bulk_ssh", "ssh")
+    if value is None or value is False or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(
+            f"host {host!r}: 'bulk_ssh' takes the OpenSSH client to use ('ssh', a path) or None, not {value!r}"
+        )
+    return value
+
+
 class Connections:
     """One agent client per host for the life of a kernel (or server), reopened after a drop.
 
@@ -137,6 +151,7 @@ class Connections:
             busy_gpu_memory=memory_mib(busy, f"the busy_gpu_memory of host {host!r}") if busy is not None else 1024,
             queue=settings.get("queue"),
             slurm=_slurm_settings(host, settings),
+            bulk_ssh=_bulk_ssh(host, settings),
         )
 
     def get(self, host: str, python: str | None = None) -> AgentClient:
@@ -149,7 +164,11 @@ class Connections:
                     transport = LocalTransport(python=settings.python, root=settings.root)
                 else:
                     transport = SSHTransport(
-                        host, python=settings.python or "python3", root=settings.root, ssh_config=settings.ssh_config
+                        host,
+                        python=settings.python or "python3",
+                        root=settings.root,
+                        ssh_config=settings.ssh_config,
+                        bulk_ssh=settings.bulk_ssh,
                     )
                 client = self._clients[key] = AgentClient(transport)
             return client

@@ -117,20 +117,31 @@ def receive_blob(root: str, digest: str, size: int, stream: IO[bytes], zstd: boo
     hasher = hashlib.sha256()
     remaining = size
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    hashing: threading.Thread | None = None
     try:
         with os.fdopen(fd, "wb") as f:
             while remaining:
                 chunk = stream.read(min(_CHUNK, remaining))
                 if not chunk:
                     raise AgentError(f"blob {digest[:12]}: upload ended after {size - remaining} of {size} bytes")
-                hasher.update(chunk)
+                # Hash one chunk while the next one is read and this one written (both let go of the GIL):
+                # on the host, hashing and writing are the cost of an upload.
+                if hashing is not None:
+                    hashing.join()
+                hashing = threading.Thread(target=hasher.update, args=(chunk,))
+                hashing.start()
                 f.write(chunk)
                 remaining -= len(chunk)
+            if hashing is not None:
+                hashing.join()
+                hashing = None
         # No fsync: see check_blob_after_reboot for how a blob that a crash may have damaged is caught.
         if hasher.hexdigest() != digest:
             raise AgentError(f"blob {digest[:12]}: content does not match its sha256; it was not stored")
         os.replace(tmp, path)
     except BaseException:
+        if hashing is not None:
+            hashing.join()
         unlink_quietly(tmp)
         raise
 

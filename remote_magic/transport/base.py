@@ -60,6 +60,19 @@ class Transport(ABC):
     def spawn(self, argv: list[str]) -> Pipe:
         """Start ``argv`` on the host and hand back its stdin/stdout."""
 
+    @property
+    def has_bulk_path(self) -> bool:
+        """Whether ``spawn_bulk`` can start anything (checked without connecting)."""
+        return False
+
+    def spawn_bulk(self, argv: list[str]) -> Pipe | None:
+        """Start ``argv`` on a second path made for large blobs; None where this transport has none."""
+        return None
+
+    def bulk_refusal(self, stderr: bytes) -> Exception | None:
+        """The error that must stop a transfer, from the stderr of a bulk path that failed to start."""
+        return None
+
     def close(self) -> None:  # noqa: B027  (a transport without a lasting connection has nothing to close)
         """Close the connection; the next command opens a new one."""
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
-from typing import IO
 
 from ..paths import data_dir
 from .base import CommandResult, Pipe, StdinData, Transport
+from .process import spawn_process
 
 LOCAL_HOST = "local"
 
@@ -62,66 +61,4 @@ class LocalTransport(Transport):
         return CommandResult(process.returncode, stdout, stderr)
 
     def spawn(self, argv: list[str]) -> Pipe:
-        errors = tempfile.TemporaryFile()
-        try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, start_new_session=True
-            )
-        except FileNotFoundError as exc:
-            errors.close()
-            return _EndedPipe(127, str(exc).encode())
-        return _ProcessPipe(process, errors)
-
-
-class _ProcessPipe:
-    def __init__(self, process: subprocess.Popen[bytes], errors: IO[bytes]) -> None:
-        self.process = process
-        self.errors = errors
-
-    def write(self, data: bytes | memoryview) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(data)
-        self.process.stdin.flush()
-
-    def read(self, size: int) -> bytes:
-        assert self.process.stdout is not None
-        return self.process.stdout.read1(size)
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        try:
-            self.process.stdin.close()  # the server ends at the end of its stdin
-        except OSError:
-            pass
-
-    def exit_status(self) -> int | None:
-        try:
-            return self.process.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stderr(self) -> bytes:
-        self.errors.seek(0)
-        return self.errors.read()
-
-
-class _EndedPipe:
-    """A process that could not even start."""
-
-    def __init__(self, status: int, message: bytes) -> None:
-        self.status, self.message = status, message
-
-    def write(self, data: bytes | memoryview) -> None:
-        raise BrokenPipeError("the process did not start")
-
-    def read(self, size: int) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        """Nothing to close: the process never started."""
-
-    def exit_status(self) -> int | None:
-        return self.status
-
-    def stderr(self) -> bytes:
-        return self.message
+        return spawn_process(argv)

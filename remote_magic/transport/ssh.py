@@ -24,6 +24,8 @@ import paramiko
 
 from ..errors import AuthenticationError, ConnectionFailed, HostKeyError
 from .base import CommandResult, Pipe, StdinData, Transport
+from .openssh import PinnedSSH, find_ssh
+from .process import spawn_process
 
 DEFAULT_SSH_CONFIG = os.path.join("~", ".ssh", "config")
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
@@ -225,10 +227,20 @@ class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
 
 
 class SSHTransport(Transport):
-    def __init__(self, host: str, python: str = "python3", root: str | None = None, ssh_config: str | None = None):
+    def __init__(
+        self,
+        host: str,
+        python: str = "python3",
+        root: str | None = None,
+        ssh_config: str | None = None,
+        bulk_ssh: str | None = "ssh",
+    ):
         super().__init__(host, python, root)
         self.config = load_ssh_config(ssh_config)
+        self.ssh_config_path = os.path.expanduser(ssh_config or DEFAULT_SSH_CONFIG)
         self.target = resolve_target(host, self.config)
+        self.bulk_ssh = bulk_ssh  # the OpenSSH client for large blobs (a name on PATH, a path), or None: paramiko only
+        self._pinned: PinnedSSH | None = None
         self._clients: list[paramiko.SSHClient] = []  # jump hosts first, the target last
         self._lock = threading.Lock()
 
@@ -346,6 +358,9 @@ class SSHTransport(Transport):
         super().close()
         with self._lock:
             self._close_clients()
+            if self._pinned is not None:
+                self._pinned.close()
+                self._pinned = None
 
     def is_alive(self) -> bool:
         transport = self._clients[-1].get_transport() if self._clients else None
@@ -395,6 +410,33 @@ class SSHTransport(Transport):
 
     def spawn(self, argv: list[str]) -> Pipe:
         return _ChannelPipe(self._open_channel(argv))
+
+    @property
+    def has_bulk_path(self) -> bool:
+        return find_ssh(self.bulk_ssh) is not None and not self.target.proxy_jump
+
+    def spawn_bulk(self, argv: list[str]) -> Pipe | None:
+        """``argv`` started through the OpenSSH client, pinned to the host key paramiko verified.
+
+        None where there is no such path: no ``ssh`` (or ``bulk_ssh`` is off), or a ProxyJump chain (its jump
+        hosts' keys would be checked by ``ssh`` alone).
+        """
+        ssh = find_ssh(self.bulk_ssh)
+        if ssh is None or not self.has_bulk_path:
+            return None
+        key = self._transport().get_remote_server_key()  # connects (and verifies) first when needed
+        with self._lock:
+            if self._pinned is None:
+                t = self.target
+                self._pinned = PinnedSSH(
+                    ssh, t.name, t.hostname, t.port, t.user, t.identity_files, t.identities_only, self.ssh_config_path
+                )
+            self._pinned.pin(key)
+            return spawn_process(self._pinned.argv(argv))
+
+    def bulk_refusal(self, stderr: bytes) -> Exception | None:
+        """Why the bulk path's ``ssh`` ended, when it must stop the transfer (a host key other than the verified one)."""
+        return self._pinned.refusal(stderr) if self._pinned is not None else None
 
 
 class _ChannelPipe:

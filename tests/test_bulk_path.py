@@ -1,0 +1,123 @@
+"""Large blobs through the system's OpenSSH client, pinned to the host key paramiko verified.
+
+Real parts: sshd on 127.0.0.1 with throw-away keys, the system ``ssh``, the IPython shell.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, run
+from sshd import Sshd, make_sshd
+
+from remote_magic.client import BULK_MIN_BYTES
+from remote_magic.errors import HostKeyError
+
+ALIAS = "bulkhost"
+BIG_CELL = """%%remote_train --host bulkhost
+doubled = big * 2
+total = int(big.sum())
+"""
+
+
+@pytest.fixture
+def host(ip, tmp_path: Path) -> Iterator[Sshd]:
+    """A host of its own, so that its log counts this test's logins only."""
+    server = make_sshd(tmp_path / "sshd", alias=ALIAS, extra_config="LogLevel VERBOSE")
+    server.start()
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.ssh_config = str(server.ssh_config)
+    magics.hosts = {ALIAS: {"python": PYTHON}}
+    try:
+        yield server
+    finally:
+        magics.connections.close()
+        server.stop()
+
+
+def _big_input(ip) -> int:
+    import numpy as np
+
+    ip.user_ns["big"] = np.arange(BULK_MIN_BYTES // 8 * 2, dtype=np.int64)  # 16 MiB in, 16 MiB back
+    return int(ip.user_ns["big"].sum())
+
+
+def _client(ip):
+    return ip.magics_manager.registry["RemoteMagics"]._client(ALIAS)
+
+
+def test_large_blobs_go_through_openssh_when_ssh_is_on_path(ip, host: Sshd) -> None:
+    expected = _big_input(ip)
+    known_hosts = host.known_hosts.read_bytes()
+
+    result = run(ip, BIG_CELL)
+
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["total"] == expected
+    assert (ip.user_ns["doubled"] == ip.user_ns["big"] * 2).all()  # the 16 MiB output came back whole
+    client = _client(ip)
+    assert client.bulk_unavailable is None
+    assert host.accepted_logins() == 2  # paramiko's control connection, and OpenSSH's for the blobs
+    assert host.known_hosts.read_bytes() == known_hosts  # nothing added or updated
+
+
+def test_without_ssh_on_path_large_blobs_go_through_paramiko(ip, host: Sshd, tmp_path: Path, monkeypatch) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    expected = _big_input(ip)
+
+    result = run(ip, BIG_CELL)
+
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["total"] == expected
+    assert (ip.user_ns["doubled"] == ip.user_ns["big"] * 2).all()
+    assert "no OpenSSH client" in (_client(ip).bulk_unavailable or "")
+    assert host.accepted_logins() == 1  # the control connection carried everything
+
+
+def test_bulk_ssh_none_sends_everything_through_paramiko(ip, host: Sshd) -> None:
+    ip.magics_manager.registry["RemoteMagics"].hosts = {ALIAS: {"python": PYTHON, "bulk_ssh": None}}
+    expected = _big_input(ip)
+
+    result = run(ip, BIG_CELL)
+
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["total"] == expected
+    assert host.accepted_logins() == 1
+
+
+def test_bulk_path_refuses_a_host_with_another_key_and_sends_it_nothing(ip, host: Sshd, tmp_path: Path) -> None:
+    """paramiko verified the host; then another machine, with another key, answers at the same address
+    (as an interception would, or a Match block sending `ssh` elsewhere): OpenSSH must refuse it."""
+    _client(ip).hello()  # the control connection, verified against known_hosts
+    known_hosts = host.known_hosts.read_bytes()
+    port = host.port
+    host.stop()  # the listener goes; the open connection stays (sshd's sessions outlive it)
+    impostor = make_sshd(tmp_path / "impostor", alias=ALIAS, extra_config="LogLevel VERBOSE")
+    (impostor.dir / "authorized_keys").write_bytes((host.dir / "authorized_keys").read_bytes())  # it would let us in
+    config = impostor.dir / "sshd_config"
+    config.write_text(config.read_text().replace(f"Port {impostor.port}\n", f"Port {port}\n"))
+    impostor.port = port
+    impostor.start()
+    try:
+        _big_input(ip)
+        result = run(ip, BIG_CELL)
+
+        assert not result.success
+        error = result.error_in_exec
+        assert isinstance(error, HostKeyError), error
+        assert "whose key is not the one remote_magic checked" in str(error)
+        assert "nothing was sent" in str(error)
+        assert impostor.accepted_logins() == 0  # refused before logging in
+        assert not (impostor.host_root / "blobs").exists() or not os.listdir(impostor.host_root / "blobs")
+        assert host.known_hosts.read_bytes() == known_hosts
+        assert "doubled" not in ip.user_ns
+        # Small cells still run, over the verified control connection.
+        assert run(ip, "%%remote_train --host bulkhost\nsmall = 2 + 3\n").success
+        assert ip.user_ns["small"] == 5
+    finally:
+        impostor.stop()
