@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 # browser tests, and Slurm with munge for the Slurm tests, which start their own single-node
 # cluster (installed when missing and we are root).
 system-deps:
-	@missing=""; [ -x /usr/sbin/sshd ] || missing="openssh-server"; [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	@missing=""; [ -x /usr/sbin/sshd ] || missing="openssh-server"; [ -x /usr/bin/ssh ] || missing="$$missing openssh-client"; [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	slurm=""; [ -x /usr/sbin/slurmctld ] || slurm="slurmctld"; [ -x /usr/sbin/slurmd ] || slurm="$$slurm slurmd"; \
 	[ -x /usr/bin/sbatch ] || slurm="$$slurm slurm-client"; [ -x /usr/sbin/munged ] || slurm="$$slurm munge"; \
 	if [ -n "$$missing$$slurm" ]; then \

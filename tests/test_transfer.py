@@ -172,6 +172,42 @@ def test_loading_the_extension_starts_the_default_hosts_warm_runner_before_any_c
                 os.kill(json.loads(file.read_text())["pid"], signal.SIGTERM)
 
 
+POOL_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from IPython.testing.globalipapp import start_ipython
+ip = start_ipython()
+ip.run_line_magic("load_ext", "remote_magic")
+warm = Path(sys.argv[1])
+deadline = time.monotonic() + 60
+while not list(warm.glob("*.ready")) and time.monotonic() < deadline:
+    time.sleep(0.1)
+for n in range(4):  # back to back, no pause
+    assert ip.run_cell(f"%%remote_train\\ny = {n} + 1\\n", store_history=False).success
+    assert ip.user_ns["y"] == n + 1
+print(json.dumps([json.loads(p.read_text())["pid"] for p in warm.glob("*.ready")]))
+"""
+
+
+def test_warm_runners_stay_one_per_kind_and_exit_when_idle(tmp_path) -> None:
+    """Cells back to back are served by forks of one waiting runner (the pool never grows), and a runner
+    that no job claims for REMOTE_MAGIC_WARM_IDLE seconds exits and leaves no file behind."""
+    env = {**os.environ, "REMOTE_MAGIC_DATA_DIR": str(tmp_path / "data"), "REMOTE_MAGIC_WARM_IDLE": "4"}
+    warm = tmp_path / "data" / "local" / "warm"
+    out = subprocess.run(
+        [sys.executable, "-c", POOL_SCRIPT, str(warm)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    waiting = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(waiting) == 1, waiting  # one kind (this kernel's backend): one runner
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (Path(f"/proc/{waiting[0]}").exists() or list(warm.glob("*.fifo"))):
+        time.sleep(0.2)
+    assert not Path(f"/proc/{waiting[0]}").exists(), "the idle warm runner did not exit"
+    left = sorted(p.suffix for p in warm.iterdir())
+    assert left == [".lock", ".log"], left  # no ready file, no FIFO: only the kind's start lock and its log
+
+
 def test_zstd_upload_sends_fewer_bytes_and_the_host_gets_the_same_array(ip) -> None:
     ip.user_ns["sparse"] = np.zeros(8 * MiB // 8)
     ip.user_ns["sparse"][::1000] = 1.0

@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,16 +265,35 @@ def heavy_modules_in_use() -> list[str]:
     return sorted(m for m in HEAVY_MODULES if m in sys.modules)
 
 
+IMPORT_NICENESS = 10
+
+
+def _import_gently(modules: list[str]) -> None:
+    """Import ``modules`` in a thread of lower CPU priority, so that a job or an upload running meanwhile keeps
+    the CPU (TensorFlow's import is seconds of it).  Linux's nice is per thread: the thread that later forks the
+    jobs keeps its own priority, so jobs run at the user's normal one."""
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + IMPORT_NICENESS)
+        for module in modules:
+            try:
+                __import__(module)
+            except Exception:  # noqa: BLE001  (a package that fails to import just stays cold)
+                continue
+
+    importing = threading.Thread(target=run, name="remote_magic warm imports")
+    importing.start()
+    importing.join()
+
+
 def serve(root: str, agent_hash: str) -> int:
     """The warm runner: import, then fork a runner for each job id written into the FIFO, until idle."""
     kind = RunnerKind.of_this_process()
     folder, key, pid = _folder(root), kind.key(agent_hash), os.getpid()
     modules = wanted_imports(root, key)
-    for module in ["cloudpickle", "numpy", *modules]:
-        try:
-            __import__(module)
-        except Exception:  # noqa: BLE001  (a package that fails to import just stays cold)
-            continue
+    _import_gently(["cloudpickle", "numpy", *modules])
     from . import runner  # noqa: F401  (imported once here, not in every job)
 
     fifo = os.path.join(folder, f"{key}-{pid}.fifo")
