@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -835,14 +834,7 @@ def expected_kernel_backend() -> str:
 
     As Keras decides: $KERAS_BACKEND, else the "backend" of $KERAS_HOME/keras.json (~/.keras), else tensorflow.
     """
-    now = kernel_backend()
-    if now:
-        return now
-    config = os.path.join(os.environ.get("KERAS_HOME") or os.path.expanduser(os.path.join("~", ".keras")), "keras.json")
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        with open(config, encoding="utf-8") as f:
-            return str(json.load(f).get("backend") or "tensorflow")
-    return "tensorflow"
+    return kernel_backend() or protocol.default_backend()  # the agent's rule: the same code decides on both ends
 
 
 def needed_imports(submission: Submission) -> list[str]:

@@ -496,7 +496,7 @@ def cmd_warm_runner(root: str, agent_hash: str, args: argparse.Namespace, io: Co
 
 def cmd_warm_up(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """Have a warm runner of this interpreter and backend ready or starting (a kernel that just loaded us)."""
-    warm.ensure(root, agent_hash, warm.RunnerKind(sys.executable, args.backend or os.environ.get("KERAS_BACKEND", "")))
+    warm.ensure(root, agent_hash, warm.RunnerKind.of(sys.executable, args.backend))
     io.print_json({"warm": warm.enabled()})
     return 0
 

@@ -8,6 +8,7 @@ where it stopped (``attach --from SEQ``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from typing import Any
@@ -217,3 +218,17 @@ def _json_default(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return str(value)
+
+
+def default_backend() -> str:
+    """The Keras backend a process here gets without importing keras (both ends: a host's runner kinds, a
+    kernel's warm-up): $KERAS_BACKEND, else keras.json's ($KERAS_HOME or ~/.keras), else
+    tensorflow."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return str(json.load(f).get("backend") or "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"

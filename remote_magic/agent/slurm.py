@@ -163,7 +163,7 @@ class SlurmLauncher(Launcher):
             try:
                 found = _array_trials(root, spec)
             except SlurmError as exc:
-                _end(path, protocol.ERROR, message=str(exc), exc_type="SlurmError", traceback="", phase="submit")
+                _refused(path, str(exc))
                 raise
             if found is None:
                 return  # submitted with the sweep's last trial
@@ -180,7 +180,7 @@ class SlurmLauncher(Launcher):
         except (SlurmError, OSError, subprocess.TimeoutExpired) as exc:
             message = str(exc) if isinstance(exc, SlurmError) else f"sbatch failed: {exc}"
             for each in paths:
-                _end(each, protocol.ERROR, message=message, exc_type="SlurmError", traceback="", phase="submit")
+                _refused(each, message)
             raise SlurmError(message) from None
         slurm_id = done.stdout.strip().split(";")[0]
         for index, each in enumerate(paths):
@@ -311,24 +311,33 @@ def _one_line(text: str, tool: str) -> str:
 
 
 def _squeue(slurm_id: str) -> dict[str, str] | None:
-    """squeue's row for the job (state, reason, node), or None when Slurm no longer knows it; cached briefly."""
+    """squeue's row for the job (state, reason, node), or None when Slurm no longer knows it; cached briefly.
+
+    One squeue call answers for all of this user's jobs, so a status of many jobs (a sweep, a day of cells)
+    asks the controller once, not once per job.
+    """
     now = time.monotonic()
     cached = _seen.get(slurm_id)
     if cached is not None and now - cached[0] < POLL_SECONDS:
         return cached[1]
-    done = _command(["squeue", "-h", "-r", "-t", "all", "-j", slurm_id, "-o", "%T|%r|%N"])
+    done = _command(["squeue", "-h", "-r", "-t", "all", "--me", "-o", "%i|%T|%r|%N"])
     if done.returncode != 0:
-        if "Invalid job id" in done.stderr:
-            _seen[slurm_id] = (now, None)
-            return None
         raise SlurmError(f"squeue failed: {_one_line(done.stderr, 'squeue')}")
-    lines = [line for line in done.stdout.splitlines() if line.strip()]
-    row = None
-    if lines:
-        state, reason, node = ([*lines[0].split("|"), "", "", ""])[:3]
-        row = {"state": state.strip(), "reason": reason.strip(), "node": node.strip()}
-    _seen[slurm_id] = (now, row)
-    return row
+    rows: dict[str, dict[str, str]] = {}
+    for line in done.stdout.splitlines():
+        if line.strip():
+            job, state, reason, node = ([*line.split("|"), "", "", ""])[:4]
+            rows[job.strip()] = {"state": state.strip(), "reason": reason.strip(), "node": node.strip()}
+    for job, row in rows.items():
+        _seen[job] = (now, row)
+    if slurm_id not in rows:
+        _seen[slurm_id] = (now, None)  # not listed: Slurm has forgotten it
+    return rows.get(slurm_id)
+
+
+def _refused(path: str, message: str) -> None:
+    """The job ends here: Slurm (or our preparation for it) refused it."""
+    _end(path, protocol.ERROR, message=message, exc_type="SlurmError", traceback="", phase="submit")
 
 
 def _end(path: str, type_: str, **fields: Any) -> None:

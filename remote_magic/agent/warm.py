@@ -61,25 +61,31 @@ class RunnerKind:
     """
 
     python: str
-    backend: str  # the KERAS_BACKEND the runner runs with; "" for the host's default
+    backend: str  # the KERAS_BACKEND the runner runs with: always named (see ``of``)
+
+    @classmethod
+    def of(cls, python: str, backend: str | None) -> RunnerKind:
+        """``backend`` None or "" is the host's default, named as Keras would pick it, so that a job that leaves
+        the backend to the host and one (or a warm-up) that names that same backend share a runner."""
+        return cls(python, backend or protocol.default_backend())
 
     @classmethod
     def for_job(cls, root: str, spec: dict[str, Any]) -> RunnerKind:
         python = envs.env_python(root, spec["env"]) if spec.get("env") else None
         if spec.get("env") and python is None:
             raise jobs.AgentError(f"environment {spec['env']!r} is not built on this host")
-        return cls(python or sys.executable, spec.get("backend") or os.environ.get("KERAS_BACKEND", ""))
+        return cls.of(python or sys.executable, spec.get("backend"))
 
     @classmethod
     def of_this_process(cls) -> RunnerKind:
-        return cls(sys.executable, os.environ.get("KERAS_BACKEND", ""))
+        return cls.of(sys.executable, None)
 
     def key(self, agent_hash: str) -> str:
         return hashlib.sha256(f"{self.python}\0{agent_hash}\0{self.backend}".encode()).hexdigest()[:12]
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         """``env`` with this kind's Keras backend."""
-        return {**env, "KERAS_BACKEND": self.backend} if self.backend else env
+        return {**env, "KERAS_BACKEND": self.backend}
 
 
 def _folder(root: str) -> str:
