@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from . import compression
 from .agent import bootstrap, protocol
@@ -26,6 +26,8 @@ from .transport.deploy import agent_hash, agent_tarball
 
 # Packages the host's Python needs for every job (the agent itself is stdlib only).
 REQUIRED_PACKAGES = ("cloudpickle", "numpy")
+_T = TypeVar("_T")
+
 # A blob this large travels over the transport's bulk path (OpenSSH), where it has one.
 BULK_MIN_BYTES = 8 * 1024 * 1024
 
@@ -266,17 +268,30 @@ class AgentClient:
         """Send one blob; ``compress``: "none", "zstd", or "auto" (only where it pays, see compression.py)."""
         size = buffer.nbytes
         host_has_zstd = bool(self.hello()["packages"].get("zstandard"))
-        link = self._link_for(size)
         if compression.should_compress(buffer, compress, self.host, host_has_zstd, self.is_local, self.upload_rate):
-            self.call("put-blob", digest, str(size), "--zstd", stdin=compression.zstd_chunks(buffer), link=link)
+            self._transfer(size, lambda link: self.call("put-blob", digest, str(size), "--zstd",
+                                                        stdin=compression.zstd_chunks(buffer), link=link))  # fmt: skip
             return
         start = time.perf_counter()
-        self.call("put-blob", digest, str(size), stdin=[buffer], link=link)
+        self._transfer(size, lambda link: self.call("put-blob", digest, str(size), stdin=[buffer], link=link))
         self.upload_rate = compression.measured_rate(size, time.perf_counter() - start, self.upload_rate)
 
-    def put_blob_stream(self, digest: str, size: int, chunks: Iterable[bytes | memoryview]) -> None:
-        """Send one blob from pieces produced as it goes (a large file read while it is sent)."""
-        self.call("put-blob", digest, str(size), stdin=chunks, link=self._link_for(size))
+    def put_blob_stream(self, digest: str, size: int, chunks: Callable[[], Iterable[bytes | memoryview]]) -> None:
+        """Send one blob from pieces produced as it goes (a large file read while it is sent); ``chunks`` makes
+        them anew for a second attempt."""
+        self._transfer(size, lambda link: self.call("put-blob", digest, str(size), stdin=chunks(), link=link))
+
+    def _transfer(self, size: int, attempt: Callable[[AgentLink], _T]) -> _T:
+        """``attempt`` on the link for a blob of ``size``; if the bulk path breaks on the way, once more over the
+        control link.  Every blob transfer can start over: a put stores under the digest only a whole, verified
+        blob, and a get rewrites from byte 0."""
+        link = self._link_for(size)
+        try:
+            return attempt(link)
+        except ConnectionFailed:
+            if link is self._link:
+                raise  # the control link itself: the caller decides (a cell says the connection was lost)
+            return attempt(self.link())
 
     def put_blobs(self, blobs: list[tuple[str, memoryview]]) -> None:
         """Send many small blobs in one request (no compression: they are small)."""
@@ -325,10 +340,21 @@ class AgentClient:
 
     def get_blob_into(self, digest: str, size: int, out: BinaryIO) -> None:
         """A blob written to ``out`` as it arrives, hashed on the way: a large file never sits in memory."""
-        self._receive_blob(digest, size, lambda chunk, _at: out.write(chunk))
+        start = out.tell()
+
+        def put(chunk: bytes, at: int) -> None:
+            if at == 0 and out.tell() != start:  # a second attempt: start over
+                out.seek(start)
+                out.truncate(start)
+            out.write(chunk)
+
+        self._receive_blob(digest, size, put)
 
     def _receive_blob(self, digest: str, size: int, put: Callable[[bytes, int], object]) -> None:
-        request = self._link_for(size).request(["cat-blob", digest])
+        self._transfer(size, lambda link: self._receive_blob_on(link, digest, size, put))
+
+    def _receive_blob_on(self, link: AgentLink, digest: str, size: int, put: Callable[[bytes, int], object]) -> None:
+        request = link.request(["cat-blob", digest])
         hasher = hashlib.sha256()
         received = 0
         for chunk in request.chunks():

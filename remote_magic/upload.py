@@ -107,7 +107,7 @@ def send_missing(
                 if source.buffer is not None:
                     client.put_blob(source.digest, source.buffer, compress)
                 else:  # a project file: streamed as it is read, as is
-                    client.put_blob_stream(source.digest, source.size, source.chunks())
+                    client.put_blob_stream(source.digest, source.size, source.chunks)
             sent += source.size
             report()
             continue

@@ -6,6 +6,7 @@ Real parts: sshd on 127.0.0.1 with throw-away keys, the system ``ssh``, the IPyt
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +122,48 @@ def test_bulk_path_refuses_a_host_with_another_key_and_sends_it_nothing(ip, host
         assert ip.user_ns["small"] == 5
     finally:
         impostor.stop()
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+def test_a_bulk_connection_that_drops_mid_transfer_is_finished_over_paramiko(ip, host: Sshd, direction: str) -> None:
+    """The OpenSSH process dies while a 256 MiB blob is on its way (a killed ssh, a dropped second connection):
+    the blob goes again over the control connection and the cell still gets every byte."""
+    import threading
+
+    import numpy as np
+
+    client = _client(ip)
+    client.hello()
+    link = client.bulk_link()
+    ssh = link.pipe.process  # type: ignore[attr-defined]
+    size = 256 * 1024 * 1024
+    if direction == "upload":
+        ip.user_ns["big"] = np.random.default_rng(5).integers(0, 255, size, dtype=np.uint8)
+        cell = "%%remote_train --host bulkhost\ntotal = int(big.sum())\n"
+        expected = int(ip.user_ns["big"].sum())
+    else:
+        cell = "%%remote_train --host bulkhost\nimport numpy as np\nbig = np.full(2**25, 3.0)\ntotal = int(big.sum())\n"
+        expected = 3 * 2**25
+    counter = "bytes_sent" if direction == "upload" else "bytes_received"
+    start = getattr(client, counter)
+
+    def kill_midway() -> None:
+        deadline = time.monotonic() + 60
+        while getattr(client, counter) < start + 32 * 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        ssh.kill()
+
+    killer = threading.Thread(target=kill_midway)
+    killer.start()
+    result = run(ip, cell)
+    killer.join()
+
+    assert ssh.poll() is not None  # it was killed, and the cell went on
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["total"] == expected
+    if direction == "download":
+        assert ip.user_ns["big"].nbytes == size and float(ip.user_ns["big"][-1]) == 3.0
+    # The next large blob brings the bulk path up again.
+    _big_input(ip)
+    assert run(ip, BIG_CELL).success
+    assert client.bulk_link() is not link and not client.bulk_link().dead
