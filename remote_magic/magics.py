@@ -12,7 +12,8 @@ import contextlib
 import os
 import shlex
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -34,6 +35,8 @@ from .transport import LOCAL_HOST
 from .ui.panel import JobView, make_panel
 from .ui.status import JobDetail, StatusTable
 from .ui.sweep_panel import make_sweep_panel
+
+_T = TypeVar("_T")
 
 
 def host_argument(func: Any) -> Any:
@@ -438,11 +441,13 @@ class RemoteMagics(Magics):
         client = self._client(args.host, args.python)
         # Connect (and bring up the bulk path) while the inputs are pickled and hashed: on a fresh kernel the
         # connection is ready when they are.
-        connecting = concurrent.futures.Future[dict[str, Any]]()
-        threading.Thread(target=_connect_into, args=(client, connecting), daemon=True).start()
+        connecting = _in_background(lambda: _connected(client))
         hashes = project.HashCache()  # a sweep's trials share their files: each is hashed once
         bound: list[dict[str, Any]] = [{}] if grid is None else grid
         submissions = [self._prepare(cell, args, params, hashes) for params in bound]
+        # Hash the inputs' buffers while the environment is checked (both need seconds for GiBs or a new set
+        # of imports; hashlib lets go of the GIL).
+        hashing = _in_background(lambda: [submission.payload.hash() for submission in submissions])
         hello = connecting.result()
         settings = self.connections.settings_for(args.host or self.default_host)
         slurm_options = _slurm_options(args, settings, client.host)
@@ -478,6 +483,7 @@ class RemoteMagics(Magics):
                 submission.env = env
         for submission in submissions:  # checked once per set of imports: the trials' are the same
             self._check_environment(client, submission, panel)
+        hashing.result()
         if sweep is not None:
             self._run_sweep(client, sweep, submissions, args, panel)
             return
@@ -515,6 +521,7 @@ class RemoteMagics(Magics):
                 ship_modules=self.ship_modules == "auto",
                 extra_modules=_list(args.modules) if args.modules else None,
                 hashes=hashes,
+                hash_buffers=False,  # hashed beside the connection and the environment check
             )
         except (CaptureError, PayloadError, ProjectError) as exc:
             raise UsageError(str(exc)) from None
@@ -859,11 +866,22 @@ def _seconds(text: str) -> float:
     return seconds
 
 
-def _connect_into(client: AgentClient, result: concurrent.futures.Future[dict[str, Any]]) -> None:
-    """``client.hello()`` into ``result`` (its error too, raised where the cell waits for it); then the bulk path."""
-    try:
-        result.set_result(client.hello())
-    except BaseException as exc:  # noqa: BLE001  (handed to the cell's thread, which raises it)
-        result.set_exception(exc)
-        return
+def _in_background(work: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+    """``work()`` in a thread of its own; its result, or its error, is raised where the cell waits for it."""
+    future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # noqa: BLE001  (handed to the cell's thread, which raises it)
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="remote_magic cell", daemon=True).start()
+    return future
+
+
+def _connected(client: AgentClient) -> dict[str, Any]:
+    """The host's hello, once connected; then the bulk path comes up in the background."""
+    hello = client.hello()
     client.start_bulk()
+    return hello

@@ -241,6 +241,7 @@ class Submission:
 
     def spec(self) -> dict[str, Any]:
         """The job's spec as the agent stores it (protocol.SPEC_KEYS)."""
+        self.payload.hash()  # where the caller did not already (a no-op then)
         spec: dict[str, Any] = {
             "source": self.source,
             "name": self.name,
@@ -272,6 +273,7 @@ class Submission:
 
     def blob_sources(self) -> list[upload.BlobSource]:
         """Every blob the job needs, and where its bytes are."""
+        self.payload.hash()
         sources = [
             upload.BlobSource(digest, size, buffer=buffer)
             for (digest, size), buffer in zip(self.payload.blobs, self.payload.buffers, strict=True)
@@ -290,14 +292,16 @@ def prepare(
     ship_modules: bool = True,
     extra_modules: list[str] | None = None,
     hashes: project.HashCache | None = None,
+    hash_buffers: bool = True,
 ) -> Submission:
     """Analyse the cell, pickle its inputs, list the local files and modules it needs.
 
     Raises CaptureError, PayloadError or ProjectError, before any I/O with a host.
+    ``hash_buffers=False``: the caller runs ``submission.payload.hash()`` before submitting.
     """
     names = capture.analyze(source)
     inputs = capture.select_inputs(names, namespace, set(hidden) | protocol.RUNNER_NAMES)
-    packed = payload.pack({n: namespace[n] for n in inputs}, namespace)
+    packed = payload.pack({n: namespace[n] for n in inputs}, namespace, hash_buffers)
     wanted = outputs if outputs is not None else capture.default_outputs(names, inputs)
     if outputs is None:
         wanted += [n for n in _trained_together(wanted, inputs, namespace) if n not in wanted]
