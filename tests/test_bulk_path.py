@@ -167,3 +167,31 @@ def test_a_bulk_connection_that_drops_mid_transfer_is_finished_over_paramiko(ip,
     _big_input(ip)
     assert run(ip, BIG_CELL).success
     assert client.bulk_link() is not link and not client.bulk_link().dead
+
+
+@pytest.mark.parametrize("key_type", ["rsa", "ecdsa"])
+def test_bulk_path_pins_rsa_and_ecdsa_host_keys_too(ip, tmp_path: Path, key_type: str) -> None:
+    """paramiko calls an RSA key "ssh-rsa" while OpenSSH negotiates rsa-sha2-512 for it: the pin must still match."""
+    import subprocess
+
+    server = make_sshd(tmp_path / "sshd", alias=ALIAS, extra_config="LogLevel VERBOSE")
+    key = server.dir / f"host_{key_type}"
+    subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-f", str(key)], check=True)
+    config = server.dir / "sshd_config"
+    config.write_text(config.read_text().replace(f"HostKey {server.dir / 'host_ed25519'}\n", f"HostKey {key}\n"))
+    key_type_name, key_b64 = (server.dir / f"host_{key_type}.pub").read_text().split()[:2]
+    server.known_hosts.write_text(f"[127.0.0.1]:{server.port} {key_type_name} {key_b64}\n")
+    server.start()
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.ssh_config = str(server.ssh_config)
+    magics.hosts = {ALIAS: {"python": PYTHON}}
+    try:
+        expected = _big_input(ip)
+        result = run(ip, BIG_CELL)
+        assert result.success, result.error_in_exec
+        assert ip.user_ns["total"] == expected
+        assert _client(ip).bulk_unavailable is None
+        assert server.accepted_logins() == 2
+    finally:
+        magics.connections.close()
+        server.stop()
