@@ -447,7 +447,8 @@ class RemoteMagics(Magics):
         submissions = [self._prepare(cell, args, params, hashes) for params in bound]
         # Hash the inputs' buffers while the environment is checked (both need seconds for GiBs or a new set
         # of imports; hashlib lets go of the GIL).
-        hashing = _in_background(lambda: [submission.payload.hash() for submission in submissions])
+        seen: dict[tuple[int, int], str] = {}  # a sweep's trials share their arrays: each is hashed once
+        hashing = _in_background(lambda: [submission.payload.hash(seen) for submission in submissions])
         hello = connecting.result()
         settings = self.connections.settings_for(args.host or self.default_host)
         slurm_options = _slurm_options(args, settings, client.host)

@@ -28,10 +28,24 @@ class Payload:
     blobs: list[tuple[str, int]] = field(default_factory=list)  # (sha256, size), in buffer order
     modules: set[str] = field(default_factory=set)  # modules of the classes and functions the pickle names
 
-    def hash(self) -> None:
-        """Address each buffer by its sha256: 0.3 s per 512 MiB, so a cell runs it beside other work."""
-        if len(self.blobs) != len(self.buffers):
-            self.blobs = [(hashlib.sha256(buf).hexdigest(), buf.nbytes) for buf in self.buffers]
+    def hash(self, seen: dict[tuple[int, int], str] | None = None) -> None:
+        """Address each buffer by its sha256: 0.3 s per 512 MiB, so a cell runs it beside other work.
+
+        ``seen`` carries digests from one payload to the next of the same cell (a sweep's trials pickle the
+        same arrays): keyed by the exporting object, alive and unchanged while the cell prepares."""
+        if len(self.blobs) == len(self.buffers):
+            return
+        seen = {} if seen is None else seen
+        blobs = []
+        for buf in self.buffers:
+            if buf.obj is None:  # no exporting object to know it by
+                blobs.append((hashlib.sha256(buf).hexdigest(), buf.nbytes))
+                continue
+            key = (id(buf.obj), buf.nbytes)
+            if key not in seen:
+                seen[key] = hashlib.sha256(buf).hexdigest()
+            blobs.append((seen[key], buf.nbytes))
+        self.blobs = blobs
 
 
 def pack(values: dict[str, Any], namespace: dict[str, Any], hash_buffers: bool = True) -> Payload:

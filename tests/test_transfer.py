@@ -225,3 +225,23 @@ def test_auto_never_compresses_for_the_local_host(ip) -> None:
     sent = transport.bytes_sent
     assert run(ip, "%%remote_train --compress auto\nn = zeros.size\n").success
     assert transport.bytes_sent - sent >= 4 * MiB
+
+
+def test_a_sweeps_trials_hash_a_shared_array_once_and_each_other_array_by_itself(monkeypatch) -> None:
+    from remote_magic import payload
+
+    shared = np.random.default_rng(3).random(MiB // 8)
+    own = [np.full(MiB // 8, float(i)) for i in range(2)]
+    packed = [payload.pack({"data": shared, "mine": own[i], "p": i}, {}, hash_buffers=False) for i in range(2)]
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(payload.hashlib, "sha256", lambda data: hashed.append(len(data)) or real_sha256(data))
+    seen: dict = {}
+    for p in packed:
+        p.hash(seen)
+
+    assert len(hashed) == 3  # the shared array once, each trial's own array once
+    for p, mine in zip(packed, own, strict=True):
+        digests = dict(zip([b.obj is shared for b in p.buffers], [d for d, _ in p.blobs], strict=True))
+        assert digests[True] == real_sha256(memoryview(shared).cast("B")).hexdigest()
+        assert digests[False] == real_sha256(memoryview(mine).cast("B")).hexdigest()
