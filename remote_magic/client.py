@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 from . import compression
 from .agent import bootstrap, protocol
 from .errors import AgentCommandError, ConnectionFailed, HostSetupError
-from .link import AgentLink, Reply
+from .link import FRAME_BYTES, AgentLink, Reply
 from .transport.base import CommandResult, Transport
 from .transport.deploy import agent_hash, agent_tarball
 
@@ -264,8 +264,11 @@ class AgentClient:
         args += ["--dry-run"] if dry_run else []
         return self.call_json(*args)
 
-    def put_blob(self, digest: str, buffer: memoryview, compress: str = "auto") -> None:
-        """Send one blob; ``compress``: "none", "zstd", or "auto" (only where it pays, see compression.py)."""
+    def put_blob(
+        self, digest: str, buffer: memoryview, compress: str = "auto", progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Send one blob; ``compress``: "none", "zstd", or "auto" (only where it pays, see compression.py);
+        ``progress`` gets the bytes sent so far (uncompressed uploads)."""
         size = buffer.nbytes
         host_has_zstd = bool(self.hello()["packages"].get("zstandard"))
         if compression.should_compress(buffer, compress, self.host, host_has_zstd, self.is_local, self.upload_rate):
@@ -273,7 +276,8 @@ class AgentClient:
                                                         stdin=compression.zstd_chunks(buffer), link=link))  # fmt: skip
             return
         start = time.perf_counter()
-        self._transfer(size, lambda link: self.call("put-blob", digest, str(size), stdin=[buffer], link=link))
+        self._transfer(size, lambda link: self.call("put-blob", digest, str(size), stdin=_slices(buffer, progress),
+                                                    link=link))  # fmt: skip
         self.upload_rate = compression.measured_rate(size, time.perf_counter() - start, self.upload_rate)
 
     def put_blob_stream(self, digest: str, size: int, chunks: Callable[[], Iterable[bytes | memoryview]]) -> None:
@@ -327,13 +331,16 @@ class AgentClient:
             raise AgentCommandError(f"host {self.host} ended the environment build without a result")
         return result
 
-    def get_blob(self, digest: str, size: int) -> bytearray:
-        """A blob, copied once into one buffer and hashed as it arrives (no second pass over the bytes)."""
+    def get_blob(self, digest: str, size: int, progress: Callable[[int], None] | None = None) -> bytearray:
+        """A blob, copied once into one buffer and hashed as it arrives (no second pass over the bytes);
+        ``progress`` gets the bytes received so far."""
         buffer = bytearray(size)
         view = memoryview(buffer)
 
         def put(chunk: bytes, at: int) -> None:
             view[at : at + len(chunk)] = chunk
+            if progress is not None:
+                progress(at + len(chunk))
 
         self._receive_blob(digest, size, put)
         return buffer
@@ -373,3 +380,12 @@ class AgentClient:
                 f"blob {digest[:12]} from host {self.host} does not match its sha256 (damaged on the host's disk?); "
                 "nothing was loaded. Run the job again to produce it anew"
             )
+
+
+def _slices(buffer: memoryview, progress: Callable[[int], None] | None) -> Iterator[memoryview]:
+    """``buffer`` in frame-sized views (no copy), telling ``progress`` how far it has gone."""
+    view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+    for start in range(0, view.nbytes, FRAME_BYTES):
+        yield view[start : start + FRAME_BYTES]
+        if progress is not None:
+            progress(min(start + FRAME_BYTES, view.nbytes))

@@ -176,16 +176,8 @@ class _PanelWhenNeeded:
         return self._panel
 
 
-def _upload_progress(panel: _PanelWhenNeeded) -> Any:
-    def progress(sent: int, total: int) -> None:
-        if total >= SHOWN_UPLOAD_BYTES:
-            panel.get().progress(f"uploading: {sent / 1e6:,.1f} of {total / 1e6:,.1f} MB ({100 * sent // total}%)")
-
-    return progress
-
-
-# Uploads at least this big show their progress in the panel.
-SHOWN_UPLOAD_BYTES = 32 * 1024 * 1024
+def _upload_progress(panel: _PanelWhenNeeded) -> upload.Progress:
+    return session.shown_progress(lambda text: panel.get().progress(text), "uploading")
 
 
 def _names(text: str | None) -> list[str] | None:

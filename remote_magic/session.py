@@ -482,21 +482,51 @@ class BackgroundFollower(threading.Thread):
             self.on_error(exc)
 
 
+# Transfers at least this big show their progress in the panel.
+SHOWN_TRANSFER_BYTES = 32 * 1024 * 1024
+
+
+def shown_progress(show: Callable[[str], None], what: str) -> upload.Progress:
+    """A transfer's progress as a panel line ("uploading: 12.6 of 536.9 MB (2%)"), for those worth showing."""
+
+    def progress(moved: int, total: int) -> None:
+        if total >= SHOWN_TRANSFER_BYTES:
+            show(f"{what}: {moved / 1e6:,.1f} of {total / 1e6:,.1f} MB ({100 * moved // total}%)")
+
+    return progress
+
+
 def fetch_outputs(
-    client: AgentClient, job_id: str, done: dict[str, Any], cache: BlobCache | None = None
+    client: AgentClient,
+    job_id: str,
+    done: dict[str, Any],
+    cache: BlobCache | None = None,
+    progress: upload.Progress | None = None,
 ) -> dict[str, Any]:
     """Load the job's outputs; each blob comes from the local cache when an earlier fetch stored it."""
     data = client.outputs(job_id)
-    buffers = [fetch_blob(client, digest, size, cache) for digest, size in done.get("blobs", [])]
+    blobs = done.get("blobs", [])
+    report = upload.TransferProgress(sum(size for _, size in blobs), progress)
+    buffers = []
+    for digest, size in blobs:
+        buffers.append(fetch_blob(client, digest, size, cache, report.within))
+        report.add(size)
+    report.finish()
     return payload.unpack(data, buffers)
 
 
-def fetch_blob(client: AgentClient, digest: str, size: int, cache: BlobCache | None = None) -> bytearray:
+def fetch_blob(
+    client: AgentClient,
+    digest: str,
+    size: int,
+    cache: BlobCache | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> bytearray:
     # The local host's blobs are on this disk already: caching them would only store them twice.
     cache = None if client.is_local else cache or BlobCache()
     buffer = cache.get(digest, size) if cache is not None else None
     if buffer is None:
-        buffer = client.get_blob(digest, size)  # verified against its sha256 while it arrives
+        buffer = client.get_blob(digest, size, progress)  # verified against its sha256 while it arrives
         if cache is not None:
             cache.put_in_background(digest, buffer)
     return buffer
@@ -657,6 +687,8 @@ class Panel(Protocol):
 
     def finish(self) -> None: ...
 
+    def progress(self, text: str) -> None: ...
+
     def set_actions(self, on_stop: Callable[[], Any] | None, on_detach: Callable[[], Any] | None) -> None: ...
 
 
@@ -746,7 +778,9 @@ class JobLifecycle:
             if not inject:
                 panel.note(f"finished; outputs not injected, as asked: {self.hints.attach(job_id, client.host)}")
                 return
-            values = fetch_outputs(client, job_id, final, self.cache())
+            values = fetch_outputs(
+                client, job_id, final, self.cache(), shown_progress(panel.progress, "downloading outputs")
+            )
             self.inject(values)
             for note in codec.take_notes():  # e.g. tensors that were on a GPU there are on the CPU here
                 panel.note(note)

@@ -22,7 +22,35 @@ FILE_CHUNK = 4 * 1024 * 1024
 BATCH_BYTES = 16 * 1024 * 1024
 BATCH_COUNT = 2000
 
-Progress = Callable[[int, int], None]  # (bytes sent, bytes to send)
+Progress = Callable[[int, int], None]  # (bytes moved, bytes to move)
+PROGRESS_SECONDS = 0.5
+
+
+class TransferProgress:
+    """Bytes moved so far, told to ``progress`` at most every PROGRESS_SECONDS and once at the end."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self.progress = progress
+        self.done = 0  # bytes of the blobs finished
+        self._last = 0.0
+
+    def __call__(self, moved: int, force: bool = False) -> None:
+        if self.progress is not None and (force or time.monotonic() - self._last >= PROGRESS_SECONDS):
+            self._last = time.monotonic()
+            self.progress(moved, self.total)
+
+    def within(self, moved: int) -> None:
+        """``moved`` bytes of the blob now on its way."""
+        self(self.done + moved)
+
+    def add(self, size: int) -> None:
+        """A blob of ``size`` bytes is done."""
+        self.done += size
+        self(self.done)
+
+    def finish(self) -> None:
+        self(self.done, force=True)
 
 
 class FileChanged(ValueError):
@@ -79,45 +107,44 @@ def send_missing(
     for source in sources:
         if source.digest in missing:
             todo.setdefault(source.digest, source)
-    total = sum(source.size for source in todo.values())
-    sent = 0
+    report = TransferProgress(sum(source.size for source in todo.values()), progress)
     batch: list[BlobSource] = []
     batch_bytes = 0
-    last_report = 0.0
-
-    def report(force: bool = False) -> None:
-        nonlocal last_report
-        if progress is not None and (force or time.monotonic() - last_report >= 0.5):
-            last_report = time.monotonic()
-            progress(sent, total)
 
     def flush() -> None:
-        nonlocal sent, batch, batch_bytes
+        nonlocal batch, batch_bytes
         if not batch:
             return
         with _naming_the_file(batch):
             client.put_blobs([(source.digest, memoryview(source.read())) for source in batch])
-        sent += batch_bytes
+        report.add(batch_bytes)
         batch, batch_bytes = [], 0
-        report()
 
     for source in todo.values():
         if source.size >= LARGE_BLOB:
             with _naming_the_file([source]):
                 if source.buffer is not None:
-                    client.put_blob(source.digest, source.buffer, compress)
+                    client.put_blob(source.digest, source.buffer, compress, report.within)
                 else:  # a project file: streamed as it is read, as is
-                    client.put_blob_stream(source.digest, source.size, source.chunks)
-            sent += source.size
-            report()
+                    client.put_blob_stream(source.digest, source.size, lambda s=source: _told(s.chunks(), report))
+            report.add(source.size)
             continue
         batch.append(source)
         batch_bytes += source.size
         if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_COUNT:
             flush()
     flush()
-    report(force=True)
-    return sent
+    report.finish()
+    return report.done
+
+
+def _told(chunks: Iterator[bytes | memoryview], report: TransferProgress) -> Iterator[bytes | memoryview]:
+    """``chunks``, telling ``report`` how far the blob has gone after each."""
+    moved = 0
+    for chunk in chunks:
+        yield chunk
+        moved += memoryview(chunk).nbytes
+        report.within(moved)
 
 
 @contextmanager

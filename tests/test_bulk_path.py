@@ -195,3 +195,12 @@ def test_bulk_path_pins_rsa_and_ecdsa_host_keys_too(ip, tmp_path: Path, key_type
     finally:
         magics.connections.close()
         server.stop()
+
+
+def test_a_large_output_shows_its_download_in_the_panel(ip, host: Sshd, capsys) -> None:
+    result = run(ip, "%%remote_train --host bulkhost\nimport numpy as np\nout = np.ones(5 * 2**20)\n")  # 40 MiB
+
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["out"].nbytes == 40 * 1024 * 1024
+    shown = capsys.readouterr().out
+    assert "downloading outputs:" in shown and "41.9 of 41.9 MB (100%)" in shown, shown
