@@ -43,6 +43,7 @@ class AgentClient:
         self._bulk: AgentLink | None = None
         self._bulk_lock = threading.Lock()
         self.bulk_unavailable: str | None = None  # why large blobs go over the control link instead
+        self.bulk_failure: str | None = None  # `ssh` exists but failed (the user may want to fix that): its last line
         self._bulk_refusal: Exception | None = None  # the bulk path reached a host with another key: never use it
         self.upload_rate: float | None = None  # bytes/s of the last large uncompressed upload
 
@@ -68,6 +69,7 @@ class AgentClient:
             if self._bulk is not None:
                 self._bulk.close()
                 self._bulk = None
+            self.bulk_unavailable = self.bulk_failure = None  # tried again on the next connection (not a refusal)
         with self._link_lock:
             if self._link is not None:
                 self._link.close()
@@ -135,7 +137,8 @@ class AgentClient:
                     self._bulk_refusal = refusal
                     raise refusal from None
                 lines = stderr.decode(errors="replace").strip().splitlines()
-                self.bulk_unavailable = f"the OpenSSH client failed: {lines[-1] if lines else 'no message'}"
+                self.bulk_failure = lines[-1] if lines else f"exit status {pipe.exit_status()}"
+                self.bulk_unavailable = f"the OpenSSH client failed: {self.bulk_failure}"
                 return control
             self._bulk = link
             return link

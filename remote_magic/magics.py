@@ -242,6 +242,7 @@ class RemoteMagics(Magics):
         super().__init__(shell, **kwargs)
         self._checked_environments: dict[tuple[Any, ...], Any] = {}
         self._last_imports: dict[str, list[str]] = {}
+        self._slow_path_noted: set[str] = set()  # hosts whose failed bulk path the user was told about
         self.connections = session.Connections()
         self.registry = Registry()
         self.lifecycle = session.JobLifecycle(lambda values: self.shell.user_ns.update(values), MagicHints())
@@ -484,6 +485,7 @@ class RemoteMagics(Magics):
             job_id = session.submit(client, submissions[0], progress=_upload_progress(panel))
         except upload.FileChanged as exc:
             raise UsageError(str(exc)) from None
+        self._note_slow_path(client, panel)
         self.registry.add(client.host, job_id, args.name, self._notebook_path())
         if args.detach:
             print(
@@ -618,6 +620,17 @@ class RemoteMagics(Magics):
         elif built["built"]:
             panel.get().note(f"built environment {key} on host {client.host} in {built['seconds']:.1f} s")
         return key
+
+    def _note_slow_path(self, client: AgentClient, panel: _PanelWhenNeeded) -> None:
+        """Say once per host when `ssh` exists but could not carry the large blobs (they went the slower way)."""
+        if client.bulk_failure is None or client.host in self._slow_path_noted:
+            return
+        self._slow_path_noted.add(client.host)
+        panel.get().note(
+            f"large inputs and outputs go through paramiko, more slowly: `ssh` could not log in to {client.host} "
+            f"by itself ({client.bulk_failure}). Check that `ssh {client.host} true` works without a prompt, or "
+            f"set c.RemoteMagics.hosts = {{{client.host!r}: {{'bulk_ssh': None}}}} to use paramiko alone"
+        )
 
     def _check_environment(self, client: AgentClient, submission: session.Submission, panel: Any) -> None:
         """Refuse before upload what could not load on the host; note other differences.

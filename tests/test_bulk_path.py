@@ -204,3 +204,24 @@ def test_a_large_output_shows_its_download_in_the_panel(ip, host: Sshd, capsys) 
     assert ip.user_ns["out"].nbytes == 40 * 1024 * 1024
     shown = capsys.readouterr().out
     assert "downloading outputs:" in shown and "41.9 of 41.9 MB (100%)" in shown, shown
+
+
+def test_an_ssh_that_cannot_log_in_falls_back_to_paramiko_and_says_how_to_fix_it(
+    ip, host: Sshd, tmp_path: Path, capsys
+) -> None:
+    """An `ssh` that asks for what BatchMode cannot give (here: a stand-in that fails as OpenSSH does)."""
+    fake = tmp_path / "ssh"
+    fake.write_text("#!/bin/sh\necho 'root@127.0.0.1: Permission denied (publickey).' >&2\nexit 255\n")
+    fake.chmod(0o755)
+    ip.magics_manager.registry["RemoteMagics"].hosts = {ALIAS: {"python": PYTHON, "bulk_ssh": str(fake)}}
+    expected = _big_input(ip)
+
+    result = run(ip, BIG_CELL)
+
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["total"] == expected
+    shown = capsys.readouterr().out
+    assert "go through paramiko, more slowly" in shown and "Permission denied (publickey)" in shown, shown
+    assert "`ssh bulkhost true`" in shown
+    assert run(ip, BIG_CELL).success
+    assert "more slowly" not in capsys.readouterr().out  # said once
