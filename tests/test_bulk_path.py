@@ -225,3 +225,37 @@ def test_an_ssh_that_cannot_log_in_falls_back_to_paramiko_and_says_how_to_fix_it
     assert "`ssh bulkhost true`" in shown
     assert run(ip, BIG_CELL).success
     assert "more slowly" not in capsys.readouterr().out  # said once
+
+
+def test_a_host_behind_a_jump_host_gets_its_large_blobs_through_openssh_too(ip, tmp_path: Path) -> None:
+    """ProxyJump: the bulk `ssh` goes through the same bastion, each hop pinned to the key paramiko verified."""
+    jump = make_sshd(tmp_path / "jump", alias="jumpalias", extra_config="LogLevel VERBOSE")
+    target = make_sshd(tmp_path / "target", alias=ALIAS, extra_config="LogLevel VERBOSE")
+    known_hosts = tmp_path / "client_known_hosts"
+    known_hosts.write_text(jump.host_key_line() + target.host_key_line())
+    blocks = [
+        target.write_client_config(tmp_path / "t", ALIAS, UserKnownHostsFile=str(known_hosts), ProxyJump="jumpalias"),
+        jump.write_client_config(tmp_path / "j", "jumpalias", UserKnownHostsFile=str(known_hosts)),
+    ]
+    config = tmp_path / "client_config"
+    config.write_text("".join(block.read_text() for block in blocks))
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.ssh_config = str(config)
+    magics.hosts = {ALIAS: {"python": PYTHON}}
+    jump.start()
+    target.start()
+    try:
+        expected = _big_input(ip)
+        result = run(ip, BIG_CELL)
+
+        assert result.success, result.error_in_exec
+        assert ip.user_ns["total"] == expected
+        assert (ip.user_ns["doubled"] == ip.user_ns["big"] * 2).all()
+        assert _client(ip).bulk_unavailable is None
+        assert target.accepted_logins() == 2 and jump.accepted_logins() == 2  # paramiko's chain and ssh's
+        assert jump.sessions_started() == []  # the bastion only forwarded, for both
+        assert known_hosts.read_text() == jump.host_key_line() + target.host_key_line()
+    finally:
+        magics.connections.close()
+        target.stop()
+        jump.stop()

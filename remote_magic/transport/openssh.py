@@ -22,6 +22,7 @@ import os
 import shlex
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import paramiko
 
@@ -42,53 +43,62 @@ def find_ssh(setting: str | None) -> str | None:
     return shutil.which(os.path.expanduser(setting))
 
 
-class PinnedSSH:
-    """``ssh`` argv for one host, allowed to talk only to the host key given (the one paramiko verified)."""
+@dataclass(frozen=True)
+class Hop:
+    """One host of the way (a jump host, or the target last), as paramiko resolved and verified it."""
 
-    def __init__(
-        self,
-        ssh: str,
-        name: str,
-        hostname: str,
-        port: int,
-        user: str,
-        identity_files: list[str],
-        identities_only: bool,
-        ssh_config: str | None,
-    ) -> None:
+    name: str
+    hostname: str
+    port: int
+    user: str
+    identity_files: list[str]
+    identities_only: bool
+    key: paramiko.PKey
+
+
+class PinnedSSH:
+    """``ssh`` argv for one host (through its jump hosts), each hop allowed only the key paramiko verified.
+
+    A jump host gets a ``ProxyCommand`` of the same pinned ``ssh`` with ``-W``: the inner connection runs
+    end to end to the target's pinned key, and every hop's login is held to its own.
+    """
+
+    def __init__(self, ssh: str, ssh_config: str | None) -> None:
         self.ssh = ssh
-        self.name, self.hostname, self.port, self.user = name, hostname, port, user
-        self.identity_files = identity_files
-        self.identities_only = identities_only
-        self.ssh_config = ssh_config
+        self.ssh_config = ssh_config if ssh_config and os.path.exists(ssh_config) else None
         self.folder = tempfile.mkdtemp(prefix="remote_magic-pin-")  # 0700
         self.known_hosts = os.path.join(self.folder, "known_hosts")
-        self.key: paramiko.PKey | None = None
+        self.hops: list[Hop] = []
 
-    def pin(self, key: paramiko.PKey) -> None:
-        """Allow ``key`` alone (rewritten on each new paramiko connection, which checked it against known_hosts)."""
+    def pin(self, hops: list[Hop]) -> None:
+        """Allow each hop's key alone (rewritten on each new paramiko connection, which checked them)."""
         fd = os.open(self.known_hosts + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(f"{PINNED_ALIAS} {key.get_name()} {key.get_base64()}\n")
+            for i, hop in enumerate(hops):
+                f.write(f"{PINNED_ALIAS}-{i} {hop.key.get_name()} {hop.key.get_base64()}\n")
         os.replace(self.known_hosts + ".new", self.known_hosts)
-        self.key = key
+        self.hops = hops
 
     def argv(self, command: list[str]) -> list[str]:
-        assert self.key is not None, "pin the verified key first"
-        config = self.ssh_config if self.ssh_config and os.path.exists(self.ssh_config) else None
+        assert self.hops, "pin the verified keys first"
+        return [*self._hop_argv(len(self.hops) - 1), "-T", "--", self.hops[-1].name, shlex.join(command)]
+
+    def _hop_argv(self, index: int) -> list[str]:
+        """``ssh`` and its options for hop ``index`` (its host name and command come after)."""
+        hop = self.hops[index]
         options = {
             # Where and as whom, as paramiko resolved it: a Match block cannot move the connection.
-            "HostName": self.hostname,
-            "Port": str(self.port),
-            "User": self.user,
-            "ProxyCommand": "none",
+            "HostName": hop.hostname,
+            "Port": str(hop.port),
+            "User": hop.user,
+            "ProxyCommand": self._through(index),
             "ProxyJump": "none",
             # Only the verified key, and nothing written anywhere.
-            "HostKeyAlias": PINNED_ALIAS,
+            "HostKeyAlias": f"{PINNED_ALIAS}-{index}",
             "UserKnownHostsFile": self.known_hosts,
             "GlobalKnownHostsFile": "/dev/null",
             "KnownHostsCommand": "none",
-            "HostKeyAlgorithms": _SIGNATURE_ALGORITHMS.get(self.key.get_name(), self.key.get_name()),
+            "HostKeyAlgorithms": _SIGNATURE_ALGORITHMS.get(hop.key.get_name(), hop.key.get_name()),
             "StrictHostKeyChecking": "yes",
             "UpdateHostKeys": "no",
             "CheckHostIP": "no",
@@ -99,7 +109,6 @@ class PinnedSSH:
             "ControlPath": "none",
             "ForwardAgent": "no",
             "ForwardX11": "no",
-            "ClearAllForwardings": "yes",
             "PermitLocalCommand": "no",
             "RequestTTY": "no",
             "Compression": "no",
@@ -108,26 +117,38 @@ class PinnedSSH:
             "ServerAliveInterval": "15",
             "LogLevel": "ERROR",
         }
-        if self.identities_only:
+        if index == len(self.hops) - 1:
+            options["ClearAllForwardings"] = "yes"  # a jump host's ssh forwards its one -W stream
+        if hop.identities_only:
             options["IdentitiesOnly"] = "yes"
-        argv = [self.ssh, "-F", config or "/dev/null", "-T"]
+        argv = [self.ssh, "-F", self.ssh_config or "/dev/null"]
         for option, value in options.items():
             argv += ["-o", f"{option}={value}"]
-        for identity in self.identity_files:
+        for identity in hop.identity_files:
             argv += ["-i", identity]
-        return [*argv, "--", self.name, shlex.join(command)]
+        return argv
+
+    def _through(self, index: int) -> str:
+        """The ProxyCommand of hop ``index``: the hop before it, forwarding one stream to it (``-W``)."""
+        if index == 0:
+            return "none"
+        hop, before = self.hops[index], self.hops[index - 1]
+        command = shlex.join([*self._hop_argv(index - 1), "-W", f"{hop.hostname}:{hop.port}", "--", before.name])
+        return command.replace("%", "%%")  # ssh expands %h, %p, ... in a ProxyCommand
 
     def refusal(self, stderr: bytes) -> HostKeyError | None:
         """The error to raise when ``ssh`` ended because the host's key was not the verified one."""
         text = stderr.decode(errors="replace")
         if not any(marker in text.lower() for marker in _REFUSED):
             return None
+        target = self.hops[-1]
+        way = f" (or a jump host on the way: {', '.join(h.name for h in self.hops[:-1])})" if len(self.hops) > 1 else ""
         return HostKeyError(
-            f"the OpenSSH client reached a host for {self.name} ({self.hostname} port {self.port}) whose key is not "
-            "the one remote_magic checked against known_hosts; nothing was sent over it. This can mean someone is "
-            "intercepting the connection, or that your ssh config sends `ssh` elsewhere than paramiko (a Match or "
-            f"Include block). Check with `ssh {self.name}`; to send everything through paramiko only, set "
-            f"c.RemoteMagics.hosts = {{{self.name!r}: {{'bulk_ssh': None}}}}"
+            f"the OpenSSH client reached a host for {target.name} ({target.hostname} port {target.port}){way} whose "
+            "key is not the one remote_magic checked against known_hosts; nothing was sent over it. This can mean "
+            "someone is intercepting the connection, or that your ssh config sends `ssh` elsewhere than paramiko (a "
+            f"Match or Include block). Check with `ssh {target.name}`; to send everything through paramiko only, "
+            f"set c.RemoteMagics.hosts = {{{target.name!r}: {{'bulk_ssh': None}}}}"
         )
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ import paramiko
 
 from ..errors import AuthenticationError, ConnectionFailed, HostKeyError
 from .base import CommandResult, Pipe, StdinData, Transport
-from .openssh import PinnedSSH, find_ssh
+from .openssh import Hop, PinnedSSH, find_ssh
 from .process import spawn_process
 
 DEFAULT_SSH_CONFIG = os.path.join("~", ".ssh", "config")
@@ -413,25 +413,28 @@ class SSHTransport(Transport):
 
     @property
     def has_bulk_path(self) -> bool:
-        return find_ssh(self.bulk_ssh) is not None and not self.target.proxy_jump
+        return find_ssh(self.bulk_ssh) is not None
 
     def spawn_bulk(self, argv: list[str]) -> Pipe | None:
-        """``argv`` started through the OpenSSH client, pinned to the host key paramiko verified.
-
-        None where there is no such path: no ``ssh`` (or ``bulk_ssh`` is off), or a ProxyJump chain (its jump
-        hosts' keys would be checked by ``ssh`` alone).
-        """
+        """``argv`` started through the OpenSSH client, through the same jump hosts, each hop pinned to the host
+        key paramiko verified; None where there is no ``ssh`` (or ``bulk_ssh`` is off)."""
         ssh = find_ssh(self.bulk_ssh)
-        if ssh is None or not self.has_bulk_path:
+        if ssh is None:
             return None
-        key = self._transport().get_remote_server_key()  # connects (and verifies) first when needed
+        self._transport()  # connects (and verifies every hop) first when needed
+        targets = [resolve_target(jump, self.config) for jump in self.target.proxy_jump] + [self.target]
         with self._lock:
+            transports = [client.get_transport() for client in self._clients]
+            if len(transports) != len(targets) or any(t is None for t in transports):
+                raise ConnectionFailed(f"lost the connection to host {self.host} while starting the bulk path")
+            keys = [t.get_remote_server_key() for t in transports if t is not None]
+            hops = [
+                Hop(t.name, t.hostname, t.port, t.user, t.identity_files, t.identities_only, key)
+                for t, key in zip(targets, keys, strict=True)
+            ]
             if self._pinned is None:
-                t = self.target
-                self._pinned = PinnedSSH(
-                    ssh, t.name, t.hostname, t.port, t.user, t.identity_files, t.identities_only, self.ssh_config_path
-                )
-            self._pinned.pin(key)
+                self._pinned = PinnedSSH(ssh, self.ssh_config_path)
+            self._pinned.pin(hops)
             return spawn_process(self._pinned.argv(argv))
 
     def bulk_refusal(self, stderr: bytes) -> Exception | None:
