@@ -432,10 +432,9 @@ def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: 
     }
     file, mode = os.path.join(_held(root), f"{spec['job_id']}.json"), _file_mode(root)
     jobs.atomic_write(file, json.dumps(held).encode(), mode=mode)
-    runners.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or "process")
-    launch = runners.read_launch(path) or {}
-    if _shared(root) and launch.get("identity"):
-        jobs.atomic_write(file, json.dumps({**held, "identity": launch["identity"]}).encode(), mode=mode)
+    identity = runners.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or "process")
+    if _shared(root) and identity is not None:
+        jobs.atomic_write(file, json.dumps({**held, "identity": identity.to_json()}).encode(), mode=mode)
 
 
 def _ensure_dispatcher(root: str, agent_hash: str) -> None:

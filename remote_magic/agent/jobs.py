@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -98,6 +99,22 @@ def missing_blobs(root: str, blobs: list[tuple[str, int]]) -> list[str]:
             pass
         missing.append(digest)
     return missing
+
+
+def read_launch(path: str) -> dict[str, Any] | None:
+    """The job's launch record (``launch.json``): how its runner was started, and which process it is."""
+    try:
+        with open(os.path.join(path, protocol.LAUNCH_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_launch(path: str, launcher: str, identity: dict[str, Any] | None = None, **extra: Any) -> None:
+    """Record how the job's runner was started (``identity``: its process, as ``ProcessIdentity.to_json``)."""
+    record = {"launcher": launcher, "identity": identity, "host": socket.gethostname(), **extra}
+    atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
 
 
 def receive_blob(root: str, digest: str, size: int, stream: IO[bytes], zstd: bool = False) -> None:

@@ -40,7 +40,7 @@ class ProcessLauncher(Launcher):
             dispatch.enqueue(root, agent_hash, path, spec)
 
     def poll(self, path: str, spec: dict[str, Any]) -> Phase:
-        record = runners.read_launch(path)
+        record = jobs.read_launch(path)
         if record is None:
             root = os.path.dirname(os.path.dirname(path))
             if dispatch.is_queued(root, spec["job_id"]):

@@ -20,17 +20,8 @@ from .detach import spawn_detached, untagged_environment
 START_GRACE_SECONDS = 30.0  # a job may be this long between being started and its launch record appearing
 
 
-def read_launch(path: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(path, protocol.LAUNCH_FILE), encoding="utf-8") as f:
-            record = json.load(f)
-        return record if isinstance(record, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def runner_identity(path: str) -> procs.ProcessIdentity | None:
-    record = read_launch(path)
+    record = jobs.read_launch(path)
     return procs.ProcessIdentity.from_json(record.get("identity")) if record else None
 
 
@@ -40,8 +31,9 @@ def hostname() -> str:
 
 def start_runner(
     root: str, agent_hash: str, path: str, spec: dict[str, Any], gpu_ids: list[int] | None, launcher: str
-) -> None:
-    """Start the job's runner: a warm one when it fits, else a new process; then record how it was started.
+) -> procs.ProcessIdentity | None:
+    """Start the job's runner: a warm runner's fork when one fits (the fork records itself), else a new
+    process, recorded here; the runner's identity.
 
     ``gpu_ids``: the GPUs the job holds (``[]``: none visible), written
     before the runner starts so a warm one sets CUDA_VISIBLE_DEVICES before
@@ -64,10 +56,10 @@ def start_runner(
             cwd=path,  # the runner moves to the job's working folder once its files are in place
             env=env,
         )
-    record = {"launcher": launcher, "identity": identity.to_json() if identity else None, "host": hostname()}
-    jobs.atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
+        jobs.write_launch(path, launcher, identity.to_json() if identity else None)
     if use_warm:
         warm.ensure(root, agent_hash, kind)  # the next job's runner
+    return identity
 
 
 def still_running(path: str, started: float) -> bool:
@@ -78,7 +70,7 @@ def still_running(path: str, started: float) -> bool:
     """
     if jobs.event_summary(path)["ended"] is not None:
         return False
-    if read_launch(path) is None:
+    if jobs.read_launch(path) is None:
         return time.time() - started < START_GRACE_SECONDS
     identity = runner_identity(path)
     return identity is not None and procs.is_running(identity)

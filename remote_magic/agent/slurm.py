@@ -186,8 +186,7 @@ class SlurmLauncher(Launcher):
         for index, each in enumerate(paths):
             task_id = f"{slurm_id}_{index}" if len(paths) > 1 else slurm_id
             _write_state(each, {"id": task_id, "state": "PENDING", "t": time.time()})
-            record = {"launcher": self.name, "slurm_id": task_id, "host": runners.hostname()}
-            jobs.atomic_write(os.path.join(each, protocol.LAUNCH_FILE), json.dumps(record).encode())
+            jobs.write_launch(each, self.name, slurm_id=task_id)
         if len(paths) > 1:
             shutil.rmtree(os.path.join(root, ARRAYS_DIR, spec["sweep"]["id"]), ignore_errors=True)
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import select
-import socket
 import sys
 import threading
 import time
@@ -104,8 +103,9 @@ def wanted_imports(root: str, key: str) -> list[str]:
         return []
 
 
-def _ready_files(root: str, key: str) -> list[str]:
-    """The ready files of live warm runners of ``key``; those of runners that died (SIGKILL, OOM) are removed."""
+def _waiting_runners(root: str, key: str) -> list[tuple[str, dict[str, Any]]]:
+    """The live warm runners of ``key``: (ready file, what it says); those of runners that died (SIGKILL, OOM)
+    are removed, and a file half written (a runner starting this instant) is left for the next look."""
     folder, prefix = _folder(root), key + "-"
     found = []
     for name in sorted(os.listdir(folder)):
@@ -113,12 +113,14 @@ def _ready_files(root: str, key: str) -> list[str]:
             continue
         path = os.path.join(folder, name)
         info = _read_json(path)
-        identity = procs.ProcessIdentity.from_json((info or {}).get("identity"))
-        if info is not None and identity is not None and not procs.is_running(identity):
+        if info is None:
+            continue
+        identity = procs.ProcessIdentity.from_json(info.get("identity"))
+        if identity is None or not procs.is_running(identity):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             continue
-        found.append(path)
+        found.append((path, info))
     return found
 
 
@@ -143,12 +145,10 @@ def claim(
         path = jobs.job_dir(root, job_id)
     except jobs.AgentError:
         return None  # no such job here: nothing to start
-    for ready in _ready_files(root, kind.key(agent_hash)):
-        info = _read_json(ready)
-        if info is None or (cuda_untouched and info.get("cuda", True)):
+    for _ready, info in _waiting_runners(root, kind.key(agent_hash)):
+        if cuda_untouched and info.get("cuda", True):
             continue  # it may have initialised CUDA for every GPU: never for a job that must see only its own
-        identity = procs.ProcessIdentity.from_json(info.get("identity"))
-        if identity is None or not procs.is_running(identity) or not _send(info["fifo"], job_id):
+        if not _send(info["fifo"], job_id):
             continue
         launched = _wait_for_launch(path, ANSWER_SECONDS)
         if launched is not None:
@@ -189,7 +189,7 @@ def _take_claim(path: str) -> bool:
 def _wait_for_launch(path: str, seconds: float) -> procs.ProcessIdentity | None:
     deadline = time.monotonic() + seconds
     while True:
-        record = _read_json(os.path.join(path, protocol.LAUNCH_FILE))
+        record = jobs.read_launch(path)
         if record and record.get("identity"):
             return procs.ProcessIdentity.from_json(record["identity"])
         if time.monotonic() > deadline:
@@ -199,17 +199,12 @@ def _wait_for_launch(path: str, seconds: float) -> procs.ProcessIdentity | None:
 
 def _retire(root: str, key: str) -> bool:
     """Tell one waiting warm runner of ``key`` to exit (it lacks packages recent jobs use); whether one was."""
-    for ready in _ready_files(root, key):
-        retired = ready[: -len(".ready")] + ".retired"
+    for ready, info in _waiting_runners(root, key):
         try:
-            os.rename(ready, retired)  # no submit finds it any more
+            os.unlink(ready)  # no submit finds it any more
         except FileNotFoundError:
-            continue
-        info = _read_json(retired)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(retired)
-        if info is not None:
-            _send(info["fifo"], "exit")
+            continue  # another retired it, or it expired
+        _send(info["fifo"], "exit")
         return True
     return False
 
@@ -247,7 +242,7 @@ def _ensure_locked(root: str, agent_hash: str, kind: RunnerKind, key: str, used_
         jobs.atomic_write(_imports_file(root, key), json.dumps(wanted).encode())
         while _retire(root, key):
             pass  # retire runners that lack the new packages
-    if _ready_files(root, key):
+    if _waiting_runners(root, key):
         return
     starting = os.path.join(folder, f"{key}.starting")
     info = _read_json(starting)
@@ -366,11 +361,7 @@ def _run_forked(root: str, agent_hash: str, kind: RunnerKind, job_id: str, warm_
     if not protocol.is_job_id(job_id) or not _take_claim(path):
         return 0  # another runner has it (the submit gave up waiting for us)
     identity = procs.identity_of(os.getpid())
-    spec = jobs.read_spec(path)
-    record = {"launcher": spec.get("launcher") or "process", "identity": identity.to_json() if identity else None}
-    jobs.atomic_write(
-        os.path.join(path, protocol.LAUNCH_FILE), json.dumps({**record, "host": socket.gethostname()}).encode()
-    )
+    jobs.write_launch(path, jobs.read_spec(path).get("launcher") or "process", identity.to_json() if identity else None)
     _reseed()
     # From here on this process is the job's: what the cell starts carries the job's tag.
     os.environ.update(procs.tag_environment({}, job_id))
