@@ -387,7 +387,7 @@ class AgentClient:
 
 def _slices(buffer: memoryview, progress: Callable[[int], None] | None) -> Iterator[memoryview]:
     """``buffer`` in frame-sized views (no copy), telling ``progress`` how far it has gone."""
-    view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+    view = buffer.cast("B")
     for start in range(0, view.nbytes, FRAME_BYTES):
         yield view[start : start + FRAME_BYTES]
         if progress is not None:

@@ -259,8 +259,7 @@ class RemoteMagics(Magics):
             if self.connections.settings_for(host).slurm is not None:
                 return  # no warm runners on a login node
             client = self._client(host)
-            client.hello()
-            client.start_bulk()
+            _connected(client)
             client.warm_up(session.expected_kernel_backend())
         except Exception:  # noqa: BLE001  (a warm-up that fails only costs the speed it would have won)
             pass

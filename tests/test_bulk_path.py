@@ -24,14 +24,20 @@ total = int(big.sum())
 """
 
 
+def _point_at(ip, ssh_config: str):  # type: ignore[no-untyped-def]
+    """The shell's magics, with ``bulkhost`` resolved through ``ssh_config``."""
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.ssh_config = ssh_config
+    magics.hosts = {ALIAS: {"python": PYTHON}}
+    return magics
+
+
 @pytest.fixture
 def host(ip, tmp_path: Path) -> Iterator[Sshd]:
     """A host of its own, so that its log counts this test's logins only."""
     server = make_sshd(tmp_path / "sshd", alias=ALIAS, extra_config="LogLevel VERBOSE")
     server.start()
-    magics = ip.magics_manager.registry["RemoteMagics"]
-    magics.ssh_config = str(server.ssh_config)
-    magics.hosts = {ALIAS: {"python": PYTHON}}
+    magics = _point_at(ip, str(server.ssh_config))
     try:
         yield server
     finally:
@@ -182,9 +188,7 @@ def test_bulk_path_pins_rsa_and_ecdsa_host_keys_too(ip, tmp_path: Path, key_type
     key_type_name, key_b64 = (server.dir / f"host_{key_type}.pub").read_text().split()[:2]
     server.known_hosts.write_text(f"[127.0.0.1]:{server.port} {key_type_name} {key_b64}\n")
     server.start()
-    magics = ip.magics_manager.registry["RemoteMagics"]
-    magics.ssh_config = str(server.ssh_config)
-    magics.hosts = {ALIAS: {"python": PYTHON}}
+    magics = _point_at(ip, str(server.ssh_config))
     try:
         expected = _big_input(ip)
         result = run(ip, BIG_CELL)
@@ -239,9 +243,7 @@ def test_a_host_behind_a_jump_host_gets_its_large_blobs_through_openssh_too(ip, 
     ]
     config = tmp_path / "client_config"
     config.write_text("".join(block.read_text() for block in blocks))
-    magics = ip.magics_manager.registry["RemoteMagics"]
-    magics.ssh_config = str(config)
-    magics.hosts = {ALIAS: {"python": PYTHON}}
+    magics = _point_at(ip, str(config))
     jump.start()
     target.start()
     try:

@@ -13,6 +13,8 @@ server drops whatever else arrives for that id, and the client stops sending it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import struct
 from typing import IO, Any
@@ -20,6 +22,9 @@ from typing import IO, Any
 _LENGTH = struct.Struct(">I")
 # A header is a few hundred bytes; anything this big means the stream is out of step.
 MAX_HEADER_BYTES = 1024 * 1024
+# Linux pipes hold 64 KiB by default: a 4 MiB frame then costs 64 wake-ups of each side. 1 MiB is the most an
+# unprivileged process may ask for (/proc/sys/fs/pipe-max-size).
+PIPE_BYTES = 1024 * 1024
 
 
 class FrameError(Exception):
@@ -67,3 +72,9 @@ def encode_frame(header: dict[str, Any], body_size: int = 0) -> bytes:
         header = {**header, "size": body_size}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     return _LENGTH.pack(len(header_bytes)) + header_bytes
+
+
+def widen_pipe(fd: int) -> None:
+    """Give the pipe frames travel through room for PIPE_BYTES; a socket or an older kernel keeps what it has."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)

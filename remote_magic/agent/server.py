@@ -9,8 +9,6 @@ when that closes.  The wire format is in frames.py.
 from __future__ import annotations
 
 import collections
-import contextlib
-import fcntl
 import os
 import queue
 import sys
@@ -18,12 +16,11 @@ import threading
 from typing import IO
 
 from .cli import CommandIO, run_command
-from .frames import FrameError, encode_frame, read_frame
+from .frames import FrameError, encode_frame, read_frame, widen_pipe
 
 # At most this much of one command's stdin is buffered here before the channel is read further.
 STDIN_QUEUE_CHUNKS = 16
 SHUTDOWN_GRACE_SECONDS = 15.0
-PIPE_BYTES = 1024 * 1024
 _FEED_WAIT = 0.1
 
 
@@ -130,16 +127,9 @@ class _RequestOutput:
             self.stream.flush()
 
 
-def _widen_pipes() -> None:
-    """sshd hands us 64 KiB pipes: a 4 MiB frame then takes 64 wake-ups of each side. 1 MiB is the most an
-    unprivileged process may ask for; a socket or an older kernel keeps what it has."""
-    for fd in (0, 1):
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-
-
 def serve(root: str, agent_hash: str) -> int:
-    _widen_pipes()
+    for fd in (0, 1):
+        widen_pipe(fd)  # sshd hands us 64 KiB pipes
     stdin = sys.stdin.buffer
     # The frames get their own copy of stdout; fd 1 then goes to stderr, so a stray print anywhere
     # (a library, a warning, argparse) can never corrupt the frame stream.

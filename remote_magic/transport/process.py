@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import subprocess
 import tempfile
 from typing import IO
 
+from ..agent.frames import widen_pipe
 from .base import Pipe
-
-# Linux pipes hold 64 KiB by default: a 4 MiB frame then costs 64 wake-ups of each side. 1 MiB is the
-# largest size an unprivileged process may ask for (/proc/sys/fs/pipe-max-size).
-PIPE_BYTES = 1024 * 1024
 
 
 def spawn_process(argv: list[str]) -> Pipe:
@@ -25,10 +21,8 @@ def spawn_process(argv: list[str]) -> Pipe:
         errors.close()
         return EndedPipe(127, str(exc).encode())
     for stream in (process.stdin, process.stdout):
-        try:
-            fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # type: ignore[union-attr]
-        except (OSError, AttributeError):
-            pass  # an older kernel or a lower limit: the default size works, a little slower
+        if stream is not None:
+            widen_pipe(stream.fileno())
     return ProcessPipe(process, errors)
 
 

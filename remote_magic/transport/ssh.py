@@ -245,6 +245,10 @@ class SSHTransport(Transport):
         self._lock = threading.Lock()
 
     # ---- connection
+    def _way(self) -> list[SSHTarget]:
+        """The jump hosts (ProxyJump), then the target."""
+        return [resolve_target(jump, self.config) for jump in self.target.proxy_jump] + [self.target]
+
     def _transport(self) -> paramiko.Transport:
         with self._lock:
             if self._clients:
@@ -254,7 +258,7 @@ class SSHTransport(Transport):
                 self._close_clients()
             # Build the chain aside and publish it only whole: a jump host left in self._clients after the
             # target failed would be taken for the target by the next call, and get the cell's code and data.
-            hops = [resolve_target(jump, self.config) for jump in self.target.proxy_jump] + [self.target]
+            hops = self._way()
             chain: list[paramiko.SSHClient] = []
             try:
                 for i, hop in enumerate(hops):
@@ -422,7 +426,7 @@ class SSHTransport(Transport):
         if ssh is None:
             return None
         self._transport()  # connects (and verifies every hop) first when needed
-        targets = [resolve_target(jump, self.config) for jump in self.target.proxy_jump] + [self.target]
+        targets = self._way()
         with self._lock:
             transports = [client.get_transport() for client in self._clients]
             if len(transports) != len(targets) or any(t is None for t in transports):
