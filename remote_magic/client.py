@@ -30,6 +30,8 @@ _T = TypeVar("_T")
 
 # A blob this large travels over the transport's bulk path (OpenSSH), where it has one.
 BULK_MIN_BYTES = 8 * 1024 * 1024
+# Seconds close() waits for a bulk path still starting (a login takes ~0.4 s; ssh's own timeout is longer).
+BULK_START_WAIT = 15.0
 
 
 class AgentClient:
@@ -42,6 +44,7 @@ class AgentClient:
         self._link_lock = threading.Lock()
         self._bulk: AgentLink | None = None
         self._bulk_lock = threading.Lock()
+        self._bulk_starter: threading.Thread | None = None
         self.bulk_unavailable: str | None = None  # why large blobs go over the control link instead
         self.bulk_failure: str | None = None  # `ssh` exists but failed (the user may want to fix that): its last line
         self._bulk_refusal: Exception | None = None  # the bulk path reached a host with another key: never use it
@@ -65,6 +68,9 @@ class AgentClient:
         return self.transport.bytes_received
 
     def close(self) -> None:
+        starter = self._bulk_starter
+        if starter is not None:
+            starter.join(BULK_START_WAIT)  # one under way would otherwise log in again after this
         with self._bulk_lock:
             if self._bulk is not None:
                 self._bulk.close()
@@ -157,7 +163,8 @@ class AgentClient:
             except Exception:  # noqa: BLE001  (raised again, refusal included, where a blob needs the path)
                 pass
 
-        threading.Thread(target=start, name="remote_magic bulk path", daemon=True).start()
+        self._bulk_starter = threading.Thread(target=start, name="remote_magic bulk path", daemon=True)
+        self._bulk_starter.start()
 
     def _link_for(self, size: int) -> AgentLink:
         return self.bulk_link() if size >= BULK_MIN_BYTES else self.link()

@@ -246,8 +246,9 @@ class RemoteMagics(Magics):
         self.connections = session.Connections()
         self.registry = Registry()
         self.lifecycle = session.JobLifecycle(lambda values: self.shell.user_ns.update(values), MagicHints())
+        self._helpers: list[threading.Thread] = []  # prewarm and cells' connects: waited for when unloading
         if self.prewarm and self.warm_runner:
-            threading.Thread(target=self._prewarm, name="remote_magic prewarm", daemon=True).start()
+            self._in_background(self._prewarm)
 
     def _prewarm(self) -> None:
         """Connect, check the agent and start the default host's warm runner while the user's first cells run.
@@ -292,8 +293,31 @@ class RemoteMagics(Magics):
         return self.shell.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
 
     def stop_background(self, timeout: float = 5.0) -> None:
-        """Stop following detached jobs (they run on); used when the extension unloads."""
+        """Stop following detached jobs (they run on) and let connects still under way finish, so that none
+        logs in after the connections close; used when the extension unloads."""
+        for helper in self._helpers:
+            helper.join(timeout)
+        self._helpers.clear()
         self.lifecycle.stop_background(timeout)
+
+    def _in_background(self, work: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+        """``work()`` in a thread of its own; its result, or its error, is raised where the cell waits for it.
+
+        A cell that fails before it waits (an undefined name) leaves the connect running: the next cell
+        finds the host ready.
+        """
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # noqa: BLE001  (handed to the cell's thread, which raises it)
+                future.set_exception(exc)
+
+        helper = threading.Thread(target=run, name="remote_magic cell", daemon=True)
+        self._helpers = [thread for thread in self._helpers if thread.is_alive()] + [helper]
+        helper.start()
+        return future
 
     # -------------------------------------------------------------- magics
     @magic_arguments()
@@ -433,14 +457,14 @@ class RemoteMagics(Magics):
         client = self._client(args.host, args.python)
         # Connect (and bring up the bulk path) while the inputs are pickled and hashed: on a fresh kernel the
         # connection is ready when they are.
-        connecting = _in_background(lambda: _connected(client))
+        connecting = self._in_background(lambda: _connected(client))
         hashes = project.HashCache()  # a sweep's trials share their files: each is hashed once
         bound: list[dict[str, Any]] = [{}] if grid is None else grid
         submissions = [self._prepare(cell, args, params, hashes) for params in bound]
         # Hash the inputs' buffers while the environment is checked (both need seconds for GiBs or a new set
         # of imports; hashlib lets go of the GIL).
         seen: dict[tuple[int, int], str] = {}  # a sweep's trials share their arrays: each is hashed once
-        hashing = _in_background(lambda: [submission.payload.hash(seen) for submission in submissions])
+        hashing = self._in_background(lambda: [submission.payload.hash(seen) for submission in submissions])
         hello = connecting.result()
         settings = self.connections.settings_for(args.host or self.default_host)
         slurm_options = _slurm_options(args, settings, client.host)
@@ -869,20 +893,6 @@ def _seconds(text: str) -> float:
     if not seconds >= 0:  # also refuses nan
         raise UsageError(f"--older-than takes an age such as 30m, 12h or 7d, not {text!r}")
     return seconds
-
-
-def _in_background(work: Callable[[], _T]) -> concurrent.futures.Future[_T]:
-    """``work()`` in a thread of its own; its result, or its error, is raised where the cell waits for it."""
-    future: concurrent.futures.Future[_T] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(work())
-        except BaseException as exc:  # noqa: BLE001  (handed to the cell's thread, which raises it)
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="remote_magic cell", daemon=True).start()
-    return future
 
 
 def _connected(client: AgentClient) -> dict[str, Any]:

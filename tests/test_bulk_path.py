@@ -261,3 +261,17 @@ def test_a_host_behind_a_jump_host_gets_its_large_blobs_through_openssh_too(ip, 
         magics.connections.close()
         target.stop()
         jump.stop()
+
+
+def test_a_cell_that_fails_before_sending_leaves_no_login_after_unload(ip, host: Sshd) -> None:
+    magics = ip.magics_manager.registry["RemoteMagics"]
+
+    result = run(ip, "%%remote_train --host bulkhost\nmodel.fit(x_trian)\n")  # connects in the background, then fails
+    magics.stop_background()
+    magics.connections.close()
+    logins = host.accepted_logins()
+    time.sleep(2)
+
+    assert "name 'model' is not defined" in str(result.error_in_exec)
+    assert logins == 2  # the control connection and the bulk path it started, both before the close returned
+    assert host.accepted_logins() == logins  # nothing logs in after the connections closed
