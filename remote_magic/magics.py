@@ -20,7 +20,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from . import compression, payload, project, session, upload
+from . import compression, envcheck, payload, project, session, upload
 from .agent import codec, protocol
 from .cache import DEFAULT_CACHE_LIMIT
 from .capture import CaptureError
@@ -247,6 +247,7 @@ class RemoteMagics(Magics):
         self.registry = Registry()
         self.lifecycle = session.JobLifecycle(lambda values: self.shell.user_ns.update(values), MagicHints())
         self._helpers: list[threading.Thread] = []  # prewarm and cells' connects: waited for when unloading
+        self._in_background(envcheck.installed_modules)  # what the first cell's environment check reads
         if self.prewarm and self.warm_runner:
             self._in_background(self._prewarm)
 

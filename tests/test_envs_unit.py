@@ -262,6 +262,23 @@ def test_distributions_for_maps_imports_and_skips_the_stdlib_and_local_modules()
     assert versions == {"numpy": numpy.__version__, "no-such-dist": None}
 
 
+def test_a_package_installed_during_the_session_is_seen_by_the_next_check(tmp_path: Path, monkeypatch) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    first = envcheck.installed_modules()
+    assert envcheck.installed_modules() is first  # nothing installed since: not read again
+    assert envcheck.distributions_for(["freshpkg"]) == {}
+
+    info = site / "fresh_pkg-1.0.dist-info"  # what `pip install fresh-pkg` leaves
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fresh-pkg\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("freshpkg\n")
+
+    assert envcheck.distributions_for(["freshpkg"]) == {"freshpkg": "fresh-pkg"}
+    assert envcheck.local_versions(["fresh-pkg"]) == {"fresh-pkg": "1.0"}
+
+
 def _report() -> EnvReport:
     local = {
         "cloudpickle": "3.1.0",
