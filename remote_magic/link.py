@@ -87,6 +87,7 @@ class AgentLink:
         self._ids = itertools.count(1)
         self._requests: dict[int, Request] = {}
         self._write_lock = threading.Lock()
+        self._writing: int | None = None  # the thread writing a frame now: one stopped half way leaves it here
         self.dead: str | None = None
         self._reader = threading.Thread(target=self._read_frames, name="remote_magic agent link", daemon=True)
         self._reader.start()
@@ -120,9 +121,11 @@ class AgentLink:
     def _send(self, header: dict[str, Any], body: memoryview | None = None) -> None:
         size = body.nbytes if body is not None else 0
         with self._write_lock:
+            self._writing = threading.get_ident()
             self.pipe.write(encode_frame(header, size))
             if body is not None and size:
                 self.pipe.write(body)
+            self._writing = None
         self.on_bytes(size, 0)
 
     def send_control(self, header: dict[str, Any]) -> None:
@@ -154,6 +157,9 @@ class AgentLink:
             self._requests.pop(request.id, None)
             self.dead = self.dead or f"the agent's connection failed: {exc}"
             raise ConnectionFailed(self.dead) from None
+        except BaseException:  # Ctrl-C while the input was sent (a large upload): the cell stops, the link must not
+            self._stopped_sending(request)
+            raise
         if request.input_error is not None:
             # What was to be sent failed (a file changed as it was read): the command saw its input end early
             # and fails on its own; the link is fine.  The caller learns why.
@@ -162,6 +168,16 @@ class AgentLink:
         if self.dead and not request.answered.is_set():  # the reader ended while this request was being sent
             request.deliver(("dead", self.dead))
         return request
+
+    def _stopped_sending(self, request: Request) -> None:
+        """After an interrupt: the host drops the command and what it received (a partial blob included).  A
+        frame cut half way leaves the stream out of step: then the link closes (the next command opens another)."""
+        if self._writing == threading.get_ident():
+            self._requests.pop(request.id, None)
+            self.dead = "the link was closed: an interrupt stopped it in the middle of a frame"
+            self.close()
+        else:
+            request.cancel()
 
     def close(self) -> None:
         self.pipe.close()

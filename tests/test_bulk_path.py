@@ -6,6 +6,7 @@ Real parts: sshd on 127.0.0.1 with throw-away keys, the system ``ssh``, the IPyt
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,8 +135,6 @@ def test_bulk_path_refuses_a_host_with_another_key_and_sends_it_nothing(ip, host
 def test_a_bulk_connection_that_drops_mid_transfer_is_finished_over_paramiko(ip, host: Sshd, direction: str) -> None:
     """The OpenSSH process dies while a 256 MiB blob is on its way (a killed ssh, a dropped second connection):
     the blob goes again over the control connection and the cell still gets every byte."""
-    import threading
-
     import numpy as np
 
     client = _client(ip)
@@ -275,3 +274,44 @@ def test_a_cell_that_fails_before_sending_leaves_no_login_after_unload(ip, host:
     assert "name 'model' is not defined" in str(result.error_in_exec)
     assert logins == 2  # the control connection and the bulk path it started, both before the close returned
     assert host.accepted_logins() == logins  # nothing logs in after the connections closed
+
+
+@pytest.mark.parametrize("path", ["openssh", "paramiko"])
+def test_ctrl_c_during_a_large_upload_leaves_no_partial_blob_and_the_next_cells_work(ip, host: Sshd, path: str) -> None:
+    import _thread
+
+    import numpy as np
+
+    if path == "paramiko":
+        ip.magics_manager.registry["RemoteMagics"].hosts = {ALIAS: {"python": PYTHON, "bulk_ssh": None}}
+    ip.user_ns["big"] = np.random.default_rng(9).integers(0, 255, 256 * 1024 * 1024, dtype=np.uint8)
+    expected = int(ip.user_ns["big"].sum())
+    client = _client(ip)
+    client.hello()
+    start = client.bytes_sent
+
+    def ctrl_c_midway() -> None:  # as Jupyter's interrupt does: SIGINT to the kernel's main thread
+        deadline = time.monotonic() + 60
+        while client.bytes_sent < start + 32 * 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        _thread.interrupt_main()
+
+    interrupter = threading.Thread(target=ctrl_c_midway)
+    interrupter.start()
+    result = run(ip, "%%remote_train --host bulkhost\ntotal = int(big.sum())\n")
+    interrupter.join()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+
+    # The host dropped the upload it was receiving (the kernel is still connected): no partial blob stays.
+    partial = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        partial = list((host.host_root / "blobs").rglob("*.part-*"))
+        if not partial:
+            break
+        time.sleep(0.1)
+    assert partial == []
+    assert run(ip, "%%remote_train --host bulkhost\nsmall = 2 + 2\n").success and ip.user_ns["small"] == 4
+    result = run(ip, "%%remote_train --host bulkhost\ntotal = int(big.sum())\n")
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["total"] == expected

@@ -9,6 +9,7 @@ when that closes.  The wire format is in frames.py.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import sys
@@ -38,6 +39,13 @@ class _RequestInput:
         self.ended = False
         # Set when the command has ended: what still arrives for it is dropped, never queued.
         self.closed = threading.Event()
+        self.cancelled = False  # the client stopped sending: the input ends after what is queued
+
+    def cancel(self) -> None:
+        """End the input where it is (the command sees a short input and fails: a partial blob is deleted)."""
+        self.cancelled = True
+        with contextlib.suppress(queue.Full):  # full: the reader is not waiting, it sees ``cancelled`` when empty
+            self.chunks.put_nowait(None)
 
     def feed(self, chunk: bytes | None) -> None:
         """Queue a chunk (None: end of input) unless the command has ended meanwhile.
@@ -54,7 +62,7 @@ class _RequestInput:
                 continue
 
     def _fill(self) -> bool:
-        if self.ended:
+        if self.ended or (self.cancelled and self.chunks.empty()):
             return False
         chunk = self.chunks.get()
         if chunk is None:
@@ -188,7 +196,4 @@ def serve(root: str, agent_hash: str) -> int:
 
 def _cancel(request_input: _RequestInput, io: CommandIO) -> None:
     io.cancelled.set()
-    try:
-        request_input.chunks.put_nowait(None)
-    except queue.Full:
-        pass
+    request_input.cancel()
