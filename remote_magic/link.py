@@ -57,15 +57,23 @@ class Request:
                 continue
 
     def chunks(self) -> Iterator[bytes]:
-        """stdout as it arrives; raises ConnectionFailed if the link dies first."""
-        while self.returncode is None:
-            kind, value = self.inbox.get()
-            if kind == "out":
-                yield value
-            elif kind == "exit":
-                self.returncode, self.error = value
-            else:
-                raise ConnectionFailed(value)
+        """stdout as it arrives; raises ConnectionFailed if the link dies first.
+
+        A reader that stops before the end (Ctrl-C during a download) cancels the request: otherwise its full
+        inbox would stop the link's reader, and every later command on the link would wait for good.
+        """
+        try:
+            while self.returncode is None:
+                kind, value = self.inbox.get()
+                if kind == "out":
+                    yield value
+                elif kind == "exit":
+                    self.returncode, self.error = value
+                else:
+                    raise ConnectionFailed(value)
+        finally:
+            if self.returncode is None:
+                self.cancel()
 
     def reply(self) -> Reply:
         stdout = b"".join(self.chunks())

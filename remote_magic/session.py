@@ -778,9 +778,16 @@ class JobLifecycle:
             if not inject:
                 panel.note(f"finished; outputs not injected, as asked: {self.hints.attach(job_id, client.host)}")
                 return
-            values = fetch_outputs(
-                client, job_id, final, self.cache(), shown_progress(panel.progress, "downloading outputs")
-            )
+            try:
+                values = fetch_outputs(
+                    client, job_id, final, self.cache(), shown_progress(panel.progress, "downloading outputs")
+                )
+            except KeyboardInterrupt:
+                panel.note(
+                    "interrupted while downloading the outputs: nothing was injected; the job finished and keeps "
+                    f"them on the host: {self.hints.attach(job_id, client.host)}"
+                )
+                raise
             self.inject(values)
             for note in codec.take_notes():  # e.g. tensors that were on a GPU there are on the CPU here
                 panel.note(note)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -276,10 +276,31 @@ def test_a_cell_that_fails_before_sending_leaves_no_login_after_unload(ip, host:
     assert host.accepted_logins() == logins  # nothing logs in after the connections closed
 
 
-@pytest.mark.parametrize("path", ["openssh", "paramiko"])
-def test_ctrl_c_during_a_large_upload_leaves_no_partial_blob_and_the_next_cells_work(ip, host: Sshd, path: str) -> None:
+def _interrupted_midway(ip, moved: Callable[[], int], cell: str):  # type: ignore[no-untyped-def]
+    """Run ``cell`` on bulkhost and press Ctrl-C (SIGINT to the main thread, as Jupyter's interrupt) once
+    ``moved()`` passes 32 MiB; never after the cell ended."""
     import _thread
 
+    ended = threading.Event()
+
+    def ctrl_c_midway() -> None:
+        deadline = time.monotonic() + 60
+        while moved() < 32 * 1024 * 1024 and time.monotonic() < deadline and not ended.is_set():
+            time.sleep(0.002)
+        if not ended.is_set():
+            _thread.interrupt_main()
+
+    interrupter = threading.Thread(target=ctrl_c_midway)
+    interrupter.start()
+    try:
+        return run(ip, "%%remote_train --host bulkhost\n" + cell)
+    finally:
+        ended.set()
+        interrupter.join()
+
+
+@pytest.mark.parametrize("path", ["openssh", "paramiko"])
+def test_ctrl_c_during_a_large_upload_leaves_no_partial_blob_and_the_next_cells_work(ip, host: Sshd, path: str) -> None:
     import numpy as np
 
     if path == "paramiko":
@@ -290,16 +311,7 @@ def test_ctrl_c_during_a_large_upload_leaves_no_partial_blob_and_the_next_cells_
     client.hello()
     start = client.bytes_sent
 
-    def ctrl_c_midway() -> None:  # as Jupyter's interrupt does: SIGINT to the kernel's main thread
-        deadline = time.monotonic() + 60
-        while client.bytes_sent < start + 32 * 1024 * 1024 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        _thread.interrupt_main()
-
-    interrupter = threading.Thread(target=ctrl_c_midway)
-    interrupter.start()
-    result = run(ip, "%%remote_train --host bulkhost\ntotal = int(big.sum())\n")
-    interrupter.join()
+    result = _interrupted_midway(ip, lambda: client.bytes_sent - start, "total = int(big.sum())\n")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
 
     # The host dropped the upload it was receiving (the kernel is still connected): no partial blob stays.
@@ -315,3 +327,42 @@ def test_ctrl_c_during_a_large_upload_leaves_no_partial_blob_and_the_next_cells_
     result = run(ip, "%%remote_train --host bulkhost\ntotal = int(big.sum())\n")
     assert result.success, result.error_in_exec
     assert ip.user_ns["total"] == expected
+
+
+@pytest.mark.parametrize("path", ["openssh", "paramiko"])
+def test_ctrl_c_during_a_large_download_says_how_to_get_the_outputs_and_the_link_keeps_working(
+    ip, host: Sshd, path: str, capsys
+) -> None:
+    import re
+
+    if path == "paramiko":
+        ip.magics_manager.registry["RemoteMagics"].hosts = {ALIAS: {"python": PYTHON, "bulk_ssh": None}}
+    client = _client(ip)
+    client.hello()
+    start = client.bytes_received
+
+    value = 3.0 if path == "openssh" else 4.0  # an output of its own: never in the local cache already
+    result = _interrupted_midway(
+        ip, lambda: client.bytes_received - start, f"import numpy as np\nbig = np.full(2**26, {value})\n"
+    )
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert "big" not in ip.user_ns
+    attach = re.search(
+        r"interrupted while downloading the outputs.*(%remote_attach \S+ --host bulkhost)", capsys.readouterr().out
+    )
+    assert attach is not None
+
+    # The control connection still answers: the 512 MiB output is more than a request's inbox holds (64 frames of
+    # 4 MiB), and a download nobody reads any more used to stop the link's reader for good.
+    settled, last = time.monotonic() + 30, -1
+    while client.bytes_received != last and time.monotonic() < settled:  # whatever the host still sends has come
+        last = client.bytes_received
+        time.sleep(1.0)
+    answered: list[object] = []
+    asking = threading.Thread(target=lambda: answered.append(client.status()), daemon=True)
+    asking.start()
+    asking.join(20)
+    assert answered, "the connection no longer answers after the interrupted download"
+    result = run(ip, attach[1])
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["big"].nbytes == 2**29 and float(ip.user_ns["big"][-1]) == value

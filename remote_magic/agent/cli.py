@@ -345,6 +345,8 @@ def _copy_file_to_stdout(path: str, io: CommandIO) -> int:
         raise jobs.AgentError(f"{os.path.basename(path)} is not on the host any more") from None
     with f:
         while chunk := f.read(4 * 1024 * 1024):
+            if io.cancelled.is_set():  # the client stopped reading (Ctrl-C during a download): send no more
+                return 1
             io.stdout.write(chunk)
         io.stdout.flush()
     return 0
