@@ -12,7 +12,13 @@ import pytest
 from conftest import MODEL_CELL, run
 
 from remote_magic.client import AgentClient
-from remote_magic.errors import AuthenticationError, HostKeyError, HostSetupError, RemoteExecutionError
+from remote_magic.errors import (
+    AuthenticationError,
+    ConnectionFailed,
+    HostKeyError,
+    HostSetupError,
+    RemoteExecutionError,
+)
 from remote_magic.transport import SSHTransport
 
 
@@ -52,6 +58,21 @@ def test_unknown_host_key_is_refused_and_known_hosts_left_alone(ip, sshd, tmp_pa
     assert "ssh stranger" in str(error) and "SHA256:" in str(error)
     assert known_hosts.read_text() == ""
     assert sshd.accepted_logins() == logins  # never authenticated, nothing ran
+
+
+def test_a_host_where_nothing_listens_says_connection_refused_and_how_to_check(ip, sshd, tmp_path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = sshd.write_client_config(tmp_path / "config", "downhost", Port=str(port))
+    ip.magics_manager.registry["RemoteMagics"].ssh_config = str(config)
+    result = run(ip, "%%remote_train --host downhost\ny = 1\n")
+    assert isinstance(result.error_in_exec, ConnectionFailed)
+    message = str(result.error_in_exec)
+    assert f"host downhost (127.0.0.1 port {port}): Connection refused;" in message, message
+    assert "`ssh downhost` works" in message and "Errno" not in message
 
 
 def test_changed_host_key_is_refused(sshd, tmp_path) -> None:

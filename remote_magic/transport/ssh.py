@@ -226,6 +226,16 @@ class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
         )
 
 
+def _why(exc: BaseException) -> str:
+    """The reason, as ssh says it: "Connection refused" rather than paramiko's "[Errno None] Unable to connect"."""
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        reasons = {error.strerror or str(error) for error in exc.errors.values()}
+        return ", ".join(sorted(reasons))
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 class SSHTransport(Transport):
     def __init__(
         self,
@@ -334,7 +344,7 @@ class SSHTransport(Transport):
         except (OSError, paramiko.SSHException, EOFError) as exc:
             client.close()
             raise ConnectionFailed(
-                f"cannot connect to host {target.name} ({target.hostname} port {target.port}): {exc}; "
+                f"cannot connect to host {target.name} ({target.hostname} port {target.port}): {_why(exc)}; "
                 f"check the name and port in your ssh config and that `ssh {target.name}` works"
             ) from None
         transport = client.get_transport()
