@@ -49,6 +49,7 @@ class AgentClient:
         self.bulk_failure: str | None = None  # `ssh` exists but failed (the user may want to fix that): its last line
         self._bulk_refusal: Exception | None = None  # the bulk path reached a host with another key: never use it
         self.upload_rate: float | None = None  # bytes/s of the last large uncompressed upload
+        self._dropped = False  # closed for good (Connections.close): no thread may connect it again
 
     # ---- what the transport says about the host
     @property
@@ -67,7 +68,11 @@ class AgentClient:
     def bytes_received(self) -> int:
         return self.transport.bytes_received
 
-    def close(self) -> None:
+    def close(self, final: bool = False) -> None:
+        """Close the connections; the next command opens them again, unless ``final`` (the client is dropped:
+        a connect still under way in another thread, a prewarm, must not log in again after this)."""
+        if final:
+            self._dropped = True
         starter = self._bulk_starter
         if starter is not None:
             starter.join(BULK_START_WAIT)  # one under way would otherwise log in again after this
@@ -98,6 +103,7 @@ class AgentClient:
         with self._link_lock:
             if self._link is not None and not self._link.dead:
                 return self._link
+            self._refuse_if_dropped()
             for attempt in range(2):
                 link = AgentLink(self.transport.spawn(self._agent_argv("serve")), self.transport.count)
                 try:
@@ -127,6 +133,7 @@ class AgentClient:
                 return self._bulk
             if self.bulk_unavailable is not None:
                 return control
+            self._refuse_if_dropped()
             pipe = self.transport.spawn_bulk(self._agent_argv("serve"))
             if pipe is None:
                 self.bulk_unavailable = "this host has no bulk path (no OpenSSH client, or bulk_ssh is off)"
@@ -149,10 +156,14 @@ class AgentClient:
             self._bulk = link
             return link
 
+    def _refuse_if_dropped(self) -> None:
+        if self._dropped:
+            raise ConnectionFailed(f"the connection to host {self.host} was closed (the extension was unloaded)")
+
     def start_bulk(self) -> None:
         """Bring the bulk path up in the background (a second login: ~0.4 s), so that a cell's large blobs,
         hashed meanwhile, find it ready.  Quiet: a failure shows when a blob needs the path."""
-        if not self.transport.has_bulk_path or self.bulk_unavailable is not None:
+        if not self.transport.has_bulk_path or self.bulk_unavailable is not None or self._dropped:
             return
         if self._bulk is not None and not self._bulk.dead:
             return

@@ -126,7 +126,10 @@ def _site_folders_state() -> tuple[tuple[str, int], ...]:
     """The mtime of each folder on sys.path: installing or removing a distribution adds or deletes its
     ``.dist-info`` there, which changes it.  The working folder is left out: a notebook's autosave changes it
     all day, and no one installs into it."""
-    cwd = os.getcwd()
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the kernel's working folder was deleted
+        cwd = None
     state = []
     for entry in sys.path:
         if entry in ("", ".", cwd):

@@ -81,7 +81,9 @@ class Request:
         return Reply(self.returncode, stdout, self.error)
 
     def cancel(self) -> None:
-        """Stop listening: tell the server (ends an ``attach``) and drop what still arrives."""
+        """Stop listening: tell the server (ends an ``attach``) and drop what still arrives.  Once only."""
+        if self.abandoned.is_set():
+            return
         self.abandoned.set()
         self.link.forget(self.id)
         if self.returncode is None and not self.answered.is_set():
@@ -95,7 +97,6 @@ class AgentLink:
         self._ids = itertools.count(1)
         self._requests: dict[int, Request] = {}
         self._write_lock = threading.Lock()
-        self._writing: int | None = None  # the thread writing a frame now: one stopped half way leaves it here
         self.dead: str | None = None
         self._reader = threading.Thread(target=self._read_frames, name="remote_magic agent link", daemon=True)
         self._reader.start()
@@ -129,11 +130,17 @@ class AgentLink:
     def _send(self, header: dict[str, Any], body: memoryview | None = None) -> None:
         size = body.nbytes if body is not None else 0
         with self._write_lock:
-            self._writing = threading.get_ident()
-            self.pipe.write(encode_frame(header, size))
-            if body is not None and size:
-                self.pipe.write(body)
-            self._writing = None
+            try:
+                self.pipe.write(encode_frame(header, size))
+                if body is not None and size:
+                    self.pipe.write(body)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # a failed pipe is the caller's to mark dead
+                    # Ctrl-C inside a frame: the stream may be out of step, so no other frame may follow on it.
+                    # Decided here, before the lock lets another thread write.
+                    self.dead = "the link was closed: an interrupt stopped it in the middle of a frame"
+                    self.pipe.close()
+                raise
         self.on_bytes(size, 0)
 
     def send_control(self, header: dict[str, Any]) -> None:
@@ -179,11 +186,10 @@ class AgentLink:
 
     def _stopped_sending(self, request: Request) -> None:
         """After an interrupt: the host drops the command and what it received (a partial blob included).  A
-        frame cut half way leaves the stream out of step: then the link closes (the next command opens another)."""
-        if self._writing == threading.get_ident():
+        frame cut half way closed the link (``_send``): the host then ends every command of it, and the next
+        command opens another link."""
+        if self.dead:
             self._requests.pop(request.id, None)
-            self.dead = "the link was closed: an interrupt stopped it in the middle of a frame"
-            self.close()
         else:
             request.cancel()
 

@@ -175,7 +175,7 @@ class Connections:
     def close(self) -> None:
         with self._lock:
             for client in self._clients.values():
-                client.close()
+                client.close(final=True)
             self._clients.clear()
 
 
@@ -783,9 +783,11 @@ class JobLifecycle:
                     client, job_id, final, self.cache(), shown_progress(panel.progress, "downloading outputs")
                 )
             except KeyboardInterrupt:
+                later = f"; {self.hints.fetch(job_id, client.host, fetch.patterns)}" if fetch is not None else ""
+                fetch = None  # stopped: no GiBs of files either
                 panel.note(
                     "interrupted while downloading the outputs: nothing was injected; the job finished and keeps "
-                    f"them on the host: {self.hints.attach(job_id, client.host)}"
+                    f"them on the host: {self.hints.attach(job_id, client.host)}{later}"
                 )
                 raise
             self.inject(values)

@@ -276,7 +276,7 @@ def test_a_cell_that_fails_before_sending_leaves_no_login_after_unload(ip, host:
     assert host.accepted_logins() == logins  # nothing logs in after the connections closed
 
 
-def _interrupted_midway(ip, moved: Callable[[], int], cell: str):  # type: ignore[no-untyped-def]
+def _interrupted_midway(ip, moved: Callable[[], int], cell: str, options: str = ""):  # type: ignore[no-untyped-def]
     """Run ``cell`` on bulkhost and press Ctrl-C (SIGINT to the main thread, as Jupyter's interrupt) once
     ``moved()`` passes 32 MiB; never after the cell ended."""
     import _thread
@@ -293,7 +293,7 @@ def _interrupted_midway(ip, moved: Callable[[], int], cell: str):  # type: ignor
     interrupter = threading.Thread(target=ctrl_c_midway)
     interrupter.start()
     try:
-        return run(ip, "%%remote_train --host bulkhost\n" + cell)
+        return run(ip, f"%%remote_train --host bulkhost {options}\n" + cell)
     finally:
         ended.set()
         interrupter.join()
@@ -331,7 +331,7 @@ def test_ctrl_c_during_a_large_upload_leaves_no_partial_blob_and_the_next_cells_
 
 @pytest.mark.parametrize("path", ["openssh", "paramiko"])
 def test_ctrl_c_during_a_large_download_says_how_to_get_the_outputs_and_the_link_keeps_working(
-    ip, host: Sshd, path: str, capsys
+    ip, host: Sshd, path: str, capsys, tmp_path: Path, monkeypatch
 ) -> None:
     import re
 
@@ -342,15 +342,15 @@ def test_ctrl_c_during_a_large_download_says_how_to_get_the_outputs_and_the_link
     start = client.bytes_received
 
     value = 3.0 if path == "openssh" else 4.0  # an output of its own: never in the local cache already
-    result = _interrupted_midway(
-        ip, lambda: client.bytes_received - start, f"import numpy as np\nbig = np.full(2**26, {value})\n"
-    )
+    monkeypatch.chdir(tmp_path)  # where --fetch would put the file
+    cell = f"import numpy as np\nbig = np.full(2**26, {value})\nopen('log.txt', 'w').write('done')\n"
+    result = _interrupted_midway(ip, lambda: client.bytes_received - start, cell, "--fetch log.txt")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert "big" not in ip.user_ns
-    attach = re.search(
-        r"interrupted while downloading the outputs.*(%remote_attach \S+ --host bulkhost)", capsys.readouterr().out
-    )
+    shown = capsys.readouterr().out
+    attach = re.search(r"interrupted while downloading the outputs.*(%remote_attach \S+ --host bulkhost)", shown)
     assert attach is not None
+    assert "%remote_fetch" in shown and not (tmp_path / "log.txt").exists()  # stopped means no files either
 
     # The control connection still answers: the 512 MiB output is more than a request's inbox holds (64 frames of
     # 4 MiB), and a download nobody reads any more used to stop the link's reader for good.

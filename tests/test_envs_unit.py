@@ -279,6 +279,14 @@ def test_a_package_installed_during_the_session_is_seen_by_the_next_check(tmp_pa
     assert envcheck.local_versions(["fresh-pkg"]) == {"fresh-pkg": "1.0"}
 
 
+def test_a_deleted_working_folder_does_not_break_the_check(tmp_path: Path, monkeypatch) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # a kernel started in a temp folder that was removed since
+    assert envcheck.distributions_for(["numpy"]) == {"numpy": "numpy"}
+
+
 def _report() -> EnvReport:
     local = {
         "cloudpickle": "3.1.0",

@@ -12,6 +12,7 @@ import numpy as np
 from conftest import MODEL_CELL, run
 from test_lifecycle import _submitted_job_id
 
+from remote_magic.agent import protocol
 from remote_magic.errors import JobLost
 
 SLOW_FIT = """
@@ -108,6 +109,7 @@ def test_gc_removes_fetched_jobs_and_their_blobs_but_keeps_unfetched_ones(ip, ss
     root = sshd.host_root
     assert run(ip, "import numpy as np\nbig = np.arange(300_000.0)\n").success
     assert run(ip, "%%remote_train --host testhost\ntotal = big.sum()\n").success  # fetched
+    fetched = re.findall(r"host testhost · job (\S+)", capsys.readouterr().out)[-1]
     assert run(ip, "%%remote_train --host testhost --detach\nleft = big * 2\n").success  # never fetched
     unfetched = _submitted_job_id(capsys.readouterr().out)
     _wait_for(ip, unfetched, "testhost", lambda r: r["state"] == "done")
@@ -115,8 +117,11 @@ def test_gc_removes_fetched_jobs_and_their_blobs_but_keeps_unfetched_ones(ip, ss
     assert run(ip, "%remote_gc --host testhost --older-than 0").success
     out = capsys.readouterr().out
     assert re.search(r"host testhost: removed \d+ jobs", out) and unfetched in out
-    remaining = os.listdir(root / "jobs")
-    assert remaining == [unfetched] or set(remaining) == {unfetched} | _running_jobs(root)
+    remaining = set(os.listdir(root / "jobs"))
+    assert unfetched in remaining and fetched not in remaining
+    # What stays: jobs never fetched (this one, and any an earlier test on this host left) or still running.
+    kept_fetched = {job for job in remaining if (root / "jobs" / job / protocol.FETCHED_MARK).exists()}
+    assert kept_fetched <= _running_jobs(root)
     spec = json.loads((root / "jobs" / unfetched / "spec.json").read_text())
     for digest, _ in spec["blobs"]:
         assert (root / "blobs" / digest).exists()  # still referenced by the kept job
