@@ -416,3 +416,23 @@ def test_two_tasks_initialise_keras_distribution_on_jax(cluster_ip) -> None:
     result = run(ip, f"%%remote_train --host {HOST} --tasks 2 --backend jax --out processes,index\n" + cell)
     assert result.success, result.error_in_exec
     assert ip.user_ns["processes"] == 2 and ip.user_ns["index"] == 0
+
+
+def test_the_master_port_of_a_multi_task_job_skips_a_port_in_use() -> None:
+    """The batch script picks DDP's port on the first node: one a service (or a lingering job) holds is skipped."""
+    import socket
+    import subprocess
+
+    from remote_magic.agent.slurm import FREE_PORTS
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        chosen = int(
+            subprocess.run([PYTHON, "-c", FREE_PORTS, str(port)], capture_output=True, text=True, check=True).stdout
+        )
+        assert chosen != port and chosen % 2 == port % 2
+        for candidate in (chosen, chosen + 1):
+            with socket.socket() as probe:
+                probe.bind(("", candidate))  # free, as init_process_group needs it

@@ -118,12 +118,30 @@ def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[s
     if tasks > 1 or nodes > 1:  # every task runs the runner; task 0 writes the events and outputs
         lines += [
             'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-            "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+            # This script runs on the first node, the master's: a port (and the next one, Keras's) free there
+            f"MASTER_PORT=$({shlex.quote(kind.python)} -c {shlex.quote(FREE_PORTS)} $((20000 + SLURM_JOB_ID % 20000)))",
             "export MASTER_ADDR MASTER_PORT",
         ]
         launch = "exec srun --unbuffered --kill-on-bad-exit=1 "
     lines.append(launch + " ".join(shlex.quote(part) for part in command) + ' "$JOB"')
     return "\n".join(lines) + "\n"
+
+
+# argv: FIRST. Prints the first even port from FIRST on where it and the next one can be bound (DDP's store
+# and Keras's coordinator listen there); FIRST when none of 100 is free. A fixed port collides with any
+# service or lingering job on the node (EADDRINUSE in init_process_group).
+FREE_PORTS = """
+import socket, sys
+first = int(sys.argv[1])
+def free(port):
+    try:
+        with socket.socket() as s:
+            s.bind(("", port))
+        return True
+    except OSError:
+        return False
+print(next((p for p in range(first, first + 200, 2) if free(p) and free(p + 1)), first))
+"""
 
 
 def sbatch_argv(spec: dict[str, Any], script: str) -> list[str]:
