@@ -172,8 +172,11 @@ class AgentLink:
             self._requests.pop(request.id, None)
             self.dead = self.dead or f"the agent's connection failed: {exc}"
             raise ConnectionFailed(self.dead) from None
-        except BaseException:  # Ctrl-C while the input was sent (a large upload): the cell stops, the link must not
-            self._stopped_sending(request)
+        except BaseException:
+            # Ctrl-C while the input was sent (a large upload): the host drops the command and what it received
+            # (a partial blob included).  A frame cut half way has closed the link already (``_send``): the host
+            # ends all of its commands, and the next command opens another link.
+            request.cancel()
             raise
         if request.input_error is not None:
             # What was to be sent failed (a file changed as it was read): the command saw its input end early
@@ -183,15 +186,6 @@ class AgentLink:
         if self.dead and not request.answered.is_set():  # the reader ended while this request was being sent
             request.deliver(("dead", self.dead))
         return request
-
-    def _stopped_sending(self, request: Request) -> None:
-        """After an interrupt: the host drops the command and what it received (a partial blob included).  A
-        frame cut half way closed the link (``_send``): the host then ends every command of it, and the next
-        command opens another link."""
-        if self.dead:
-            self._requests.pop(request.id, None)
-        else:
-            request.cancel()
 
     def close(self) -> None:
         self.pipe.close()
