@@ -44,6 +44,7 @@ class SharedHost:
     base: Path
     queue: Path
     roots: dict[str, Path]  # user -> their host root
+    gpus: Path  # the simulated GPUs' state file
 
 
 def _ensure_users(homes: Path) -> None:
@@ -61,7 +62,7 @@ def _ensure_users(homes: Path) -> None:
             subprocess.run(
                 ["useradd", "-N", "-p", "*", "-g", GROUP, "-s", "/bin/sh", "-d", str(home), user], check=True
             )
-        home.mkdir(mode=0o700)
+        home.mkdir(mode=0o700, exist_ok=True)
         os.chown(home, pwd.getpwnam(user).pw_uid, -1)
 
 
@@ -74,9 +75,9 @@ def _end_users() -> None:
     subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
 
 
-@pytest.fixture
-def shared_host(tmp_path: Path) -> Iterator[SharedHost]:
-    """An sshd that logs two users in, 4 simulated GPUs, and a queue folder their group shares."""
+@pytest.fixture(scope="module")
+def shared_base(tmp_path_factory) -> Iterator[SharedHost]:  # type: ignore[no-untyped-def]
+    """The two users (one of them hostile), their sshd, 4 simulated GPUs: made once for every test here."""
     if os.getuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK) or not shutil.which("useradd"):
         pytest.skip("two real users need root, useradd and a system Python (CI has them)")
     base = Path(tempfile.mkdtemp(prefix="rm-shared-queue-", dir="/tmp"))
@@ -95,27 +96,61 @@ def shared_host(tmp_path: Path) -> Iterator[SharedHost]:
         state = fake.write_state(base / "gpus.json", gpus=4)
         state.chmod(0o644)
         fake.install(base / "bin", state, python=SYSTEM_PYTHON, copy=True)
-        queue = base / "queue"  # as an admin would: sudo install -d -m 2770 -g GROUP /srv/gpu-queue
-        queue.mkdir()
-        os.chown(queue, -1, grp.getgrnam(GROUP).gr_gid)
-        queue.chmod(0o2770)
-        roots = {user: base / user / ".remote_magic" for user in USERS}
         keys = base / "authorized_keys"
         sshd = make_sshd(
-            tmp_path / "sshd", alias="alice", extra_config=f"Match User {','.join(USERS)}\n  AuthorizedKeysFile {keys}"
+            tmp_path_factory.mktemp("sshd"),
+            alias="alice",
+            extra_config=f"Match User {','.join(USERS)}\n  AuthorizedKeysFile {keys}",
         )
         shutil.copy(sshd.dir / "client_ed25519.pub", keys)
         keys.chmod(0o644)
-        sshd.add_env({"PATH": fake.path_with(base / "bin", "/usr/bin:/bin"), "REMOTE_MAGIC_GPU_SAMPLE_SECONDS": "0.5"})
-        configs = [sshd.write_client_config(tmp_path / f"{u}.conf", u.removeprefix("rm-"), User=u) for u in USERS]
+        sshd.add_env(
+            {
+                "PATH": fake.path_with(base / "bin", "/usr/bin:/bin"),
+                "REMOTE_MAGIC_GPU_SAMPLE_SECONDS": "0.5",
+                "REMOTE_MAGIC_QUEUE_STALE_SECONDS": str(STALE),
+            }
+        )
+        config_dir = tmp_path_factory.mktemp("ssh-config")
+        configs = [sshd.write_client_config(config_dir / f"{u}.conf", u.removeprefix("rm-"), User=u) for u in USERS]
         sshd.ssh_config.write_text("".join(c.read_text() for c in configs))
         sshd.start()
-        yield SharedHost(sshd, base, queue, roots)
+        yield SharedHost(sshd, base, base / "queue", {}, state)
     finally:
         if sshd is not None:
             sshd.stop()
         _end_users()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_host(shared_base: SharedHost) -> Iterator[SharedHost]:
+    """A fresh queue folder, made as README says (``install -d -m 3770 -g GROUP``), and fresh host roots."""
+    global _COUNT
+    _COUNT += 1
+    queue = shared_base.base / f"queue-{_COUNT}"
+    queue.mkdir()
+    os.chown(queue, -1, grp.getgrnam(GROUP).gr_gid)
+    queue.chmod(0o3770)
+    roots = {user: shared_base.base / user / f".remote_magic-{_COUNT}" for user in USERS}
+    fake.save_state(shared_base.gpus, json.loads(json.dumps(fake.read_state(shared_base.gpus))) | {"processes": []})
+    host = SharedHost(shared_base.sshd, shared_base.base, queue, roots, shared_base.gpus)
+    yield host
+    for user in USERS:
+        subprocess.run(["pkill", "-KILL", "-u", user], check=False)
+
+
+_COUNT = 0
+STALE = 4  # seconds: the host's grace for a record nobody vouches for (REMOTE_MAGIC_QUEUE_STALE_SECONDS)
+
+
+def _configure(ip, host: SharedHost) -> None:  # type: ignore[no-untyped-def]
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.ssh_config = str(host.sshd.ssh_config)
+    python = str(host.base / "python")
+    magics.hosts = {
+        u.removeprefix("rm-"): {"python": python, "root": str(host.roots[u]), "queue": str(host.queue)} for u in USERS
+    }
 
 
 def _events(root: Path, job_id: str) -> list[dict]:
@@ -153,12 +188,7 @@ def _outputs(root: Path, job_id: str) -> dict:
 
 def test_two_users_share_one_gpu_queue_in_one_order_simulated_gpus(ip, shared_host: SharedHost) -> None:
     magics = ip.magics_manager.registry["RemoteMagics"]
-    magics.ssh_config = str(shared_host.sshd.ssh_config)
-    python = str(shared_host.base / "python")
-    magics.hosts = {
-        u.removeprefix("rm-"): {"python": python, "root": str(shared_host.roots[u]), "queue": str(shared_host.queue)}
-        for u in USERS
-    }
+    _configure(ip, shared_host)
     alice, bob = (shared_host.roots[u] for u in USERS)
     first = _submit(ip, "alice", "--gpus all", 3)  # holds all 4 GPUs
     second = _submit(ip, "bob", "--gpus 2", 1)  # waits for alice's job
@@ -188,11 +218,18 @@ def test_an_entry_whose_owner_has_no_dispatcher_left_blocks_nobody_simulated_gpu
     state = fake.write_state(tmp_path / "gpus.json", gpus=2)
     fake.install(tmp_path / "bin", state)
     monkeypatch.setenv("PATH", fake.path_with(tmp_path / "bin"))
+    monkeypatch.setenv("REMOTE_MAGIC_QUEUE_STALE_SECONDS", "2")  # the host's grace period, shortened for the test
     queue = tmp_path / "shared-queue"
-    queue.mkdir(mode=0o770)
-    stale = {"job_id": "20260101-000000-abcdef", "agent": "x", "t": time.time() - 3600, "wanted": -1}
-    stale |= {"uid": os.getuid() + 1, "user": "someone", "root": "/home/someone/.remote_magic", "sweep": None}
-    (queue / f"{time.time_ns() - 10**12:020d}-{stale['job_id']}.json").write_text(json.dumps(stale))
+    queue.mkdir()
+    queue.chmod(0o3770)
+    someone = os.getuid() + 1
+    folder = queue / f"u{someone}-gone"  # another user's folder in the shared queue, as its agent makes it
+    folder.mkdir(mode=0o2750)
+    entry = folder / "00000000000000000001-20260101-000000-abcdef.json"
+    entry.write_text(json.dumps({"job_id": "20260101-000000-abcdef", "wanted": -1, "sweep": None}))
+    os.chown(folder, someone, -1)
+    os.chown(entry, someone, -1)
+    time.sleep(2.5)  # written before the grace period: it counts only while its owner's dispatcher runs
     root = tmp_path / "hostroot"
     magics = ip.magics_manager.registry["RemoteMagics"]
     magics.hosts = {**magics.hosts, "local": {"root": str(root), "queue": str(queue)}}
@@ -203,7 +240,7 @@ def test_an_entry_whose_owner_has_no_dispatcher_left_blocks_nobody_simulated_gpu
         while time.monotonic() < deadline and not any(e["type"] == "done" for e in _events(root, job)):
             time.sleep(0.2)
         assert _outputs(root, job)["seen"] == "0"
-        assert (root / dispatch.QUEUE_DIR).resolve() == queue.resolve()
+        assert (root / dispatch.QUEUE_DIR).resolve().parent == queue.resolve()
     finally:
         magics.connections.close()
         kill_processes_under(root)
@@ -221,7 +258,7 @@ def test_a_missing_shared_queue_folder_is_a_clear_error(ip, tmp_path, monkeypatc
         result = run(ip, "%%remote_train --gpus 1\nx = 1\n")
         assert not result.success
         message = str(result.error_in_exec)
-        assert str(missing) in message and "sudo install -d -m 2770 -g GROUP" in message, message
+        assert str(missing) in message and "sudo install -d -m 3770 -g GROUP" in message, message
         assert "x" not in ip.user_ns
     finally:
         magics.connections.close()

@@ -4,13 +4,16 @@
 ``protocol.EXIT_AGENT_MISSING`` when that version is not there yet, and the
 client then sends the agent with ``INSTALL`` (a tar on stdin) and retries.
 Both replace ``sys.path[0]`` (the working directory) with the agent folder,
-so a ``remote_magic`` folder in the working directory never shadows it.
+so a ``remote_magic`` folder in the working directory never shadows it, and
+refuse an agent version that is not a plain hex name (never a path).
 
 argv for both: ROOT (empty for the default) AGENT_HASH [COMMAND ARGS...]
 """
 
 _ROOT = (
     "import os,sys\n"
+    "if not sys.argv[2] or sys.argv[2].strip('0123456789abcdef'):\n"
+    " sys.stderr.write('not an agent version: %r\\n'%sys.argv[2]);sys.exit(2)\n"
     "r=os.path.abspath(os.path.expanduser(sys.argv[1] or os.environ.get('REMOTE_MAGIC_ROOT')"
     " or os.path.join('~','.remote_magic')))\n"
     "d=os.path.join(r,'agent',sys.argv[2])\n"
@@ -26,6 +29,7 @@ RUN = _ROOT + (
 
 # argv: LOG CWD COMMAND...: start COMMAND in its own session, print its pid and start time
 # (field 22 of /proc/PID/stat, read before this parent exits so the child cannot be reaped yet), exit.
+# Run isolated (``python -I``) in CWD: no module of any working folder or PYTHONPATH is imported.
 LAUNCH = (
     "import os,subprocess,sys\n"
     "log=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT|os.O_APPEND,0o600)\n"

@@ -475,13 +475,13 @@ def cmd_gpus(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO
         holder = dispatch.holder(record, root) if record else None
         if holder is None and g.index in foreign:
             holder = ", ".join(gpus.describe_holder(p) for p in foreign[g.index])
-        rows.append({**dataclasses.asdict(g), "holder": holder, "job_id": record and record["job_id"]})
+        rows.append({**dataclasses.asdict(g), "holder": holder, "job_id": record.job_id if record else None})
     io.print_json(rows)
     return 0
 
 
 def cmd_dispatch(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    return dispatch.serve(root)
+    return dispatch.serve(root, agent_hash)
 
 
 def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:

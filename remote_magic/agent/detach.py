@@ -20,8 +20,9 @@ def spawn_detached(argv: list[str], log: str, cwd: str, env: dict[str, str]) -> 
     exact even if the child ends at once.
     """
     launched = subprocess.run(
-        [sys.executable, "-c", bootstrap.LAUNCH, log, cwd, *argv],
+        [sys.executable, "-I", "-c", bootstrap.LAUNCH, log, cwd, *argv],
         capture_output=True,
+        cwd=cwd,  # never the caller's: a module planted there would run as us
         check=False,
         start_new_session=True,
         env=env,

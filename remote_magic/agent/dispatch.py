@@ -1,162 +1,288 @@
 """The GPU queue of a host: jobs wait for free GPUs, first come first served, with no client connected.
 
-A job that asks for GPUs is written into ``queue/`` as an entry (its place
-is its file name: submit time, then job id).  Whoever holds ``queue/.lock``
-decides: ``submit`` runs one round at once (a job whose GPUs are free starts
-without delay), and a small detached dispatcher (``agent dispatch``) runs
-rounds while anything waits, then exits, like a warm runner.  A round starts
-the head of the queue while its GPUs are free (strict FIFO: a large job is
-never starved by small ones behind it), records which GPUs each started job
-holds (``queue/held/<job>.json``), and tells each waiting job why it waits
-and where it stands, as ``queued`` events in its own log (so the panel and a
-replay show it).  A GPU is free when no live job of ours holds it and
-processes that are not ours use less than ``busy_gpu_memory`` of it.  A job
-that ended, or whose runner died, holds nothing.  The trials of a sweep go
-through the same queue, on any host, so that no more than its ``parallel``
-run at once, also with no client connected.
+A job that asks for GPUs is written into our queue folder as an entry.
+Whoever holds the queue's lock decides: ``submit`` runs one round at once (a
+job whose GPUs are free starts without delay), and a small detached
+dispatcher (``agent dispatch``) runs rounds while anything waits, then exits,
+like a warm runner.  A round starts the head of the queue while its GPUs are
+free (strict FIFO: a large job is never starved by small ones behind it),
+records which GPUs each started job holds (``held/<job>.json``), and tells
+each waiting job why it waits and where it stands, as ``queued`` events in
+its own log (so the panel and a replay show it).  A GPU is free when no live
+job holds it and processes that are not ours use less than
+``busy_gpu_memory`` of it (our own host setting: each user's dispatcher
+decides with its own).  A job that ended, or whose runner died, holds
+nothing.  The trials of a sweep go through the same queue, on any host, so
+that no more than its ``parallel`` run at once, also with no client connected.
 
-The queue belongs to the host root (``<root>/queue``) unless the host setting
-``queue`` names a folder shared by the host's users (group-writable, setgid):
-``<root>/queue`` is then a link to it, every file in it is group-readable,
-and each entry and held record says whose it is (uid, user, root).  Each
-user's dispatcher starts only that user's jobs (it cannot start anyone
-else's) but decides in the one global order: a job of another user at the
-head of the queue has its GPUs set aside as if started, and its own
-dispatcher starts it.  Another user's job counts as alive while its runner
-process does (``/proc``, readable across users); an entry whose owner has no
-dispatcher left stops counting after a grace period, so one user's crashed
-dispatcher never blocks the others.
+The queue is private (``<root>/queue``, 0700) unless the host setting
+``queue`` names a folder shared by the host's users.  Its members may learn
+who waits for which GPU, and nothing more (README, "Security model"):
+
+* The shared folder is sticky and group-writable; each user writes only in
+  a folder of their own inside it (``u<uid>-<random>``, 2750), which
+  ``<root>/queue`` links to.  Nobody can delete, replace or add another's
+  records.
+* A record is read as untrusted: opened without following links and without
+  blocking (a FIFO never hangs us), a regular file of at most 64 KiB owned by
+  the folder's owner, every field type-checked.  Whose it is comes from the
+  file's owner, never from its contents; its time is the file's ``st_ctime``,
+  which its owner can move later but never back (``utime`` cannot set it),
+  and the queue's order is that time, not a file name.
+* Nothing read from the shared folder is executed or used as a path: a
+  dispatcher starts only its own user's jobs, from the private spec in its
+  own 0700 root (agent version included).  The lock is the shared folder
+  itself (``flock`` on its descriptor), so no lock file can be planted.
+* Another user's entry counts while its owner's dispatcher runs (a process
+  of that uid, by its identity) or for ``STALE_SECONDS`` after it was
+  written, and no longer than ``STALE_SECONDS`` once its GPUs are free and
+  it still has not started; a held record counts while the process it names
+  is alive and belongs to its owner.  A member holding the lock stops the
+  others for at most ``LOCK_WAIT_SECONDS``: they then go on without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from . import bootstrap, gpus, jobs, procs, runners
+from . import bootstrap, gpus, jobs, procs, protocol, runners
 from .detach import spawn_detached, untagged_environment
 
 QUEUE_DIR = "queue"
 HELD_DIR = "held"
+DISPATCHER_LOCK = "dispatcher.lock"  # in the private root: nobody else can open it, so nobody can hold it
+DISPATCHER_ID = "dispatcher.id"  # in our queue folder: how other users tell that our dispatcher runs
 ROUND_SECONDS = 0.25
 DEFAULT_BUSY_MIB = 1024
-SHARED_DIR_MODE = 0o2770  # group-writable; setgid keeps the folder's group on what is created in it
-SHARED_FILE_MODE = 0o640  # what another user's dispatcher reads; only the owner changes or removes it
+STALE_SECONDS = runners.START_GRACE_SECONDS  # REMOTE_MAGIC_QUEUE_STALE_SECONDS on the host changes it
+LOCK_WAIT_SECONDS = 30.0
+SHARED_FILE_MODE = 0o640  # what another user's dispatcher reads; only its owner changes or removes it
+OWN_FOLDER_MODE = 0o2750  # ours in the shared folder: the group reads it, only we write
+RECORD_MAX_BYTES = 64 * 1024
+RECORDS_PER_FOLDER = 4096
+FOLDERS_PER_QUEUE = 1024
+MAX_GPUS = 1024
+_OWN_FOLDER = re.compile(r"u([0-9]+)-[A-Za-z0-9_]+")
+_AGENT_HASH = re.compile(r"[0-9a-f]{8,64}")
 
 
-def _queue(root: str) -> str:
-    folder = os.path.join(root, QUEUE_DIR)
-    if os.path.islink(folder):  # the host's shared queue: never chmod it through the link
-        if not os.path.isdir(folder):
-            raise jobs.AgentError(_shared_missing(os.readlink(folder)))
-        return folder
-    return jobs.ensure_dir(folder)
+@dataclass(frozen=True)
+class Entry:
+    """A job waiting in the queue, as far as its record can be trusted."""
+
+    file: str
+    job_id: str
+    uid: int
+    written_ns: int  # the file's ctime: when its owner wrote it, never earlier
+    wanted: int | list[int] | None  # another user's job: from its record; ours: from our private spec
+    sweep: tuple[str, int] | None  # (sweep id, parallel), with the owner's folder in ``owner``
+    owner: str  # the owner's queue folder: sweeps of different users never mix
+
+    @property
+    def order(self) -> tuple[int, int, str]:
+        return (self.written_ns, self.uid, self.job_id)
 
 
-def _shared(root: str) -> bool:
-    return os.path.islink(os.path.join(root, QUEUE_DIR))
+@dataclass(frozen=True)
+class Held:
+    """GPUs a started job holds."""
+
+    file: str
+    job_id: str
+    uid: int
+    written_ns: int
+    gpus: list[int]
+    sweep: str | None
+    identity: procs.ProcessIdentity | None
+    owner: str
+    mine: bool
 
 
-def _file_mode(root: str) -> int:
-    return SHARED_FILE_MODE if _shared(root) else jobs.FILE_MODE
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
-def _held(root: str) -> str:
-    folder = os.path.join(_queue(root), HELD_DIR)
-    if not _shared(root):
-        return jobs.ensure_dir(folder)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(folder)
-        os.chmod(folder, SHARED_DIR_MODE)
+def _link(root: str) -> str:
+    return os.path.join(root, QUEUE_DIR)
+
+
+def _shared_top(root: str) -> str | None:
+    """The shared folder our queue folder lies in; None for a private queue."""
+    link = _link(root)
+    return os.path.dirname(os.path.realpath(link)) if os.path.islink(link) else None
+
+
+def _is_own_folder(folder: str) -> bool:
+    match = _OWN_FOLDER.fullmatch(os.path.basename(folder))
+    return match is not None and int(match.group(1)) == os.getuid()
+
+
+def _own(root: str) -> str:
+    """Our queue folder: the private ``<root>/queue``, or ours in the shared folder (``<root>/queue`` links to it).
+
+    A link made by an older agent points at the shared folder itself: our records there move into a folder of
+    our own first.
+    """
+    link = _link(root)
+    if not os.path.islink(link):
+        return jobs.ensure_dir(link)
+    folder = os.path.realpath(link)
+    if not _is_own_folder(folder):
+        with _setup_lock(root):
+            if not _is_own_folder(os.path.realpath(link)):
+                return _upgrade_legacy(root, folder)
+        folder = os.path.realpath(link)
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        raise jobs.AgentError(_shared_missing(os.path.dirname(folder))) from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise jobs.AgentError(
+            f"{folder}, your folder in the shared GPU queue, is not a folder that only you can write; "
+            f"remove the link {link} (`rm {link}`) and submit again"
+        )
     return folder
 
 
 def _shared_missing(folder: str) -> str:
     return (
         f"the shared GPU queue folder {folder} (host setting 'queue') does not exist or you cannot write to it; "
-        f"ask the host's admin to create it for your group: sudo install -d -m 2770 -g GROUP {folder}"
+        f"ask the host's admin to create it for your group: sudo install -d -m 3770 -g GROUP {folder}"
     )
 
 
-def use_queue(root: str, folder: str | None) -> None:
-    """Make ``<root>/queue`` the queue the host setting names: a link to a shared folder, or our own folder.
-
-    Switching is refused while jobs of ours wait or run in the queue being left.
-    """
-    link = os.path.join(root, QUEUE_DIR)
-    target = os.path.realpath(os.path.expanduser(folder)) if folder else None
-    current = os.path.realpath(link) if os.path.islink(link) else None
-    if target == current:
-        return
-    if target is not None and not (os.path.isdir(target) and os.access(target, os.W_OK | os.X_OK)):
-        raise jobs.AgentError(_shared_missing(folder or ""))
-    if os.path.lexists(link):
-        with _queue_lock(root):
-            mine = [e for _, e in _entries(root) if _is_mine(e, root)]
-            busy = [r for r in _held_records(root) if _is_mine(r, root)]
-            if mine or busy:
-                raise jobs.AgentError(
-                    f"the host setting 'queue' changed while {len(mine)} of your jobs wait and {len(busy)} run "
-                    f"in the queue at {os.path.realpath(link)}; let them end (or cancel them) first"
-                )
-        if os.path.islink(link):
-            os.unlink(link)
-        else:
-            shutil.rmtree(link, ignore_errors=True)
-    if target is None:
-        jobs.ensure_dir(link)
-        return
-    with contextlib.suppress(FileExistsError):  # another submit of ours made the same link meanwhile
-        os.symlink(target, link)
-
-
-def _me(root: str) -> dict[str, Any]:
-    """Whose an entry or held record is: this user, from this host root."""
+def _check_shared_folder(top: str, setting: str) -> None:
+    """A shared queue folder must let members add files but never remove or replace each other's (sticky bit)."""
     try:
-        user = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        user = str(os.getuid())
-    return {"uid": os.getuid(), "user": user, "root": os.path.realpath(root)}
-
-
-def _is_mine(record: dict[str, Any], root: str) -> bool:
-    """Records without an owner come from a private queue, which only ever held ours."""
-    if "uid" not in record:
-        return True
-    return record["uid"] == os.getuid() and record.get("root") == os.path.realpath(root)
-
-
-def _owner_key(record: dict[str, Any]) -> str:
-    digest = hashlib.sha256(str(record.get("root")).encode()).hexdigest()[:12]
-    return f"{record.get('uid')}-{digest}"
-
-
-def _dispatcher_file(root: str, record: dict[str, Any] | None = None, suffix: str = ".lock") -> str:
-    """Each owner's dispatcher holds its own lock (``.lock``) and says who it is (``.id``), so other users'
-    dispatchers can tell whether it still runs."""
-    return os.path.join(_queue(root), f"dispatcher-{_owner_key(record or _me(root))}{suffix}")
-
-
-def _open_lock(root: str, path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, jobs.FILE_MODE)  # flock needs no write access
-    if _shared(root):
-        with contextlib.suppress(PermissionError):  # made by another user, who set its mode
-            os.fchmod(fd, SHARED_FILE_MODE)
-    return fd
+        st = os.stat(top)
+    except OSError:
+        raise jobs.AgentError(_shared_missing(setting)) from None
+    if not stat.S_ISDIR(st.st_mode) or not os.access(top, os.W_OK | os.X_OK):
+        raise jobs.AgentError(_shared_missing(setting))
+    if st.st_mode & stat.S_IWOTH:
+        raise jobs.AgentError(
+            f"the shared GPU queue folder {top} can be written by every user of the host, not only its group; "
+            f"ask the host's admin to run: sudo chmod o-rwx {top}"
+        )
+    if st.st_mode & stat.S_ISVTX:
+        return
+    if st.st_uid == os.getuid():
+        os.chmod(top, stat.S_IMODE(st.st_mode) | stat.S_ISVTX)
+        return
+    raise jobs.AgentError(
+        f"the shared GPU queue folder {top} lets every member delete or replace the others' files (it has no "
+        f"sticky bit, as an older README made it); ask the host's admin to run: sudo chmod +t {top}"
+    )
 
 
 @contextlib.contextmanager
-def _locked(root: str, path: str, blocking: bool = True) -> Iterator[bool]:
-    fd = _open_lock(root, path)
+def _setup_lock(root: str) -> Iterator[None]:
+    """Ours alone (in the 0700 root): two submits of ours never make two folders in the shared queue."""
+    with _locked(os.path.join(root, "queue.setup.lock")):
+        yield
+
+
+def _make_own_folder(root: str, top: str) -> str:
+    """A folder of ours in the shared one, under a name nobody can take first, and ``<root>/queue`` linked to it."""
+    own = tempfile.mkdtemp(prefix=f"u{os.getuid()}-", dir=top)
+    with contextlib.suppress(OSError):  # the shared folder's group, also when it lacks the setgid bit
+        os.chown(own, -1, os.stat(top).st_gid)
+    os.chmod(own, OWN_FOLDER_MODE)
+    link = _link(root)
+    tmp = f"{link}.tmp-{os.getpid()}"
+    jobs.unlink_quietly(tmp)
+    os.symlink(own, tmp)
+    os.replace(tmp, link)
+    return own
+
+
+def _upgrade_legacy(root: str, top: str) -> str:
+    """Move the records an older agent left at the top of the shared folder into a folder of our own."""
+    _check_shared_folder(top, top)
+    own = _make_own_folder(root, top)
+    me, real_root = os.getuid(), os.path.realpath(root)
+    for source, target in ((top, own), (os.path.join(top, HELD_DIR), os.path.join(own, HELD_DIR))):
+        for name in _names(source, RECORDS_PER_FOLDER):
+            read = _read_record(os.path.join(source, name), me) if name.endswith(".json") else None
+            if read is None or read[0].get("root") != real_root:
+                continue
+            if target != own:
+                _ensure_folder(target, shared=True)
+            with contextlib.suppress(OSError):
+                os.rename(os.path.join(source, name), os.path.join(target, name))
+    return own
+
+
+def use_queue(root: str, folder: str | None) -> None:
+    """Make ``<root>/queue`` the queue the host setting names: our folder in a shared one, or our own folder.
+
+    Switching is refused while jobs of ours wait or run in the queue being left.
+    """
+    link = _link(root)
+    top = os.path.realpath(os.path.expanduser(folder)) if folder else None
+    if top is not None:
+        _check_shared_folder(top, folder or "")
+    if os.path.islink(link) and not _is_own_folder(os.path.realpath(link)):
+        _own(root)  # an older agent's link to the shared folder itself: our records there move to our own folder
+    if top == _shared_top(root):
+        return
+    with _setup_lock(root):
+        if os.path.lexists(link):
+            with _queue_lock(root):
+                mine = _entries(_own(root), os.getuid())
+                busy = [record for record in _held_records(root) if record.mine]
+                if mine or busy:
+                    raise jobs.AgentError(
+                        f"the host setting 'queue' changed while {len(mine)} of your jobs wait and {len(busy)} "
+                        f"run in the queue at {os.path.realpath(link)}; let them end (or cancel them) first"
+                    )
+            if os.path.islink(link):
+                os.unlink(link)
+            else:
+                shutil.rmtree(link, ignore_errors=True)
+        if top is None:
+            jobs.ensure_dir(link)
+        else:
+            _make_own_folder(root, top)
+
+
+def _file_mode(root: str) -> int:
+    return SHARED_FILE_MODE if _shared_top(root) else jobs.FILE_MODE
+
+
+def _ensure_folder(folder: str, shared: bool) -> str:
+    if not shared:
+        return jobs.ensure_dir(folder)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+        os.chmod(folder, OWN_FOLDER_MODE)
+    return folder
+
+
+def _held_folder(root: str) -> str:
+    return _ensure_folder(os.path.join(_own(root), HELD_DIR), shared=_shared_top(root) is not None)
+
+
+@contextlib.contextmanager
+def _locked(path: str, blocking: bool = True) -> Iterator[bool]:
+    """A lock file in our private root (0700): nobody else can open it, so nobody else can hold it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, jobs.FILE_MODE)  # flock needs no write access
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -168,8 +294,35 @@ def _locked(root: str, path: str, blocking: bool = True) -> Iterator[bool]:
         os.close(fd)
 
 
-def _queue_lock(root: str) -> contextlib.AbstractContextManager[bool]:
-    return _locked(root, os.path.join(_queue(root), ".lock"))
+@contextlib.contextmanager
+def _queue_lock(root: str) -> Iterator[None]:
+    """The queue folder itself is the lock (``flock`` on its descriptor): there is no lock file to plant or replace.
+
+    Any member can hold a shared folder's lock, so it is waited for at most
+    ``LOCK_WAIT_SECONDS``; then the round goes on without it (and says so in
+    agent.log) rather than let one member stop the queue for everyone.
+    """
+    top = _shared_top(root)
+    fd = os.open(top or _own(root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if top is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        jobs.log_problem(
+                            root, f"the shared GPU queue {top} stayed locked {LOCK_WAIT_SECONDS:.0f} s; went on without"
+                        )
+                        break
+                    time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
 
 
 def wanted_gpus(spec: dict[str, Any]) -> int | list[int] | None:
@@ -183,191 +336,341 @@ def wanted_gpus(spec: dict[str, Any]) -> int | list[int] | None:
 
 
 def enqueue(root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
-    """Put a job in the host's GPU queue, start what can start now, and keep a dispatcher for the rest."""
+    """Put a job in the host's GPU queue, start what can start now, and keep a dispatcher for the rest.
+
+    The entry says only what other users may know: the job, the GPUs it wants, its sweep.
+    """
     use_queue(root, spec.get("queue"))
+    sweep = _sweep_of(spec)
     entry = {
         "job_id": spec["job_id"],
-        "agent": agent_hash,
-        "t": time.time(),
         "wanted": wanted_gpus(spec),
-        "sweep": _sweep_of(spec),
-        "busy_mib": spec.get("busy_gpu_memory"),
-        **_me(root),
+        "sweep": {"id": sweep[0], "parallel": sweep[1]} if sweep else None,
+        "uid": os.getuid(),
+        "user": _user_name(os.getuid()),
     }
     name = f"{time.time_ns():020d}-{spec['job_id']}.json"
     with _queue_lock(root):
-        jobs.atomic_write(os.path.join(_queue(root), name), json.dumps(entry).encode(), mode=_file_mode(root))
-        waiting = _round(root)
-        if waiting:
-            _ensure_dispatcher(root, agent_hash)
+        jobs.atomic_write(os.path.join(_own(root), name), json.dumps(entry).encode(), mode=_file_mode(root))
+        waiting = _round(root, agent_hash)
+    if waiting:
+        _ensure_dispatcher(root, agent_hash)
 
 
-def _entries(root: str) -> list[tuple[str, dict[str, Any]]]:
-    folder = _queue(root)
+# -- reading records as untrusted --------------------------------------------------------------------------
+
+
+def _names(folder: str, limit: int) -> list[str]:
+    """At most ``limit`` names in a folder: a member cannot make us read a million."""
+    names: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(folder) as found:
+        for item in found:
+            if len(names) >= limit:
+                break
+            names.append(item.name)
+    return names
+
+
+def _read_record(path: str, owner: int) -> tuple[dict[str, Any], int] | None:
+    """A record and its ctime (ns), if it is a small regular file of ``owner`` holding a JSON object; else None.
+
+    Opened without following a link and without blocking (a FIFO is refused, never waited on).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_size > RECORD_MAX_BYTES:
+            return None
+        data = os.read(fd, RECORD_MAX_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return (record, st.st_ctime_ns) if isinstance(record, dict) else None
+
+
+def _gpu_list(value: Any, allow_empty: bool) -> list[int] | None:
+    if not isinstance(value, list) or len(value) > MAX_GPUS or (not value and not allow_empty):
+        return None
+    if not all(type(i) is int and 0 <= i < MAX_GPUS for i in value) or len(set(value)) != len(value):
+        return None
+    return list(value)
+
+
+_INVALID = object()
+
+
+def _checked_wanted(value: Any) -> Any:
+    """A count (-1: all), exact ids, or None; ``_INVALID`` for anything else."""
+    if value is None or (type(value) is int and (value == -1 or 0 < value <= MAX_GPUS)):
+        return value
+    ids = _gpu_list(value, allow_empty=False)
+    return _INVALID if ids is None else ids
+
+
+def _checked_sweep(value: Any) -> Any:
+    """(sweep id, parallel or 0), None, or ``_INVALID``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not protocol.is_sweep_id(value.get("id")):
+        return _INVALID
+    parallel = value.get("parallel")
+    if parallel is not None and not (type(parallel) is int and 0 < parallel <= 100_000):
+        return _INVALID
+    return (value["id"], parallel or 0)
+
+
+def _entries(folder: str, uid: int) -> list[Entry]:
+    """The valid entries in one user's queue folder, in queue order."""
     found = []
-    for name in sorted(os.listdir(folder)):
+    for name in _names(folder, RECORDS_PER_FOLDER):
         if not name.endswith(".json"):
             continue
-        try:
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                found.append((os.path.join(folder, name), json.load(f)))
-        except (OSError, ValueError):
+        file = os.path.join(folder, name)
+        read = _read_record(file, uid)
+        if read is None:
             continue
+        record, written_ns = read
+        wanted, sweep = _checked_wanted(record.get("wanted")), _checked_sweep(record.get("sweep"))
+        if not protocol.is_job_id(record.get("job_id")) or wanted is _INVALID or sweep is _INVALID:
+            continue
+        found.append(Entry(file, record["job_id"], uid, written_ns, wanted, sweep, folder))
+    return sorted(found, key=lambda entry: entry.order)
+
+
+def _held_in(folder: str, uid: int, mine: bool) -> list[Held]:
+    held_dir = os.path.join(folder, HELD_DIR)
+    try:
+        st = os.lstat(held_dir)
+    except OSError:
+        return []
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        return []
+    found = []
+    for name in _names(held_dir, RECORDS_PER_FOLDER):
+        if not name.endswith(".json"):
+            continue
+        file = os.path.join(held_dir, name)
+        read = _read_record(file, uid)
+        if read is None:
+            continue
+        record, written_ns = read
+        ids, sweep = _gpu_list(record.get("gpus"), allow_empty=True), record.get("sweep")
+        if not protocol.is_job_id(record.get("job_id")) or ids is None:
+            continue
+        if sweep is not None and not protocol.is_sweep_id(sweep):
+            continue
+        identity = procs.ProcessIdentity.from_json(record.get("identity"))
+        found.append(Held(file, record["job_id"], uid, written_ns, ids, sweep, identity, folder, mine))
+    return found
+
+
+def _stale_seconds() -> float:
+    try:
+        return float(os.environ.get("REMOTE_MAGIC_QUEUE_STALE_SECONDS") or STALE_SECONDS)
+    except ValueError:
+        return STALE_SECONDS
+
+
+def _age(written_ns: int) -> float:
+    return time.time() - written_ns / 1e9
+
+
+def _recent(written_ns: int) -> bool:
+    """Written within the grace period (a ctime ahead of the clock counts as nothing)."""
+    return -1.0 <= _age(written_ns) < _stale_seconds()
+
+
+def _runs_as(identity: procs.ProcessIdentity | None, uid: int) -> bool:
+    """The process lives and belongs to ``uid``: a record can never borrow another user's process."""
+    return identity is not None and procs.owner_uid(identity.pid) == uid and procs.is_running(identity)
+
+
+def _other_folders(root: str) -> list[tuple[str, int]]:
+    """(folder, its owner) for every other queue folder in the shared one: real folders, named for their owner."""
+    top = _shared_top(root)
+    if top is None:
+        return []
+    own = os.path.realpath(_link(root))
+    found = []
+    for name in _names(top, FOLDERS_PER_QUEUE):
+        match = _OWN_FOLDER.fullmatch(name)
+        folder = os.path.join(top, name)
+        if match is None or folder == own:
+            continue
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == int(match.group(1)) and not st.st_mode & 0o022:
+            found.append((folder, st.st_uid))
     return found
 
 
 def is_queued(root: str, job_id: str) -> bool:
-    return any(entry["job_id"] == job_id and _is_mine(entry, root) for _, entry in _entries(root))
+    return any(entry.job_id == job_id for entry in _entries(_own(root), os.getuid()))
 
 
 def remove(root: str, job_id: str) -> bool:
     """Take a job out of the queue (cancel or stop before it started); whether it was there."""
     with _queue_lock(root):
-        for file, entry in _entries(root):
-            if entry["job_id"] == job_id and _is_mine(entry, root):
-                jobs.unlink_quietly(file)
+        for entry in _entries(_own(root), os.getuid()):
+            if entry.job_id == job_id:
+                jobs.unlink_quietly(entry.file)
                 return True
     return False
 
 
-def _held_records(root: str) -> list[dict[str, Any]]:
-    """What the queue started and still runs: job id, its GPUs, its sweep, whose (our ended jobs are pruned)."""
+def _held_records(root: str) -> list[Held]:
+    """What the queue started and still runs, ours and other users' (our ended jobs are pruned)."""
     records = []
-    folder = _held(root)
-    for name in os.listdir(folder):
-        file = os.path.join(folder, name)
-        try:
-            with open(file, encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if not _is_mine(record, root):
-            if _runs_elsewhere(record):
+    for record in _held_in(_own(root), os.getuid(), mine=True):
+        if _still_running(root, record):
+            records.append(record)
+        else:
+            jobs.unlink_quietly(record.file)
+    for folder, uid in _other_folders(root):
+        for record in _held_in(folder, uid, mine=False):
+            alive = _runs_as(record.identity, uid) if record.identity else _recent(record.written_ns)
+            if alive:
                 records.append(record)
-            continue  # its owner prunes it
-        if not _still_running(root, record):
-            jobs.unlink_quietly(file)
-            continue
-        records.append(record)
     return records
 
 
-def holdings(root: str) -> dict[int, dict[str, Any]]:
+def holdings(root: str) -> dict[int, Held]:
     """GPU index -> the held record of the live job that holds it (ours, or another user's)."""
-    return {int(index): record for record in _held_records(root) for index in record["gpus"]}
+    return {index: record for record in _held_records(root) for index in record.gpus}
 
 
-def holder(record: dict[str, Any], root: str) -> str:
-    """``job <id>``, with the user for another user's job."""
-    return f"job {record['job_id']}" + ("" if _is_mine(record, root) else f" of {record.get('user')}")
+def holder(record: Held, root: str) -> str:
+    """``job <id>``, with the user (the record file's owner) for another user's job."""
+    return f"job {record.job_id}" + ("" if record.mine else f" of {_user_name(record.uid)}")
 
 
-def _still_running(root: str, record: dict[str, Any]) -> bool:
+def _still_running(root: str, record: Held) -> bool:
     try:
-        return runners.still_running(jobs.job_dir(root, record["job_id"]), float(record.get("t") or 0))
+        return runners.still_running(jobs.job_dir(root, record.job_id), record.written_ns / 1e9)
     except (OSError, ValueError, jobs.AgentError):
         return False
 
 
-def _runs_elsewhere(record: dict[str, Any]) -> bool:
-    """Another user's job: its job folder is closed to us, its runner process is not."""
-    identity = procs.ProcessIdentity.from_json(record.get("identity"))
-    if identity is None:
-        return time.time() - float(record.get("t") or 0) < runners.START_GRACE_SECONDS
-    return procs.is_running(identity)
+def _counts(entry: Entry) -> bool:
+    """Whether another user's entry still takes its place: its owner's dispatcher runs, or it was queued just now.
 
-
-def _counts(root: str, entry: dict[str, Any]) -> bool:
-    """Whether another user's entry still takes its place: its dispatcher runs, or it was queued just now.
-
-    Read from the dispatcher's record, never by trying its lock: holding that lock even for a moment could
-    make the owner's dispatcher, starting at that moment, believe another one runs and exit.
+    Read from the dispatcher's record, never by trying its lock (which lies in its owner's private root).
     """
-    if time.time() - float(entry.get("t") or 0) < runners.START_GRACE_SECONDS:
+    if _recent(entry.written_ns):
         return True
-    try:
-        with open(_dispatcher_file(root, entry, ".id"), encoding="utf-8") as f:
-            identity = procs.ProcessIdentity.from_json(json.load(f))
-    except (OSError, ValueError):
-        return False
-    return identity is not None and procs.is_running(identity)
+    read = _read_record(os.path.join(entry.owner, DISPATCHER_ID), entry.uid)
+    return read is not None and _runs_as(procs.ProcessIdentity.from_json(read[0]), entry.uid)
 
 
-def _round(root: str) -> int:
+# When we first set GPUs aside for another user's entry, by (its file, its ctime): an entry whose GPUs are free
+# is started by its owner's dispatcher within a round; one that stays unstarted stops counting after STALE_SECONDS.
+_SET_ASIDE: dict[tuple[str, int], float] = {}
+
+
+def _round(root: str, agent_hash: str) -> int:
     """Start the head of the queue while its GPUs are free; tell the others why they wait. Call under the lock.
 
-    Goes through every user's entries in the one order, starting only ours.
+    Goes through every user's entries in the one order, starting only ours, each from its private spec.
     Returns how many of ours still wait.
     """
-    entries = [(file, entry) for file, entry in _entries(root) if _is_mine(entry, root) or _counts(root, entry)]
-    if not any(_is_mine(entry, root) for _, entry in entries):
+    own = _own(root)
+    specs: dict[str, tuple[str, dict[str, Any]]] = {}
+    for entry in _entries(own, os.getuid()):
+        try:
+            path = jobs.job_dir(root, entry.job_id)
+            spec = jobs.read_spec(path)
+        except (OSError, ValueError, jobs.AgentError):
+            jobs.unlink_quietly(entry.file)  # collected meanwhile
+            continue
+        if jobs.event_summary(path)["ended"] is not None:
+            jobs.unlink_quietly(entry.file)  # cancelled while it waited
+            continue
+        specs[entry.job_id] = (path, spec)
+    if not specs:
         return 0
+    entries = [e for e in _entries(own, os.getuid()) if e.job_id in specs]
+    entries += [e for folder, uid in _other_folders(root) for e in _entries(folder, uid) if _counts(e)]
+    entries.sort(key=lambda entry: entry.order)
     inventory = gpus.inventory()
     records = _held_records(root)
-    held = {int(index): holder(record, root) for record in records for index in record["gpus"]}
+    held = {index: holder(record, root) for record in records for index in record.gpus}
     running = _running_trials(records)
-    foreign = others_on_gpus(inventory, _busy_mib(entries))
+    foreign = others_on_gpus(inventory, _busy_mib([spec for _, spec in specs.values()]))
     free = [g.index for g in inventory if g.index not in held and g.index not in foreign]
-    waiting: list[tuple[str | None, dict[str, Any]]] = []  # (our job's folder, entry); None: another user's
-    for file, entry in entries:
-        path = None
-        if _is_mine(entry, root):
-            path = jobs.job_dir(root, entry["job_id"])
-            try:
-                spec = jobs.read_spec(path)
-            except (OSError, ValueError):
-                jobs.unlink_quietly(file)  # collected meanwhile
-                continue
-            if jobs.event_summary(path)["ended"] is not None:
-                jobs.unlink_quietly(file)  # cancelled while it waited
-                continue
-            if "wanted" not in entry:  # queued by an agent before entries said what they want
-                entry = {**entry, "wanted": wanted_gpus(spec), "sweep": _sweep_of(spec)}
-        if _sweep_full(entry, running):  # the sweep's own limit: its later trials wait, other jobs go on
-            waiting.append((path, entry))
+    waiting: list[tuple[Entry, int | list[int] | None, tuple[str, int] | None]] = []
+    now, seen = time.monotonic(), set()
+    for entry in entries:
+        mine = entry.owner == own
+        if mine:
+            wanted, sweep = wanted_gpus(specs[entry.job_id][1]), _sweep_of(specs[entry.job_id][1])
+        else:
+            wanted, sweep = entry.wanted, entry.sweep
+        if _sweep_full(entry.owner, sweep, running):  # the sweep's own limit: its later trials wait, others go on
+            waiting.append((entry, wanted, sweep))
             continue
-        wanted = entry["wanted"] if inventory else None
         # Strict FIFO for GPUs: a job waiting for GPUs holds back every job behind it; one waiting only for
         # its sweep's limit does not.
-        blocked = any(not _sweep_full(waiting_entry, running) for _, waiting_entry in waiting)
-        chosen = None if blocked else _choose(wanted, free, len(inventory))
+        blocked = any(not _sweep_full(e.owner, s, running) for e, _, s in waiting)
+        chosen = None if blocked else _choose(wanted if inventory else None, free, len(inventory))
         if chosen is None:
-            waiting.append((path, entry))
+            waiting.append((entry, wanted, sweep))
             continue
-        free = [i for i in free if i not in chosen]  # another user's job: set aside for its own dispatcher
-        if entry.get("sweep"):
-            running[entry["sweep"]["id"]] = running.get(entry["sweep"]["id"], 0) + 1
-        if path is not None:
-            jobs.unlink_quietly(file)
-            _start(root, entry["agent"], path, spec, chosen if inventory else None)
-    for position, (path, entry) in enumerate(waiting, 1):
-        if path is None:
+        if not mine:  # set aside for its own dispatcher, unless that never comes
+            key = (entry.file, entry.written_ns)
+            seen.add(key)
+            if now - _SET_ASIDE.setdefault(key, now) > _stale_seconds():
+                continue
+        free = [i for i in free if i not in chosen]
+        if sweep:
+            running[(entry.owner, sweep[0])] = running.get((entry.owner, sweep[0]), 0) + 1
+        if mine:
+            path, spec = specs[entry.job_id]
+            jobs.unlink_quietly(entry.file)
+            _start(root, _agent_of(spec, agent_hash), path, spec, chosen if inventory else None)
+    for key in set(_SET_ASIDE) - seen:
+        del _SET_ASIDE[key]
+    for position, (entry, wanted, sweep) in enumerate(waiting, 1):
+        if entry.owner != own:
             continue
-        if _sweep_full(entry, running):
-            sweep = entry["sweep"]
-            reason = f"waiting for a trial of {sweep['id']} to end: it runs {sweep['parallel']} at a time"
+        if _sweep_full(entry.owner, sweep, running):
+            reason = f"waiting for a trial of {sweep[0]} to end: it runs {sweep[1]} at a time"  # type: ignore[index]
         else:
-            reason = _why(entry["wanted"], inventory, held, foreign, position)
-        jobs.tell_waiting(path, reason, position)
-    return sum(path is not None for path, _ in waiting)
+            reason = _why(wanted, inventory, held, foreign, position)
+        jobs.tell_waiting(specs[entry.job_id][0], reason, position)
+    return sum(entry.owner == own for entry, _, _ in waiting)
 
 
-def _sweep_of(spec: dict[str, Any]) -> dict[str, Any] | None:
+def _agent_of(spec: dict[str, Any], fallback: str) -> str:
+    """The agent version that took the job (our private spec says it); the dispatcher's own otherwise."""
+    agent = spec.get("agent")
+    return agent if isinstance(agent, str) and _AGENT_HASH.fullmatch(agent) else fallback
+
+
+def _sweep_of(spec: dict[str, Any]) -> tuple[str, int] | None:
     sweep = spec.get("sweep") or {}
-    return {"id": sweep["id"], "parallel": sweep.get("parallel")} if sweep else None
+    return (sweep["id"], int(sweep.get("parallel") or 0)) if sweep else None
 
 
-def _sweep_full(entry: dict[str, Any], running: dict[str, int]) -> bool:
-    sweep = entry.get("sweep") or {}
-    return bool(sweep.get("parallel")) and running.get(sweep["id"], 0) >= sweep["parallel"]
+def _sweep_full(owner: str, sweep: tuple[str, int] | None, running: dict[tuple[str, str], int]) -> bool:
+    return sweep is not None and sweep[1] > 0 and running.get((owner, sweep[0]), 0) >= sweep[1]
 
 
-def _running_trials(records: list[dict[str, Any]]) -> dict[str, int]:
-    """Sweep id -> how many of its trials run now (started through the queue and not ended)."""
-    counts: dict[str, int] = {}
+def _running_trials(records: list[Held]) -> dict[tuple[str, str], int]:
+    """(owner's folder, sweep id) -> how many of its trials run now: one user's records never count for another's."""
+    counts: dict[tuple[str, str], int] = {}
     for record in records:
-        if record.get("sweep"):
-            counts[record["sweep"]] = counts.get(record["sweep"], 0) + 1
+        if record.sweep:
+            counts[(record.owner, record.sweep)] = counts.get((record.owner, record.sweep), 0) + 1
     return counts
 
 
@@ -378,11 +681,11 @@ def others_on_gpus(inventory: list[gpus.Gpu], busy_mib: int) -> dict[int, list[g
     return gpus.busy_by_others(inventory, found, ours, busy_mib)
 
 
-def _busy_mib(entries: list[tuple[str, dict[str, Any]]]) -> int:
-    """The head job's ``busy_gpu_memory`` (a host setting, so every job of a host normally says the same)."""
-    for _, entry in entries:
-        if entry.get("busy_mib") is not None:
-            return int(entry["busy_mib"])
+def _busy_mib(specs: list[dict[str, Any]]) -> int:
+    """Our own ``busy_gpu_memory`` (a host setting: our first waiting job's), never another user's."""
+    for spec in specs:
+        if type(spec.get("busy_gpu_memory")) is int:
+            return int(spec["busy_gpu_memory"])
     return DEFAULT_BUSY_MIB
 
 
@@ -403,7 +706,10 @@ def _why(
     foreign: dict[int, list[gpus.GpuProcess]],
     position: int,
 ) -> str:
-    """`waiting for 2 GPUs: 0 by job 20261127-..., 1 by another process (pid 4242, 20 GiB)`."""
+    """`waiting for 2 GPUs: 0 by job 20261127-..., 1 by another process (pid 4242)`.
+
+    No memory figures: the reason is logged each time it changes, and another process's memory moves all the time.
+    """
     if isinstance(wanted, list):
         what, relevant = f"GPU {','.join(map(str, wanted))}", wanted
     else:
@@ -414,7 +720,7 @@ def _why(
         if index in held:
             by.setdefault(held[index], []).append(index)
         elif index in foreign:
-            by.setdefault(", ".join(gpus.describe_holder(p) for p in foreign[index]), []).append(index)
+            by.setdefault(", ".join(gpus.describe_holder(p, memory=False) for p in foreign[index]), []).append(index)
     busy = [f"{','.join(map(str, indices))} by {holder}" for holder, indices in by.items()]
     ahead = f" (behind {position - 1} earlier job{'s' * (position != 2)})" if position > 1 else ""
     return f"waiting for {what}{ahead}" + (f": {', '.join(busy)}" if busy else "")
@@ -426,58 +732,72 @@ def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: 
     held = {
         "job_id": spec["job_id"],
         "gpus": chosen or [],
-        "t": time.time(),
         "sweep": (spec.get("sweep") or {}).get("id"),
-        **_me(root),
+        "uid": os.getuid(),
+        "user": _user_name(os.getuid()),
     }
-    file, mode = os.path.join(_held(root), f"{spec['job_id']}.json"), _file_mode(root)
+    file, mode = os.path.join(_held_folder(root), f"{spec['job_id']}.json"), _file_mode(root)
     jobs.atomic_write(file, json.dumps(held).encode(), mode=mode)
     identity = runners.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or "process")
-    if _shared(root) and identity is not None:
+    if _shared_top(root) and identity is not None:
         jobs.atomic_write(file, json.dumps({**held, "identity": identity.to_json()}).encode(), mode=mode)
 
 
 def _ensure_dispatcher(root: str, agent_hash: str) -> None:
-    """Start the host's dispatcher unless one runs (it holds ``queue/dispatcher-<owner>.lock`` for its life)."""
-    with _locked(root, _dispatcher_file(root), blocking=False) as free:
+    """Start our dispatcher unless one runs (it holds ``<root>/dispatcher.lock`` for its life).
+
+    Isolated (``python -I``: no PYTHONPATH, no user site-packages, no working folder on ``sys.path``) and in our
+    private root: nothing a member drops into the shared folder is ever imported.
+    """
+    with _locked(os.path.join(root, DISPATCHER_LOCK), blocking=False) as free:
         if not free:
             return
     spawn_detached(
-        [sys.executable, "-c", bootstrap.RUN, root, agent_hash, "dispatch"],
-        log=os.path.join(root, "dispatcher.log"),  # ours alone, also with a shared queue
-        cwd=_queue(root),
+        [sys.executable, "-I", "-c", bootstrap.RUN, root, agent_hash, "dispatch"],
+        log=os.path.join(root, "dispatcher.log"),
+        cwd=root,
         env=untagged_environment(),
     )
 
 
-def serve(root: str) -> int:
-    """The dispatcher: rounds until nothing waits.
+MAX_FAILED_ROUNDS = 20
+
+
+def serve(root: str, agent_hash: str) -> int:
+    """The dispatcher: rounds until nothing of ours waits.
 
     It gives up its own lock while it still holds the queue's: a submit that
     queues a job right after this one decided to exit then always finds the
-    dispatcher lock free, and starts a new dispatcher.
+    dispatcher lock free, and starts a new dispatcher.  A round that fails
+    (a queue folder removed under it) is logged and tried again, a bounded
+    number of times in a row.
     """
-    mine = _open_lock(root, _dispatcher_file(root))
+    mine = os.open(os.path.join(root, DISPATCHER_LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, jobs.FILE_MODE)
     try:
         fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(mine)
         return 0  # another one runs
-    identity = procs.identity_of(os.getpid())
-    if identity is not None:
-        record = json.dumps(identity.to_json()).encode()
-        jobs.atomic_write(_dispatcher_file(root, suffix=".id"), record, mode=_file_mode(root))
+    failures = 0
     try:
+        identity = procs.identity_of(os.getpid())
+        if identity is not None:
+            record = json.dumps(identity.to_json()).encode()
+            jobs.atomic_write(os.path.join(_own(root), DISPATCHER_ID), record, mode=_file_mode(root))
         while True:
-            queue_lock = _open_lock(root, os.path.join(_queue(root), ".lock"))
             try:
-                fcntl.flock(queue_lock, fcntl.LOCK_EX)
-                if _round(root) == 0:
-                    os.close(mine)
-                    mine = -1
-                    return 0
-            finally:
-                os.close(queue_lock)
+                with _queue_lock(root):
+                    if _round(root, agent_hash) == 0:
+                        os.close(mine)
+                        mine = -1
+                        return 0
+                failures = 0
+            except (OSError, jobs.AgentError) as e:
+                failures += 1
+                jobs.log_problem(root, f"the GPU queue's dispatcher: {e}")
+                if failures >= MAX_FAILED_ROUNDS:
+                    return 1
+                time.sleep(1.0)
             time.sleep(ROUND_SECONDS)
     finally:
         if mine >= 0:

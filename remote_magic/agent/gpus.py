@@ -170,11 +170,12 @@ def _size(mib: int) -> str:
     return f"{gib:.0f} GiB" if gib >= 10 or gib == int(gib) else f"{gib:.1f} GiB"
 
 
-def describe_holder(p: GpuProcess) -> str:
-    """Who holds a GPU, for a "waiting for GPU" line: another remote_magic job by its id, else the bare process."""
+def describe_holder(p: GpuProcess, memory: bool = True) -> str:
+    """Who holds a GPU: another remote_magic job by its id, else the bare process; its memory unless ``memory``
+    is False (a queued job's reason leaves it out: the reason is logged each time it changes)."""
     job = job_of(p.pid)
     who = f"job {job}" if job else "another process"
-    return f"{who} (pid {p.pid}, {_size(p.memory)})"
+    return f"{who} (pid {p.pid}" + (f", {_size(p.memory)})" if memory else ")")
 
 
 def cuda_driver_mapped(maps_path: str = "/proc/self/maps") -> bool:

@@ -98,6 +98,18 @@ def _read_stat(pid: int) -> _Stat | None:
         return None
 
 
+def owner_uid(pid: int) -> int | None:
+    """The real uid of a process (``/proc/PID/status``, readable by every user); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def identity_of(pid: int) -> ProcessIdentity | None:
     """Record right after a start, while the pid surely still names the process just started."""
     if pid <= 0:
