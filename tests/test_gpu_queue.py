@@ -248,3 +248,39 @@ def test_busy_gpu_memory_is_a_host_setting_simulated_gpus(ip, gpu_host) -> None:
     magics.hosts = {"local": {**magics.hosts["local"], "busy_gpu_memory": "lots"}}
     result = run(ip, "%%remote_train --gpu-ids 0\nx = 1\n")
     assert not result.success and "busy_gpu_memory" in str(result.error_in_exec)
+
+
+def test_a_waiting_jobs_log_grows_by_its_state_changes_not_by_another_process_memory_simulated_gpus(
+    ip, gpu_host
+) -> None:
+    """The reason names the process holding the GPU, not its memory, which moves all the time."""
+    fake.save_state(gpu_host, {**fake.read_state(gpu_host), "processes": [{"gpu": 0, "pid": 4242, "memory": 20480}]})
+    before = set(_submitted(ip))
+    assert run(ip, "%%remote_train --gpu-ids 0 --detach --no-inject\n" + SLEEP_CELL.format(seconds=0)).success
+    [job] = [j for j in _submitted(ip) if j not in before]
+    root = _root(ip)
+    for memory in range(2048, 2048 + 12 * 512, 512):  # a training process's memory, moving every half second
+        fake.save_state(
+            gpu_host, {**fake.read_state(gpu_host), "processes": [{"gpu": 0, "pid": 4242, "memory": memory}]}
+        )
+        time.sleep(0.5)
+    waited = [e["reason"] for e in _events(root, job) if e["type"] == "queued" and e.get("reason")]
+    assert waited == ["waiting for GPU 0: 0 by another process (pid 4242)"], waited
+    fake.save_state(gpu_host, {**fake.read_state(gpu_host), "processes": []})
+    _wait_all_ended(root, [job])
+
+
+def test_a_record_an_older_agent_wrote_still_starts_from_the_private_spec_simulated_gpus(ip, gpu_host) -> None:
+    """An entry in the old format (with the agent version and root it named) is started, and what it names
+    is never used: the agent comes from the job's own spec."""
+    before = set(_submitted(ip))
+    assert run(ip, "%%remote_train --gpus all --detach --no-inject\n" + SLEEP_CELL.format(seconds=2)).success
+    assert run(ip, "%%remote_train --gpus all --detach --no-inject\n" + SLEEP_CELL.format(seconds=0)).success
+    holder, waiting = [j for j in _submitted(ip) if j not in before]
+    root = _root(ip)
+    [entry] = [p for p in (root / "queue").glob("*.json") if waiting in p.name]
+    old = {"job_id": waiting, "agent": "/nonexistent/agent", "t": time.time() + 10**6, "busy_mib": 1}
+    entry.write_text(json.dumps(old | {"uid": os.getuid(), "user": "x", "root": str(root), "sweep": None}))
+    _wait_all_ended(root, [holder, waiting])
+    assert _outputs(root, waiting)["seen"] == "0,1,2,3"
+    assert _started(root, waiting)["t"] >= _outputs(root, holder)["ended"]

@@ -30,7 +30,7 @@ from conftest import run
 from host_processes import kill_processes_under
 from sshd import Sshd, make_sshd
 
-from remote_magic.agent import dispatch
+from remote_magic.agent import bootstrap, dispatch
 
 GROUP = "rm-gpuqueue"
 USERS = ("rm-alice", "rm-bob")
@@ -124,7 +124,7 @@ def shared_base(tmp_path_factory) -> Iterator[SharedHost]:  # type: ignore[no-un
 
 
 @pytest.fixture
-def shared_host(shared_base: SharedHost) -> Iterator[SharedHost]:
+def shared_host(shared_base: SharedHost, ip) -> Iterator[SharedHost]:  # type: ignore[no-untyped-def]
     """A fresh queue folder, made as README says (``install -d -m 3770 -g GROUP``), and fresh host roots."""
     global _COUNT
     _COUNT += 1
@@ -136,6 +136,9 @@ def shared_host(shared_base: SharedHost) -> Iterator[SharedHost]:
     fake.save_state(shared_base.gpus, json.loads(json.dumps(fake.read_state(shared_base.gpus))) | {"processes": []})
     host = SharedHost(shared_base.sshd, shared_base.base, queue, roots, shared_base.gpus)
     yield host
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.stop_background()
+    magics.connections.close()  # before the users' processes go: their agents serve these connections
     for user in USERS:
         subprocess.run(["pkill", "-KILL", "-u", user], check=False)
 
@@ -262,3 +265,195 @@ def test_a_missing_shared_queue_folder_is_a_clear_error(ip, tmp_path, monkeypatc
         assert "x" not in ip.user_ns
     finally:
         magics.connections.close()
+
+
+# -- a hostile member (rm-bob) against rm-alice: every attack of the second review ------------------------------
+
+VICTIM, ATTACKER = USERS
+PLANTED = ("subprocess", "json", "fcntl", "tempfile", "shutil", "signal", "socket", "secrets", "random", "pwd")
+
+
+def _as(user: str, code: str) -> str:
+    """Run Python ``code`` as ``user`` (its groups included) from ``/``; its stdout."""
+    entry = pwd.getpwnam(user)
+    done = subprocess.run(
+        ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", SYSTEM_PYTHON, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _attacker_folder(host: SharedHost) -> Path:
+    """A folder of the attacker's own in the shared queue, as its agent would make it."""
+    uid = pwd.getpwnam(ATTACKER).pw_uid
+    _as(ATTACKER, f"import os; os.mkdir({str(host.queue / f'u{uid}-hostile')!r}, 0o2750)")
+    return host.queue / f"u{uid}-hostile"
+
+
+def _write_as(user: str, files: dict[Path, str]) -> None:
+    code = "".join(f"open({str(p)!r}, 'w').write({text!r})\n" for p, text in files.items())
+    _as(user, code)
+
+
+def _started_at(root: Path, job: str) -> float:
+    return next(e["t"] for e in _events(root, job) if e["type"] == "started")
+
+
+def _marks(host: SharedHost) -> Path:
+    marks = host.base / "marks"
+    marks.mkdir(exist_ok=True)
+    marks.chmod(0o1777)
+    return marks
+
+
+def test_a_forged_record_or_a_planted_module_never_runs_code_as_another_user_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """Bob copies alice's queue record, points it at an agent of his own and puts it first, and drops modules
+    named like the stdlib's into every shared folder: alice's jobs run in order and none of his code runs as her."""
+    _configure(ip, shared_host)
+    alice = shared_host.roots[VICTIM]
+    marks = _marks(shared_host)
+    evil = shared_host.base / "evil" / "remote_magic" / "agent"
+    evil.mkdir(parents=True)
+    payload = f"import os\nopen(os.path.join({str(marks)!r}, 'ran-as-%d' % os.getuid()), 'w').close()\n"
+    for name in ("__init__.py", "cli.py", "entry.py"):
+        (evil / name).write_text(payload + ("def main(*a):\n    return 0\n" if name == "entry.py" else ""))
+    (evil.parent / "__init__.py").write_text(payload)
+    for folder in (evil, evil.parent, evil.parent.parent):
+        folder.chmod(0o755)
+    holder = _submit(ip, "alice", "--gpus all", 3)
+    waiting = _submit(ip, "alice", "--gpus all", 0)
+    [own] = [p for p in shared_host.queue.iterdir() if p.name.startswith(f"u{pwd.getpwnam(VICTIM).pw_uid}-")]
+    [entry] = [p for p in own.iterdir() if p.name.endswith(".json") and waiting in p.name]
+    mine = _attacker_folder(shared_host)
+    forged = json.loads(_as(ATTACKER, f"print(open({str(entry)!r}).read())"))  # group members may read it
+    forged |= {"agent": str(evil.parent.parent), "root": str(alice), "uid": pwd.getpwnam(VICTIM).pw_uid}
+    planted = {shared_host.queue / f"{m}.py": payload for m in PLANTED} | {mine / f"{m}.py": payload for m in PLANTED}
+    _write_as(
+        ATTACKER,
+        {
+            mine / f"{0:020d}-{waiting}.json": json.dumps(forged),
+            shared_host.queue / f"{0:020d}-{waiting}.json": json.dumps(forged),  # where an older agent looked
+            **planted,
+        },
+    )
+    refused = _as(ATTACKER, f"try:\n open({str(own / 'x.json')!r}, 'w')\nexcept PermissionError:\n print('refused')")
+    assert refused.strip() == "refused"  # nobody writes into another member's folder
+    _wait_ended(shared_host, {holder: VICTIM, waiting: VICTIM})
+    assert _started_at(alice, waiting) >= _outputs(alice, holder)["ended"]
+    assert sorted(p.name for p in marks.iterdir()) == []  # no code of bob's ran, as alice or anyone
+    # An agent version that is a path is refused before anything is imported from it.
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", bootstrap.RUN, str(alice), str(evil.parent.parent), "dispatch"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and "not an agent version" in done.stderr and not list(marks.iterdir())
+
+
+def test_hostile_files_in_the_shared_folder_neither_expose_nor_stop_the_victim_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """Links, FIFOs, malformed, huge and future-dated records, and held records that borrow the victim's
+    processes: the victim's files stay closed, `%remote_status` works, and her jobs finish in order."""
+    _configure(ip, shared_host)
+    alice_home = shared_host.base / VICTIM
+    secret = alice_home / "secret"
+    secret.write_text("alice's secret")
+    os.chown(secret, pwd.getpwnam(VICTIM).pw_uid, -1)
+    secret.chmod(0o600)
+    victims_process = subprocess.Popen(  # a process of alice's that bob's records name as theirs
+        ["setpriv", f"--reuid={pwd.getpwnam(VICTIM).pw_uid}", "--regid=0", "--clear-groups", "sleep", "120"]
+    )
+    try:
+        time.sleep(0.2)
+        stat_fields = Path(f"/proc/{victims_process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        borrowed = {"pid": victims_process.pid, "start_ticks": int(stat_fields[19]), "boot_id": boot}
+        mine = _attacker_folder(shared_host)
+        job = "20261207-000000-abcdef"
+        _as(
+            ATTACKER,
+            "import os, json\n"
+            f"q, m = {str(shared_host.queue)!r}, {str(mine)!r}\n"
+            f"os.symlink({str(secret)!r}, os.path.join(q, '.lock'))\n"
+            f"os.symlink({str(alice_home)!r}, os.path.join(q, 'held'))\n"
+            f"os.symlink({str(alice_home)!r}, os.path.join(q, 'u{pwd.getpwnam(ATTACKER).pw_uid}-link'))\n"
+            "os.mkfifo(os.path.join(q, 'x.json'))\n"
+            "os.mkfifo(os.path.join(m, 'f.json'))\n"
+            f"os.mkfifo(os.path.join(q, 'u{pwd.getpwnam(VICTIM).pw_uid}-fifo'))\n"
+            "for n, t in [('a', {'job_id': 'x'}), ('b', {}), ('c', []), ('d', {'job_id': "
+            f"{job!r}, 'wanted': 'all'}}), ('e', {{'job_id': {job!r}, 'wanted': -1, 't': 9e12}})]:\n"
+            "    open(os.path.join(m, n + '.json'), 'w').write(json.dumps(t))\n"
+            "open(os.path.join(m, 'big.json'), 'w').write('[' * 100000 + ']' * 100000)\n"
+            "open(os.path.join(m, 'deep.json'), 'w').write('[' * 30000 + ']' * 30000)\n"
+            f"open(os.path.join(m, 'dispatcher.id'), 'w').write(json.dumps({borrowed!r}))\n"
+            "os.mkdir(os.path.join(m, 'held'), 0o2750)\n"
+            f"open(os.path.join(m, 'held', 'b.json'), 'w').write(json.dumps({{'job_id': {job!r}, 'gpus': [0, 1, 2, 3],"
+            f" 'identity': {borrowed!r}}}))\n"
+            f"open(os.path.join(m, 'held', 'c.json'), 'w').write(json.dumps({{'job_id': {job!r}, 'gpus': [0, 1, 2, 3],"
+            " 't': 9e12}))\n",
+        )
+        written = time.monotonic()
+        first = _submit(ip, "alice", "--gpus all", 1)
+        second = _submit(ip, "alice", "--gpus 2", 0)
+        result = run(ip, "%remote_status --host alice")
+        assert result.success, result.error_in_exec
+        _wait_ended(shared_host, {first: VICTIM, second: VICTIM}, timeout=60)
+        alice = shared_host.roots[VICTIM]
+        # Bob's unvouched held record counted for the grace period only, never longer.
+        assert _started_at(alice, first) - time.time() + time.monotonic() - written < STALE + 5
+        assert _started_at(alice, second) >= _outputs(alice, first)["ended"]
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and secret.read_text() == "alice's secret"
+        assert not (alice / "dispatcher.log").exists() or "Traceback" not in (alice / "dispatcher.log").read_text()
+    finally:
+        victims_process.kill()
+        victims_process.wait()
+
+
+def test_another_users_entry_can_neither_jump_the_queue_nor_hold_free_gpus_past_the_grace_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """Bob's entry named to sort first, written after alice's, stays behind it; an entry of his whose GPUs are free
+    and that his (live) dispatcher never starts stops holding alice's later job after the grace period."""
+    _configure(ip, shared_host)
+    alice = shared_host.roots[VICTIM]
+    holder = _submit(ip, "alice", "--gpus all", 3)
+    ahead = _submit(ip, "alice", "--gpus 1", 1)
+    mine = _attacker_folder(shared_host)
+    sleeper = subprocess.Popen(
+        ["setpriv", f"--reuid={pwd.getpwnam(ATTACKER).pw_uid}", "--regid=0", "--clear-groups", "sleep", "120"]
+    )
+    try:
+        time.sleep(0.2)
+        ticks = int(Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        identity = {"pid": sleeper.pid, "start_ticks": ticks, "boot_id": boot}  # his own dispatcher, as it says
+        _write_as(
+            ATTACKER,
+            {
+                mine / "dispatcher.id": json.dumps(identity),
+                mine / f"{0:020d}-20261207-000000-bbbbbb.json": json.dumps(
+                    {"job_id": "20261207-000000-bbbbbb", "wanted": -1}
+                ),
+            },
+        )
+        time.sleep(1.0)
+        reasons = [e["reason"] for e in _events(alice, ahead) if e["type"] == "queued" and e.get("reason")]
+        assert reasons and "behind" not in reasons[-1], reasons  # still first in line
+        behind = _submit(ip, "alice", "--gpus 1", 0)
+        _wait_ended(shared_host, {holder: VICTIM, ahead: VICTIM, behind: VICTIM}, timeout=60)
+        freed = _outputs(alice, ahead)["ended"]
+        # Strict order held it behind bob's entry while his dispatcher might start it; past the grace, not longer.
+        assert _started_at(alice, behind) - freed < STALE + 3
+        assert _started_at(alice, ahead) >= _outputs(alice, holder)["ended"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
