@@ -7,6 +7,13 @@ these first (blocking rows: nothing is sent) and lists the smaller
 differences as warnings; ``auto_requirements`` turns the report into the
 list ``--env auto`` builds on the host.
 
+``--env auto`` asks the host's package index for each package by name and
+version.  A package index may hold a stranger's project under a private
+name, so a version that never came from an index (a local build such as
+``1.4.2+corp``, or one installed from a wheel file, a folder or a VCS URL)
+is never asked of one: the host lacking it refuses ``--env auto`` with the
+fix (its wheel, ``--find-links``, or ``--env FILE``).
+
 The client side may not import the agent's modules (``tests/test_layering``),
 so the PEP 503 name rule is repeated here.
 """
@@ -14,6 +21,7 @@ so the PEP 503 name rule is repeated here.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import sys
@@ -22,6 +30,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
+
+from .errors import HostSetupError
 
 # Packages whose major version decides whether what one side pickled loads on the other.
 MAJOR_MUST_MATCH = ("cloudpickle", "keras")
@@ -37,6 +47,7 @@ class Row:
     host: str | None  # the version on the host; None: not installed there
     fix: str
     blocking: bool
+    unpinnable: str | None = None  # why --env auto may not ask an index for this version (None: it may)
 
 
 @dataclass(repr=False)
@@ -213,6 +224,38 @@ def _host_build(name: str) -> bool:
     return _HOST_BUILDS.fullmatch(canonical(name)) is not None
 
 
+def local_origin(name: str) -> str | None:
+    """Where this kernel's ``name`` was installed from when it was no package index: the URL in its PEP 610
+    ``direct_url.json`` (a wheel file, a folder, a VCS or archive URL); None when it came from an index."""
+    try:
+        text = metadata.distribution(name).read_text("direct_url.json")
+        url = json.loads(text)["url"] if text else None
+    except (metadata.PackageNotFoundError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if isinstance(url, str) and url else None
+
+
+def _unpinnable(name: str, here: str, origin: str | None) -> str | None:
+    """Why ``--env auto`` may not ask a package index for ``name`` at this version; None when it may."""
+    if _host_build(name):
+        return None  # never pinned by --env auto: the host keeps its own build (its fix says so)
+    if "+" in here:
+        return f"{here} is a local build (+{here.split('+', 1)[1]}), which no package index has"
+    if origin:
+        return f"it was installed here from {origin}, not from a package index"
+    return None
+
+
+def _unpinnable_fix(name: str, here: str, origin: str | None, host_python_path: str) -> str:
+    """How to give the host this very build when ``--env auto`` may not ask an index for it."""
+    if origin and not origin.startswith("file:"):
+        return f"list `{name} @ {origin}` in --env FILE"
+    return (
+        f"put its wheel on the host and list the wheel's path in --env FILE (or a `--find-links FOLDER` line and "
+        f"{name}=={here}), or `{host_python_path} -m pip install` that wheel there"
+    )
+
+
 # ----------------------------------------------------------------- compare
 def compare(
     host: str,
@@ -221,13 +264,16 @@ def compare(
     python_here: str,
     python_host: str,
     host_python_path: str = "python3",
+    origins: Mapping[str, str | None] | None = None,
 ) -> EnvReport:
     """The differences between this kernel (``local``) and the host (``remote``) that matter.
 
     Blocking: another Python major.minor, a distribution missing on the
     host, another major version of cloudpickle or keras.  Warnings: any
     other major or minor difference.  Patch-only differences are not shown.
-    ``host_python_path`` names the host's interpreter in the fixes.
+    ``host_python_path`` names the host's interpreter in the fixes;
+    ``origins`` where each distribution came from when no index (default:
+    read from this kernel's metadata, see ``local_origin``).
     """
     rows: list[Row] = []
     here_py, host_py = _major_minor(python_here), _major_minor(python_host)
@@ -269,20 +315,40 @@ def compare(
             rows.append(Row(name, here, there, fix, True))
         else:
             rows.append(Row(name, here, there, f"{auto}pin it in --env FILE", False))
+    for row in rows:  # no --env auto nor an index's pin in the fix where an index could give another project
+        here = local.get(row.package) if row.package != "python" else None
+        if here is None:
+            continue
+        origin = origins.get(row.package) if origins is not None else local_origin(row.package)
+        row.unpinnable = _unpinnable(row.package, here, origin)
+        if row.unpinnable:
+            row.fix = _unpinnable_fix(row.package, here, origin, host_python_path)
     rows.sort(key=lambda row: (not row.blocking, canonical(row.package)))
     return EnvReport(host, python_here, python_host, rows)
 
 
 def auto_requirements(report: EnvReport) -> list[str]:
-    """``name==version`` (this kernel's, local label dropped) for what ``--env auto`` installs on the host.
+    """``name==version`` (this kernel's) for what ``--env auto`` installs on the host.
 
     The distributions the host lacks or has in another major.minor version;
     never python, and never torch, tensorflow*, jax, jaxlib, nvidia-* and
     their kin: the host keeps its own CUDA builds (pin them in --env FILE).
+    A version no index may be asked for (``Row.unpinnable``) is left as the
+    host has it; one the host lacks refuses ``--env auto`` (HostSetupError,
+    nothing sent), with the fix for each.
     """
+    refused = [row for row in report.rows if row.unpinnable and row.host is None]
+    if refused:
+        lines = [f"  {row.package} {row.here}: {row.unpinnable}; {row.fix}" for row in refused]
+        raise HostSetupError(
+            f"nothing was sent: --env auto installs only what a package index has, asked for by name and version, "
+            f"and an index may hold someone else's project under the same name. Host {report.host} lacks "
+            f"{len(refused)} package{'s' * (len(refused) != 1)} that came from elsewhere, each with its fix:\n"
+            + "\n".join(lines)
+        )
     pins = set()
     for row in report.rows:
-        if row.package == "python" or row.here is None or _host_build(row.package):
+        if row.package == "python" or row.here is None or _host_build(row.package) or row.unpinnable:
             continue
         if row.host is not None:
             ours, theirs = _major_minor(row.here), _major_minor(row.host)

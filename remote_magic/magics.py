@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import re
 import shlex
 import threading
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .project import ProjectError
 from .registry import Registry
 from .sweep import MODES, Sweep, SweepError, SweepRun, Trial, expand_grid, json_params, new_sweep_id
 from .transport import LOCAL_HOST
-from .ui.panel import JobView, make_panel
+from .ui.panel import JobView, format_size, make_panel
 from .ui.status import JobDetail, StatusTable
 from .ui.sweep_panel import make_sweep_panel
 
@@ -79,6 +80,51 @@ class MagicHints:
 def _list(text: str) -> list[str]:
     """A comma-separated option value, quotes and spaces around items tolerated."""
     return [item.strip() for item in text.strip().strip("'\"").split(",") if item.strip()]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ONE_LINE = (
+    "values reach command lines and Slurm's batch script on the host, where it would start a new line "
+    "(and sbatch drops the directives after it)"
+)
+
+
+def _control_problem(value: str) -> str | None:
+    """What in ``value`` would break out of its line in a shell command or a script: its first control character."""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    return "a line break" if found.group() in "\r\n" else f"the control character {found.group()!r}"
+
+
+def _parse(magic: Any, line: str) -> Any:
+    """The magic's options, each refused before anything is sent when it would not stay on one line."""
+    args = parse_argstring(magic, line)
+    options = {action.dest: (action.option_strings or [action.dest])[0] for action in magic.parser._actions}
+    for dest, value in vars(args).items():
+        problem = _control_problem(value) if isinstance(value, str) else None
+        if problem:
+            shown = value.strip("'\"")  # as typed, without the quotes around it
+            raise UsageError(
+                f"{options.get(dest, dest)} {shown!r} has {problem} in it: {_ONE_LINE}. Give it on one line, "
+                "without control characters; nothing was sent"
+            )
+    return args
+
+
+def _check_host_settings(host: str, settings: dict[str, Any]) -> None:
+    """The host's name and every string of its settings (python, root, partition, setup lines...) on one line."""
+    problem = _control_problem(host)
+    if problem:
+        raise UsageError(f"the host name {host!r} has {problem} in it: {_ONE_LINE}. Give it on one line")
+    for key, value in settings.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            problem = _control_problem(item) if isinstance(item, str) else None
+            if problem:
+                raise UsageError(
+                    f"c.RemoteMagics.hosts[{host!r}][{key!r}] {item!r} has {problem} in it: {_ONE_LINE}. Give each "
+                    "value on one line (several setup lines go as a list of strings); nothing was sent"
+                )
 
 
 def _gpu_request(
@@ -274,6 +320,7 @@ class RemoteMagics(Magics):
     def _client(self, host: str | None, python: str | None = None) -> AgentClient:
         self.connections.hosts, self.connections.ssh_config = self.hosts, self.ssh_config  # %config may change them
         self.lifecycle.reconnect_timeout, self.lifecycle.cache_limit = self.reconnect_timeout, self.cache_limit
+        _check_host_settings(host or self.default_host, dict(self.hosts.get(host or self.default_host) or {}))
         try:
             return self.connections.get(host or self.default_host, python)
         except ValueError as exc:
@@ -430,7 +477,7 @@ class RemoteMagics(Magics):
         the cell ends, the variables it assigns (and inputs it trains or
         changes in place, such as a model whose fit ran) appear here.
         """
-        args = parse_argstring(self.remote_train, line)
+        args = _parse(self.remote_train, line)
         if args.checkpoint_every < 0:
             raise UsageError("--checkpoint-every takes a number of epochs, 0 or more (0: never checkpoint)")
         if args.no_inject and not args.detach:
@@ -685,7 +732,7 @@ class RemoteMagics(Magics):
 
         Without --host: every job this machine submitted, on every host.
         """
-        args = parse_argstring(self.remote_status, line)
+        args = _parse(self.remote_status, line)
         if args.job and protocol.is_sweep_id(args.job.strip().strip("'\"")):
             client, found, _ = self._sweep_trials(args.job.strip().strip("'\""), args.host, "remote_status")
             ids = {job_id for _, _, job_id, _ in found}
@@ -714,7 +761,7 @@ class RemoteMagics(Magics):
 
         For a sweep: follow every trial into one panel, then inject the sweep object.
         """
-        args = parse_argstring(self.remote_attach, line)
+        args = _parse(self.remote_attach, line)
         sweep_id = args.job.strip().strip("'\"")
         if protocol.is_sweep_id(sweep_id):
             self._attach_sweep(sweep_id, args)
@@ -791,7 +838,7 @@ class RemoteMagics(Magics):
     @line_magic
     def remote_fetch(self, line: str) -> None:
         """Bring files a job wrote on the host into this working folder (same relative paths)."""
-        args = parse_argstring(self.remote_fetch, line)
+        args = _parse(self.remote_fetch, line)
         job_id = _job_id(args.job)
         client = self._client(self._job_host(job_id, args.host))
         request = session.FileFetch(_list(args.patterns), os.getcwd(), args.overwrite)
@@ -809,7 +856,7 @@ class RemoteMagics(Magics):
         cloudpickle, numpy, Keras and its backend, PyTorch and JAX where this
         kernel has them.
         """
-        args = parse_argstring(self.remote_env, line)
+        args = _parse(self.remote_env, line)
         client = self._client(args.host)
         client.hello()
         base = [name for name in session.BASE_PACKAGES if session.has_distribution(name)]
@@ -826,7 +873,7 @@ class RemoteMagics(Magics):
     @line_magic
     def remote_cancel(self, line: str) -> None:
         """Stop a job now: its whole process group is ended (SIGTERM, then SIGKILL)."""
-        args = parse_argstring(self.remote_cancel, line)
+        args = _parse(self.remote_cancel, line)
         if protocol.is_sweep_id(args.job.strip().strip("'\"")):
             sweep_id = args.job.strip().strip("'\"")
             client, found, _ = self._sweep_trials(sweep_id, args.host, "remote_cancel")
@@ -848,19 +895,24 @@ class RemoteMagics(Magics):
 
     @magic_arguments()
     @host_argument
-    @argument("--older-than", default="7d", help="age of finished jobs to remove: 30m, 12h, 7d, 0 (default 7d)")
+    @argument(
+        "--older-than",
+        default="7d",
+        help="age of finished jobs to remove, and of environments no job used since: 30m, 12h, 7d, 0 (default 7d)",
+    )
     @argument(
         "--include-unfetched", action="store_true", help="also remove finished jobs whose outputs were never fetched"
     )
     @argument("--dry-run", action="store_true", help="only say what would be removed")
     @line_magic
     def remote_gc(self, line: str) -> None:
-        """Remove finished jobs and the blobs no job references, on one host.
+        """Remove finished jobs, the blobs no job references and the environments no job used lately, on one host.
 
-        Running jobs are never touched; finished jobs whose outputs were not
-        fetched are kept unless --include-unfetched.
+        Running jobs are never touched, nor the environments they or a warm
+        runner use; finished jobs whose outputs were not fetched are kept
+        unless --include-unfetched.
         """
-        args = parse_argstring(self.remote_gc, line)
+        args = _parse(self.remote_gc, line)
         older_than = _seconds(args.older_than)
         client = self._client(args.host)
         result = client.gc(older_than, args.include_unfetched, args.dry_run)
@@ -868,10 +920,14 @@ class RemoteMagics(Magics):
             self.registry.remove(client.host, set(result["removed_jobs"]))
         verb = "would remove" if args.dry_run else "removed"
         agents = len(result.get("removed_agents", []))
+        unused_envs = result.get("removed_envs", [])
         print(
-            f"host {client.host}: {verb} {len(result['removed_jobs'])} jobs, {result['removed_blobs']} blobs "
-            f"and {agents} old agent versions ({result['freed_bytes'] / 1e6:.1f} MB)"
+            f"host {client.host}: {verb} {len(result['removed_jobs'])} jobs, {result['removed_blobs']} blobs, "
+            f"{agents} old agent versions and {len(unused_envs)} environments no job used within {args.older_than} "
+            f"({format_size(result['freed_bytes'])})"
         )
+        if unused_envs:
+            print(f"{verb} environments {', '.join(unused_envs)} (a later --env builds its environment again)")
         if result["kept_unfetched"]:
             print(
                 f"kept {len(result['kept_unfetched'])} finished jobs whose outputs were never fetched "

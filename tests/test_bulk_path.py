@@ -6,6 +6,7 @@ Real parts: sshd on 127.0.0.1 with throw-away keys, the system ``ssh``, the IPyt
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from sshd import Sshd, make_sshd
 
 from remote_magic.client import BULK_MIN_BYTES
 from remote_magic.errors import HostKeyError
+from remote_magic.transport.openssh import sweep_stale_pin_folders
 
 ALIAS = "bulkhost"
 BIG_CELL = """%%remote_train --host bulkhost
@@ -366,3 +368,74 @@ def test_ctrl_c_during_a_large_download_says_how_to_get_the_outputs_and_the_link
     result = run(ip, attach[1])
     assert result.success, result.error_in_exec
     assert ip.user_ns["big"].nbytes == 2**29 and float(ip.user_ns["big"][-1]) == value
+
+
+# ------------------------------------------------ the private known_hosts folders of the bulk path
+OPENS_A_BULK_PATH = """
+import sys
+from remote_magic.transport import SSHTransport
+
+transport = SSHTransport(sys.argv[1], python=sys.executable, ssh_config=sys.argv[2])
+pipe = transport.spawn_bulk(["true"])
+while pipe.read(65536):
+    pass
+print("bulk path used", flush=True)
+sys.stdin.readline()
+"""  # and ends without transport.close(), as a kernel does
+
+
+def _pin_folders(parent: Path) -> list[Path]:
+    return sorted(parent.glob("remote_magic-pin-*"))
+
+
+def _open_bulk_path(sshd: Sshd, tmp: Path):  # type: ignore[no-untyped-def]
+    """A process that logged in through the bulk path and waits for a line on stdin; its temp folder is ``tmp``."""
+    process = subprocess.Popen(
+        [PYTHON, "-c", OPENS_A_BULK_PATH, sshd.alias, str(sshd.ssh_config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, TMPDIR=str(tmp)),
+    )
+    assert process.stdout is not None and process.stdout.readline() == "bulk path used\n"
+    return process
+
+
+def test_a_process_that_ends_without_closing_leaves_no_pin_folder(sshd: Sshd, tmp_path: Path) -> None:
+    process = _open_bulk_path(sshd, tmp_path)
+    [folder] = _pin_folders(tmp_path)
+    assert folder.name.startswith(f"remote_magic-pin-{process.pid}-") and (folder / "known_hosts").exists()
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+    process.communicate("\n", timeout=30)  # it ends on its own, its connection never closed
+
+    assert process.returncode == 0 and _pin_folders(tmp_path) == []
+
+
+def test_the_pin_folder_of_a_killed_process_is_swept_by_the_next_one(sshd: Sshd, tmp_path: Path) -> None:
+    """SIGKILL leaves no chance to clean up: the folder stays until another process makes its own."""
+    killed = _open_bulk_path(sshd, tmp_path)
+    [dead] = _pin_folders(tmp_path)
+    killed.kill()
+    killed.wait()
+    assert dead.exists()
+    older = tmp_path / "remote_magic-pin-old"  # an earlier version's: no lock; stale once unused for a day
+    recent = tmp_path / "remote_magic-pin-recent"
+    older.mkdir()
+    recent.mkdir()
+    os.utime(older, (time.time() - 2 * 86400,) * 2)
+    elsewhere = tmp_path / "kept"
+    elsewhere.mkdir()
+    (tmp_path / "remote_magic-pin-link").symlink_to(elsewhere)
+
+    live = _open_bulk_path(sshd, tmp_path)
+    try:
+        [mine] = [f for f in _pin_folders(tmp_path) if f.name.startswith(f"remote_magic-pin-{live.pid}-")]
+        assert not dead.exists() and not older.exists()
+        assert recent.exists() and elsewhere.exists() and (tmp_path / "remote_magic-pin-link").is_symlink()
+
+        # A folder whose process lives is never swept, whoever sweeps.
+        assert mine not in [Path(p) for p in sweep_stale_pin_folders(str(tmp_path))] and mine.exists()
+    finally:
+        live.communicate("\n", timeout=30)
+    assert not mine.exists()

@@ -433,3 +433,73 @@ def test_env_auto_installs_the_kernels_versions_that_the_host_lacks(
     finally:
         magics.connections.close()
         _stop_warm_runners(root)
+
+
+# ------------------------------------------- --env auto asks an index only for what came from one
+@pytest.fixture
+def local_host_index(magics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The local host, whose pip is configured to use the folder returned as its only index (as pip.conf or
+    PIP_INDEX_URL would name a real one); its root is under tmp_path."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("REMOTE_MAGIC_WARM", "0")
+    root = tmp_path / "local-root"
+    magics.hosts = {**magics.hosts, "local": {"root": str(root)}}
+    try:
+        yield index
+    finally:
+        magics.connections.close()
+        _stop_warm_runners(root)
+
+
+def _kernel_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, version: str) -> None:
+    """``name`` at ``version`` installed for this kernel only, from a wheel folder of its own."""
+    wheels = tmp_path / f"{name}-wheels"
+    build_wheel(wheels, name, version)
+    target = tmp_path / f"{name}-kernel" / "site-packages"
+    _pip("install", "--no-index", "--find-links", str(wheels), "--target", str(target), f"{name}=={version}")
+    monkeypatch.syspath_prepend(str(target))
+
+
+def test_env_auto_refuses_a_local_build_rather_than_fetch_a_namesake_from_the_index(
+    ip, local_host_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """acmeutils 1.4.2+corp here; the host's index has someone else's acmeutils 1.4.2. --env auto used to pin
+    acmeutils==1.4.2 and run the cell with the stranger's package."""
+    build_wheel(local_host_index, "acmeutils", "1.4.2", source="STRANGER = True\n")
+    _kernel_has(tmp_path, monkeypatch, "acmeutils", "1.4.2+corp")
+    cell = "import acmeutils\nstranger = hasattr(acmeutils, 'STRANGER')\n"
+    root = tmp_path / "local-root"
+
+    checked = run(ip, f"%%remote_train --host local\n{cell}")  # the check alone: its fix must not be --env auto
+    assert isinstance(checked.error_in_exec, HostSetupError), checked.error_in_exec
+    [row] = _lines(str(checked.error_in_exec), " acmeutils ")
+    assert row.split()[:4] == ["*", "acmeutils", "1.4.2+corp", "missing"]
+    assert "--env auto" not in row and "wheel" in row and "--find-links FOLDER" in row
+
+    result = run(ip, f"%%remote_train --host local --env auto\n{cell}")
+
+    assert isinstance(result.error_in_exec, HostSetupError), result.error_in_exec
+    message = str(result.error_in_exec)
+    print(f"\n{message}")
+    assert message.startswith("nothing was sent: --env auto installs only what a package index has")
+    assert "  acmeutils 1.4.2+corp: 1.4.2+corp is a local build (+corp), which no package index has;" in message
+    assert "stranger" not in ip.user_ns
+    assert _folders(root / "envs") == set() and _folders(root / "jobs") == set()
+
+
+def test_env_auto_names_a_package_the_hosts_index_lacks(
+    ip, local_host_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _kernel_has(tmp_path, monkeypatch, "lostpkg", "1.0")
+    root = tmp_path / "local-root"
+
+    result = run(ip, "%%remote_train --host local --env auto\nimport lostpkg\nv = lostpkg.__version__\n")
+
+    assert result.error_in_exec is not None and "v" not in ip.user_ns
+    message = str(result.error_in_exec)
+    assert "The host's package index has no lostpkg==1.0 (pip looked where the host's pip is configured" in message
+    assert "--find-links FOLDER" in message and "was not kept" in message
+    assert _folders(root / "envs") == set() and _folders(root / "jobs") == set()

@@ -24,6 +24,7 @@ from wheels import build_wheel
 from remote_magic import envcheck
 from remote_magic.agent import envs, jobs
 from remote_magic.envcheck import EnvReport, Row
+from remote_magic.errors import HostSetupError
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 HAS_UV = shutil.which("uv") is not None
@@ -212,6 +213,16 @@ def test_a_failed_build_says_what_pip_said_and_leaves_nothing(root: str, wheelho
     assert envs.ensure(root, _requirements(wheelhouse, "tinypkg==1.0")).python
 
 
+def test_a_requirement_the_hosts_index_lacks_is_named_with_the_fix(root: str, wheelhouse: Path) -> None:
+    """What --env auto asks for by name must be on the host's index: pip's refusal becomes one that says what to do."""
+    with pytest.raises(jobs.AgentError) as failure:
+        envs.ensure(root, _requirements(wheelhouse, "tinypkg==2.0", "acme-utils==1.4.2"))
+    message = str(failure.value)
+    assert "The host's package index has no acme-utils==1.4.2 (pip looked where the host's pip is configured" in message
+    assert "--find-links FOLDER" in message and "run the cell again" in message
+    assert "No matching distribution found for acme-utils==1.4.2" in message  # pip's own words follow
+
+
 def test_a_build_over_its_time_is_stopped(root: str, wheelhouse: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hang = socket.socket()  # an index that accepts the connection and never answers
     hang.bind(("127.0.0.1", 0))
@@ -345,8 +356,65 @@ def test_auto_requirements_pins_missing_and_minor_differences_but_not_host_build
         "polars==1.9.0",
         "scikit-learn==1.5.0",
     ]
-    labelled = envcheck.compare("h", {"foo": "2.13.0+cpu", "jaxlib": "0.4.30"}, {}, "3.11.7", "3.11.7")
-    assert envcheck.auto_requirements(labelled) == ["foo==2.13.0"]
+    builds = envcheck.compare("h", {"jaxlib": "0.4.30", "torch": "2.13.0+cpu"}, {"torch": "2.11.0"}, "3.11.7", "3.11.7")
+    assert envcheck.auto_requirements(builds) == []  # the host keeps its own builds, labelled or not
+
+
+def test_env_auto_never_asks_an_index_for_a_local_build_the_host_lacks() -> None:
+    """acme-utils 1.4.2+corp used to become acme-utils==1.4.2, fetched from whatever index has that name."""
+    local = {"acme-utils": "1.4.2+corp", "polars": "1.9.0", "torch": "2.13.0+cpu"}
+    report = envcheck.compare("gpu1", local, {"torch": "2.11.0"}, "3.11.7", "3.11.7", "/opt/py", origins={})
+    rows = {row.package: row for row in report.rows}
+    acme = rows["acme-utils"]
+    assert acme.blocking and acme.unpinnable == "1.4.2+corp is a local build (+corp), which no package index has"
+    assert "--env auto" not in acme.fix and "1.4.2" not in acme.fix.replace("1.4.2+corp", "")
+    assert "wheel" in acme.fix and "--find-links FOLDER" in acme.fix and "--env FILE" in acme.fix
+    [refusal_line] = [line for line in report.refusal().splitlines() if " acme-utils " in line]
+    assert "--env auto" not in refusal_line
+    assert rows["torch"].unpinnable is None and rows["torch"].fix == "pin it in --env FILE"  # a host build, as before
+
+    with pytest.raises(HostSetupError) as refused:
+        envcheck.auto_requirements(report)
+    message = str(refused.value)
+    print(f"\n{message}")
+    assert message.startswith("nothing was sent: --env auto installs only what a package index has")
+    assert "  acme-utils 1.4.2+corp: 1.4.2+corp is a local build" in message and "--find-links FOLDER" in message
+    assert "polars" not in message
+
+    # The host has another version: the job can run, so --env auto leaves it as the host has it.
+    present = envcheck.compare("gpu1", local, {"acme-utils": "1.3.0"}, "3.11.7", "3.11.7", origins={})
+    acme = next(row for row in present.rows if row.package == "acme-utils")
+    assert not acme.blocking and acme.unpinnable and "--env auto" not in acme.fix
+    assert envcheck.auto_requirements(present) == ["polars==1.9.0"]
+
+
+def test_env_auto_never_asks_an_index_for_a_package_installed_from_elsewhere() -> None:
+    origins = {
+        "gitpkg": "git+https://example.org/gitpkg.git",
+        "wheelpkg": "file:///home/u/wheelpkg-1.0-py3-none-any.whl",
+    }
+    report = envcheck.compare("h", {"gitpkg": "0.3.0", "wheelpkg": "1.0"}, {}, "3.11.7", "3.11.7", origins=origins)
+    rows = {row.package: row for row in report.rows}
+    assert rows["gitpkg"].fix == "list `gitpkg @ git+https://example.org/gitpkg.git` in --env FILE"
+    assert rows["wheelpkg"].unpinnable == f"it was installed here from {origins['wheelpkg']}, not from a package index"
+    assert rows["wheelpkg"].fix.startswith("put its wheel on the host")
+    with pytest.raises(HostSetupError, match="lacks 2 packages that came from elsewhere"):
+        envcheck.auto_requirements(report)
+
+
+def test_local_origin_reads_where_a_distribution_came_from(
+    tmp_path: Path, wheelhouse: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pip records a wheel file given by path (PEP 610's direct_url.json), not one found by name in --find-links."""
+    wheel = build_wheel(tmp_path / "loose", "loosepkg", "1.0")
+    target = tmp_path / "site-packages"
+    for requirement in (["--no-index", wheel], ["--no-index", "--find-links", str(wheelhouse), "tinypkg==2.0"]):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "-q", "install", "--target", str(target), *requirement], check=True
+        )
+    monkeypatch.syspath_prepend(str(target))
+    assert envcheck.local_origin("loosepkg") == Path(wheel).as_uri()
+    assert envcheck.local_origin("tinypkg") is None and envcheck.local_origin("no-such-dist") is None
 
 
 def test_report_text_and_html_name_the_differences() -> None:
@@ -403,3 +471,36 @@ def test_an_installer_left_running_by_a_dead_agent_is_ended_before_the_next_buil
     finally:
         orphan.kill()
         orphan.wait()
+
+
+def test_collect_removes_envs_unused_for_the_period_unless_in_use(tmp_path: Path) -> None:
+    """Kept whatever their age: a running or queued job's env, one a live process runs from (a warm runner),
+    and one being built or reused (its lock held). A dry run only says what would go."""
+    root, now = str(tmp_path), time.time()
+    keys = {name: f"{i:016x}" for i, name in enumerate(["old", "recent", "queued", "process", "locked"])}
+    for name, key in keys.items():
+        env = tmp_path / "envs" / key
+        (env / "bin").mkdir(parents=True)
+        (env / "bin" / "python").symlink_to(sys.executable)
+        (env / "lib.so").write_bytes(b"x" * 10_000)
+        (env / envs.READY_FILE).write_text("{}")
+        age = 60 if name == "recent" else 2 * 86400
+        os.utime(env / envs.READY_FILE, (now - age, now - age))
+    python = str(tmp_path / "envs" / keys["process"] / "bin" / "python")
+    runner = subprocess.Popen(
+        [python, "-c", "print(1, flush=True); input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert runner.stdout is not None and runner.stdout.readline()  # it runs as the env's python now
+    lock = os.open(tmp_path / "envs" / f"{keys['locked']}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        assert envs.collect(root, 3600, {keys["queued"]}, dry_run=True)[0] == [keys["old"]]
+        assert (tmp_path / "envs" / keys["old"]).is_dir()
+        removed, freed = envs.collect(root, 3600, {keys["queued"]})
+    finally:
+        os.close(lock)
+        runner.communicate(b"\n", timeout=10)
+    assert removed == [keys["old"]] and freed >= 10_000
+    left = {p.name for p in (tmp_path / "envs").iterdir() if p.is_dir()}
+    assert left == set(keys.values()) - {keys["old"]}
+    assert envs.collect(root, 3600, set())[0] == sorted([keys["queued"], keys["process"], keys["locked"]])

@@ -18,7 +18,11 @@ Layout::
     envs/<key>.lock                 flock: one build of a key at a time
     envs/<key>/                     the venv (0700)
     envs/<key>/requirements.txt     the normalized list it was built from
-    envs/<key>/.ready               written last: the env is complete
+    envs/<key>/.ready               written last: the env is complete; its mtime is the env's last use
+
+Every lookup of a built env for a job (submit, launch, a version check, a
+reuse by ``ensure``) moves its last use, so ``collect`` (``%remote_gc``)
+can remove the envs no job has used for a while.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ DEFAULT_TIMEOUT = 1800.0  # seconds; REMOTE_MAGIC_ENV_TIMEOUT overrides
 TAIL_LINES = 20  # lines of the installer's output quoted in an error
 _PIP_PYTHON_OPTION = (22, 3)  # the first pip with `pip --python`
 _KEY = re.compile(r"[0-9a-f]{16}")
+# pip's and uv's words for a requirement the package index (as configured on the host) does not have
+_NOT_ON_INDEX = re.compile(r"No matching distribution found for (\S+)|Because (\S+) was not found in the package")
 _pip_version_cache: dict[str, tuple[int, ...] | None] = {}
 
 
@@ -107,12 +113,27 @@ def _bin_python(path: str) -> str:
 
 
 def env_python(root: str, key: str) -> str | None:
-    """The env's interpreter once its build finished (``.ready`` exists), else None."""
+    """The env's interpreter once its build finished (``.ready`` exists), else None.
+
+    A lookup is a use (a job submitted or launched in it, its versions asked): it moves the env's last use, so
+    ``collect`` keeps the envs that jobs still use.
+    """
     path = env_dir(root, key)
     python = _bin_python(path)
-    if os.path.exists(os.path.join(path, READY_FILE)) and os.path.exists(python):
+    ready = os.path.join(path, READY_FILE)
+    if os.path.exists(ready) and os.path.exists(python):
+        with contextlib.suppress(OSError):
+            os.utime(ready)
         return python
     return None
+
+
+def last_used(path: str) -> float:
+    """When a job last used the env at ``path``: its ``.ready``'s mtime (the folder's, for one never finished)."""
+    for candidate in (os.path.join(path, READY_FILE), path):
+        with contextlib.suppress(OSError):
+            return os.stat(candidate).st_mtime
+    return 0.0
 
 
 # ---------------------------------------------------------------- the build
@@ -135,10 +156,8 @@ def ensure(root: str, requirements_text: str, on_output: Callable[[str], None] =
     key = env_key(requirements)
     envs = jobs.ensure_dir(os.path.join(os.path.expanduser(root), ENVS_DIR))
     with _build_lock(os.path.join(envs, f"{key}.lock"), on_output):
-        python = env_python(root, key)
+        python = env_python(root, key)  # a use: moves its last use
         if python is not None:
-            with contextlib.suppress(OSError):
-                os.utime(os.path.join(env_dir(root, key), READY_FILE))  # last use, for a future clean-up
             return EnvResult(key, python, False, time.monotonic() - started)
         python = _build(env_dir(root, key), requirements, on_output, started)
         return EnvResult(key, python, True, time.monotonic() - started)
@@ -200,12 +219,25 @@ def _build(path: str, requirements: list[str], on_output: Callable[[str], None],
         quoted = "\n".join(f"  {line}" for line in tail)
         raise jobs.AgentError(
             f"could not build the Python environment for this job: {failure}, so nothing ran and the "
-            f"half-built environment was not kept. Fix the requirements list and run the cell again. "
-            f"The last lines of the build were:\n{quoted}"
+            f"half-built environment was not kept. {_build_fix(tail)} The last lines of the build were:\n{quoted}"
         ) from None
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
+
+
+def _build_fix(lines: collections.deque[str]) -> str:
+    """What to do about a failed build: for requirements the host's package index lacks, name them and say how."""
+    missing = list(dict.fromkeys(m[1] or m[2] for line in lines if (m := _NOT_ON_INDEX.search(line))))
+    if not missing:
+        return "Fix the requirements list and run the cell again."
+    return (
+        f"The host's package index has no {', '.join(missing)} (pip looked where the host's pip is configured "
+        "to: pip.conf, PIP_INDEX_URL, PIP_FIND_LINKS, and the list's own --index-url and --find-links lines). "
+        "If that name or version is a mistake, fix the requirements list; if the package is your own, put its "
+        "wheel in a folder on the host and list `--find-links FOLDER` with it in a requirements file for "
+        "--env FILE, or install it there; then run the cell again."
+    )
 
 
 class _BuildFailed(Exception):
@@ -373,6 +405,76 @@ def _has_ensurepip() -> bool:
         return util.find_spec("ensurepip") is not None
     except (ImportError, ValueError):
         return False
+
+
+# ------------------------------------------------------------ collection
+def collect(root: str, older_than: float, in_use: set[str], dry_run: bool = False) -> tuple[list[str], int]:
+    """Remove the envs no job has used for ``older_than`` seconds; (their keys, the bytes they held).
+
+    Kept whatever their age: ``in_use`` (the envs of running and queued jobs), the envs a live process of ours
+    runs from (a waiting warm runner, a job's leftovers), and an env being built or reused right now (its build
+    lock is held).  Each goes under that lock, so a build or reuse that comes meanwhile waits, then builds anew.
+    """
+    folder = os.path.join(os.path.expanduser(root), ENVS_DIR)
+    try:
+        keys = sorted(name for name in os.listdir(folder) if _KEY.fullmatch(name))
+    except FileNotFoundError:
+        return [], 0
+    cutoff = time.time() - older_than
+    running = _envs_of_live_processes(folder)
+    removed, freed = [], 0
+    for key in keys:
+        path = os.path.join(folder, key)
+        if key in in_use or key in running or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        fd = os.open(os.path.join(folder, f"{key}.lock"), os.O_RDWR | os.O_CREAT, jobs.FILE_MODE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a build or a reuse holds it
+            if last_used(path) > cutoff:
+                continue
+            size = _tree_size(path)
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(key)
+            freed += size
+        finally:
+            os.close(fd)  # the lock file stays: a build waiting on it must lock the same file as the next one
+    return removed, freed
+
+
+def _envs_of_live_processes(folder: str) -> set[str]:
+    """The envs whose interpreter a live process of ours was started as (``/proc/PID/cmdline``)."""
+    prefix = os.path.join(os.path.abspath(folder), "")
+    found: set[str] = set()
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return found
+    with entries:
+        for entry in entries:
+            try:
+                if not entry.name.isdigit() or entry.stat().st_uid != os.getuid():
+                    continue
+                with open(os.path.join(entry.path, "cmdline"), "rb") as f:
+                    program = os.path.abspath(f.read().split(b"\0", 1)[0].decode(errors="replace") or "/")
+            except OSError:
+                continue  # ended meanwhile
+            if program.startswith(prefix):
+                found.add(program[len(prefix) :].split(os.sep, 1)[0])
+    return found
+
+
+def _tree_size(path: str) -> int:
+    """Bytes of the files under ``path`` (links counted as links, not followed)."""
+    total = 0
+    for parent, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(parent, name)).st_size
+    return total
 
 
 # ------------------------------------------------------------- inspection

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -42,6 +43,7 @@ RUNNING = {"RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RE
 RUN = "import signal,sys\nsignal.signal(signal.SIGUSR2,lambda *a:setattr(sys,'_remote_magic_usr2',1))\n" + bootstrap.RUN
 
 _seen: dict[str, tuple[float, dict[str, str] | None]] = {}  # Slurm job id -> (when asked, squeue's row)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class SlurmError(jobs.AgentError):
@@ -71,18 +73,40 @@ def _write_state(path: str, record: dict[str, Any]) -> None:
     jobs.atomic_write(os.path.join(path, STATE_FILE), json.dumps(record).encode(), durable=False)
 
 
+def script_value(value: Any, what: str) -> str:
+    """``value`` as text, refused when it would add lines to the batch script or sbatch's arguments.
+
+    sbatch reads ``#SBATCH`` lines only up to the first other line: a line break in a job's name would end them
+    there, and the ``--requeue`` and ``--signal`` after it would be dropped without a word.  The client refuses
+    these values before anything is sent; this is the agent's own check.
+    """
+    text = str(value)
+    if _CONTROL.search(text):
+        raise SlurmError(
+            f"{what} {text!r} has a line break or another control character in it, which would add lines to the "
+            "job's batch script (sbatch then drops the #SBATCH lines after it); give it on one line"
+        )
+    return text
+
+
 def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[str]) -> str:
     """The batch script: Slurm's options, the host's setup lines, a check that the node sees the job, the runner.
 
-    With several jobs (a sweep's trials) it is a job array: task i runs ``job_ids[i]``.
+    With several jobs (a sweep's trials) it is a job array: task i runs ``job_ids[i]``.  A sweep's job is named by
+    the sweep's id (its trials' names hold their parameters, whose reprs may span lines).  Every value that
+    goes into the script is checked to stay on its line (SlurmError otherwise).
     """
     options = spec.get("slurm") or {}
-    name = (spec.get("sweep") or {}).get("id") if len(job_ids) > 1 else spec.get("name") or spec["job_id"]
-    home = jobs.job_dir(root, job_ids[-1])  # the folder of the job that submits: its script and Slurm's output
+    name = script_value(
+        (spec.get("sweep") or {}).get("id") or spec.get("name") or spec["job_id"], "the job's name (--name)"
+    )
+    home = script_value(
+        jobs.job_dir(root, job_ids[-1]), "the host root"
+    )  # the submitting job's: script, Slurm's output
     log = "slurm-%A_%a.out" if len(job_ids) > 1 else "slurm-%j.out"
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={shlex.quote('rm-' + str(name))}",
+        f"#SBATCH --job-name={shlex.quote('rm-' + name)}",
         f"#SBATCH --output={shlex.quote(os.path.join(home, log))}",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
@@ -91,7 +115,7 @@ def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[s
     ]
     for key in ("partition", "account", "qos", "time"):
         if options.get(key):
-            lines.append(f"#SBATCH --{key}={shlex.quote(str(options[key]))}")
+            lines.append(f"#SBATCH --{key}={shlex.quote(script_value(options[key], f'--{key}'))}")
     if options.get("gpus"):
         lines.append(f"#SBATCH --gres=gpu:{int(options['gpus'])}")
     tasks, nodes = int(options.get("tasks") or 1), int(options.get("nodes") or 1)
@@ -100,8 +124,9 @@ def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[s
     if len(job_ids) > 1:
         parallel = int((spec.get("sweep") or {}).get("parallel") or len(job_ids))
         lines.append(f"#SBATCH --array=0-{len(job_ids) - 1}%{min(parallel, len(job_ids))}")
-    lines += list(options.get("setup") or [])
+    lines += [script_value(line, "the host setting 'setup' line") for line in options.get("setup") or []]
     kind = warm.RunnerKind.for_job(root, spec)
+    script_value(kind.python, "the interpreter")
     command = [kind.python, "-c", RUN, root, agent_hash, "run-job"]
     lines += [
         f"JOBS=({' '.join(shlex.quote(job_id) for job_id in job_ids)})",
@@ -147,7 +172,13 @@ print(next((p for p in range(first, first + 200, 2) if free(p) and free(p + 1)),
 def sbatch_argv(spec: dict[str, Any], script: str) -> list[str]:
     """``sbatch --parsable`` with the host's and the cell's extra arguments (they override the script's)."""
     options = spec.get("slurm") or {}
-    return ["sbatch", "--parsable", *options.get("sbatch_args", []), *options.get("extra_args", []), script]
+    extra = [*options.get("sbatch_args", []), *options.get("extra_args", [])]
+    return [
+        "sbatch",
+        "--parsable",
+        *(script_value(arg, "the sbatch argument (--slurm, or sbatch_args)") for arg in extra),
+        script,
+    ]
 
 
 def _array_trials(root: str, spec: dict[str, Any]) -> list[str] | None:
@@ -188,10 +219,10 @@ class SlurmLauncher(Launcher):
             job_ids = found
         paths = [jobs.job_dir(root, job_id) for job_id in job_ids]
         script = os.path.join(path, SCRIPT_FILE)
-        jobs.atomic_write(script, job_script(root, agent_hash, spec, job_ids).encode())
         kind = warm.RunnerKind.for_job(root, spec)
         env = kind.environment(untagged_environment())  # each runner tags itself with its own job id
         try:
+            jobs.atomic_write(script, job_script(root, agent_hash, spec, job_ids).encode())
             done = _command(sbatch_argv(spec, script), env)
             if done.returncode != 0:
                 raise SlurmError(f"Slurm refused the job: {_one_line(done.stderr or done.stdout, 'sbatch')}")

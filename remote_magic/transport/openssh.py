@@ -14,14 +14,23 @@ ProxyCommand), a host with another key is refused before a byte is sent.
 ``BatchMode`` never prompts, ``UpdateHostKeys=no`` and the private file keep
 the user's known_hosts untouched, and ``ControlPath=none`` never rides on a
 master connection that may lead elsewhere.
+
+That known_hosts lives in a private folder per connection (``remote_magic-pin-<pid>-*`` in the temp
+folder).  It goes when the connection closes, when the object is collected, and at exit; a process
+that could not clean up (SIGKILL, a crash) leaves its folder unlocked, and the next one made sweeps it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shlex
 import shutil
+import stat
 import tempfile
+import time
+import weakref
 from dataclasses import dataclass
 
 import paramiko
@@ -34,6 +43,74 @@ BULK_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@
 # paramiko names an RSA key "ssh-rsa"; OpenSSH signs with it under three algorithm names.
 _SIGNATURE_ALGORITHMS = {"ssh-rsa": "rsa-sha2-512,rsa-sha2-256,ssh-rsa"}
 _REFUSED = ("host key verification failed", "remote host identification has changed", "no matching host key type")
+PIN_PREFIX = "remote_magic-pin-"
+_OWNER_LOCK = "owner.lock"  # flock-ed by the process that uses the folder, for as long as it lives
+_UNLOCKED_AGE = 86400.0  # seconds: a folder without a lock file (made by an older version) is stale after this
+
+
+def _make_pin_folder() -> tuple[str, int]:
+    """A new private (0700) folder for pinned keys, and the descriptor of its lock, held for this process.
+
+    The lock file is locked before it gets its name, so a sweep never finds it unlocked while its owner lives.
+    """
+    folder = tempfile.mkdtemp(prefix=f"{PIN_PREFIX}{os.getpid()}-")
+    staging = os.path.join(folder, _OWNER_LOCK + ".new")
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(staging, os.path.join(folder, _OWNER_LOCK))
+    return folder, fd
+
+
+def _remove_pin_folder(folder: str, fd: int, owner: int) -> None:
+    """Remove the folder and let go of its lock; only in the process that made it (a fork's exit leaves it)."""
+    if os.getpid() != owner:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def sweep_stale_pin_folders(parent: str | None = None) -> list[str]:
+    """Remove this user's pin folders whose process is gone (its lock is free); return their paths.
+
+    A process killed before it could clean up leaves its folder behind; its lock went with it.  Folders of
+    other users, links and anything else in the temp folder are never touched.
+    """
+    parent = parent or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(PIN_PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        try:
+            fd = os.open(os.path.join(entry.path, _OWNER_LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if time.time() - info.st_mtime > _UNLOCKED_AGE:  # an older version's, unused for a day
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its process lives
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(entry.path)
+    return removed
 
 
 def find_ssh(setting: str | None) -> str | None:
@@ -66,7 +143,10 @@ class PinnedSSH:
     def __init__(self, ssh: str, ssh_config: str | None) -> None:
         self.ssh = ssh
         self.ssh_config = ssh_config if ssh_config and os.path.exists(ssh_config) else None
-        self.folder = tempfile.mkdtemp(prefix="remote_magic-pin-")  # 0700
+        sweep_stale_pin_folders()
+        self.folder, lock = _make_pin_folder()  # 0700
+        # Removed by close(), or when this object is collected, or at exit: a kernel rarely closes its connections.
+        self._remove = weakref.finalize(self, _remove_pin_folder, self.folder, lock, os.getpid())
         self.known_hosts = os.path.join(self.folder, "known_hosts")
         self.hops: list[Hop] = []
 
@@ -152,4 +232,4 @@ class PinnedSSH:
         )
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._remove()
