@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ import cloudpickle
 import fake_nvidia_smi as fake
 import pytest
 from conftest import run
-from host_processes import kill_processes_under
+from host_processes import kill_processes_under, processes_under
 from sshd import Sshd, make_sshd
 
 from remote_magic.agent import bootstrap, dispatch
@@ -457,3 +458,51 @@ def test_another_users_entry_can_neither_jump_the_queue_nor_hold_free_gpus_past_
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_queue_an_older_agent_shared_moves_into_a_folder_of_our_own_simulated_gpus(ip, tmp_path, monkeypatch) -> None:
+    """An older agent linked the host root to the shared folder itself and kept its records at its top (and held/);
+    the next submit moves ours into a folder of our own, sets the sticky bit on a folder we own, and every job runs
+    in order."""
+    state = fake.write_state(tmp_path / "gpus.json", gpus=4)
+    fake.install(tmp_path / "bin", state)
+    monkeypatch.setenv("PATH", fake.path_with(tmp_path / "bin"))
+    queue = tmp_path / "shared-queue"
+    queue.mkdir()
+    queue.chmod(0o2770)  # as the older README made it: no sticky bit
+    root = tmp_path / "hostroot"
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.hosts = {**magics.hosts, "local": {"root": str(root), "queue": str(queue)}}
+    magics.connections.close()
+    try:
+        holder = _submit(ip, "local", "--gpus all", 3)
+        waiting = _submit(ip, "local", "--gpus all", 0)
+        for pid in processes_under(root):  # the dispatcher: the older agent's would have been gone
+            if b"dispatch" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                os.kill(pid, signal.SIGKILL)
+        own = (root / dispatch.QUEUE_DIR).resolve()
+        (queue / "held").mkdir()
+        me = {"uid": os.getuid(), "user": "root", "root": str(root.resolve()), "agent": "0" * 16, "t": time.time()}
+        for record in own.glob("*.json"):  # the waiting job's entry, as the older agent wrote it
+            (queue / record.name).write_text(json.dumps(json.loads(record.read_text()) | me))
+            record.unlink()
+        for record in (own / "held").glob("*.json"):
+            (queue / "held" / record.name).write_text(json.dumps(json.loads(record.read_text()) | me))
+            record.unlink()
+        (root / dispatch.QUEUE_DIR).unlink()
+        (root / dispatch.QUEUE_DIR).symlink_to(queue)
+        later = _submit(ip, "local", "--gpus 1", 0)
+        assert (root / dispatch.QUEUE_DIR).resolve().parent == queue.resolve()
+        assert queue.stat().st_mode & stat.S_ISVTX  # ours: upgraded in place
+        deadline = time.monotonic() + 60
+        ended = {"done", "error", "cancelled"}
+        while time.monotonic() < deadline and not all(
+            (_events(root, j)[-1:] or [{}])[0].get("type") in ended for j in (holder, waiting, later)
+        ):
+            time.sleep(0.2)
+        runs = {j: _outputs(root, j) for j in (holder, waiting, later)}
+        assert runs[holder]["ended"] <= runs[waiting]["began"] <= runs[waiting]["ended"] <= runs[later]["began"]
+        assert not list(queue.glob("*.json")) and not list((queue / "held").glob("*.json"))
+    finally:
+        magics.connections.close()
+        kill_processes_under(root)
