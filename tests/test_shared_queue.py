@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import fake_nvidia_smi as fake
@@ -217,6 +218,15 @@ def test_two_users_share_one_gpu_queue_in_one_order_simulated_gpus(ip, shared_ho
     assert stat.S_IMODE(alice.stat().st_mode) == 0o700 and (alice / dispatch.QUEUE_DIR).is_symlink()
 
 
+def _local_host_on(ip, queue: Path, tmp_path: Path) -> tuple[Path, Any]:  # type: ignore[no-untyped-def]
+    """The local host with a root of its own, on the shared queue ``queue``."""
+    root = tmp_path / "hostroot"
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.hosts = {**magics.hosts, "local": {"root": str(root), "queue": str(queue)}}
+    magics.connections.close()
+    return root, magics
+
+
 def test_an_entry_whose_owner_has_no_dispatcher_left_blocks_nobody_simulated_gpus(ip, tmp_path, monkeypatch) -> None:
     """Another user's entry, queued long ago, whose dispatcher is gone: our job is not held behind it."""
     state = fake.write_state(tmp_path / "gpus.json", gpus=2)
@@ -234,10 +244,7 @@ def test_an_entry_whose_owner_has_no_dispatcher_left_blocks_nobody_simulated_gpu
     os.chown(folder, someone, -1)
     os.chown(entry, someone, -1)
     time.sleep(2.5)  # written before the grace period: it counts only while its owner's dispatcher runs
-    root = tmp_path / "hostroot"
-    magics = ip.magics_manager.registry["RemoteMagics"]
-    magics.hosts = {**magics.hosts, "local": {"root": str(root), "queue": str(queue)}}
-    magics.connections.close()
+    root, magics = _local_host_on(ip, queue, tmp_path)
     try:
         job = _submit(ip, "local", "--gpus 1", 0)
         deadline = time.monotonic() + 60
@@ -470,10 +477,7 @@ def test_a_queue_an_older_agent_shared_moves_into_a_folder_of_our_own_simulated_
     queue = tmp_path / "shared-queue"
     queue.mkdir()
     queue.chmod(0o2770)  # as the older README made it: no sticky bit
-    root = tmp_path / "hostroot"
-    magics = ip.magics_manager.registry["RemoteMagics"]
-    magics.hosts = {**magics.hosts, "local": {"root": str(root), "queue": str(queue)}}
-    magics.connections.close()
+    root, magics = _local_host_on(ip, queue, tmp_path)
     try:
         holder = _submit(ip, "local", "--gpus all", 3)
         waiting = _submit(ip, "local", "--gpus all", 0)

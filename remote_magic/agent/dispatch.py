@@ -427,17 +427,20 @@ def _checked_sweep(value: Any) -> Any:
     return (value["id"], parallel or 0)
 
 
+def _records(folder: str, uid: int) -> Iterator[tuple[str, dict[str, Any], int]]:
+    """(file, record, ctime ns) of each readable ``*.json`` record of ``uid`` in ``folder``."""
+    for name in _names(folder, RECORDS_PER_FOLDER):
+        if name.endswith(".json"):
+            file = os.path.join(folder, name)
+            read = _read_record(file, uid)
+            if read is not None:
+                yield file, *read
+
+
 def _entries(folder: str, uid: int) -> list[Entry]:
     """The valid entries in one user's queue folder, in queue order."""
     found = []
-    for name in _names(folder, RECORDS_PER_FOLDER):
-        if not name.endswith(".json"):
-            continue
-        file = os.path.join(folder, name)
-        read = _read_record(file, uid)
-        if read is None:
-            continue
-        record, written_ns = read
+    for file, record, written_ns in _records(folder, uid):
         wanted, sweep = _checked_wanted(record.get("wanted")), _checked_sweep(record.get("sweep"))
         if not protocol.is_job_id(record.get("job_id")) or wanted is _INVALID or sweep is _INVALID:
             continue
@@ -454,14 +457,7 @@ def _held_in(folder: str, uid: int, mine: bool) -> list[Held]:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
         return []
     found = []
-    for name in _names(held_dir, RECORDS_PER_FOLDER):
-        if not name.endswith(".json"):
-            continue
-        file = os.path.join(held_dir, name)
-        read = _read_record(file, uid)
-        if read is None:
-            continue
-        record, written_ns = read
+    for file, record, written_ns in _records(held_dir, uid):
         ids, sweep = _gpu_list(record.get("gpus"), allow_empty=True), record.get("sweep")
         if not protocol.is_job_id(record.get("job_id")) or ids is None:
             continue
