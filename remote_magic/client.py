@@ -323,10 +323,11 @@ class AgentClient:
         header = json.dumps([[digest, buffer.nbytes] for digest, buffer in blobs]).encode() + b"\n"
         self.call("put-blobs", stdin=[header, *(buffer for _, buffer in blobs)])
 
-    def fetch_files(self, job_id: str, patterns: list[str]) -> list[tuple[str, str, int]]:
-        """The job's files that match ``patterns``, stored as blobs on the host: (path, sha256, size)."""
-        answer = self.call_json("fetch-files", job_id, *patterns)
-        return [(rel, digest, size) for rel, digest, size in answer["files"]]
+    def fetch_files(self, job_id: str, patterns: list[str], max_files: int, max_bytes: int) -> Any:
+        """The host's answer, unchecked: the job's files that match ``patterns`` (at most this many and this
+        large), stored as blobs there (``files``: [path, sha256, size]), and the cell's folder in its layout."""
+        bounds = ["--max-files", str(max_files), "--max-bytes", str(max_bytes)]
+        return self.call_json("fetch-files", job_id, *bounds, "--", *patterns)
 
     def versions(self, distributions: list[str], env: str | None = None) -> dict[str, Any]:
         """``{"python": version, "versions": {distribution: version or None}}`` on the host (or in an env)."""

@@ -558,6 +558,8 @@ class RemoteMagics(Magics):
             raise UsageError(str(exc)) from None
         self._note_slow_path(client, panel)
         self.registry.add(client.host, job_id, args.name, self._notebook_path())
+        if fetch is not None:  # where this folder lies in the job's layout: files land in it, never above
+            fetch.layout_cwd = submissions[0].cwd
         if args.detach:
             print(
                 f"job {job_id} submitted to host {client.host}; it runs on. "

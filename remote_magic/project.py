@@ -13,8 +13,9 @@ the imports of what travels are followed until nothing new is found.
 Data files: ``--files`` names files, folders and globs relative to the working
 directory; they keep the layout the user sees, relative to the deepest folder shared
 with the working directory.  Folder walks leave out ``.git``, ``.venv``,
-``__pycache__``, ``.ipynb_checkpoints`` and what ``.gitignore`` files ignore; a file
-named explicitly (or matched by a glob) always travels.
+``__pycache__``, ``.ipynb_checkpoints`` and what git ignores (``.gitignore`` files,
+``.git/info/exclude``, ``core.excludesFile``: read as git reads them, without running
+git); a file named explicitly (or matched by a glob) always travels.
 
 Hashing a large folder again is free: ``HashCache`` keeps each file's sha256 keyed by
 its path, size, mtime, ctime, inode and device in a small sqlite database.
@@ -372,28 +373,40 @@ def _translate(pattern: str) -> str:
 
 
 class _Walker:
-    """Walks folders the way ``git add`` would see them; remembers the .gitignore files it has read."""
+    """Walks folders the way ``git add`` would see them; remembers the ignore files it has read."""
 
     def __init__(self, boundary: str, skip_file: Callable[[str], bool] | None = None) -> None:
         self.boundary = boundary  # outside any git repository, .gitignore files above this are not read
         self.skip_file = skip_file
         self._loaded: dict[str, _IgnoreFile | None] = {}
+        self._repositories: dict[str, tuple[_IgnoreFile, ...]] = {}
         self.ignored: list[str] = []  # what .gitignore rules left out, for the message when nothing is left
 
     def _ignore_file(self, folder: str) -> _IgnoreFile | None:
         if folder not in self._loaded:
-            try:
-                with open(os.path.join(folder, ".gitignore"), encoding="utf-8", errors="replace") as f:
-                    self._loaded[folder] = _IgnoreFile(folder, f.read().splitlines())
-            except OSError:
-                self._loaded[folder] = None  # none there, or unreadable: no rules
+            lines = _lines_of(os.path.join(folder, ".gitignore"))
+            self._loaded[folder] = None if lines is None else _IgnoreFile(folder, lines)
         return self._loaded[folder]
+
+    def _repository_rules(self, top: str) -> tuple[_IgnoreFile, ...]:
+        """Git's other ignore sources for the repository whose work tree is ``top``, weakest first:
+        ``core.excludesFile`` (default ``~/.config/git/ignore``), then ``.git/info/exclude``."""
+        if top not in self._repositories:
+            git_dir = _git_common_dir(top)
+            found = []
+            for source in (_excludes_file(top, git_dir), os.path.join(git_dir, "info", "exclude")):
+                lines = _lines_of(source) if source else None
+                if lines:
+                    found.append(_IgnoreFile(top, lines))
+            self._repositories[top] = tuple(found)
+        return self._repositories[top]
 
     def _inherited(self, top: str) -> tuple[_IgnoreFile, ...]:
         """The .gitignore files above ``top`` that apply inside it, outermost first: up to the repository's
         root (the folder holding ``.git``), or, outside any repository, up to the boundary."""
         chain: list[str] = []
         folder = top
+        repository: tuple[_IgnoreFile, ...] = ()
         while not os.path.lexists(os.path.join(folder, ".git")):
             parent = os.path.dirname(folder)
             if parent == folder:  # no repository above: keep only what lies inside the boundary
@@ -401,8 +414,10 @@ class _Walker:
                 break
             folder = parent
             chain.append(folder)
+        else:
+            repository = self._repository_rules(folder)
         found = (self._ignore_file(folder) for folder in reversed(chain))
-        return tuple(f for f in found if f is not None)
+        return repository + tuple(f for f in found if f is not None)
 
     def walk(self, top: str, rel_top: str) -> list[tuple[str, str, os.stat_result]]:
         """(rel, local, stat) of every regular file below ``top``; rel is ``rel_top`` + the path inside it.
@@ -424,7 +439,7 @@ class _Walker:
                 ) from None
             names = {entry.name for entry in entries}
             if ".git" in names and folder != top:
-                rules = ()  # a nested repository: its own .gitignore files only
+                rules = self._repository_rules(folder)  # a nested repository: its own ignore files only
             if ".gitignore" in names:
                 own = self._ignore_file(folder)
                 if own is not None:
@@ -460,6 +475,90 @@ class _Walker:
                     found.append((rel, path, st))
                 # sockets, pipes, devices: not data
         return found
+
+
+def _lines_of(path: str) -> list[str] | None:
+    """The lines of a text file; None when it is missing or unreadable (no rules, as git does)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().splitlines()
+    except OSError:
+        return None
+
+
+def _git_common_dir(top: str) -> str:
+    """The folder holding ``info/exclude`` and ``config`` of the work tree ``top``: its ``.git`` folder, or
+    where a ``.git`` file points (``gitdir: ...`` of a submodule or a worktree, whose ``commondir`` leads on)."""
+    git = os.path.join(top, ".git")
+    if os.path.isdir(git):
+        return git
+    lines = _lines_of(git) or [""]
+    pointed = lines[0].removeprefix("gitdir:").strip() if lines[0].startswith("gitdir:") else ""
+    if not pointed:
+        return git
+    git_dir = os.path.join(top, os.path.expanduser(pointed))
+    common = (_lines_of(os.path.join(git_dir, "commondir")) or [""])[0].strip()
+    return os.path.normpath(os.path.join(git_dir, common)) if common else git_dir
+
+
+def _excludes_file(top: str, git_dir: str) -> str | None:
+    """Where ``core.excludesFile`` points for the work tree ``top``, read from git's config files as git
+    reads them (system, global, the repository's; the last setting wins), without running git."""
+    home = os.path.expanduser("~")
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    configs = [] if os.environ.get("GIT_CONFIG_NOSYSTEM") else ["/etc/gitconfig"]
+    configs += (
+        [os.environ["GIT_CONFIG_GLOBAL"]]
+        if os.environ.get("GIT_CONFIG_GLOBAL")
+        else [
+            os.path.join(xdg, "git", "config"),
+            os.path.join(home, ".gitconfig"),
+        ]
+    )
+    configs.append(os.path.join(git_dir, "config"))
+    value = None
+    for config in configs:
+        value = _config_value(_lines_of(config) or [], "core", "excludesfile") or value
+    if value is None:
+        return os.path.join(xdg, "git", "ignore")
+    return os.path.join(top, os.path.expanduser(value)) if value else None
+
+
+def _config_value(lines: list[str], section: str, key: str) -> str | None:
+    """The last ``key`` of ``[section]`` in git config lines (names without case; quotes, escapes and
+    comments as git reads them); None when it is not set.  Includes are not followed."""
+    value, inside = None, False
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("["):
+            end = line.find("]")
+            inside = end > 0 and line[1:end].strip().lower() == section
+            line = line[end + 1 :].strip() if end > 0 else ""
+        if not inside or not line or line[0] in "#;":
+            continue
+        name, equals, rest = line.partition("=")
+        if name.strip().lower() == key:
+            value = _config_text(rest) if equals else ""
+    return value
+
+
+def _config_text(text: str) -> str:
+    """A git config value: quotes removed, ``\\`` escapes read, a comment (``#``, ``;``) outside quotes cut."""
+    out, quoted, i = [], False, 0
+    text = text.strip()
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            quoted = not quoted
+        elif c == "\\" and i + 1 < len(text):
+            i += 1
+            out.append({"n": "\n", "t": "\t", "b": "\b"}.get(text[i], text[i]))
+        elif c in "#;" and not quoted:
+            break
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out).strip()
 
 
 def _ignored(rules: tuple[_IgnoreFile, ...], path: str, is_dir: bool) -> bool:

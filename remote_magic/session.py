@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import capture, envcheck, payload, project, upload
-from .agent import codec, protocol
+from .agent import codec, layout, protocol
 from .cache import BlobCache
 from .client import AgentClient
 from .errors import ConnectionFailed, JobLost, RemoteExecutionError, RemoteMagicError
@@ -545,11 +546,21 @@ def fetch_checkpoint(client: AgentClient, job_id: str) -> tuple[dict[str, Any], 
 
 @dataclass
 class FileFetch:
-    """``--fetch``: the job's files matching ``patterns`` come back into ``folder`` (the kernel's working folder)."""
+    """``--fetch``: the job's files matching ``patterns`` come back into ``folder`` (the kernel's working folder).
+
+    ``layout_cwd`` is ``folder``'s place inside the job's layout (the
+    submission's ``cwd``) when the caller knows it; otherwise the host says,
+    and its word counts only as far as ``folder`` really ends with that path.
+    The bounds default to the kernel's ``REMOTE_MAGIC_FETCH_MAX_FILES`` and
+    ``REMOTE_MAGIC_FETCH_MAX_BYTES``, else the agent's defaults.
+    """
 
     patterns: list[str]
     folder: str
     overwrite: bool = False
+    layout_cwd: str | None = None
+    max_files: int | None = None
+    max_bytes: int | None = None
 
 
 def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: BlobCache | None = None) -> list[str]:
@@ -558,13 +569,19 @@ def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: Blo
     Each file arrives whole (a temporary file renamed into place, never a
     partial one).  A local file with other content is kept and the fetched
     one saved beside it (``model.<job id>.keras``) unless ``overwrite``.
+    Whatever the host answers, nothing is written outside this folder's copy
+    of the job's layout: every path is checked before the first file is.
     """
-    found = client.fetch_files(job_id, request.patterns)
+    max_files, max_bytes = fetch_bounds(request)
+    answer = client.fetch_files(job_id, request.patterns, max_files, max_bytes)
+    found = _fetched_list(answer, max_files, max_bytes)
     if not found:
         return [f"--fetch {','.join(request.patterns)}: no file of job {job_id} matched"]
+    folder = os.path.realpath(request.folder)
+    layout_root = _local_layout_root(folder, request.layout_cwd, answer.get("cwd"))
+    targets = [_local_target(layout_root, folder, rel) for rel, _, _ in found]
     notes, saved = [], []
-    for rel, digest, size in found:
-        target = os.path.join(request.folder, *rel.split("/"))
+    for (rel, digest, size), target in zip(found, targets, strict=True):
         if os.path.isfile(target) and _same_content(target, digest, size):
             saved.append(f"{rel} (unchanged)")
             continue
@@ -573,12 +590,105 @@ def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: Blo
             beside = f"{stem}.{job_id}{ext}"
             notes.append(
                 f"{rel} exists here with other content: kept it, saved the job's as "
-                f"{os.path.relpath(beside, request.folder)} (--fetch-overwrite replaces it)"
+                f"{os.path.relpath(beside, folder)} (--fetch-overwrite replaces it)"
             )
             target = beside
         _fetch_file(client, digest, size, target, None if client.is_local else cache or BlobCache())
-        saved.append(f"{os.path.relpath(target, request.folder)} ({size:,} bytes)")
+        saved.append(f"{os.path.relpath(target, folder)} ({size:,} bytes)")
     return [f"fetched: {', '.join(saved)}", *notes]
+
+
+def fetch_bounds(request: FileFetch) -> tuple[int, int]:
+    """(files, bytes) one fetch may bring back: the request's, else the kernel's environment, else the defaults."""
+    files, size = request.max_files, request.max_bytes
+    setting = os.environ.get(layout.FETCH_MAX_FILES_SETTING, "").strip()
+    if files is None and setting:
+        if not setting.isdigit() or int(setting) < 1:
+            raise RemoteMagicError(
+                f"{layout.FETCH_MAX_FILES_SETTING} takes how many files one fetch may bring back (1 or more), "
+                f"not {setting!r}"
+            )
+        files = int(setting)
+    setting = os.environ.get(layout.FETCH_MAX_BYTES_SETTING, "").strip()
+    if size is None and setting:
+        try:
+            size = memory_mib(setting, layout.FETCH_MAX_BYTES_SETTING) << 20
+        except ValueError as exc:
+            raise RemoteMagicError(str(exc)) from None
+        if size < 1:
+            raise RemoteMagicError(f"{layout.FETCH_MAX_BYTES_SETTING} takes a size of 1MiB or more, not {setting!r}")
+    return files or layout.FETCH_MAX_FILES, size or layout.FETCH_MAX_BYTES
+
+
+def _fetched_list(answer: object, max_files: int, max_bytes: int) -> list[tuple[str, str, int]]:
+    """The host's list of fetched files, each [path, sha256, size], checked before it is used: the digest
+    names a file in the local cache and the size how much is read."""
+    files = answer.get("files") if isinstance(answer, dict) else None
+    if not isinstance(files, list) or not all(
+        isinstance(entry, list)
+        and len(entry) == 3
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], str)
+        and _SHA256.fullmatch(entry[1]) is not None
+        and isinstance(entry[2], int)
+        and entry[2] >= 0
+        for entry in files
+    ):
+        raise RemoteMagicError(
+            "the host's answer to --fetch is not a list of [path, sha256, size]; nothing was written"
+        )
+    if len(files) > max_files or sum(size for _, _, size in files) > max_bytes:
+        raise RemoteMagicError(
+            f"the host's answer to --fetch lists {len(files):,} files, more than the bounds of this fetch "
+            f"({max_files:,} files, {max_bytes:,} bytes); nothing was written"
+        )
+    return [(rel, digest, size) for rel, digest, size in files]
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _local_layout_root(folder: str, layout_cwd: str | None, host_cwd: object) -> str:
+    """The local folder that mirrors the job's layout root: ``folder`` (which mirrors the cell's working
+    folder) climbed as many levels as the cell's folder lies inside the layout.  The host's word for that
+    is taken only when it is a plain relative path that ``folder`` really ends with; else no climbing."""
+    offset = layout_cwd if layout_cwd is not None else host_cwd
+    if not isinstance(offset, str) or _fetched_path_problem(offset or ".") or ".." in offset.split("/"):
+        return folder
+    parts = [part for part in offset.split("/") if part not in ("", ".")]
+    root = folder
+    for part in reversed(parts):
+        if layout_cwd is None and os.path.basename(root) != part:
+            return folder  # the kernel is elsewhere now: files land in this folder only
+        root = os.path.dirname(root)
+    return root
+
+
+def _fetched_path_problem(rel: str) -> str | None:
+    """Why a path the host answered cannot be used here, or None: absolute, empty, control characters."""
+    if not rel or any(ord(c) < 32 or c == "\x7f" for c in rel):
+        return "which is empty or has control characters"
+    if (
+        rel.startswith("/")
+        or os.path.isabs(rel)
+        or any(sep in rel for sep in (os.sep, os.altsep) if sep and sep != "/")
+    ):
+        return "which is absolute (or uses this system's separators)"
+    return None
+
+
+def _local_target(layout_root: str, folder: str, rel: str) -> str:
+    """Where a fetched file goes: ``rel`` below ``folder``, refused unless it stays inside ``layout_root``."""
+    problem = _fetched_path_problem(rel)
+    if problem is None:
+        target = os.path.normpath(os.path.join(folder, *rel.split("/")))
+        if target.startswith(layout_root.rstrip(os.sep) + os.sep):
+            return target
+        problem = f"which would land outside {layout_root}, this kernel's copy of the job's layout"
+    raise RemoteMagicError(
+        f"--fetch: the host answered with the path {rel!r}, {problem}; nothing was written. Fetch from the "
+        "folder the job was started in, with patterns inside the job's folder"
+    )
 
 
 def _fetch_file(client: AgentClient, digest: str, size: int, target: str, cache: BlobCache | None) -> None:

@@ -129,7 +129,7 @@ def test_a_cell_that_overwrites_a_shipped_file_leaves_the_stored_copy_intact(ip,
     original = (project / "data" / "train.csv").read_text()
     clobber = "%%remote_train --host testhost --files ../data\nopen('../data/train.csv', 'w').write('garbage')\n"
     assert run(ip, clobber).success
-    assert "stored copies were dropped" in capsys.readouterr().out
+    assert "files written: ../data/train.csv" in capsys.readouterr().out  # its own copy: what the job wrote
     assert (project / "data" / "train.csv").read_text() == original  # the local file is never touched
     read = "%%remote_train --host testhost --files ../data\ntext = open('../data/train.csv').read()\n"
     assert run(ip, read).success
@@ -244,10 +244,16 @@ def test_image_dataset_from_a_folder_shipped_with_files(ip, tmp_path, monkeypatc
 
 
 def test_job_files_on_the_host_are_private(ip, project, sshd) -> None:
-    cell = "%%remote_train --host testhost --files ../data/train.csv\nn = len(open('../data/train.csv').read())\n"
+    cell = (
+        "%%remote_train --host testhost --files ../data/train.csv\n"
+        "import os\n"
+        "n = len(open('../data/train.csv').read())\n"
+        "mode = os.stat('../data/train.csv').st_mode & 0o777\n"
+    )
     assert run(ip, cell).success
+    assert ip.user_ns["mode"] == 0o600  # the job's own copy, private
     job = max((sshd.host_root / "jobs").iterdir())
-    assert (job / "work" / "data" / "train.csv").exists()
+    assert not (job / "work" / "data" / "train.csv").exists()  # unchanged: removed when the job ended
     for folder, _, files in os.walk(job):
         assert os.stat(folder).st_mode & 0o077 == 0, folder
         for name in files:

@@ -53,6 +53,14 @@ def _rels(fileset: FileSet | list[project.ProjectFile]) -> list[str]:
     return [f.rel for f in files]
 
 
+@pytest.fixture(autouse=True)
+def _no_git_settings_of_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """collect_files reads git's global ignore file as git does: keep this machine's out of the tests."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-xdg"))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+
+
 @pytest.fixture
 def cache(tmp_path: Path) -> HashCache:
     return HashCache(str(tmp_path / "state" / "hashes.sqlite"))
@@ -414,6 +422,55 @@ def test_outside_a_repository_rules_above_the_layout_root_are_not_read(tmp_path:
     _write(tmp_path / ".gitignore", "*.csv\n")
     _write(tmp_path / "work" / "data" / "a.csv", "a")
     assert _rels(collect_files("data", cwd=str(tmp_path / "work"), cache=cache)) == ["data/a.csv"]
+
+
+@pytest.fixture
+def git_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A home of its own for git's global settings, read the same way by git and by collect_files."""
+    home, xdg = tmp_path / "home", tmp_path / "home" / ".config"
+    home.mkdir()
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(xdg), "GIT_CONFIG_NOSYSTEM": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("GIT_CONFIG_GLOBAL", raising=False)
+    return {**os.environ, **env}
+
+
+def _git(env: dict[str, str], repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def _not_ignored_by_git(env: dict[str, str], repo: Path, folder: str) -> list[str]:
+    return sorted(_git(env, repo, "ls-files", "--others", "--exclude-standard", "--", folder).split())
+
+
+@pytest.mark.parametrize("where", ["default", "home", "repository"])
+def test_git_info_exclude_and_core_excludes_file_leave_out_what_git_leaves_out(
+    tmp_path: Path, cache: HashCache, git_home: dict[str, str], where: str
+) -> None:
+    """A real repository: ``.git/info/exclude`` and ``core.excludesFile`` (git's default file, one named in
+    ``~/.gitconfig``, one named in the repository's config) leave out of --files exactly what git leaves out."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(git_home, repo, "init", "-q")
+    for rel in ["a.csv", "b.log", "c.tmp", "keep.tmp", "sub/d.bak", "sub/e.txt", "private/f.txt", "x.npy"]:
+        _write(repo / "data" / rel, rel)
+    _write(repo / "data" / ".gitignore", "!keep.tmp\n")  # a .gitignore outranks both other sources
+    _write(repo / ".git" / "info" / "exclude", "# local only\n*.log\nprivate/\n")
+    home = Path(git_home["HOME"])
+    if where == "default":
+        _write(home / ".config" / "git" / "ignore", "*.tmp\n*.bak\n")
+    elif where == "home":
+        _write(home / ".gitconfig", '[user]\n\tname = x\n[core]\n\texcludesFile = "~/my ignore" ; a comment\n')
+        _write(home / "my ignore", "*.tmp\n*.bak\n")
+        _write(home / ".config" / "git" / "ignore", "*.csv\n")  # not read: core.excludesFile names another
+    else:
+        _write(home / ".gitconfig", "[core]\n\texcludesfile = ~/unused\n")
+        _git(git_home, repo, "config", "core.excludesFile", str(tmp_path / "repo-ignore"))
+        _write(tmp_path / "repo-ignore", "*.tmp\nsub/*.bak\n")
+    expected = _not_ignored_by_git(git_home, repo, "data")
+    assert "data/b.log" not in expected and "data/c.tmp" not in expected and "data/keep.tmp" in expected
+    assert _rels(collect_files("data", cwd=str(repo), cache=cache)) == expected
 
 
 def test_a_missing_path_names_itself_and_the_folder(tree: Path) -> None:

@@ -9,8 +9,10 @@ import signal
 import time
 
 import numpy as np
+import pytest
 from conftest import MODEL_CELL, run
 from test_lifecycle import _submitted_job_id
+from wheels import build_wheel
 
 from remote_magic.agent import protocol
 from remote_magic.errors import JobLost
@@ -139,3 +141,56 @@ def _running_jobs(root) -> set[str]:
         if json.loads(events[-1])["type"] not in ("done", "error", "cancelled"):
             running.add(job_id)
     return running
+
+
+def _built_env(ip, capsys, requirements: str, cell: str) -> str:  # type: ignore[no-untyped-def]
+    """Run ``cell`` with ``--env requirements``; the key of the environment it built."""
+    assert run(ip, f"%%remote_train --host testhost --env {requirements}\n{cell}").success
+    return re.findall(r"built environment (\S+) on host testhost", capsys.readouterr().out)[-1]
+
+
+def _gc(ip, capsys, options: str) -> str:  # type: ignore[no-untyped-def]
+    assert run(ip, f"%remote_gc --host testhost {options}").success
+    return capsys.readouterr().out
+
+
+def test_gc_removes_environments_no_job_used_within_older_than(
+    ip, sshd, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Two environments built by real jobs; one was last used two days ago. A running job keeps its own."""
+    for version in ("1.0", "2.0"):
+        build_wheel(tmp_path / "wheels", "gcpkg", version)
+        (tmp_path / f"req{version}.txt").write_text(
+            f"--no-index\n--find-links {tmp_path / 'wheels'}\ngcpkg=={version}\n"
+        )
+    monkeypatch.chdir(tmp_path)
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    monkeypatch.setattr(magics, "warm_runner", False)  # a warm runner from an env would keep it (tested below)
+    old = _built_env(ip, capsys, "req1.0.txt", "import gcpkg\nv = gcpkg.__version__\n")
+    recent = _built_env(ip, capsys, "req2.0.txt", "import gcpkg\nv = gcpkg.__version__\n")
+    assert ip.user_ns["v"] == "2.0"
+    envs_root = sshd.host_root / "envs"
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(envs_root / old / ".ready", (two_days_ago, two_days_ago))
+
+    out = _gc(ip, capsys, "--older-than 1d --dry-run")
+    assert "1 environments no job used within 1d" in out and f"would remove environments {old} " in out, out
+    assert (envs_root / old).is_dir()
+
+    out = _gc(ip, capsys, "--older-than 1d")
+    with capsys.disabled():
+        print(f"\n%remote_gc --host testhost --older-than 1d:\n{out}")
+    assert f"removed environments {old} " in out and recent not in out
+    assert re.search(r"\(\d+\.\d [KMG]B\)", out), out  # what the environment held
+    assert not (envs_root / old).exists() and (envs_root / recent / ".ready").exists()
+
+    # A job running in it keeps an environment, however long ago it was built or last used.
+    assert run(ip, "%%remote_train --host testhost --env req2.0.txt --detach\nimport time\ntime.sleep(60)\n").success
+    job_id = _submitted_job_id(capsys.readouterr().out)
+    _wait_for(ip, job_id, "testhost", lambda r: r["state"] == "running")
+    os.utime(envs_root / recent / ".ready", (two_days_ago, two_days_ago))
+    assert "and 0 environments" in _gc(ip, capsys, "--older-than 1d") and (envs_root / recent).is_dir()
+    assert run(ip, f"%remote_cancel {job_id} --host testhost").success
+    os.utime(envs_root / recent / ".ready", (two_days_ago, two_days_ago))
+    assert f"removed environments {recent} " in _gc(ip, capsys, "--older-than 1d")
+    assert not (envs_root / recent).exists()

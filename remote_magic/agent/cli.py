@@ -187,7 +187,8 @@ def cmd_put_blobs(root: str, agent_hash: str, args: argparse.Namespace, io: Comm
 
 
 def cmd_fetch_files(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    """Store the job's files that match the patterns as blobs; list [path, sha256, size] for each."""
+    """Store the job's files that match the patterns as blobs (within the request's bounds); list
+    [path, sha256, size] for each, and the cell's working folder inside its layout."""
     path = jobs.job_dir(root, args.job_id)
     spec = jobs.read_spec(path)
     if jobs.event_summary(path)["ended"] is None:
@@ -197,7 +198,12 @@ def cmd_fetch_files(root: str, agent_hash: str, args: argparse.Namespace, io: Co
         )
     if not os.path.isdir(layout.job_cwd(path, spec)):
         raise jobs.AgentError(f"job {args.job_id} has no working folder on the host any more")
-    io.print_json({"files": layout.store_files(root, path, spec, args.patterns)})
+    problem = layout.fetch_limit_problem(args.max_files, args.max_bytes)
+    if problem:
+        raise jobs.AgentError(problem)
+    files = layout.store_files(root, path, spec, args.patterns, args.max_files, args.max_bytes)
+    # where the cell ran inside its layout: the client writes only inside its own copy of that layout
+    io.print_json({"files": files, "cwd": "" if spec.get("workdir") else spec.get("cwd") or ""})
     return 0
 
 
@@ -257,20 +263,23 @@ def cmd_cat_checkpoint(root: str, agent_hash: str, args: argparse.Namespace, io:
 
 
 def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    """Remove finished jobs older than --older-than, then blobs no job references, old agents and logs.
+    """Remove finished jobs older than --older-than, then blobs no job references, old agents, envs and logs.
 
     A finished job whose outputs were never fetched is kept unless
     --include-unfetched; a job its launcher still runs or queues is never
-    touched, nor an agent version that a live job or warm runner uses.
+    touched, nor an agent version that a live job or warm runner uses, nor
+    an env such a job or runner uses or one a job used within --older-than.
     """
     removed, kept_unfetched = [], []
     cutoff = time.time() - args.older_than
     agents_in_use = {agent_hash} | warm.agent_versions_in_use(root)
+    envs_in_use: set[str] = set()
     for path in jobs.job_paths(root):
         spec = jobs.read_spec(path)
         row = launcher.job_row(path, spec)
         if row["state"] in protocol.ACTIVE_STATES:
             agents_in_use.add(spec.get("agent") or "")
+            envs_in_use.add(spec.get("env") or "")
             continue
         if (row.get("ended") or row.get("submitted") or 0) > cutoff:
             continue
@@ -296,15 +305,17 @@ def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) 
                 else:
                     layout.drop_blob(root, digest)
             except FileNotFoundError:
-                continue  # dropped by a job that changed it, just now
+                continue  # dropped meanwhile (a damaged blob found by a job's placement)
     agents, agent_bytes = _old_agents(root, agents_in_use, args.dry_run)
+    unused_envs, env_bytes = envs.collect(root, args.older_than, envs_in_use, args.dry_run)
     io.print_json(
         {
             "removed_jobs": removed,
             "kept_unfetched": kept_unfetched,
             "removed_blobs": len(blobs),
             "removed_agents": agents,
-            "freed_bytes": freed + agent_bytes,
+            "removed_envs": unused_envs,
+            "freed_bytes": freed + agent_bytes + env_bytes,
         }
     )
     return 0
@@ -444,7 +455,7 @@ def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace, io: Command
         io.print_json({"job_id": args.job_id, "cancelled": False, "state": row["state"], **leftovers})
         return 0
     ended = job_launcher.cancel(path, spec, args.grace)
-    layout.check_linked(root, path)  # a runner killed before its own check may have changed a shipped file
+    layout.release_copies(root, path)  # a runner killed before its own wind-up left them
     last = jobs.last_event(path)
     if last is None or last["type"] not in protocol.TERMINAL:
         jobs.append_event(path, protocol.CANCELLED, message="cancelled on request (killed after the grace period)")
@@ -511,7 +522,15 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
     "put-blob": (cmd_put_blob, [("digest", {}), ("size", {"type": int}), ("--zstd", {"action": "store_true"})]),
     "put-blobs": (cmd_put_blobs, []),
     "cat-blob": (cmd_cat_blob, [("digest", {})]),
-    "fetch-files": (cmd_fetch_files, [_JOB, ("patterns", {"nargs": "+"})]),
+    "fetch-files": (
+        cmd_fetch_files,
+        [
+            _JOB,
+            ("patterns", {"nargs": "+"}),
+            ("--max-files", {"type": int, "default": layout.FETCH_MAX_FILES}),
+            ("--max-bytes", {"type": int, "default": layout.FETCH_MAX_BYTES}),
+        ],
+    ),
     "versions": (cmd_versions, [("names", {"nargs": "*"}), ("--env", {})]),
     "env-ensure": (cmd_env_ensure, []),
     "cat-outputs": (cmd_cat_outputs, [_JOB]),

@@ -2,38 +2,50 @@
 
 The client sends each file as a content-addressed blob and the spec lists
 where it goes (``files``: the layout the cell runs in, ``modules``: folders
-put first on ``sys.path``).  A blob is linked into the job's folder, not
-copied, so a 2 GB data folder costs no disk and no time per job.  A link
-shares the blob's bytes: the agent runs as the user (often root), so no file
-mode keeps a cell from writing into it.  When the job ends, every linked
-blob whose size or mtime moved is hashed again and a damaged one is dropped
-from the store: the next submit finds it missing and sends it again, so no
-later job sees the change.  Files with the executable bit, and any file that
-cannot be linked (another filesystem), are copied instead.
+put first on ``sys.path``).  Each job gets its own copy of every file, made
+in the kernel (``sendfile``/``copy_file_range``, no pass through Python): a
+hard link would share the blob's bytes with the store and with every job
+running at once, and no file mode keeps a cell from writing through it (the
+agent often runs as root), so one trial's edit would reach the others and
+the next job.  Copies cost time and disk (a 2 GiB folder: about 0.5-1 s and
+2 GiB while the job runs), so when a job ends its copies that the cell left
+unchanged (same inode, size, mtime and ctime: ``utime`` cannot set a ctime
+back) are removed; the ones it changed stay beside what it wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
 
 from . import jobs, protocol
 
 WORK_DIR = "work"  # the layout root inside the job folder
 MODULES_DIR = "modules"  # on sys.path first
-LINKED_FILE = "linked.json"  # the blobs linked into this job, as they were when linked
-LINKED_RECORDS = ".linked"  # in the blob store: the mtime of each linked blob when it was last known intact
+COPIES_FILE = "copies.json"  # the job's copies of shipped files as placed: [path in the job folder, inode, size,
+# mtime_ns, ctime_ns]
+LINKED_RECORDS = ".linked"  # in the blob store: blobs an agent before copies linked into a job (hashed again once)
+COPY_ROOM_CHECK = 64 << 20  # a job's files of this many bytes or more: check the free disk before copying them
+COPY_THREADS = min(4, os.cpu_count() or 1)
+COPY_ROOM_SPARE = 256 << 20  # left free after the copies (the job writes too)
 SKIPPED_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints", ".git"})
 WRITTEN_LIMIT = 1000  # files listed in the done event
 WALK_LIMIT = 200_000  # entries looked at when listing what a job wrote
 _CHUNK = 1 << 20
+FETCH_MAX_FILES = 10_000  # files one fetch brings back, unless the request raises it
+FETCH_MAX_BYTES = 20 << 30  # bytes one fetch brings back (each is copied into the host's store first)
+FETCH_MAX_FILES_SETTING = "REMOTE_MAGIC_FETCH_MAX_FILES"  # in the kernel's environment: raises the bound
+FETCH_MAX_BYTES_SETTING = "REMOTE_MAGIC_FETCH_MAX_BYTES"
 
 
 def safe_relative(rel: object) -> str | None:
@@ -91,16 +103,17 @@ def _private_dirs(folder: str, top: str) -> None:
 
 def materialize(root: str, path: str, spec: dict[str, Any]) -> tuple[str, str | None]:
     """Place the job's files and modules; returns the cell's working directory and the modules folder (or None)."""
-    linked: list[list[Any]] = []
+    _room_for_copies(path, spec)
     work = jobs.ensure_dir(os.path.join(path, WORK_DIR))
-    for rel, digest, size, mode in spec.get("files", []):
-        linked += _place(root, work, rel, digest, size, mode)
-    modules = None
-    if spec.get("modules"):
-        modules = jobs.ensure_dir(os.path.join(path, MODULES_DIR))
-        for rel, digest, size, mode in spec["modules"]:
-            linked += _place(root, modules, rel, digest, size, mode)
-    jobs.atomic_write(os.path.join(path, LINKED_FILE), json.dumps(linked).encode(), durable=False)
+    modules = jobs.ensure_dir(os.path.join(path, MODULES_DIR)) if spec.get("modules") else None
+    wanted = [
+        (top, rel, digest, mode)
+        for top, key in ((WORK_DIR, "files"), (MODULES_DIR, "modules"))
+        for rel, digest, _size, mode in spec.get(key, [])
+    ]
+    with ThreadPoolExecutor(COPY_THREADS) as pool:  # the kernel copies; threads let it use several cores
+        copies = list(pool.map(lambda entry: _place(root, path, *entry), wanted))
+    jobs.atomic_write(os.path.join(path, COPIES_FILE), json.dumps(copies).encode(), durable=False)
     cwd = job_cwd(path, spec)
     if not spec.get("workdir"):
         _private_dirs(cwd, work)
@@ -109,98 +122,100 @@ def materialize(root: str, path: str, spec: dict[str, Any]) -> tuple[str, str | 
     return cwd, modules
 
 
-def _place(root: str, folder: str, rel: str, digest: str, size: int, mode: int) -> list[list[Any]]:
-    """Link (or copy) one blob to ``folder/rel``; the blob's state when linked, to check it later.
+def _room_for_copies(path: str, spec: dict[str, Any]) -> None:
+    """Refuse before copying anything when the disk cannot hold the job's copies (no half-placed job)."""
+    needed = sum(entry[2] for key in ("files", "modules") for entry in spec.get(key, []))
+    if needed < COPY_ROOM_CHECK:
+        return
+    free = shutil.disk_usage(path).free
+    if free < needed + COPY_ROOM_SPARE:
+        raise jobs.AgentError(
+            f"the host has {_size_text(free)} free where jobs run and this job's files need {_size_text(needed)} "
+            "(each job gets its own copy); free disk space there (`%remote_gc` removes old jobs) "
+            "or send fewer files"
+        )
 
-    A blob is linked only once it is known intact: one that a job linked
-    earlier may have been written through that link since (by a job killed
-    before its own check), so it is hashed again when its mtime moved.
-    """
+
+def _size_text(size: int) -> str:
+    """A size as people read it: 3.0 MiB, 20.0 GiB."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.1f} {unit}"
+    return f"{size} bytes"
+
+
+def _place(root: str, path: str, top: str, rel: str, digest: str, mode: int) -> list[Any]:
+    """Copy one blob to ``path/top/rel``; the copy as placed, to tell at the end whether the cell changed it."""
     problem = safe_relative(rel)
     if problem:
         raise jobs.AgentError(problem)
     blob = jobs.blob_path(root, digest)
+    folder = os.path.join(path, top)
     target = os.path.join(folder, *rel.split("/"))
     _private_dirs(os.path.dirname(target), folder)
-    gone = jobs.AgentError(
-        f"the host's stored copy of {rel} was changed by another job and dropped; run the cell again to send it anew"
-    )
     if os.path.lexists(target) and not os.path.isdir(target):
-        os.unlink(target)  # a requeued job places its files again; never copy onto a link to the blob
+        os.unlink(target)  # a requeued job places its files again
     try:
-        st = os.stat(blob)
-        if not _intact(root, digest, st):
-            raise gone
-        if not mode & 0o111:
-            os.link(blob, target)
-            return [[digest, size, st.st_mtime_ns, rel]]
+        _check_once_linked(root, digest)
+        shutil.copyfile(blob, target)  # sendfile on Linux, fcopyfile on macOS: no pass through Python
     except FileNotFoundError:
-        raise gone from None
-    except OSError:
-        pass  # another filesystem, or links not allowed here: a copy is always safe
-    shutil.copyfile(blob, target)
+        raise jobs.AgentError(
+            f"the host's stored copy of {rel} is gone (collected, or found damaged); run the cell again to send it"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise jobs.AgentError(
+                f"the host's disk filled up while copying {rel} into the job's folder; free disk space there "
+                "(`%remote_gc` removes old jobs) or send fewer files"
+            ) from None
+        raise
     os.chmod(target, (mode & 0o700) | 0o600)
-    return []
+    st = os.stat(target)
+    return [f"{top}/{rel}", st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _linked_record(root: str, digest: str) -> str:
-    return os.path.join(jobs.ensure_dir(os.path.join(jobs.blobs_dir(root), LINKED_RECORDS)), digest)
-
-
-def _intact(root: str, digest: str, st: os.stat_result) -> bool:
-    """Whether a blob can be linked into a job: never linked before, or unchanged since, or hashed again intact.
-
-    Only a linked blob can be written by a cell (inputs are mapped
-    privately), so a blob with no record is as it was received.  One that
-    fails its hash is dropped: the next submit sends the file again.
-    """
-    record = _linked_record(root, digest)
-    try:
-        with open(record, encoding="ascii") as f:
-            recorded: int | None = int(f.read().strip())
-    except (OSError, ValueError):
-        recorded = None
-    if recorded == st.st_mtime_ns:
-        return True
-    if recorded is not None and _sha256(jobs.blob_path(root, digest)) != digest:
+def _check_once_linked(root: str, digest: str) -> None:
+    """Hash again, once, a blob that an agent before copies linked into a job: a cell may have written
+    through that link and set its mtime back.  A damaged one is dropped (the next submit sends it again)."""
+    record = os.path.join(jobs.blobs_dir(root), LINKED_RECORDS, digest)
+    if not os.path.exists(record):
+        return
+    if _sha256(jobs.blob_path(root, digest)) != digest:
         drop_blob(root, digest)
-        return False
-    jobs.atomic_write(record, str(st.st_mtime_ns).encode(), durable=False)
-    return True
+        raise FileNotFoundError(digest)
+    jobs.unlink_quietly(record)
 
 
 def drop_blob(root: str, digest: str) -> None:
-    """Remove a damaged blob (and its link record): the next submit finds it missing and sends it again."""
+    """Remove a damaged blob (and its old link record): the next submit finds it missing and sends it again."""
     jobs.unlink_quietly(jobs.blob_path(root, digest))
     jobs.unlink_quietly(os.path.join(jobs.blobs_dir(root), LINKED_RECORDS, digest))
 
 
-def check_linked(root: str, path: str) -> list[str]:
-    """Drop every linked blob the job changed; the paths (as the job saw them) of those it changed.
+def release_copies(root: str, path: str) -> None:
+    """When a job ends: remove its copies of shipped files that the cell left unchanged, to free the disk.
 
-    Only blobs whose size or mtime moved are hashed again, so a job that
-    only read its files costs one ``stat`` per file.
+    No stored blob can have changed (the job had copies of its own).  A copy
+    counts as unchanged only if its inode, size, mtime and ctime are those it
+    had when placed: ``os.utime`` can reset an mtime, never a ctime.  A job
+    run as several Slurm tasks keeps its copies (another task may still read
+    them).
     """
+    spec = jobs.read_spec(path)
+    slurm = spec.get("slurm") or {}
+    if int(slurm.get("tasks") or 1) > 1 or int(slurm.get("nodes") or 1) > 1:
+        return
     try:
-        with open(os.path.join(path, LINKED_FILE), encoding="utf-8") as f:
-            linked = json.load(f)
+        with open(os.path.join(path, COPIES_FILE), encoding="utf-8") as f:
+            copies = json.load(f)
     except (OSError, ValueError):
-        return []
-    changed = []
-    for digest, size, mtime_ns, rel in linked:
-        blob = jobs.blob_path(root, digest)
-        try:
-            st = os.stat(blob)
-        except FileNotFoundError:
-            continue
-        if st.st_size == size and st.st_mtime_ns == mtime_ns:
-            continue
-        if st.st_size != size or _sha256(blob) != digest:
-            drop_blob(root, digest)
-            changed.append(rel)
-        else:  # touched, not changed: trust its new mtime
-            jobs.atomic_write(_linked_record(root, digest), str(st.st_mtime_ns).encode(), durable=False)
-    return changed
+        return
+    for where, ino, size, mtime_ns, ctime_ns in copies:
+        copy = os.path.join(path, *where.split("/"))
+        with contextlib.suppress(OSError):
+            st = os.lstat(copy)
+            if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (ino, size, mtime_ns, ctime_ns):
+                os.unlink(copy)
 
 
 def _sha256(file: str) -> str:
@@ -212,19 +227,18 @@ def _sha256(file: str) -> str:
 
 
 def _inside(path: str, boundary: str) -> bool:
-    real = os.path.realpath(path)
-    return real == boundary or real.startswith(boundary.rstrip(os.sep) + os.sep)
+    return _within(os.path.realpath(path), boundary)
 
 
-def _files_under(top: str, boundary: str) -> Iterator[str]:
+def _files_under(top: str, boundary: str, limit: int | None = WALK_LIMIT) -> Iterator[str]:
     """Every file under ``top`` that really lies inside ``boundary`` (links out of it are not followed),
-    at most WALK_LIMIT of them."""
+    at most ``limit`` of them (None: all; the caller bounds them)."""
     seen = 0
     for folder, dirs, files in os.walk(top):
         dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and _inside(os.path.join(folder, d), boundary))
         for name in files:
             seen += 1
-            if seen > WALK_LIMIT:
+            if limit is not None and seen > limit:
                 return
             full = os.path.join(folder, name)
             if os.path.isfile(full) and _inside(full, boundary):
@@ -251,45 +265,107 @@ def written_files(
 
 def pattern_problem(pattern: object) -> str | None:
     """A --fetch pattern is relative to the cell's working folder; ``..`` may climb within the job's layout only."""
-    if not isinstance(pattern, str) or not pattern.strip() or "\0" in pattern:
+    if not isinstance(pattern, str) or not pattern.strip() or any(ord(c) < 32 or c == "\x7f" for c in pattern):
         return f"not a file pattern: {pattern!r}"
     if pattern.startswith(("/", "~")):
         return f"--fetch patterns are relative to the job's working folder, not {pattern!r}"
     return None
 
 
-def matching_files(path: str, spec: dict[str, Any], patterns: list[str]) -> list[str]:
-    """Files a pattern names: a glob (``**`` included), a file, or a folder (all of it), relative to the cell's
-    working folder, each really inside the job's layout (or --workdir): a link out of it is never followed."""
-    top, cwd = os.path.realpath(work_root(path, spec)), job_cwd(path, spec)
-    matched: set[str] = set()
+def fetch_limit_problem(max_files: int, max_bytes: int) -> str | None:
+    """What is wrong with the bounds a fetch request carries, or None."""
+    if max_files < 1 or max_bytes < 1:
+        return f"a fetch needs room for at least one file and one byte, not {max_files} files and {max_bytes} bytes"
+    return None
+
+
+def _within(real: str, boundary: str) -> bool:
+    """Whether a real (resolved) path is ``boundary`` or lies below it."""
+    return real == boundary or real.startswith(boundary.rstrip(os.sep) + os.sep)
+
+
+def _reaches_outside(pattern: str, cwd: str, top: str) -> bool:
+    """The fixed part of a pattern (before any wildcard) leaves ``top`` read either way: lexically (as
+    ``normpath`` would, ``a/..`` is nothing) or physically (links resolved first)."""
+    fixed = os.path.join(cwd, pattern.split("*")[0].split("?")[0].split("[")[0] or ".")
+    return not (_within(os.path.normpath(fixed), top) and _inside(fixed, top))
+
+
+def matching_files(
+    path: str, spec: dict[str, Any], patterns: list[str], max_files: int = FETCH_MAX_FILES
+) -> dict[str, str]:
+    """The files the patterns name: {path relative to the cell's working folder: the real path it names}.
+
+    A pattern is a glob (``**`` included), a file, or a folder (all of it),
+    relative to the cell's working folder.  Every hit is resolved by real path
+    and must lie inside the job's layout (or --workdir); the path reported is
+    that real path relative to the cell's working folder, so ``deep/..``
+    through a link can never name one file here and another when it is read.
+    """
+    top, cwd = os.path.realpath(work_root(path, spec)), os.path.realpath(job_cwd(path, spec))
+    matched: dict[str, str] = {}
     for pattern in patterns:
         problem = pattern_problem(pattern)
         if problem:
             raise jobs.AgentError(problem)
-        if not _inside(os.path.join(cwd, pattern.split("*")[0].split("?")[0].split("[")[0] or "."), top):
+        if _reaches_outside(pattern, cwd, top):
             raise jobs.AgentError(f"--fetch {pattern}: it reaches outside the job's folder on the host")
+        outside = inside = 0
         for hit in glob.glob(pattern, root_dir=cwd, recursive=True):
-            full = os.path.join(cwd, hit)
-            if not _inside(full, top):
+            real = os.path.realpath(os.path.join(cwd, hit))
+            if not _within(real, top):
+                outside += 1
                 continue
-            found = _files_under(full, top) if os.path.isdir(full) else [full] if os.path.isfile(full) else []
-            matched.update(os.path.relpath(os.path.normpath(f), cwd) for f in found)
-    return sorted(rel.replace(os.sep, "/") for rel in matched)
+            inside += 1
+            found = _files_under(real, top, None) if os.path.isdir(real) else [real] if os.path.isfile(real) else []
+            for file in found:
+                file = os.path.realpath(file)
+                matched[os.path.relpath(file, cwd).replace(os.sep, "/")] = file
+                if len(matched) > max_files:
+                    raise jobs.AgentError(_too_many(patterns, max_files))
+        if outside and not inside:
+            raise jobs.AgentError(
+                f"--fetch {pattern}: it reaches outside the job's folder on the host (through a link); "
+                "only files inside the job's folder come back"
+            )
+    return dict(sorted(matched.items()))
 
 
-def store_files(root: str, path: str, spec: dict[str, Any], patterns: list[str]) -> list[list[Any]]:
+def _too_many(patterns: list[str], max_files: int) -> str:
+    return (
+        f"--fetch {','.join(patterns)}: more than {max_files:,} files match, the most one fetch brings back; "
+        f"name fewer files (a narrower pattern), or raise the bound in the kernel: "
+        f"`%env {FETCH_MAX_FILES_SETTING}={max_files * 10}`"
+    )
+
+
+def store_files(
+    root: str,
+    path: str,
+    spec: dict[str, Any],
+    patterns: list[str],
+    max_files: int = FETCH_MAX_FILES,
+    max_bytes: int = FETCH_MAX_BYTES,
+) -> list[list[Any]]:
     """Copy the matching files into the blob store; [relative path, sha256, size] for each.
 
     A copy, hashed while it is written, so a file the job (or anyone) changes
-    later never alters what was fetched.  The digests are recorded in the job
-    folder so ``gc`` keeps them while the job is kept.
+    later never alters what was fetched; of exactly the file that was matched
+    (opened without following a link, then checked by what was opened).  The
+    bounds are checked before anything is copied.  The digests are recorded in
+    the job folder so ``gc`` keeps them while the job is kept.
     """
+    top = os.path.realpath(work_root(path, spec))
+    matched = matching_files(path, spec, patterns, max_files)
+    total = sum(_size(real) for real in matched.values())
+    if total > max_bytes:
+        raise jobs.AgentError(_too_big(patterns, len(matched), total, max_bytes))
     found = []
+    left = max_bytes  # a file that grew since it was counted cannot carry the fetch past the bound
     with jobs.blob_lock(root, exclusive=False):
-        cwd = job_cwd(path, spec)
-        for rel in matching_files(path, spec, patterns):
-            digest, size = _copy_into_store(root, os.path.normpath(os.path.join(cwd, rel)))
+        for rel, real in matched.items():
+            digest, size = _copy_into_store(root, real, top, rel, left)
+            left -= size
             found.append([rel, digest, size])
         record = os.path.join(path, protocol.FETCHED_BLOBS_FILE)
         digests = sorted({d for _, d, _ in found} | set(jobs.read_digests(record)))
@@ -297,18 +373,67 @@ def store_files(root: str, path: str, spec: dict[str, Any], patterns: list[str])
     return found
 
 
-def _copy_into_store(root: str, source: str) -> tuple[str, int]:
+def _size(real: str) -> int:
+    try:
+        return os.stat(real).st_size
+    except OSError:
+        return 0
+
+
+def _too_big(patterns: list[str], count: int, total: int, max_bytes: int) -> str:
+    return (
+        f"--fetch {','.join(patterns)}: {count:,} files match, {_size_text(total)} in all, more than the "
+        f"{_size_text(max_bytes)} one fetch brings back; name fewer files (a narrower pattern), or raise the bound "
+        f"in the kernel: `%env {FETCH_MAX_BYTES_SETTING}={-(-total // 2**20)}MiB`"
+    )
+
+
+def _opened_path(fd: int) -> str | None:
+    """The real path of an open file, from the kernel (None where it cannot say)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _copy_into_store(root: str, source: str, top: str, rel: str, budget: int) -> tuple[str, int]:
+    """Store the file at the real path ``source`` as a blob, reading at most ``budget`` bytes.
+
+    Opened with ``O_NOFOLLOW`` (a last component swapped for a link fails),
+    then the open file's own path is checked against ``top``, so a folder
+    swapped for a link meanwhile cannot make it read another file.
+    """
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise jobs.AgentError(f"--fetch: cannot read {rel} on the host ({exc.strerror}); nothing was fetched") from None
+    with os.fdopen(fd, "rb") as f:
+        opened = _opened_path(fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or (opened is not None and not _within(opened, top)):
+            raise jobs.AgentError(
+                f"--fetch: {rel} changed into something else (a link, a pipe) while it was being fetched; "
+                "nothing was fetched"
+            )
+        return _store_stream(root, f, rel, budget)
+
+
+def _store_stream(root: str, source: BinaryIO, rel: str, budget: int) -> tuple[str, int]:
+    """Hash and write ``source`` into the store as it is read; the whole of it must fit in ``budget``."""
     folder = jobs.blobs_dir(root)
     tmp = os.path.join(folder, f"fetch.part-{os.getpid()}-{secrets.token_hex(4)}")
     hasher = hashlib.sha256()
     size = 0
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, jobs.FILE_MODE)
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
-            while chunk := f.read(_CHUNK):
+        with os.fdopen(fd, "wb") as out:
+            while chunk := source.read(_CHUNK):
+                size += len(chunk)
+                if size > budget:
+                    raise jobs.AgentError(
+                        f"--fetch: {rel} grew while it was being fetched, past the bound; nothing was fetched"
+                    )
                 hasher.update(chunk)
                 out.write(chunk)
-                size += len(chunk)
         digest = hasher.hexdigest()
         target = jobs.blob_path(root, digest)
         if os.path.exists(target) and os.path.getsize(target) == size:

@@ -211,18 +211,11 @@ def run_job(root: str, path: str, warm: int | None = None, after: Callable[[], N
     cwd: str | None = None
 
     def wind_up() -> dict[str, Any]:
-        """Before the final event: end open lines, drop blobs the cell changed, list the files it wrote."""
+        """Before the final event: end open lines, free the shipped files' copies, list the files it wrote."""
         out.close_line()
         err.close_line()
         peaks = sampler.stop() if sampler is not None else {}
-        changed = layout.check_linked(root, path)
-        if changed:
-            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            emit(
-                protocol.WARNING,
-                message=f"the cell wrote into shipped files ({shown}); the host's stored copies were dropped, "
-                "so the next job gets them fresh from the kernel",
-            )
+        layout.release_copies(root, path)
         if cwd is None:
             return peaks
         written, total = layout.written_files(path, spec, started)
