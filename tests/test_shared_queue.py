@@ -510,3 +510,30 @@ def test_a_queue_an_older_agent_shared_moves_into_a_folder_of_our_own_simulated_
     finally:
         magics.connections.close()
         kill_processes_under(root)
+
+
+def test_a_member_holding_the_queues_lock_stops_the_victim_no_longer_than_the_grace_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """Any member can flock the shared folder; the victim waits for it at most the grace period, then goes on."""
+    _configure(ip, shared_host)
+    alice = shared_host.roots[VICTIM]
+    entry = pwd.getpwnam(ATTACKER)
+    holder = subprocess.Popen(
+        ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", SYSTEM_PYTHON, "-c",
+         "import fcntl, os, sys, time\nfcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\ntime.sleep(120)\n", str(shared_host.queue)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        began = time.time()
+        first = _submit(ip, "alice", "--gpus all", 1)
+        second = _submit(ip, "alice", "--gpus all", 0)
+        _wait_ended(shared_host, {first: VICTIM, second: VICTIM}, timeout=60)
+        assert _started_at(alice, first) - began < 2 * STALE + 3  # each submit waited the grace at most
+        assert _started_at(alice, second) - _outputs(alice, first)["ended"] < 3  # then rounds go on promptly
+        assert "stayed locked" in (alice / "agent.log").read_text()
+    finally:
+        holder.kill()
+        holder.wait()

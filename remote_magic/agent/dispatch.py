@@ -38,7 +38,7 @@ who waits for which GPU, and nothing more (README, "Security model"):
   written, and no longer than ``STALE_SECONDS`` once its GPUs are free and
   it still has not started; a held record counts while the process it names
   is alive and belongs to its owner.  A member holding the lock stops the
-  others for at most ``LOCK_WAIT_SECONDS``: they then go on without it.
+  others for at most ``STALE_SECONDS``: they then go on without it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ DISPATCHER_ID = "dispatcher.id"  # in our queue folder: how other users tell tha
 ROUND_SECONDS = 0.25
 DEFAULT_BUSY_MIB = 1024
 STALE_SECONDS = runners.START_GRACE_SECONDS  # REMOTE_MAGIC_QUEUE_STALE_SECONDS on the host changes it
-LOCK_WAIT_SECONDS = 30.0
 SHARED_FILE_MODE = 0o640  # what another user's dispatcher reads; only its owner changes or removes it
 OWN_FOLDER_MODE = 0o2750  # ours in the shared folder: the group reads it, only we write
 RECORD_MAX_BYTES = 64 * 1024
@@ -299,30 +298,36 @@ def _queue_lock(root: str) -> Iterator[None]:
     """The queue folder itself is the lock (``flock`` on its descriptor): there is no lock file to plant or replace.
 
     Any member can hold a shared folder's lock, so it is waited for at most
-    ``LOCK_WAIT_SECONDS``; then the round goes on without it (and says so in
+    the stale timeout; then the round goes on without it (and says so in
     agent.log) rather than let one member stop the queue for everyone.
     """
+    global _LOCK_HELD_BY_OTHERS
     top = _shared_top(root)
     fd = os.open(top or _own(root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if top is None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         else:
-            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            wait = ROUND_SECONDS * 4 if _LOCK_HELD_BY_OTHERS else _stale_seconds()
+            deadline = time.monotonic() + wait
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    _LOCK_HELD_BY_OTHERS = False
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        jobs.log_problem(
-                            root, f"the shared GPU queue {top} stayed locked {LOCK_WAIT_SECONDS:.0f} s; went on without"
-                        )
+                        if not _LOCK_HELD_BY_OTHERS:
+                            jobs.log_problem(root, f"the shared GPU queue {top} stayed locked {wait:.0f} s; going on")
+                        _LOCK_HELD_BY_OTHERS = True  # until it is free again, each round waits only briefly
                         break
                     time.sleep(0.02)
         yield
     finally:
         os.close(fd)
+
+
+_LOCK_HELD_BY_OTHERS = False
 
 
 def wanted_gpus(spec: dict[str, Any]) -> int | list[int] | None:
