@@ -15,6 +15,7 @@ import importlib.util
 import os
 import platform
 import re
+import secrets
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import capture, envcheck, payload, project, upload
-from .agent import codec, layout, protocol
+from .agent import codec, protocol
 from .cache import BlobCache
 from .client import AgentClient
 from .errors import ConnectionFailed, JobLost, RemoteExecutionError, RemoteMagicError
@@ -593,7 +594,7 @@ def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: Blo
                 f"{os.path.relpath(beside, folder)} (--fetch-overwrite replaces it)"
             )
             target = beside
-        _fetch_file(client, digest, size, target, None if client.is_local else cache or BlobCache())
+        _fetch_file(client, digest, size, target, None if client.is_local else cache or BlobCache(), layout_root)
         saved.append(f"{os.path.relpath(target, folder)} ({size:,} bytes)")
     return [f"fetched: {', '.join(saved)}", *notes]
 
@@ -601,23 +602,23 @@ def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: Blo
 def fetch_bounds(request: FileFetch) -> tuple[int, int]:
     """(files, bytes) one fetch may bring back: the request's, else the kernel's environment, else the defaults."""
     files, size = request.max_files, request.max_bytes
-    setting = os.environ.get(layout.FETCH_MAX_FILES_SETTING, "").strip()
+    setting = os.environ.get(protocol.FETCH_MAX_FILES_SETTING, "").strip()
     if files is None and setting:
         if not setting.isdigit() or int(setting) < 1:
             raise RemoteMagicError(
-                f"{layout.FETCH_MAX_FILES_SETTING} takes how many files one fetch may bring back (1 or more), "
+                f"{protocol.FETCH_MAX_FILES_SETTING} takes how many files one fetch may bring back (1 or more), "
                 f"not {setting!r}"
             )
         files = int(setting)
-    setting = os.environ.get(layout.FETCH_MAX_BYTES_SETTING, "").strip()
+    setting = os.environ.get(protocol.FETCH_MAX_BYTES_SETTING, "").strip()
     if size is None and setting:
         try:
-            size = memory_mib(setting, layout.FETCH_MAX_BYTES_SETTING) << 20
+            size = memory_mib(setting, protocol.FETCH_MAX_BYTES_SETTING) << 20
         except ValueError as exc:
             raise RemoteMagicError(str(exc)) from None
         if size < 1:
-            raise RemoteMagicError(f"{layout.FETCH_MAX_BYTES_SETTING} takes a size of 1MiB or more, not {setting!r}")
-    return files or layout.FETCH_MAX_FILES, size or layout.FETCH_MAX_BYTES
+            raise RemoteMagicError(f"{protocol.FETCH_MAX_BYTES_SETTING} takes a size of 1MiB or more, not {setting!r}")
+    return files or protocol.FETCH_MAX_FILES, size or protocol.FETCH_MAX_BYTES
 
 
 def _fetched_list(answer: object, max_files: int, max_bytes: int) -> list[tuple[str, str, int]]:
@@ -678,25 +679,57 @@ def _fetched_path_problem(rel: str) -> str | None:
 
 
 def _local_target(layout_root: str, folder: str, rel: str) -> str:
-    """Where a fetched file goes: ``rel`` below ``folder``, refused unless it stays inside ``layout_root``."""
+    """Where a fetched file goes: ``rel`` below ``folder``, refused unless it stays inside ``layout_root``, by
+    name and by real path (a local link such as ``data -> /mnt/x`` would carry ``data/f`` out of it)."""
     problem = _fetched_path_problem(rel)
     if problem is None:
         target = os.path.normpath(os.path.join(folder, *rel.split("/")))
-        if target.startswith(layout_root.rstrip(os.sep) + os.sep):
-            return target
-        problem = f"which would land outside {layout_root}, this kernel's copy of the job's layout"
+        if not target.startswith(layout_root.rstrip(os.sep) + os.sep):
+            problem = f"which would land outside {layout_root}, this kernel's copy of the job's layout"
+        else:
+            problem = _linked_outside(layout_root, target)
+            if problem is None:
+                return target
     raise RemoteMagicError(
         f"--fetch: the host answered with the path {rel!r}, {problem}; nothing was written. Fetch from the "
         "folder the job was started in, with patterns inside the job's folder"
     )
 
 
-def _fetch_file(client: AgentClient, digest: str, size: int, target: str, cache: BlobCache | None) -> None:
-    """One fetched file, streamed to a temporary file beside ``target`` and renamed into place when whole."""
+def _linked_outside(layout_root: str, target: str) -> str | None:
+    """Why ``target``'s folder, by its real path (the part that exists resolved, links included), is not
+    inside ``layout_root``'s real path; None when it is."""
+    root, real = os.path.realpath(layout_root), os.path.realpath(os.path.dirname(target))
+    if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return f"whose folder leads through a link to {real}, outside {layout_root}, this kernel's copy of the job's layout"
+
+
+def _fetch_file(
+    client: AgentClient, digest: str, size: int, target: str, cache: BlobCache | None, layout_root: str
+) -> None:
+    """One fetched file, streamed to a temporary file beside ``target`` and renamed into place when whole.
+
+    Its folder is checked again once it exists (by real path, inside ``layout_root``), and the temporary
+    file is created new (``O_EXCL | O_NOFOLLOW``): a link planted at its name is never written through."""
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    tmp = f"{target}.part-{os.getpid()}"
+    problem = _linked_outside(layout_root, target)
+    if problem is not None:
+        raise RemoteMagicError(
+            f"--fetch: {os.path.basename(target)} was not written: its folder {os.path.dirname(target)}, "
+            f"{problem.removeprefix('whose folder ')}"
+        )
+    tmp = f"{target}.part-{os.getpid()}-{secrets.token_hex(4)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, flags, 0o666)
+    except FileExistsError:
+        raise RemoteMagicError(
+            f"--fetch: something is in the way of the temporary file {tmp} (left alone); "
+            f"{os.path.basename(target)} was not written"
+        ) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
             cached = cache is not None and cache.copy_out(digest, size, f)
             if not cached:
                 f.seek(0)

@@ -8,9 +8,13 @@ whatever paths a host answers, with a scripted answer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +181,39 @@ def test_fetch_bounds_name_the_bound_what_matched_and_how_to_raise_it(ip, tmp_pa
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["0.txt", "1.txt", "2.txt"]
 
 
+LOOPS = """%%remote_train --host local
+import os
+os.makedirs("logs")
+open("logs/run.txt", "w").write("the job's log")
+os.symlink(".", "a")
+os.symlink(".", "b")
+"""
+FETCH_DEADLINE = 30  # seconds; a fetch of one file takes well under one
+
+
+@pytest.mark.timeout(120)
+def test_links_that_loop_never_hang_a_fetch_and_each_file_comes_back_once(ip, tmp_path: Path, monkeypatch) -> None:
+    """``a -> .`` and ``b -> .``: a glob that follows them walks 2^40 paths before the bound is checked."""
+    monkeypatch.chdir(tmp_path)
+    assert run(ip, LOOPS).success
+    job = ip.magics_manager.registry["RemoteMagics"].registry.records()[-1].job_id
+    agent = ip.magics_manager.registry["RemoteMagics"].connections.get("local").link().pipe.process
+    stopped = threading.Timer(FETCH_DEADLINE, agent.kill)  # the host's process ends with the wait, whatever it does
+    stopped.start()
+    try:
+        started = time.monotonic()
+        result = run(ip, f"%remote_fetch {job} '**/*.txt'")
+        took = time.monotonic() - started
+    finally:
+        stopped.cancel()
+        hung = agent.poll() is not None
+    assert not hung and took < FETCH_DEADLINE, f"the fetch did not end within {FETCH_DEADLINE} s"
+    assert result.success, result.error_in_exec
+    fetched = [path for path in tmp_path.rglob("*.txt") if not path.is_symlink()]
+    assert fetched == [tmp_path / "logs" / "run.txt"]
+    assert fetched[0].read_text() == "the job's log"
+
+
 def test_fetch_bounds_default_to_ten_thousand_files_and_twenty_gib() -> None:
     assert session.fetch_bounds(session.FileFetch(["x"], ".")) == (10_000, 20 << 30)
     assert session.fetch_bounds(session.FileFetch(["x"], ".", max_files=5, max_bytes=7)) == (5, 7)
@@ -263,6 +300,37 @@ def test_the_local_layout_reaches_a_sibling_folder_and_no_further(tmp_path: Path
     known = session.FileFetch(["../models/*.keras"], str(kernel), layout_cwd="notebooks")
     assert session.fetch_files(ScriptedHost(["../models/n.keras"], cwd="x/y/z"), "20261127-103000-1a2b3c", known)  # type: ignore[arg-type]
     assert (tmp_path / "proj" / "models" / "n.keras").exists()
+
+
+@pytest.mark.parametrize("rel", ["data/f", "data/sub/f", "deep/data/f"])
+def test_a_local_link_out_of_the_layout_is_never_written_through(tmp_path: Path, rel: str) -> None:
+    """``data -> <outside>`` in the local layout: the host's ``data/f`` is inside by name, outside in fact."""
+    kernel, outside = tmp_path / "proj" / "notebooks", tmp_path / "outside"
+    (kernel / "deep").mkdir(parents=True)
+    outside.mkdir()
+    for link in (kernel / "data", kernel / "deep" / "data"):
+        link.symlink_to(outside)
+    before = _snapshot(tmp_path)
+    host = ScriptedHost(["fine.txt", rel], cwd="notebooks")
+    with pytest.raises(RemoteMagicError, match="through a link") as error:
+        session.fetch_files(host, "20261127-103000-1a2b3c", session.FileFetch(["*"], str(kernel)))  # type: ignore[arg-type]
+    assert "nothing was written" in str(error.value)
+    assert _snapshot(tmp_path) == before  # not even the good file: every path is checked first
+    assert not list(outside.iterdir())
+
+
+def test_a_link_planted_at_the_temporary_name_is_not_followed(tmp_path: Path, monkeypatch) -> None:
+    kernel, outside = tmp_path / "nb", tmp_path / "outside"
+    kernel.mkdir()
+    outside.mkdir()
+    monkeypatch.setattr(secrets, "token_hex", lambda nbytes=None: "0000")
+    for name in (f"f.txt.part-{os.getpid()}", f"f.txt.part-{os.getpid()}-0000"):
+        (kernel / name).symlink_to(outside / "planted")
+    request = session.FileFetch(["*"], str(kernel))
+    with contextlib.suppress(RemoteMagicError, OSError):  # refused, or written elsewhere: never through the link
+        session.fetch_files(ScriptedHost(["f.txt"], cwd=""), "20261127-103000-1a2b3c", request)  # type: ignore[arg-type]
+    assert not list(outside.iterdir())
+    assert not (kernel / "f.txt").is_symlink()
 
 
 @pytest.mark.parametrize(

@@ -200,7 +200,7 @@ def test_two_users_share_one_gpu_queue_in_one_order_simulated_gpus(ip, shared_ho
     third = _submit(ip, "alice", "--gpus all", 0)  # behind bob's: strict order across users
     time.sleep(0.5)
     waited = [e for e in _events(bob, second) if e["type"] == "queued" and e.get("reason")]
-    assert waited and waited[-1]["reason"] == f"waiting for 2 GPUs: 0,1,2,3 by job {first} of rm-alice", waited
+    assert waited and waited[-1]["reason"] == "waiting for 2 GPUs: 0,1,2,3 by a job of rm-alice", waited
     assert any("behind 1 earlier job" in e.get("reason", "") for e in _events(alice, third))
     # Every agent server and connection goes: only the two users' dispatchers are left to start the rest.
     magics.stop_background()
@@ -312,6 +312,20 @@ def _started_at(root: Path, job: str) -> float:
     return next(e["t"] for e in _events(root, job) if e["type"] == "started")
 
 
+def _live_process(user: str) -> tuple[subprocess.Popen, dict]:  # type: ignore[type-arg]
+    """A process of ``user`` (``sleep 120``) and its identity as the agent records one."""
+    process = subprocess.Popen(
+        ["setpriv", f"--reuid={pwd.getpwnam(user).pw_uid}", "--regid=0", "--clear-groups", "sleep", "120"]
+    )
+    for _ in range(100):
+        if Path(f"/proc/{process.pid}/status").read_text().count(f"\t{pwd.getpwnam(user).pw_uid}\t") >= 1:
+            break
+        time.sleep(0.02)
+    ticks = int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return process, {"pid": process.pid, "start_ticks": ticks, "boot_id": boot}
+
+
 def _marks(host: SharedHost) -> Path:
     marks = host.base / "marks"
     marks.mkdir(exist_ok=True)
@@ -377,14 +391,8 @@ def test_hostile_files_in_the_shared_folder_neither_expose_nor_stop_the_victim_s
     secret.write_text("alice's secret")
     os.chown(secret, pwd.getpwnam(VICTIM).pw_uid, -1)
     secret.chmod(0o600)
-    victims_process = subprocess.Popen(  # a process of alice's that bob's records name as theirs
-        ["setpriv", f"--reuid={pwd.getpwnam(VICTIM).pw_uid}", "--regid=0", "--clear-groups", "sleep", "120"]
-    )
+    victims_process, borrowed = _live_process(VICTIM)  # a process of alice's that bob's records name as theirs
     try:
-        time.sleep(0.2)
-        stat_fields = Path(f"/proc/{victims_process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        borrowed = {"pid": victims_process.pid, "start_ticks": int(stat_fields[19]), "boot_id": boot}
         mine = _attacker_folder(shared_host)
         job = "20261207-000000-abcdef"
         _as(
@@ -436,14 +444,8 @@ def test_another_users_entry_can_neither_jump_the_queue_nor_hold_free_gpus_past_
     holder = _submit(ip, "alice", "--gpus all", 3)
     ahead = _submit(ip, "alice", "--gpus 1", 1)
     mine = _attacker_folder(shared_host)
-    sleeper = subprocess.Popen(
-        ["setpriv", f"--reuid={pwd.getpwnam(ATTACKER).pw_uid}", "--regid=0", "--clear-groups", "sleep", "120"]
-    )
+    sleeper, identity = _live_process(ATTACKER)  # his own dispatcher, as his record says
     try:
-        time.sleep(0.2)
-        ticks = int(Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        identity = {"pid": sleeper.pid, "start_ticks": ticks, "boot_id": boot}  # his own dispatcher, as it says
         _write_as(
             ATTACKER,
             {
@@ -533,7 +535,127 @@ def test_a_member_holding_the_queues_lock_stops_the_victim_no_longer_than_the_gr
         _wait_ended(shared_host, {first: VICTIM, second: VICTIM}, timeout=60)
         assert _started_at(alice, first) - began < 2 * STALE + 3  # each submit waited the grace at most
         assert _started_at(alice, second) - _outputs(alice, first)["ended"] < 3  # then rounds go on promptly
+        for job in (first, second):  # two rounds of hers never overlap, even without the shared lock
+            assert sum(e["type"] == "started" for e in _events(alice, job)) == 1
         assert "stayed locked" in (alice / "agent.log").read_text()
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_member_cannot_slow_the_rounds_or_hide_others_with_many_records_links_or_files_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """One large record hard-linked into thousands of names in many folders, then 20,000 junk files at the top:
+    each round still reads a bounded amount, and another user's running job still counts (it is not hidden)."""
+    _configure(ip, shared_host)
+    alice, bob = shared_host.roots[VICTIM], shared_host.roots[ATTACKER]
+    uid = pwd.getpwnam(ATTACKER).pw_uid
+    record = json.dumps({"job_id": "20261207-000000-cccccc", "wanted": -1, "pad": [0] * 20000})
+    _as(
+        ATTACKER,
+        "import os, json\n"
+        f"q = {str(shared_host.queue)!r}\n"
+        f"one = os.path.join(q, 'u{uid}-slow0', 'a.json')\n"
+        f"for f in range(12):\n    os.mkdir(os.path.join(q, 'u{uid}-slow%d' % f), 0o2750)\n"
+        f"    open(os.path.join(q, 'u{uid}-slow%d' % f, 'dispatcher.id'), 'w').write('{{}}')\n"
+        f"open(one, 'w').write({record!r})\n"
+        "for f in range(12):\n    for i in range(3000):\n"
+        f"        if (f, i) != (0, 0):\n            os.link(one, os.path.join(q, 'u{uid}-slow%d' % f, '%d.json' % i))\n",
+    )
+    began = time.monotonic()
+    first = _submit(ip, "alice", "--gpus 1", 0)
+    assert time.monotonic() - began < 3  # the submit's round read a bounded amount
+    _as(
+        ATTACKER,
+        f"import os\nfor i in range(20000):\n    open(os.path.join({str(shared_host.queue)!r}, 'a%05d' % i), 'w')",
+    )
+    running = _submit(ip, "bob", "--gpus 2", 6)  # bob's real job holds 2 GPUs
+    job = _submit(ip, "alice", "--gpus 4", 0)
+    _wait_ended(shared_host, {first: VICTIM, running: ATTACKER, job: VICTIM}, timeout=60)
+    assert _started_at(alice, job) >= _outputs(bob, running)["ended"]  # bob's job was seen through the junk
+
+
+def test_no_show_entries_dormant_entries_and_renamed_folders_cannot_hold_back_or_overtake_the_victim_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """Four entries that a live 'dispatcher' never starts hold alice's job back for one grace period, not four;
+    an entry written before alice's, dormant while she queued, and records renamed in from a hidden folder stay
+    behind her job."""
+    _configure(ip, shared_host)
+    alice = shared_host.roots[VICTIM]
+    uid = pwd.getpwnam(ATTACKER).pw_uid
+    q = shared_host.queue
+    dormant = {q / f"u{uid}-dormant" / f"{i}.json": json.dumps({"job_id": f"20261207-000000-d0000{i}", "wanted": -1})
+               for i in range(2)}  # fmt: skip
+    _as(ATTACKER, f"import os\nos.mkdir({str(q / f'u{uid}-dormant')!r}, 0o2750)\nos.mkdir({str(q / '.stash')!r})")
+    _write_as(
+        ATTACKER, dormant | {q / ".stash" / "s.json": json.dumps({"job_id": "20261207-000000-eeeeee", "wanted": -1})}
+    )
+    time.sleep(STALE + 0.5)  # written long ago: not counting (no dispatcher of his runs)
+    holder = _submit(ip, "alice", "--gpus all", 2)
+    waiting = _submit(ip, "alice", "--gpus all", 0)
+    sleeper, identity = _live_process(ATTACKER)
+    try:
+        _as(ATTACKER, f"import os\nos.rename({str(q / '.stash')!r}, {str(q / f'u{uid}-renamed')!r})")
+        _write_as(ATTACKER, {q / f"u{uid}-dormant" / "dispatcher.id": json.dumps(identity)})
+        no_show = q / f"u{uid}-noshow"
+        _as(ATTACKER, f"import os\nos.mkdir({str(no_show)!r}, 0o2750)")
+        time.sleep(1.0)  # alice's queue sees the dormant one count again: behind her
+        _write_as(
+            ATTACKER,
+            {no_show / "dispatcher.id": json.dumps(identity)}
+            | {
+                no_show / f"{i}.json": json.dumps({"job_id": f"20261207-000000-f0000{i}", "wanted": -1})
+                for i in range(4)
+            },
+        )
+        time.sleep(1.0)
+        reasons = [e["reason"] for e in _events(alice, waiting) if e["type"] == "queued" and e.get("reason")]
+        assert reasons and "behind" not in reasons[-1], reasons  # first in line, whatever bob did
+        later = _submit(ip, "alice", "--gpus all", 0)  # behind bob's four no-shows
+        _wait_ended(shared_host, {holder: VICTIM, waiting: VICTIM, later: VICTIM}, timeout=90)
+        freed = _outputs(alice, holder)["ended"]
+        assert _started_at(alice, waiting) - freed < 3
+        assert _started_at(alice, later) - _outputs(alice, waiting)["ended"] < STALE + 4  # one grace, not four
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_shared_folder_a_member_owns_is_refused_and_flipping_records_do_not_grow_the_victims_log_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """The owner of a sticky folder may still delete anything in it: only root's (or one's own) is accepted.
+    And another user's held record that changes every 0.3 s adds at most a line per 10 s to a waiting job's log."""
+    _configure(ip, shared_host)
+    alice = shared_host.roots[VICTIM]
+    owned = shared_host.base / f"queue-owned-{_COUNT}"
+    owned.mkdir()
+    os.chown(owned, pwd.getpwnam(ATTACKER).pw_uid, grp.getgrnam(GROUP).gr_gid)
+    owned.chmod(0o3770)
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics.hosts = {**magics.hosts, "alice": {**magics.hosts["alice"], "queue": str(owned)}}
+    result = run(ip, "%%remote_train --host alice --gpus 1\nx = 1\n")
+    assert not result.success and "belongs to rm-bob" in str(result.error_in_exec), result.error_in_exec
+    _configure(ip, shared_host)
+    sleeper, identity = _live_process(ATTACKER)
+    try:
+        mine = _attacker_folder(shared_host)
+        _as(ATTACKER, f"import os\nos.mkdir({str(mine / 'held')!r}, 0o2750)")
+        waiting = _submit(ip, "alice", "--gpus all", 0)
+        flipping = (
+            "import json, os, time\n"
+            f"for i in range(20):\n    t = {str(mine / 'held' / 'x.json')!r}\n"
+            f"    open(t + '.tmp', 'w').write(json.dumps({{'job_id': '20261207-000000-%06x' % i, 'gpus': [i % 4],"
+            f" 'identity': {identity!r}}}))\n"
+            "    os.replace(t + '.tmp', t)\n    time.sleep(0.3)\n"
+            "os.unlink(t)\n"
+        )
+        _as(ATTACKER, flipping)
+        _wait_ended(shared_host, {waiting: VICTIM}, timeout=60)
+        queued = [e for e in _events(alice, waiting) if e["type"] == "queued" and e.get("reason")]
+        assert len(queued) <= 3, [e["reason"] for e in queued]  # 6 s of flipping: at most one line per 10 s
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
+import fnmatch
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
@@ -42,10 +42,8 @@ SKIPPED_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints", ".git"})
 WRITTEN_LIMIT = 1000  # files listed in the done event
 WALK_LIMIT = 200_000  # entries looked at when listing what a job wrote
 _CHUNK = 1 << 20
-FETCH_MAX_FILES = 10_000  # files one fetch brings back, unless the request raises it
-FETCH_MAX_BYTES = 20 << 30  # bytes one fetch brings back (each is copied into the host's store first)
-FETCH_MAX_FILES_SETTING = "REMOTE_MAGIC_FETCH_MAX_FILES"  # in the kernel's environment: raises the bound
-FETCH_MAX_BYTES_SETTING = "REMOTE_MAGIC_FETCH_MAX_BYTES"
+FETCH_MAX_FILES, FETCH_MAX_BYTES = protocol.FETCH_MAX_FILES, protocol.FETCH_MAX_BYTES
+FETCH_MAX_FILES_SETTING, FETCH_MAX_BYTES_SETTING = protocol.FETCH_MAX_FILES_SETTING, protocol.FETCH_MAX_BYTES_SETTING
 
 
 def safe_relative(rel: object) -> str | None:
@@ -292,18 +290,43 @@ def _reaches_outside(pattern: str, cwd: str, top: str) -> bool:
 
 
 def matching_files(
-    path: str, spec: dict[str, Any], patterns: list[str], max_files: int = FETCH_MAX_FILES
+    path: str,
+    spec: dict[str, Any],
+    patterns: list[str],
+    max_files: int = FETCH_MAX_FILES,
+    max_bytes: int = FETCH_MAX_BYTES,
 ) -> dict[str, str]:
     """The files the patterns name: {path relative to the cell's working folder: the real path it names}.
 
     A pattern is a glob (``**`` included), a file, or a folder (all of it),
-    relative to the cell's working folder.  Every hit is resolved by real path
-    and must lie inside the job's layout (or --workdir); the path reported is
-    that real path relative to the cell's working folder, so ``deep/..``
-    through a link can never name one file here and another when it is read.
+    relative to the cell's working folder, matched as ``glob`` does but
+    without its walk through links to folders (``a -> .`` and ``b -> .``
+    would make ``**`` walk 2^40 paths): ``**`` spans real folders only, and
+    each folder is looked at once per place in the pattern however many
+    links lead to it.  Every hit is resolved by real path and must lie inside
+    the job's layout (or --workdir); the path reported is that real path
+    relative to the cell's working folder, so ``deep/..`` through a link can
+    never name one file here and another when it is read.  The files are
+    counted as they are found: the bounds stop the search as soon as more
+    match than they allow.
     """
     top, cwd = os.path.realpath(work_root(path, spec)), os.path.realpath(job_cwd(path, spec))
     matched: dict[str, str] = {}
+    taken: set[str] = set()  # folders whose files are all in ``matched`` (walked by ``_files_in``)
+    total = 0
+
+    def add(file: str) -> None:
+        nonlocal total
+        rel = os.path.relpath(file, cwd).replace(os.sep, "/")
+        if rel in matched:
+            return
+        matched[rel] = file
+        total += _size(file)
+        if len(matched) > max_files:
+            raise jobs.AgentError(_too_many(patterns, max_files))
+        if total > max_bytes:
+            raise jobs.AgentError(_too_big(patterns, len(matched), total, max_bytes, stopped=True))
+
     for pattern in patterns:
         problem = pattern_problem(pattern)
         if problem:
@@ -311,24 +334,133 @@ def matching_files(
         if _reaches_outside(pattern, cwd, top):
             raise jobs.AgentError(f"--fetch {pattern}: it reaches outside the job's folder on the host")
         outside = inside = 0
-        for hit in glob.glob(pattern, root_dir=cwd, recursive=True):
-            real = os.path.realpath(os.path.join(cwd, hit))
-            if not _within(real, top):
+        for real in _pattern_hits(pattern, cwd, top):
+            if real is None:
                 outside += 1
                 continue
             inside += 1
-            found = _files_under(real, top, None) if os.path.isdir(real) else [real] if os.path.isfile(real) else []
-            for file in found:
-                file = os.path.realpath(file)
-                matched[os.path.relpath(file, cwd).replace(os.sep, "/")] = file
-                if len(matched) > max_files:
-                    raise jobs.AgentError(_too_many(patterns, max_files))
+            if os.path.isdir(real):
+                if real not in taken:
+                    for file in _files_in(real, top, taken):
+                        add(file)
+            elif os.path.isfile(real):
+                add(real)
         if outside and not inside:
             raise jobs.AgentError(
                 f"--fetch {pattern}: it reaches outside the job's folder on the host (through a link); "
                 "only files inside the job's folder come back"
             )
     return dict(sorted(matched.items()))
+
+
+_MAGIC = ("*", "?", "[")  # what makes a part of a pattern a glob (``glob.has_magic``)
+
+
+def _pattern_hits(pattern: str, cwd: str, top: str) -> Iterator[str | None]:
+    """The real paths ``pattern`` names from the real folder ``cwd``, glob's way: ``*``, ``?`` and ``[...]``
+    match within one name, ``**`` (a whole part) any depth of folders, a name starting with ``.`` only
+    where the pattern's part does, ``..`` is the parent, and a trailing ``/`` names folders only.
+
+    Unlike glob, ``**`` walks real folders only (a link to a folder is a hit, never walked through), and
+    the folders reached at each part of the pattern are kept once each by real path, so no arrangement of
+    links makes the search longer than the layout's folders times the pattern's parts.  None for each
+    folder or hit whose real path is outside ``top`` (never listed)."""
+    parts = [part for part in pattern.split("/") if part]
+    folders = [cwd]
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        dirs_only = not last or pattern.endswith("/")
+        reached: dict[str, None] = {}
+        walked: set[str] = set()  # ``**``: folders a walk of this part went through (a second one adds nothing)
+        for folder in folders:
+            root_left_out = last and folder == cwd and all(p == "**" for p in parts)  # as glob: ``**`` is not ''
+            for real in _part_hits(folder, part, dirs_only, not root_left_out, walked):
+                if not _within(real, top):
+                    yield None
+                elif last:
+                    yield real
+                else:
+                    reached[real] = None
+        folders = list(reached)
+
+
+def _part_hits(folder: str, part: str, dirs_only: bool, include_self: bool, walked: set[str]) -> Iterator[str]:
+    """The real paths one part of a pattern names in the real folder ``folder``."""
+    if part == "**":
+        if folder in walked:
+            return
+        if include_self:
+            yield folder
+        for full, name, is_link, is_dir in _walk(folder, lambda name: not name.startswith(".")):
+            if name.startswith("."):
+                continue
+            if is_link:
+                if not dirs_only or os.path.isdir(full):
+                    yield os.path.realpath(full)
+            elif is_dir:
+                walked.add(full)
+                yield full
+            elif not dirs_only:
+                yield full
+    elif any(c in part for c in _MAGIC):
+        hidden = part.startswith(".")
+        for name, is_link, is_dir in _entries(folder):
+            if (hidden or not name.startswith(".")) and fnmatch.fnmatchcase(name, part):
+                full = os.path.join(folder, name)
+                if not dirs_only or (os.path.isdir(full) if is_link else is_dir):
+                    yield os.path.realpath(full) if is_link else full
+    else:
+        full = os.path.join(folder, part)
+        if os.path.isdir(full) if dirs_only else os.path.lexists(full):
+            yield os.path.realpath(full)
+
+
+def _files_in(folder: str, top: str, taken: set[str]) -> Iterator[str]:
+    """The real path of every file under the real folder ``folder`` that lies inside ``top`` (a link to
+    a file counts by its real path; links to folders and SKIPPED_DIRS are not walked); each folder
+    walked is added to ``taken``."""
+    taken.add(folder)
+    for full, name, is_link, is_dir in _walk(folder, lambda name: name not in SKIPPED_DIRS):
+        if is_dir and not is_link:
+            if name not in SKIPPED_DIRS:
+                taken.add(full)
+        elif is_link:
+            real = os.path.realpath(full)
+            if os.path.isfile(real) and _within(real, top):
+                yield real
+        elif os.path.isfile(full):
+            yield full
+
+
+def _walk(folder: str, walk_into: Callable[[str], bool]) -> Iterator[tuple[str, str, bool, bool]]:
+    """(path, name, is a link, is a real folder) of each entry below the real folder ``folder``, depth
+    first; real folders whose name ``walk_into`` accepts are walked, links never.  A stack, not recursion:
+    a layout may be thousands of folders deep."""
+    pending = [(folder, iter(_entries(folder)))]
+    while pending:
+        parent, entries = pending[-1]
+        entry = next(entries, None)
+        if entry is None:
+            pending.pop()
+            continue
+        name, is_link, is_dir = entry
+        full = os.path.join(parent, name)
+        yield full, name, is_link, is_dir
+        if is_dir and not is_link and walk_into(name):
+            pending.append((full, iter(_entries(full))))
+
+
+def _entries(folder: str) -> list[tuple[str, bool, bool]]:
+    """(name, is a link, is a real folder) for each entry of ``folder``, by name; [] where it cannot be read."""
+    try:
+        with os.scandir(folder) as it:
+            found = []
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    found.append((entry.name, entry.is_symlink(), entry.is_dir(follow_symlinks=False)))
+            return sorted(found)
+    except OSError:
+        return []
 
 
 def _too_many(patterns: list[str], max_files: int) -> str:
@@ -352,14 +484,12 @@ def store_files(
     A copy, hashed while it is written, so a file the job (or anyone) changes
     later never alters what was fetched; of exactly the file that was matched
     (opened without following a link, then checked by what was opened).  The
-    bounds are checked before anything is copied.  The digests are recorded in
-    the job folder so ``gc`` keeps them while the job is kept.
+    bounds are checked before anything is copied (while matching).  The
+    digests are recorded in the job folder so ``gc`` keeps them while the job
+    is kept.
     """
     top = os.path.realpath(work_root(path, spec))
-    matched = matching_files(path, spec, patterns, max_files)
-    total = sum(_size(real) for real in matched.values())
-    if total > max_bytes:
-        raise jobs.AgentError(_too_big(patterns, len(matched), total, max_bytes))
+    matched = matching_files(path, spec, patterns, max_files, max_bytes)
     found = []
     left = max_bytes  # a file that grew since it was counted cannot carry the fetch past the bound
     with jobs.blob_lock(root, exclusive=False):
@@ -380,11 +510,13 @@ def _size(real: str) -> int:
         return 0
 
 
-def _too_big(patterns: list[str], count: int, total: int, max_bytes: int) -> str:
+def _too_big(patterns: list[str], count: int, total: int, max_bytes: int, stopped: bool = False) -> str:
+    """The byte bound's refusal; ``stopped``: the search stopped at the file that passed it (maybe more match)."""
     return (
         f"--fetch {','.join(patterns)}: {count:,} files match, {_size_text(total)} in all, more than the "
-        f"{_size_text(max_bytes)} one fetch brings back; name fewer files (a narrower pattern), or raise the bound "
-        f"in the kernel: `%env {FETCH_MAX_BYTES_SETTING}={-(-total // 2**20)}MiB`"
+        f"{_size_text(max_bytes)} one fetch brings back{' (the search stopped there)' if stopped else ''}; "
+        f"name fewer files (a narrower pattern), or raise the bound in the kernel: "
+        f"`%env {FETCH_MAX_BYTES_SETTING}={-(-total // 2**20)}MiB`{' or more' if stopped else ''}"
     )
 
 

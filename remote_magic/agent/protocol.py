@@ -22,6 +22,12 @@ SCHEMA_VERSION = 2
 # ``YYYYmmdd-HHMMSS-xxxxxx`` (6 hex digits), a sweep the same with ``sweep-``
 # in front.  Every place an id enters (magics, server URLs, the agent)
 # checks it against these, so an id can never be an option or a path.
+# One --fetch brings back at most this much, unless the kernel's environment raises it (both ends read these).
+FETCH_MAX_FILES = 10_000
+FETCH_MAX_BYTES = 20 << 30  # each file is copied into the host's store before it is sent
+FETCH_MAX_FILES_SETTING = "REMOTE_MAGIC_FETCH_MAX_FILES"
+FETCH_MAX_BYTES_SETTING = "REMOTE_MAGIC_FETCH_MAX_BYTES"
+
 JOB_ID_PATTERN = r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}"
 SWEEP_ID_PATTERN = r"sweep-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}"
 _JOB_ID = re.compile(JOB_ID_PATTERN)
