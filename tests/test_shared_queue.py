@@ -659,3 +659,67 @@ def test_a_shared_folder_a_member_owns_is_refused_and_flipping_records_do_not_gr
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_files_named_like_another_users_folder_hide_nothing_simulated_gpus(ip, shared_host: SharedHost) -> None:
+    """Files named like alice's folder do not hide her running job from bob's own dispatcher."""
+    _configure(ip, shared_host)
+    alice, bob = shared_host.roots[VICTIM], shared_host.roots[ATTACKER]
+    victim_uid = pwd.getpwnam(VICTIM).pw_uid
+    q = shared_host.queue
+    holding = _submit(ip, "alice", "--gpus all", 4)
+    decoys = {q / f"u{victim_uid}-{'0' * n}": "" for n in range(1, 9)}  # sort before her random name
+    _write_as(ATTACKER, decoys)
+    own = _submit(ip, "bob", "--gpus 1", 0)  # bob's own dispatcher must still see alice's job
+    _wait_ended(shared_host, {holding: VICTIM, own: ATTACKER})
+    assert _started_at(bob, own) >= _outputs(alice, holding)["ended"]
+
+
+def test_impossible_requests_and_a_held_record_vouching_for_a_no_show_hold_back_nobody_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """An entry asking for a GPU the host lacks blocks nobody; a held record of the same job id does not keep a
+    no-show entry counting past the grace period."""
+    _configure(ip, shared_host)
+    alice = shared_host.roots[VICTIM]
+    sleeper, identity = _live_process(ATTACKER)
+    try:
+        mine = _attacker_folder(shared_host)
+        job = "20261207-000000-aaaaaa"
+        _as(ATTACKER, f"import os\nos.mkdir({str(mine / 'held')!r}, 0o2750)")
+        _write_as(
+            ATTACKER,
+            {
+                mine / "dispatcher.id": json.dumps(identity),
+                mine / "impossible.json": json.dumps({"job_id": "20261207-000000-bbbbbb", "wanted": [1023]}),
+                mine / "too-many.json": json.dumps({"job_id": "20261207-000000-cccccc", "wanted": 5}),
+                mine / "no-show.json": json.dumps({"job_id": job, "wanted": -1}),
+                mine / "held" / "vouch.json": json.dumps({"job_id": job, "gpus": [], "identity": identity}),
+            },
+        )
+        began = time.time()
+        later = _submit(ip, "alice", "--gpus 1", 0)
+        _wait_ended(shared_host, {later: VICTIM}, timeout=60)
+        assert _started_at(alice, later) - began < STALE + 4  # one grace period for the no-show, then on
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_switching_the_queue_setting_leaves_no_folder_of_ours_behind_simulated_gpus(
+    ip, shared_host: SharedHost
+) -> None:
+    """A folder left in the shared one would count against our budget there, and could hide our live one."""
+    _configure(ip, shared_host)
+    other = shared_host.base / f"queue-other-{_COUNT}"
+    other.mkdir()
+    os.chown(other, -1, grp.getgrnam(GROUP).gr_gid)
+    other.chmod(0o3770)
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    for queue in (shared_host.queue, other, shared_host.queue, other):
+        magics.hosts = {**magics.hosts, "alice": {**magics.hosts["alice"], "queue": str(queue)}}
+        job = _submit(ip, "alice", "--gpus 1", 0)
+        _wait_ended(shared_host, {job: VICTIM})
+    uid = pwd.getpwnam(VICTIM).pw_uid
+    assert [p.name for p in shared_host.queue.iterdir() if p.name.startswith(f"u{uid}-")] == []
+    assert len([p for p in other.iterdir() if p.name.startswith(f"u{uid}-")]) == 1

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import bootstrap, gpus, jobs, procs, queue_folder, runners
+from . import bootstrap, gpus, jobs, procs, protocol, queue_folder, runners
 from .detach import spawn_detached, untagged_environment
 from .queue_folder import Entry, Held, Member
 
@@ -47,6 +47,7 @@ ORDER_FILE = "queue.order.json"  # in the private root: what this root saw of ot
 ROUND_SECONDS = 0.25
 DEFAULT_BUSY_MIB = 1024
 MAX_FAILED_ROUNDS = 20
+WAITING_EVENT_SECONDS = 10.0  # a waiting job's reason is logged at most this often, unless it moved up
 _AGENT_HASH = re.compile(r"[0-9a-f]{8,64}")
 
 
@@ -122,8 +123,9 @@ class Order:
     ``placed``: entry key -> [time it is ordered by, whether it counted when last seen].  A key never seen is
     placed at its ctime but never before ``last_look`` (an entry written earlier would have been seen then:
     one renamed in later cannot claim an old place); one seen not counting that counts now goes to the back.
-    ``set_aside``: uid -> [when GPUs were first set aside for one of its entries, that job id]; cleared once
-    that job holds its GPUs.
+    ``set_aside``: uid -> [when GPUs were first set aside for one of its entries, that entry's key]; cleared
+    once that entry has left its owner's folder (started, or taken back).  While it stays past the grace
+    period, none of that user's entries count: a held record cannot vouch for it, only its leaving.
     """
 
     last_look: float = 0.0
@@ -154,7 +156,7 @@ class Order:
         for uid, folders in by_user.items():
             no_show = self._no_show(uid, folders, now)
             for owner, entry in ((member, entry) for member in folders for entry in member.entries):
-                key = f"{entry.uid}:{entry.inode}:{entry.written_ns}"
+                key = _key(entry)
                 counting = not no_show and (owner.dispatcher_alive or queue_folder.recent(entry.written_ns))
                 before = self.placed.get(key)
                 if before is None:
@@ -175,14 +177,25 @@ class Order:
         aside = self.set_aside.get(str(uid))
         if aside is None:
             return False
-        started = any(record.job_id == aside[1] for member in folders for record in member.held)
-        if started or not any(member.entries for member in folders):
-            del self.set_aside[str(uid)]
+        if all(_key(entry) != aside[1] for member in folders for entry in member.entries):
+            del self.set_aside[str(uid)]  # it left: started, or taken back
             return False
         return now - aside[0] > queue_folder.stale_seconds()
 
     def setting_aside(self, entry: Entry, now: float) -> None:
-        self.set_aside.setdefault(str(entry.uid), [now, entry.job_id])
+        self.set_aside.setdefault(str(entry.uid), [now, _key(entry)])
+
+
+def _key(entry: Entry) -> str:
+    """One written entry: a rewrite (new inode or ctime) is another, placed anew."""
+    return f"{entry.uid}:{entry.inode}:{entry.written_ns}"
+
+
+def _possible(wanted: int | list[int] | None, inventory: list[gpus.Gpu]) -> bool:
+    """Whether another user's entry could ever start on this host: one that cannot must not block anyone."""
+    if isinstance(wanted, list):
+        return all(index < len(inventory) for index in wanted)
+    return wanted is None or wanted <= len(inventory)
 
 
 # -- a round --------------------------------------------------------------------------------------------------
@@ -228,6 +241,8 @@ def _round(root: str, agent_hash: str) -> int:
             wanted, sweep = wanted_gpus(specs[entry.job_id][1]), _sweep_of(specs[entry.job_id][1])
         else:
             wanted, sweep = entry.wanted, entry.sweep
+            if not _possible(wanted, inventory):
+                continue
         if _sweep_full(entry.owner, sweep, running):  # the sweep's own limit: its later trials wait, others go on
             waiting.append((entry, wanted, sweep))
             continue
@@ -244,7 +259,13 @@ def _round(root: str, agent_hash: str) -> int:
         if ours:
             path, spec = specs[entry.job_id]
             jobs.unlink_quietly(entry.file)
-            _start(root, _agent_of(spec, agent_hash), path, spec, chosen if inventory else None)
+            try:
+                _start(root, _agent_of(spec, agent_hash), path, spec, chosen if inventory else None)
+            except (OSError, jobs.AgentError) as e:  # it left the queue: it ends here, saying why, not silently
+                message = f"the GPU queue could not start the job: {e}"
+                jobs.append_event(
+                    path, protocol.ERROR, message=message, exc_type="StartError", traceback="", phase="start"
+                )
         else:
             order.setting_aside(entry, now)  # for its own dispatcher, which should start it within a round
     if members or order.placed:
@@ -256,7 +277,7 @@ def _round(root: str, agent_hash: str) -> int:
             reason = f"waiting for a trial of {sweep[0]} to end: it runs {sweep[1]} at a time"  # type: ignore[index]
         else:
             reason = _why(wanted, inventory, held, foreign, position)
-        jobs.tell_waiting(specs[entry.job_id][0], reason, position)
+        jobs.tell_waiting(specs[entry.job_id][0], reason, position, every=WAITING_EVENT_SECONDS)
     return sum(entry.owner == own for entry, _, _ in waiting)
 
 
@@ -407,7 +428,7 @@ def serve(root: str, agent_hash: str) -> int:
                         mine = -1
                         return 0
                 failures = 0
-            except (OSError, jobs.AgentError) as e:
+            except Exception as e:  # noqa: BLE001  (logged; a dispatcher that dies leaves jobs waiting)
                 failures += 1
                 jobs.log_problem(root, f"the GPU queue's dispatcher: {e}")
                 if failures >= MAX_FAILED_ROUNDS:

@@ -545,22 +545,19 @@ def append_event(path: str, type_: str, **fields: Any) -> None:
     forget_summary(path)
 
 
-WAITING_EVENT_SECONDS = 10.0  # at most one ``queued`` event this often, unless the job moved up
-
-
-def tell_waiting(path: str, reason: str, position: int | None) -> None:
+def tell_waiting(path: str, reason: str, position: int | None, every: float = 0.0) -> None:
     """A ``queued`` event saying why the job waits, when that changed; never once the job started or ended.
 
-    A reason that keeps changing (another user's jobs come and go) adds at
-    most one line every ``WAITING_EVENT_SECONDS``: the log grows with the
-    job's state, not with noise.  Moving up the queue is always told at once.
+    ``every``: a reason that keeps changing (in a shared queue, other users'
+    jobs come and go) adds at most one line this often, so the log grows
+    with the job's state, not with noise; moving up the queue is told at once.
     """
     last = last_event(path)
     if last is not None and last["type"] not in (protocol.QUEUED, protocol.REQUEUED):
         return  # it started meanwhile: its runner owns the log now
     if last is not None and last.get("reason") == reason and last.get("position") == position:
         return
-    if last is not None and last.get("reason") and time.time() - float(last.get("t") or 0) < WAITING_EVENT_SECONDS:
+    if last is not None and last.get("reason") and time.time() - float(last.get("t") or 0) < every:
         moved_up = position is not None and isinstance(last.get("position"), int) and position < last["position"]
         if not moved_up:
             return

@@ -205,6 +205,12 @@ def check_shared_folder(top: str, setting: str) -> None:
             )
         os.chmod(top, stat.S_IMODE(st.st_mode) | stat.S_ISVTX)
     _check_above(top)
+    if not os.path.exists("/proc/1/stat"):
+        raise jobs.AgentError(
+            "this host hides other users' processes (/proc mounted with hidepid), so a shared GPU queue cannot "
+            "tell whether another user's job still holds its GPUs; use a private queue (no 'queue' setting), or "
+            "ask the host's admin to mount /proc without hidepid"
+        )
     if _sysctl("fs/protected_hardlinks") == "0":
         raise jobs.AgentError(
             "this host lets users hard-link each other's files (fs.protected_hardlinks is 0), which would let a "
@@ -297,7 +303,10 @@ def use_queue(root: str, folder: str | None) -> None:
                         f"run in the queue at {os.path.realpath(path)}; let them end (or cancel them) first"
                     )
             if os.path.islink(path):
+                left = os.path.realpath(path)
                 os.unlink(path)
+                if _is_own_folder(left):  # ours, and nothing of ours waits or runs in it: no folder left behind
+                    shutil.rmtree(left, ignore_errors=True)
             else:
                 shutil.rmtree(path, ignore_errors=True)
         if top is None:
@@ -338,7 +347,8 @@ def locked(path: str, blocking: bool = True) -> Iterator[bool]:
         os.close(fd)
 
 
-CONTENDED_FILE = "queue.contended"  # in the private root: when a member last held the shared lock past the grace
+CONTENDED_FILE = "queue.contended"  # in the private root: when a member last held the shared lock too long
+CONTENDED_WAIT = 5.0  # seconds: longer than an honest round holds the lock; the wait while it is contended
 
 
 @contextlib.contextmanager
@@ -366,28 +376,37 @@ def queue_lock(root: str) -> Iterator[None]:
 
 
 def _flock_shared(root: str, fd: int, top: str) -> None:
+    """Take the shared lock, waiting at most the grace period, and ``CONTENDED_WAIT`` while a member has held it
+    lately.
+
+    "Lately" is any wait over ``CONTENDED_WAIT`` (longer than an honest round holds it), not only one that ran
+    out: a member who lets go just before the deadline, again and again, is still holding the queue.  It is
+    forgotten when the lock is free at once.
+    """
     contended = os.path.join(root, CONTENDED_FILE)
     try:
         held_lately = time.time() - os.stat(contended).st_mtime < 2 * stale_seconds()
     except OSError:
         held_lately = False
-    wait = 1.0 if held_lately else stale_seconds()
-    deadline = time.monotonic() + wait
+    began = time.monotonic()
+    deadline = began + (min(CONTENDED_WAIT, stale_seconds() / 2) if held_lately else stale_seconds())
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if held_lately:
-                jobs.unlink_quietly(contended)
-            return
+            got = True
         except BlockingIOError:
-            if time.monotonic() >= deadline:
-                if not held_lately:
-                    jobs.log_problem(
-                        root, f"the shared GPU queue {top} stayed locked {wait:.0f} s; going on without it"
-                    )
+            got = False
+        waited = time.monotonic() - began
+        if got and waited < 0.05:
+            jobs.unlink_quietly(contended)
+        elif got or time.monotonic() >= deadline:
+            if waited > min(CONTENDED_WAIT, stale_seconds() / 2) or not got:
                 jobs.atomic_write(contended, b"", durable=False)
-                return
-            time.sleep(0.02)
+            if not got and not held_lately:
+                jobs.log_problem(root, f"the shared GPU queue {top} stayed locked {waited:.0f} s; going on without it")
+        if got or time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
 
 
 # -- reading records as untrusted -----------------------------------------------------------------------------
@@ -527,22 +546,40 @@ def own_entries(root: str) -> list[Entry]:
         return [] if fd is None else _entries(fd, folder, os.getuid(), OWN_RECORDS, single_link=False)
 
 
+def _member_folders(top: str, mine: str) -> dict[int, list[str]]:
+    """uid -> the names of its queue folders at the top (real folders of the uid their name says, that no one
+    else can write), its ``FOLDERS_PER_USER`` most recently changed: names, files or links made to look like
+    another user's folder are passed over, and cannot push a real one out of the budget."""
+    candidates: dict[int, list[tuple[int, str]]] = {}
+    with _open_folder(top, None) as top_fd, contextlib.suppress(OSError):
+        if top_fd is None:
+            return {}
+        with os.scandir(top_fd) as found:
+            for item in found:  # streamed: a flood of names costs time, never memory
+                match = _MEMBER_FOLDER.fullmatch(item.name)
+                if match is None or os.path.join(top, item.name) == mine:
+                    continue
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                uid = int(match.group(1))
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022:
+                    kept = candidates.setdefault(uid, [])
+                    kept.append((st.st_mtime_ns, item.name))
+                    kept.sort(reverse=True)
+                    del kept[FOLDERS_PER_USER:]
+    return {uid: [name for _, name in kept] for uid, kept in candidates.items()}
+
+
 def members(root: str) -> list[Member]:
     """Every other user's queue folder in the shared one, each read within its owner's budget."""
     top = shared_top(root)
     if top is None:
         return []
-    mine = os.path.realpath(link(root))
-    by_user: dict[int, list[str]] = {}
-    with _open_folder(top, None) as top_fd:
-        names = [] if top_fd is None else _names(top_fd, 10**7)
-    for name in sorted(names):
-        match = _MEMBER_FOLDER.fullmatch(name)
-        if match is not None and os.path.join(top, name) != mine:
-            by_user.setdefault(int(match.group(1)), []).append(name)
     found = []
-    for uid, folders in by_user.items():
-        for name in folders[:FOLDERS_PER_USER]:
+    for uid, names in _member_folders(top, os.path.realpath(link(root))).items():
+        for name in names:
             folder = os.path.join(top, name)
             with _open_folder(folder, uid) as fd:
                 if fd is None:
