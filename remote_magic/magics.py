@@ -28,12 +28,13 @@ from .capture import CaptureError
 from .client import AgentClient
 from .config import hosts_trait, ssh_config_trait
 from .errors import HostSetupError, RemoteMagicError
+from .job_view import JobView, format_size
 from .payload import PayloadError
 from .project import ProjectError
 from .registry import Registry
 from .sweep import MODES, Sweep, SweepError, SweepRun, Trial, expand_grid, json_params, new_sweep_id
 from .transport import LOCAL_HOST
-from .ui.panel import JobView, format_size, make_panel
+from .ui.panel import make_panel
 from .ui.status import JobDetail, StatusTable
 from .ui.sweep_panel import make_sweep_panel
 

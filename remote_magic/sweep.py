@@ -27,7 +27,7 @@ from . import session
 from .agent import protocol
 from .client import AgentClient
 from .errors import RemoteMagicError
-from .ui.panel import JobView
+from .job_view import JobView
 
 MODES = ("min", "max")
 # Metric names where higher is better (matched inside the name, after any val_ prefix); the rest are minimised.

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..agent import protocol
+from ..job_view import format_seconds
 from ..sweep import Action, Pick, Sweep, Trial
 from .chart import PALETTE, WIDTH, svg_chart
 from .panel import (
@@ -22,7 +23,6 @@ from .panel import (
     StaticBundle,
     ThrottledRedraw,
     format_epoch,
-    format_seconds,
     serve_clicks_while_busy,
     wants_widgets,
 )
