@@ -258,6 +258,23 @@ def test_notes_are_deduplicated() -> None:
     assert codec.take_notes() == ["b", "a"]
 
 
+def test_a_threads_notes_stay_with_that_thread() -> None:
+    """A background follower's loads (its own thread) never put notes into the running cell's panel."""
+    import threading
+
+    taken: list[list[str]] = []
+
+    def follower() -> None:
+        codec._note("from the follower")
+        taken.append(codec.take_notes())
+
+    codec._note("from the cell")
+    thread = threading.Thread(target=follower)
+    thread.start()
+    thread.join()
+    assert taken == [["from the follower"]] and codec.take_notes() == ["from the cell"]
+
+
 # Referenced modules ----------------------------------------------------------
 
 

@@ -25,8 +25,10 @@ in one uncompressed tar, and is loaded back from a folder that lives until
 the process exits.
 
 Some of this is worth telling the user (a tensor moved to the CPU, a shuffle
-order frozen by the save); such notes collect here and ``take_notes`` hands
-them to whoever shows them.
+order frozen by the save); such notes collect here, per thread, and
+``take_notes`` hands them to whoever shows them: the thread that pickled or
+loaded the values, so a cell's notes never reach a panel that a background
+follower (another thread) feeds, nor the other way round.
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ BLOB_THRESHOLD = 256 * 1024
 
 _KERAS_PREFIXES = ("keras", "tensorflow", "tf_keras", "jax", "torch")
 
-_NOTES: list[str] = []
-_NOTES_LOCK = threading.Lock()
+_NOTES = threading.local()  # .pending: the notes of this thread's dumps and loads, not yet taken
 # Who is loading, for the wording of device notes: set by ``loads`` for the unpickling thread.
 _LOADING = threading.local()
 
@@ -107,10 +108,9 @@ def loads(data: bytes, buffers: Iterable[Any], *, receiver: str = "kernel") -> A
 
 
 def take_notes() -> list[str]:
-    """The notes ``dumps`` and ``loads`` recorded in this process since the last call, each once."""
-    with _NOTES_LOCK:
-        notes = list(dict.fromkeys(_NOTES))
-        _NOTES.clear()
+    """The notes ``dumps`` and ``loads`` recorded in this thread since the last call, each once."""
+    notes = list(dict.fromkeys(getattr(_NOTES, "pending", [])))
+    _NOTES.pending = []
     return notes
 
 
@@ -135,8 +135,9 @@ def notebook_defined(namespace: dict[str, Any]) -> list[Any]:
 
 
 def _note(text: str) -> None:
-    with _NOTES_LOCK:
-        _NOTES.append(text)
+    if not hasattr(_NOTES, "pending"):
+        _NOTES.pending = []
+    _NOTES.pending.append(text)
 
 
 _PICKLER_CLASS: type | None = None
