@@ -527,8 +527,8 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
         [
             _JOB,
             ("patterns", {"nargs": "+"}),
-            ("--max-files", {"type": int, "default": layout.FETCH_MAX_FILES}),
-            ("--max-bytes", {"type": int, "default": layout.FETCH_MAX_BYTES}),
+            ("--max-files", {"type": int, "default": protocol.FETCH_MAX_FILES}),
+            ("--max-bytes", {"type": int, "default": protocol.FETCH_MAX_BYTES}),
         ],
     ),
     "versions": (cmd_versions, [("names", {"nargs": "*"}), ("--env", {})]),

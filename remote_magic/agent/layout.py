@@ -42,8 +42,6 @@ SKIPPED_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints", ".git"})
 WRITTEN_LIMIT = 1000  # files listed in the done event
 WALK_LIMIT = 200_000  # entries looked at when listing what a job wrote
 _CHUNK = 1 << 20
-FETCH_MAX_FILES, FETCH_MAX_BYTES = protocol.FETCH_MAX_FILES, protocol.FETCH_MAX_BYTES
-FETCH_MAX_FILES_SETTING, FETCH_MAX_BYTES_SETTING = protocol.FETCH_MAX_FILES_SETTING, protocol.FETCH_MAX_BYTES_SETTING
 
 
 def safe_relative(rel: object) -> str | None:
@@ -293,8 +291,8 @@ def matching_files(
     path: str,
     spec: dict[str, Any],
     patterns: list[str],
-    max_files: int = FETCH_MAX_FILES,
-    max_bytes: int = FETCH_MAX_BYTES,
+    max_files: int = protocol.FETCH_MAX_FILES,
+    max_bytes: int = protocol.FETCH_MAX_BYTES,
 ) -> dict[str, str]:
     """The files the patterns name: {path relative to the cell's working folder: the real path it names}.
 
@@ -467,7 +465,7 @@ def _too_many(patterns: list[str], max_files: int) -> str:
     return (
         f"--fetch {','.join(patterns)}: more than {max_files:,} files match, the most one fetch brings back; "
         f"name fewer files (a narrower pattern), or raise the bound in the kernel: "
-        f"`%env {FETCH_MAX_FILES_SETTING}={max_files * 10}`"
+        f"`%env {protocol.FETCH_MAX_FILES_SETTING}={max_files * 10}`"
     )
 
 
@@ -476,8 +474,8 @@ def store_files(
     path: str,
     spec: dict[str, Any],
     patterns: list[str],
-    max_files: int = FETCH_MAX_FILES,
-    max_bytes: int = FETCH_MAX_BYTES,
+    max_files: int = protocol.FETCH_MAX_FILES,
+    max_bytes: int = protocol.FETCH_MAX_BYTES,
 ) -> list[list[Any]]:
     """Copy the matching files into the blob store; [relative path, sha256, size] for each.
 
@@ -516,7 +514,7 @@ def _too_big(patterns: list[str], count: int, total: int, max_bytes: int, stoppe
         f"--fetch {','.join(patterns)}: {count:,} files match, {_size_text(total)} in all, more than the "
         f"{_size_text(max_bytes)} one fetch brings back{' (the search stopped there)' if stopped else ''}; "
         f"name fewer files (a narrower pattern), or raise the bound in the kernel: "
-        f"`%env {FETCH_MAX_BYTES_SETTING}={-(-total // 2**20)}MiB`{' or more' if stopped else ''}"
+        f"`%env {protocol.FETCH_MAX_BYTES_SETTING}={-(-total // 2**20)}MiB`{' or more' if stopped else ''}"
     )
 
 
