@@ -29,8 +29,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="remote_magic-big-") as tmp:
         os.environ["REMOTE_MAGIC_DATA_DIR"] = str(Path(tmp) / "data")
-        from remote_magic.client import AgentClient
         from remote_magic.transport import SSHTransport
+        from remote_magic.wire.client import AgentClient
 
         source = Path(tmp) / "source.bin"
         with open(source, "wb") as f:

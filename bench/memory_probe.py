@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from remote_magic import session
-from remote_magic.client import AgentClient
 from remote_magic.transport import SSHTransport
+from remote_magic.wire.client import AgentClient
 
 
 def peak_rss() -> int:

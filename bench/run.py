@@ -148,7 +148,7 @@ class Bench:
     # 2 ---------------------------------------------------------------------------------------
     def download(self) -> None:
         from remote_magic import session
-        from remote_magic.cache import BlobCache
+        from remote_magic.wire.cache import BlobCache
 
         cell = (
             f"import numpy as np\nbig_output = np.random.default_rng(2).integers(0, 255, {self.size}, dtype=np.uint8)\n"

@@ -21,22 +21,23 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from . import compression, envcheck, payload, project, session, upload
+from . import project, session
 from .agent import codec, protocol
-from .cache import DEFAULT_CACHE_LIMIT
-from .capture import CaptureError
-from .client import AgentClient
 from .config import hosts_trait, ssh_config_trait
 from .errors import HostSetupError, RemoteMagicError
-from .job_view import JobView, format_size
-from .payload import PayloadError
-from .project import ProjectError
+from .project import ProjectError, envcheck, payload
+from .project.capture import CaptureError
+from .project.payload import PayloadError
 from .registry import Registry
+from .session.job_view import JobView, format_size
 from .sweep import MODES, Sweep, SweepError, SweepRun, Trial, expand_grid, json_params, new_sweep_id
 from .transport import LOCAL_HOST
 from .ui.panel import make_panel
 from .ui.status import JobDetail, StatusTable
 from .ui.sweep_panel import make_sweep_panel
+from .wire import compression, upload
+from .wire.cache import DEFAULT_CACHE_LIMIT
+from .wire.client import AgentClient
 
 _T = TypeVar("_T")
 

@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 from . import session
 from .agent import protocol
-from .client import AgentClient
 from .errors import RemoteMagicError
-from .job_view import JobView
+from .session.job_view import JobView
+from .wire.client import AgentClient
 
 MODES = ("min", "max")
 # Metric names where higher is better (matched inside the name, after any val_ prefix); the rest are minimised.

@@ -22,7 +22,8 @@ from conftest import MODEL_CELL, PYTHON, run
 from kernel import Kernel
 from notebooks import write_profile
 
-from remote_magic.agent import codec, warm
+from remote_magic.agent import codec
+from remote_magic.agent.launch import warm
 from remote_magic.transport.deploy import agent_hash
 
 torch = pytest.importorskip("torch")

@@ -16,9 +16,9 @@ import pytest
 from conftest import PYTHON, run
 from sshd import Sshd, make_sshd
 
-from remote_magic.client import BULK_MIN_BYTES
 from remote_magic.errors import HostKeyError
 from remote_magic.transport.openssh import sweep_stale_pin_folders
+from remote_magic.wire.client import BULK_MIN_BYTES
 
 ALIAS = "bulkhost"
 BIG_CELL = """%%remote_train --host bulkhost

@@ -7,8 +7,8 @@ import multiprocessing
 import os
 import time
 
-from remote_magic import cache as cache_module
-from remote_magic.cache import DEFAULT_CACHE_LIMIT, BlobCache
+from remote_magic.wire import cache as cache_module
+from remote_magic.wire.cache import DEFAULT_CACHE_LIMIT, BlobCache
 
 
 def _blob(seed: int, size: int = 1000) -> tuple[str, bytearray]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from remote_magic.capture import CaptureError, analyze, default_outputs, select_inputs
+from remote_magic.project.capture import CaptureError, analyze, default_outputs, select_inputs
 
 
 def test_reads_before_assignment_are_inputs_and_assignments_are_outputs() -> None:

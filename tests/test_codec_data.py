@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from remote_magic import payload
 from remote_magic.agent import codec
+from remote_magic.project import payload
 
 torch = pytest.importorskip("torch")
 

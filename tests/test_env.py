@@ -25,7 +25,7 @@ import pytest
 from conftest import PYTHON, run
 from wheels import build_wheel
 
-from remote_magic.agent import envs
+from remote_magic.agent.store import envs
 from remote_magic.errors import HostSetupError
 
 MiB = 1024 * 1024

@@ -21,10 +21,11 @@ import numpy
 import pytest
 from wheels import build_wheel
 
-from remote_magic import envcheck
-from remote_magic.agent import envs, jobs
-from remote_magic.envcheck import EnvReport, Row
+from remote_magic.agent import jobs
+from remote_magic.agent.store import envs
 from remote_magic.errors import HostSetupError
+from remote_magic.project import envcheck
+from remote_magic.project.envcheck import EnvReport, Row
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 HAS_UV = shutil.which("uv") is not None
@@ -122,7 +123,7 @@ def test_ensure_builds_once_then_reuses(root: str, wheelhouse: Path, installer: 
     # the pinned version, and the host's own packages (numpy, cloudpickle, this package) still importable
     out = _run_in(
         result.python,
-        "import json, tinypkg, numpy, cloudpickle, remote_magic.agent.envs as e; "
+        "import json, tinypkg, numpy, cloudpickle, remote_magic.agent.store.envs as e; "
         "print(json.dumps([tinypkg.__version__, numpy.__version__, numpy.__file__, cloudpickle.__version__]))",
     )
     tiny, np_version, np_file, cp_version = json.loads(out)
@@ -454,7 +455,7 @@ def test_report_text_and_html_name_the_differences() -> None:
 def test_an_installer_left_running_by_a_dead_agent_is_ended_before_the_next_build(tmp_path, wheelhouse: Path) -> None:
     """The connection dropped mid-build: the agent died, its pip ran on. The next build ends it first,
     so two installers never write into one folder."""
-    from remote_magic.agent import procs
+    from remote_magic.agent.launch import procs
 
     root = str(tmp_path)  # a root of its own: this env must be built here, not found from another test
     text = _requirements(wheelhouse, "tinypkg==2.0")

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from conftest import MODEL_CELL, run
 
-from remote_magic.client import AgentClient
 from remote_magic.errors import (
     AuthenticationError,
     ConnectionFailed,
@@ -20,6 +19,7 @@ from remote_magic.errors import (
     RemoteExecutionError,
 )
 from remote_magic.transport import SSHTransport
+from remote_magic.wire.client import AgentClient
 
 
 def _job_count(root: Path) -> int:

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from remote_magic.agent import cli
-from remote_magic.client import AgentClient
 from remote_magic.errors import AgentCommandError
-from remote_magic.link import FRAME_BYTES
 from remote_magic.transport.base import CommandResult
 from remote_magic.transport.deploy import agent_hash
 from remote_magic.transport.fake import FakeTransport, Handler
+from remote_magic.wire.client import AgentClient
+from remote_magic.wire.link import FRAME_BYTES
 
 JOB = "20261127-103000-1a2b3c"
 

@@ -19,10 +19,11 @@ from test_lifecycle import _submitted_job_id
 from test_recovery import _wait_for
 
 from remote_magic import session
-from remote_magic.agent import jobs, procs, protocol, runner
-from remote_magic.client import AgentClient
+from remote_magic.agent import jobs, protocol, runner
+from remote_magic.agent.launch import procs
 from remote_magic.errors import AgentCommandError, HostSetupError, RemoteMagicError
 from remote_magic.transport import LocalTransport
+from remote_magic.wire.client import AgentClient
 
 MiB = 1024 * 1024
 
@@ -300,7 +301,7 @@ for _ in range(200):
 MEMORY_PROBE = r"""
 import json, os, resource, sys, threading, time
 from remote_magic import session
-from remote_magic.client import AgentClient
+from remote_magic.wire.client import AgentClient
 from remote_magic.transport import LocalTransport
 from remote_magic.ui.panel import TextPanel
 

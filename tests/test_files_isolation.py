@@ -22,7 +22,7 @@ import pytest
 from conftest import run
 
 from remote_magic import session
-from remote_magic.agent import layout
+from remote_magic.agent.store import layout
 from remote_magic.errors import RemoteMagicError
 
 ORIGINAL = '{"lr": 0.1}'

@@ -23,7 +23,7 @@ import pytest
 from conftest import run
 from host_processes import kill_processes_under, processes_under
 
-from remote_magic.agent import warm
+from remote_magic.agent.launch import warm
 
 SLEEP_CELL = (
     "import os, time\n"
@@ -83,7 +83,7 @@ def _started(root: Path, job_id: str) -> dict:
 
 def _outputs(root: Path, job_id: str) -> dict:
     """What the job assigned, loaded from its outputs on the host."""
-    from remote_magic import payload
+    from remote_magic.project import payload
 
     path = root / "jobs" / job_id
     done = _final(root, job_id)

@@ -15,7 +15,8 @@ import pytest
 from conftest import PYTHON, run
 from IPython.core.error import UsageError
 
-from remote_magic.agent import jobs, protocol, slurm
+from remote_magic.agent import jobs, protocol
+from remote_magic.agent.launch import slurm
 
 BAD = "a\nb"
 JOB = "20261127-103000-1a2b3c"

@@ -7,10 +7,10 @@ import re
 from conftest import run
 
 from remote_magic import session
-from remote_magic.client import AgentClient
 from remote_magic.transport import LocalTransport
 from remote_magic.ui.chart import metric_groups
 from remote_magic.ui.panel import WidgetPanel, render_html, render_text
+from remote_magic.wire.client import AgentClient
 
 CELL = """
 import numpy as np
@@ -67,7 +67,7 @@ def test_widget_state_after_each_epoch_and_the_same_on_replay(ip) -> None:
 
 
 def test_static_copy_keeps_every_epoch_in_the_chart_and_the_text_and_the_latest_in_the_table() -> None:
-    from remote_magic.job_view import JobView
+    from remote_magic.session.job_view import JobView
 
     view = JobView("gpu1", job_id="j1", state="done", epochs=250)
     view.rows = [{"epoch": e, "logs": {"loss": 1 / e, "val_loss": 1.2 / e}, "seconds": 0.1} for e in range(1, 251)]
@@ -85,7 +85,7 @@ def _stdout(seq: int, text: str) -> dict:
 
 
 def test_a_large_output_keeps_a_bounded_tail_and_the_static_copy_says_where_the_rest_is() -> None:
-    from remote_magic.job_view import OUTPUT_LINE_CHARS, OUTPUT_LINES_KEPT
+    from remote_magic.session.job_view import OUTPUT_LINE_CHARS, OUTPUT_LINES_KEPT
     from remote_magic.ui.panel import TextPanel
 
     written: list[int] = []
@@ -113,7 +113,7 @@ def test_a_large_output_keeps_a_bounded_tail_and_the_static_copy_says_where_the_
 
 
 def test_the_static_copy_of_long_lines_stays_small() -> None:
-    from remote_magic.job_view import OUTPUT_LINE_CHARS, JobView
+    from remote_magic.session.job_view import OUTPUT_LINE_CHARS, JobView
 
     view = JobView("gpu1", job_id="j1")
     for i in range(300):
@@ -178,7 +178,7 @@ def test_a_remote_log_loop_of_50_steps_shows_steps_the_latest_rows_and_no_empty_
     cell = "for step in range(1, 51):\n    remote_log(step=step, total=50, loss=1.0 / step)\n"
     client = AgentClient(LocalTransport())
     job_id = session.submit(client, session.prepare(cell, {}))
-    from remote_magic.job_view import JobView
+    from remote_magic.session.job_view import JobView
 
     view = JobView("local")
     session.follow(client, job_id, view.apply)

@@ -294,7 +294,7 @@ def test_a_file_that_changes_while_being_sent_is_refused_naming_it(
     ip, project, monkeypatch, size, change, said
 ) -> None:
     """A small file (sent in a batch, caught by the host's hash check) and a large one (streamed as it is read)."""
-    from remote_magic import upload
+    from remote_magic.wire import upload
 
     target = project / "data" / "extra" / "part.npy"
     target.write_bytes(os.urandom(size))  # content the host has never seen: it must be sent

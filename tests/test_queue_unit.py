@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from remote_magic.agent import dispatch, queue_folder
-from remote_magic.agent.queue_folder import Entry, Member
+from remote_magic.agent.launch import gpu_queue, queue_folder
+from remote_magic.agent.launch.queue_folder import Entry, Member
 
 UID = 4321
 
@@ -27,7 +27,7 @@ def _member(*entries: Entry, alive: bool = True) -> Member:
 def test_an_honest_user_whose_set_aside_job_ended_at_once_keeps_counting(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A job set aside for its owner that ends before anyone looks again (it failed at once) is not a no-show."""
     monkeypatch.setenv("REMOTE_MAGIC_QUEUE_STALE_SECONDS", "30")
-    order, t0 = dispatch.Order(), 1000.0
+    order, t0 = gpu_queue.Order(), 1000.0
     first, second, third = (
         _entry("20261207-000000-000001", 1, t0),
         _entry("20261207-000000-000002", 2, t0 + 1),
@@ -43,17 +43,17 @@ def test_an_honest_user_whose_set_aside_job_ended_at_once_keeps_counting(monkeyp
 
 def test_a_no_show_stops_counting_after_the_grace_and_a_dormant_entry_goes_to_the_back(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("REMOTE_MAGIC_QUEUE_STALE_SECONDS", "30")
-    order, t0 = dispatch.Order(), 1000.0
+    order, t0 = gpu_queue.Order(), 1000.0
     stuck = _entry("20261207-000000-000001", 1, t0)
     assert order.place([_member(stuck)], t0 + 1) == [(t0, stuck)]
     order.setting_aside(stuck, t0 + 1)
     assert order.place([_member(stuck)], t0 + 20) != []  # within the grace period
     assert order.place([_member(stuck)], t0 + 40) == []  # a no-show: none of its owner's entries count
     dormant = _entry("20261207-000000-000002", 2, t0 + 50)
-    later = dispatch.Order(last_look=t0 + 60)
+    later = gpu_queue.Order(last_look=t0 + 60)
     assert later.place([_member(dormant, alive=False)], t0 + 200) == []  # not counting: no dispatcher, not recent
     assert later.place([_member(dormant)], t0 + 300) == [(t0 + 300, dormant)]  # counts again: at the back
-    renamed = dispatch.Order(last_look=t0 + 500)
+    renamed = gpu_queue.Order(last_look=t0 + 500)
     assert renamed.place([_member(_entry("20261207-000000-000003", 3, t0))], t0 + 501)[0][0] == t0 + 500
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from remote_magic.agent import slurm
+from remote_magic.agent.launch import slurm
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 AGENT = "0123456789abcdef"

@@ -423,7 +423,7 @@ def test_the_master_port_of_a_multi_task_job_skips_a_port_in_use() -> None:
     import socket
     import subprocess
 
-    from remote_magic.agent.slurm import FREE_PORTS
+    from remote_magic.agent.launch.slurm import FREE_PORTS
 
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

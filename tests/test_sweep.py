@@ -20,11 +20,11 @@ import pytest
 from conftest import run
 from test_gpu_queue import _events, _root, gpu_host  # noqa: F401  (gpu_host is a fixture)
 
-from remote_magic import upload
 from remote_magic.registry import Registry
 from remote_magic.sweep import Sweep, SweepRun, Trial, default_metric, default_mode, expand_grid
 from remote_magic.ui import sweep_panel
 from remote_magic.ui.sweep_panel import SweepWidgetPanel, render_sweep_html, render_sweep_text
+from remote_magic.wire import upload
 
 KERAS_SWEEP = """%%remote_train --sweep grid --parallel 3
 import keras

@@ -17,7 +17,7 @@ import pytest
 from conftest import run
 
 from remote_magic import session
-from remote_magic.client import AgentClient
+from remote_magic.wire.client import AgentClient
 
 MiB = 1024 * 1024
 
@@ -228,7 +228,7 @@ def test_auto_never_compresses_for_the_local_host(ip) -> None:
 
 
 def test_a_sweeps_trials_hash_a_shared_array_once_and_each_other_array_by_itself(monkeypatch) -> None:
-    from remote_magic import payload
+    from remote_magic.project import payload
 
     shared = np.random.default_rng(3).random(MiB // 8)
     own = [np.full(MiB // 8, float(i)) for i in range(2)]

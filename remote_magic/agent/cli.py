@@ -22,7 +22,9 @@ import threading
 import time
 from typing import IO, Any
 
-from . import dispatch, envs, gpus, jobs, launcher, layout, protocol, warm
+from . import jobs, protocol
+from .launch import gpu_queue, gpus, process, warm
+from .store import envs, layout
 
 EXIT_PROBLEM = 2
 POLL_SECONDS = 0.02
@@ -92,7 +94,7 @@ def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: Command
             io.print_json({"missing": missing})
             return 0
         path, spec = jobs.create_job(root, {**spec, "agent": agent_hash}, inputs)
-    launcher.launcher_for(spec).start(root, agent_hash, path, spec)
+    process.launcher_for(spec).start(root, agent_hash, path, spec)
     io.print_json({"job_id": spec["job_id"]})
     return 0
 
@@ -276,7 +278,7 @@ def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) 
     envs_in_use: set[str] = set()
     for path in jobs.job_paths(root):
         spec = jobs.read_spec(path)
-        row = launcher.job_row(path, spec)
+        row = process.job_row(path, spec)
         if row["state"] in protocol.ACTIVE_STATES:
             agents_in_use.add(spec.get("agent") or "")
             envs_in_use.add(spec.get("env") or "")
@@ -373,7 +375,7 @@ def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace, io: Command
     """
     path = jobs.job_dir(root, args.job_id)
     spec = jobs.read_spec(path)
-    job_launcher = launcher.launcher_for(spec)
+    job_launcher = process.launcher_for(spec)
     next_seq = args.from_seq
     checked = 0.0
     with jobs.EventTail(path) as tail:
@@ -396,7 +398,7 @@ def cmd_attach(root: str, agent_hash: str, args: argparse.Namespace, io: Command
                 if not phase.active:
                     if tail.has_unread():
                         continue  # the runner wrote its last events just before exiting
-                    message = phase.message or launcher.LOST_MESSAGE  # e.g. a scheduler's word for what happened
+                    message = phase.message or process.LOST_MESSAGE  # e.g. a scheduler's word for what happened
                     lost = protocol.make_event(next_seq, protocol.LOST, message=message)
                     io.write_text(protocol.encode_event(lost))
                     io.stdout.flush()
@@ -420,11 +422,11 @@ def cmd_events(root: str, agent_hash: str, args: argparse.Namespace, io: Command
 
 def cmd_status(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     if args.job_id is None:
-        io.print_json([launcher.job_row(path) for path in jobs.job_paths(root)])
+        io.print_json([process.job_row(path) for path in jobs.job_paths(root)])
         return 0
     path = jobs.job_dir(root, args.job_id)
     spec = jobs.read_spec(path)
-    row = launcher.job_row(path, spec)
+    row = process.job_row(path, spec)
     tail: list[str] = []
     error = None
     for event, _ in jobs.iter_events(path):
@@ -446,8 +448,8 @@ def cmd_cancel(root: str, agent_hash: str, args: argparse.Namespace, io: Command
     """
     path = jobs.job_dir(root, args.job_id)
     spec = jobs.read_spec(path)
-    row = launcher.job_row(path, spec)
-    job_launcher = launcher.launcher_for(spec)
+    row = process.job_row(path, spec)
+    job_launcher = process.launcher_for(spec)
     if row["state"] not in protocol.ACTIVE_STATES:
         leftovers = {}
         if row["state"] == protocol.STATE_KILLED:
@@ -470,7 +472,7 @@ def cmd_stop(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO
     spec = jobs.read_spec(path)
     requested = False
     if jobs.event_summary(path)["ended"] is None:  # a job whose log has ended is never signalled
-        requested = launcher.launcher_for(spec).stop(path, spec)
+        requested = process.launcher_for(spec).stop(path, spec)
     io.print_json({"job_id": args.job_id, "stop_requested": requested})
     return 0
 
@@ -478,12 +480,12 @@ def cmd_stop(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO
 def cmd_gpus(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """The host's GPUs now: model, memory, utilization, and who holds each (a job of ours, or others' processes)."""
     inventory = gpus.inventory()
-    held = dispatch.holdings(root) if inventory else {}
-    foreign = dispatch.others_on_gpus(inventory, 0) if inventory else {}
+    held = gpu_queue.holdings(root) if inventory else {}
+    foreign = gpu_queue.others_on_gpus(inventory, 0) if inventory else {}
     rows = []
     for g in inventory:
         record = held.get(g.index)
-        holder = dispatch.holder(record, root) if record else None
+        holder = gpu_queue.holder(record, root) if record else None
         if holder is None and g.index in foreign:
             holder = ", ".join(gpus.describe_holder(p) for p in foreign[g.index])
         rows.append({**dataclasses.asdict(g), "holder": holder, "job_id": record.job_id if record else None})
@@ -492,7 +494,7 @@ def cmd_gpus(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO
 
 
 def cmd_dispatch(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    return dispatch.serve(root, agent_hash)
+    return gpu_queue.serve(root, agent_hash)
 
 
 def cmd_run_job(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:

@@ -26,7 +26,9 @@ from collections.abc import Callable
 from importlib import metadata, util
 from typing import Any
 
-from . import callbacks, codec, gpus, jobs, layout, procs, protocol
+from . import callbacks, codec, jobs, protocol
+from .launch import gpus, procs
+from .store import layout
 
 CELL_FILENAME = "<remote_train cell>"
 _VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")

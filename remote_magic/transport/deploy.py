@@ -18,8 +18,8 @@ _PACKAGE_STUB = b'"""Only the agent of remote_magic, deployed to a training host
 
 def _agent_files() -> list[tuple[str, bytes]]:
     files = [("remote_magic/__init__.py", _PACKAGE_STUB)]
-    for path in sorted(AGENT_DIR.glob("*.py")):
-        files.append((f"remote_magic/agent/{path.name}", path.read_bytes()))
+    for path in sorted(AGENT_DIR.rglob("*.py")):
+        files.append((f"remote_magic/agent/{path.relative_to(AGENT_DIR).as_posix()}", path.read_bytes()))
     return files
 
 

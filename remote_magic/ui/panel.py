@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..agent import protocol
-from ..job_view import JobView, format_seconds
+from ..session.job_view import JobView, format_seconds
 from .chart import svg_charts
 
 # A job may print without end: the panel keeps only a tail, and the full log stays in events.jsonl on the host.

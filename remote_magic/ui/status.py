@@ -6,7 +6,7 @@ import html
 import time
 from typing import Any
 
-from ..job_view import describe_device, format_seconds
+from ..session.job_view import describe_device, format_seconds
 
 _COLUMNS = ("job", "name", "state", "epoch", "loss", "started", "duration")
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..agent import protocol
-from ..job_view import format_seconds
+from ..session.job_view import format_seconds
 from ..sweep import Action, Pick, Sweep, Trial
 from .chart import PALETTE, WIDTH, svg_chart
 from .panel import (

@@ -14,7 +14,8 @@ import socket
 import time
 from typing import Any
 
-from . import bootstrap, gpus, jobs, procs, protocol, warm
+from .. import bootstrap, jobs, protocol
+from . import gpus, procs, warm
 from .detach import spawn_detached, untagged_environment
 
 START_GRACE_SECONDS = 30.0  # a job may be this long between being started and its launch record appearing

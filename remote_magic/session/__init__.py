@@ -23,13 +23,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import capture, envcheck, payload, project, upload
-from .agent import codec, protocol
-from .cache import BlobCache
-from .client import AgentClient
-from .errors import ConnectionFailed, JobLost, RemoteExecutionError, RemoteMagicError
-from .project import ProjectFile
-from .transport import LOCAL_HOST, LocalTransport, SSHTransport
+from .. import project
+from ..agent import codec, protocol
+from ..errors import ConnectionFailed, JobLost, RemoteExecutionError, RemoteMagicError
+from ..project import ProjectFile, capture, envcheck, payload
+from ..transport import LOCAL_HOST, LocalTransport, SSHTransport
+from ..wire import upload
+from ..wire.cache import BlobCache
+from ..wire.client import AgentClient
 
 RECONNECT_TIMEOUT = 600.0
 _BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .errors import HostSetupError
+from ..errors import HostSetupError
 
 FAST_LINK = 250e6  # bytes/s: faster than one core compresses
 MIN_RATIO = 1.5

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import BinaryIO, NamedTuple
 
-from .paths import data_dir
+from ..paths import data_dir
 
 _CHUNK = 4 * 1024 * 1024
 

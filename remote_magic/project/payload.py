@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .agent import codec
+from ..agent import codec
 
 
 class PayloadError(ValueError):

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .agent import protocol
+from ..agent import protocol
 
 OUTPUT_LINES_KEPT = 200
 OUTPUT_LINE_CHARS = 10_000  # one line longer than this is cut, so a few huge lines cannot fill the kernel

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from ..paths import data_dir
 from . import capture
-from .paths import data_dir
 
 SKIPPED_NAMES = frozenset({".git", ".venv", "__pycache__", ".ipynb_checkpoints"})
 """Never part of a folder walk: version control, virtualenvs, bytecode, notebook autosaves."""

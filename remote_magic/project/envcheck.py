@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from .errors import HostSetupError
+from ..errors import HostSetupError
 
 # Packages whose major version decides whether what one side pickled loads on the other.
 MAJOR_MUST_MATCH = ("cloudpickle", "keras")

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .agent.frames import encode_frame, read_frame
-from .errors import ConnectionFailed
-from .transport.base import Pipe
+from ..agent.frames import encode_frame, read_frame
+from ..errors import ConnectionFailed
+from ..transport.base import Pipe
 
 FRAME_BYTES = 4 * 1024 * 1024
 INBOX_CHUNKS = 64

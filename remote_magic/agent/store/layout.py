@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from . import jobs, protocol
+from .. import jobs, protocol
 
 WORK_DIR = "work"  # the layout root inside the job folder
 MODULES_DIR = "modules"  # on sys.path first

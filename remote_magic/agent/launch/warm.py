@@ -31,7 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import bootstrap, envs, gpus, jobs, procs, protocol
+from .. import bootstrap, jobs, protocol
+from ..store import envs
+from . import gpus, procs
 from .detach import spawn_detached, untagged_environment
 
 HEAVY_MODULES = ("tensorflow", "keras", "torch", "jax", "sklearn", "pandas")
@@ -295,7 +297,7 @@ def serve(root: str, agent_hash: str) -> int:
     folder, key, pid = _folder(root), kind.key(agent_hash), os.getpid()
     modules = wanted_imports(root, key)
     _import_gently(["cloudpickle", "numpy", *modules])
-    from . import runner  # noqa: F401  (imported once here, not in every job)
+    from .. import runner  # noqa: F401  (imported once here, not in every job)
 
     fifo = os.path.join(folder, f"{key}-{pid}.fifo")
     ready = os.path.join(folder, f"{key}-{pid}.ready")
@@ -370,7 +372,7 @@ def _run_forked(root: str, agent_hash: str, kind: RunnerKind, job_id: str, warm_
     os.dup2(log, 2)
     os.close(log)
     os.chdir(path)  # the runner moves to the job's working folder once its files are in place
-    from . import runner
+    from .. import runner
 
     return runner.run_job(root, path, warm=warm_runner, after=lambda: prepare_next(root, agent_hash, kind))
 

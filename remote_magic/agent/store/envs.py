@@ -46,7 +46,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata, util
 
-from . import jobs, procs
+from .. import jobs
+from ..launch import procs
 
 ENVS_DIR = "envs"
 READY_FILE = ".ready"

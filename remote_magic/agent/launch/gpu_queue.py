@@ -37,7 +37,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import bootstrap, gpus, jobs, procs, protocol, queue_folder, runners
+from .. import bootstrap, jobs, protocol
+from . import gpus, procs, queue_folder, start
 from .detach import spawn_detached, untagged_environment
 from .queue_folder import Entry, Held, Member
 
@@ -375,7 +376,7 @@ def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: 
     shared = queue_folder.shared_top(root) is not None
     if not shared:
         jobs.atomic_write(file, json.dumps(held).encode(), mode=mode)
-    identity = runners.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or "process")
+    identity = start.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or "process")
     if shared:
         record = {**held, "identity": identity.to_json()} if identity is not None else held
         jobs.atomic_write(file, json.dumps(record).encode(), mode=mode)

@@ -16,8 +16,9 @@ import signal
 import time
 from typing import Any
 
-from . import dispatch, gpus, jobs, procs, protocol, runners
-from .phase import ENDED, Launcher, Phase
+from .. import jobs, protocol
+from . import gpu_queue, gpus, procs, start
+from .base import ENDED, Launcher, Phase
 from .slurm import SlurmLauncher
 
 
@@ -31,19 +32,19 @@ class ProcessLauncher(Launcher):
         (the queue keeps to the sweep's parallel limit)."""
         has_gpus = bool(gpus.inventory())
         if spec.get("sweep") and spec["sweep"].get("parallel"):
-            dispatch.enqueue(root, agent_hash, path, spec)
+            gpu_queue.enqueue(root, agent_hash, path, spec)
         elif not has_gpus:
-            runners.start_runner(root, agent_hash, path, spec, None, self.name)
-        elif dispatch.wanted_gpus(spec) is None:
-            runners.start_runner(root, agent_hash, path, spec, [], self.name)  # no GPU wanted: none visible
+            start.start_runner(root, agent_hash, path, spec, None, self.name)
+        elif gpu_queue.wanted_gpus(spec) is None:
+            start.start_runner(root, agent_hash, path, spec, [], self.name)  # no GPU wanted: none visible
         else:
-            dispatch.enqueue(root, agent_hash, path, spec)
+            gpu_queue.enqueue(root, agent_hash, path, spec)
 
     def poll(self, path: str, spec: dict[str, Any]) -> Phase:
         record = jobs.read_launch(path)
         if record is None:
             root = os.path.dirname(os.path.dirname(path))
-            if dispatch.is_queued(root, spec["job_id"]):
+            if gpu_queue.is_queued(root, spec["job_id"]):
                 last = jobs.last_event(path) or {}
                 return Phase(
                     protocol.STATE_QUEUED,
@@ -52,8 +53,8 @@ class ProcessLauncher(Launcher):
                     position=last.get("position"),
                 )
             if os.path.exists(os.path.join(path, protocol.PID_FILE)):
-                return Phase(ENDED, "unknown", where=runners.hostname())  # recorded before start times: never trusted
-            if time.time() - (spec.get("submitted") or 0) < runners.START_GRACE_SECONDS:
+                return Phase(ENDED, "unknown", where=start.hostname())  # recorded before start times: never trusted
+            if time.time() - (spec.get("submitted") or 0) < start.START_GRACE_SECONDS:
                 return Phase(protocol.STATE_QUEUED, "starting", reason="starting")
             return Phase(ENDED, "never started")
         identity = procs.ProcessIdentity.from_json(record.get("identity"))
@@ -64,20 +65,20 @@ class ProcessLauncher(Launcher):
     def stop(self, path: str, spec: dict[str, Any]) -> bool:
         if _leave_queue(path, spec, "stopped before it started: it had nothing to return yet"):
             return True
-        identity = runners.runner_identity(path)
+        identity = start.runner_identity(path)
         return identity is not None and procs.signal_process(identity, signal.SIGINT)
 
     def cancel(self, path: str, spec: dict[str, Any], grace: float) -> dict[str, Any]:
         if _leave_queue(path, spec, "cancelled while it waited in the GPU queue"):
             return {"queued": True}
-        identity = runners.runner_identity(path)
+        identity = start.runner_identity(path)
         runner = identity if identity is not None and procs.is_running(identity) else None
         return procs.terminate_tagged(spec["job_id"], grace, also=runner)
 
 
 def _leave_queue(path: str, spec: dict[str, Any], message: str) -> bool:
     """Take a job that has not started out of the GPU queue, with its final event; whether it was queued."""
-    if not dispatch.remove(os.path.dirname(os.path.dirname(path)), spec["job_id"]):
+    if not gpu_queue.remove(os.path.dirname(os.path.dirname(path)), spec["job_id"]):
         return False
     jobs.append_event(path, protocol.CANCELLED, message=message)
     return True

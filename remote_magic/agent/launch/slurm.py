@@ -24,9 +24,10 @@ import subprocess
 import time
 from typing import Any
 
-from . import bootstrap, jobs, protocol, runners, warm
+from .. import bootstrap, jobs, protocol
+from . import start, warm
+from .base import ENDED, Launcher, Phase
 from .detach import untagged_environment
-from .phase import ENDED, Launcher, Phase
 
 STATE_FILE = "slurm.json"  # the Slurm job id and the last state seen: squeue forgets ended jobs
 SCRIPT_FILE = "slurm.sh"
@@ -243,7 +244,7 @@ class SlurmLauncher(Launcher):
         state = read_state(path)
         slurm_id = state.get("id")
         if not slurm_id:
-            grace = ARRAY_GRACE_SECONDS if state.get("array") else runners.START_GRACE_SECONDS
+            grace = ARRAY_GRACE_SECONDS if state.get("array") else start.START_GRACE_SECONDS
             if time.time() - (spec.get("submitted") or 0) < grace:
                 reason = "submitting the sweep as one job array" if state.get("array") else "submitting"
                 return Phase(protocol.STATE_QUEUED, "submitting", reason=reason)

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from . import bootstrap, jobs, procs
+from .. import bootstrap, jobs
+from . import procs
 
 
 def spawn_detached(argv: list[str], log: str, cwd: str, env: dict[str, str]) -> procs.ProcessIdentity | None:

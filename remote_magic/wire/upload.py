@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..errors import AgentCommandError
 from .client import AgentClient
-from .errors import AgentCommandError
 
 LARGE_BLOB = 8 * 1024 * 1024  # sent alone (an input buffer maybe compressed); smaller ones are batched
 FILE_CHUNK = 4 * 1024 * 1024

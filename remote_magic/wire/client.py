@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO, TypeVar
 
+from ..agent import bootstrap, protocol
+from ..errors import AgentCommandError, ConnectionFailed, HostSetupError
+from ..transport.base import CommandResult, Transport
+from ..transport.deploy import agent_hash, agent_tarball
 from . import compression
-from .agent import bootstrap, protocol
-from .errors import AgentCommandError, ConnectionFailed, HostSetupError
 from .link import FRAME_BYTES, AgentLink, Reply
-from .transport.base import CommandResult, Transport
-from .transport.deploy import agent_hash, agent_tarball
 
 # Packages the host's Python needs for every job (the agent itself is stdlib only).
 REQUIRED_PACKAGES = ("cloudpickle", "numpy")

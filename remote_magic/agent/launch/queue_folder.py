@@ -43,13 +43,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import jobs, procs, protocol, runners
+from .. import jobs, protocol
+from . import procs, start
 
 QUEUE_DIR = "queue"
 HELD_DIR = "held"
 DISPATCHER_ID = "dispatcher.id"  # in our queue folder: how other users tell that our dispatcher runs
 SETUP_LOCK = "queue.setup.lock"  # in the private root
-STALE_SECONDS = runners.START_GRACE_SECONDS  # REMOTE_MAGIC_QUEUE_STALE_SECONDS on the host changes it
+STALE_SECONDS = start.START_GRACE_SECONDS  # REMOTE_MAGIC_QUEUE_STALE_SECONDS on the host changes it
 SHARED_FILE_MODE = 0o640  # what another user's dispatcher reads; only its owner changes or removes it
 OWN_FOLDER_MODE = 0o2750  # ours in the shared folder: the group reads it, only we write
 RECORD_MAX_BYTES = 4096  # a real record is about 150 bytes
@@ -609,6 +610,6 @@ def held_records(root: str, others: list[Member]) -> list[Held]:
 
 def _still_running(root: str, record: Held) -> bool:
     try:
-        return runners.still_running(jobs.job_dir(root, record.job_id), record.written_ns / 1e9)
+        return start.still_running(jobs.job_dir(root, record.job_id), record.written_ns / 1e9)
     except (OSError, ValueError, jobs.AgentError):
         return False
