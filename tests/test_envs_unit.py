@@ -171,7 +171,7 @@ def test_two_processes_asking_at_once_build_once(root: str, wheelhouse: Path) ->
     os.makedirs(os.path.join(root, "envs"), exist_ok=True)
     script = (
         "import json, sys\n"
-        "from remote_magic.agent import envs\n"
+        "from remote_magic.agent.store import envs\n"
         "r = envs.ensure(sys.argv[1], sys.argv[2], lambda line: print('out:', line, flush=True))\n"
         "print('result:', json.dumps([r.built, r.python]), flush=True)\n"
     )

@@ -21,6 +21,7 @@ from test_recovery import _wait_for
 from remote_magic import session
 from remote_magic.agent import jobs, protocol, runner
 from remote_magic.agent.launch import procs
+from remote_magic.agent.store import blobs
 from remote_magic.errors import AgentCommandError, HostSetupError, RemoteMagicError
 from remote_magic.transport import LocalTransport
 from remote_magic.wire.client import AgentClient
@@ -162,9 +163,9 @@ def test_cancel_ends_a_child_that_started_its_own_session(ip, capsys) -> None:
     assert run(ip, "%%remote_train --detach --no-inject\n" + ESCAPER + "time.sleep(300)\n").success
     job_id = _submitted_job_id(capsys.readouterr().out)
     child = _child_pid(ip, job_id)
-    assert jobs.process_alive(child)
+    assert procs.process_alive(child)
     assert run(ip, f"%remote_cancel {job_id}").success
-    assert not jobs.process_alive(child)
+    assert not procs.process_alive(child)
     assert procs.tagged_processes(job_id) == []
 
 
@@ -172,9 +173,9 @@ def test_a_finished_job_leaves_no_process_behind(ip, capsys) -> None:
     assert run(ip, "%%remote_train\n" + ESCAPER).success
     child = int(capsys.readouterr().out.split("child ", 1)[1].split()[0])
     deadline = time.monotonic() + 10
-    while jobs.process_alive(child) and time.monotonic() < deadline:
+    while procs.process_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not jobs.process_alive(child)
+    assert not procs.process_alive(child)
 
 
 def test_children_of_a_sigkilled_runner_are_ended_by_cancel(ip, capsys) -> None:
@@ -184,9 +185,9 @@ def test_children_of_a_sigkilled_runner_are_ended_by_cancel(ip, capsys) -> None:
     child = _child_pid(ip, job_id)
     os.kill(run(ip, f"%remote_status {job_id}").result.row["pid"], signal.SIGKILL)
     _wait_for(ip, job_id, "local", lambda r: r["state"] == "killed")
-    assert jobs.process_alive(child)  # adopted by init: a process-group kill can no longer reach it
+    assert procs.process_alive(child)  # adopted by init: a process-group kill can no longer reach it
     assert run(ip, f"%remote_cancel {job_id}").success
-    assert not jobs.process_alive(child)
+    assert not procs.process_alive(child)
 
 
 # ------------------------------------------------ fault 7: one malformed event line
@@ -304,6 +305,7 @@ from remote_magic import session
 from remote_magic.wire.client import AgentClient
 from remote_magic.transport import LocalTransport
 from remote_magic.ui.panel import TextPanel
+from remote_magic.agent.launch import procs
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -363,7 +365,7 @@ def test_two_ensures_at_once_start_one_warm_runner(tmp_path) -> None:
 
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from remote_magic.agent import warm; warm.ensure(sys.argv[2], sys.argv[3], warm.RunnerKind.of_this_process())"
+        "from remote_magic.agent.launch import warm; warm.ensure(sys.argv[2], sys.argv[3], warm.RunnerKind.of_this_process())"
     )
     repo = str(Path(__file__).resolve().parent.parent)
     starters = [
@@ -392,7 +394,7 @@ def _processes_with_arg(arg: str) -> list[tuple[int, str]]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if arg in cmdline and jobs.process_alive(int(entry)):
+            if arg in cmdline and procs.process_alive(int(entry)):
                 found.append((int(entry), cmdline))
     return found
 
@@ -420,7 +422,7 @@ def test_gc_keeps_output_blobs_a_finishing_job_listed(ip, capsys) -> None:
     client = _magics(ip)._client("local")
     root = client.transport.root or ""
     data = os.urandom(1000)
-    digest, _ = jobs.write_blob(root, memoryview(data))
+    digest, _ = blobs.write_blob(root, memoryview(data))
     (_job_path(client, job_id) / protocol.OUTPUT_BLOBS_FILE).write_text(json.dumps([digest]))
     client.gc(0, include_unfetched=True, dry_run=False)
     assert (Path(root) / "blobs" / digest).exists()

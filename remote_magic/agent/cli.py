@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from . import jobs, protocol
 from .launch import gpu_queue, gpus, process, warm
-from .store import envs, layout
+from .store import blobs, disk, envs, layout
 
 EXIT_PROBLEM = 2
 POLL_SECONDS = 0.02
@@ -88,8 +88,8 @@ def cmd_submit(root: str, agent_hash: str, args: argparse.Namespace, io: Command
     inputs = stdin.read(size)
     if len(inputs) != size:
         raise jobs.AgentError(f"submit: the inputs ended after {len(inputs)} of {size} bytes; no job was created")
-    with jobs.blob_lock(root, exclusive=False):  # gc cannot remove a blob between the check and the job naming it
-        missing = jobs.missing_blobs(root, jobs.referenced_blobs(spec))
+    with blobs.blob_lock(root, exclusive=False):  # gc cannot remove a blob between the check and the job naming it
+        missing = blobs.missing_blobs(root, blobs.referenced_blobs(spec))
         if missing:
             io.print_json({"missing": missing})
             return 0
@@ -163,7 +163,7 @@ def _spec_problem(spec: Any, root: str) -> str | None:
 
 
 def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    jobs.receive_blob(root, args.digest, args.size, io.stdin, zstd=args.zstd)
+    blobs.receive_blob(root, args.digest, args.size, io.stdin, zstd=args.zstd)
     io.print_json({"stored": args.digest})
     return 0
 
@@ -183,7 +183,7 @@ def cmd_put_blobs(root: str, agent_hash: str, args: argparse.Namespace, io: Comm
     ):
         raise jobs.AgentError("put-blobs: the first line must list [sha256, size] pairs")
     for digest, size in pairs:
-        jobs.receive_blob(root, digest, size, io.stdin)
+        blobs.receive_blob(root, digest, size, io.stdin)
     io.print_json({"stored": len(pairs)})
     return 0
 
@@ -239,9 +239,9 @@ def cmd_env_ensure(root: str, agent_hash: str, args: argparse.Namespace, io: Com
 
 
 def cmd_cat_blob(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    path = jobs.blob_path(root, args.digest)
+    path = blobs.blob_path(root, args.digest)
     if os.path.exists(path):
-        jobs.check_blob_after_reboot(path, args.digest)  # what we send is what the digest names
+        blobs.check_blob_after_reboot(path, args.digest)  # what we send is what the digest names
     return _copy_file_to_stdout(path, io)
 
 
@@ -252,7 +252,7 @@ def cmd_cat_outputs(root: str, agent_hash: str, args: argparse.Namespace, io: Co
         raise jobs.AgentError(f"job {args.job_id} has no outputs (it did not finish successfully)")
     _copy_file_to_stdout(outputs, io)
     # The runner has finished (outputs exist), so writing into its folder is safe now.
-    jobs.atomic_write(os.path.join(path, protocol.FETCHED_MARK), b"")
+    disk.atomic_write(os.path.join(path, protocol.FETCHED_MARK), b"")
     return 0
 
 
@@ -294,10 +294,10 @@ def cmd_gc(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) 
             jobs.forget_summary(path)
         removed.append(row["job_id"])
     freed = 0
-    with jobs.blob_lock(root, exclusive=True):
-        blobs = jobs.unreferenced_blobs(root)
-        for digest in blobs:
-            blob = os.path.join(jobs.blobs_dir(root), digest)
+    with blobs.blob_lock(root, exclusive=True):
+        unreferenced = blobs.unreferenced_blobs(root)
+        for digest in unreferenced:
+            blob = os.path.join(blobs.blobs_dir(root), digest)
             try:
                 freed += os.path.getsize(blob)
                 if args.dry_run:
@@ -602,7 +602,7 @@ def run_command(root: str, agent_hash: str, argv: list[str], io: CommandIO) -> t
         args = _parser().parse_args(argv)
         if getattr(args, "job_id", None) is not None and not protocol.is_job_id(args.job_id):
             raise jobs.AgentError(protocol.job_id_problem(args.job_id) or "")
-        jobs.ensure_dir(root)
+        disk.ensure_dir(root)
         return args.fn(root, agent_hash, args, io), ""
     except (jobs.AgentError, _ArgumentError) as exc:
         return EXIT_PROBLEM, str(exc)

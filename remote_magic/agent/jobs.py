@@ -1,24 +1,20 @@
-"""The job store on the host: job directories, the event log, the blob store.
+"""A job on the host: its folder, its spec, its launch record and its event log (the single source of truth).
 
-Layout under the root (default ``~/.remote_magic``, mode 0700)::
+Layout under the root (default ``~/.remote_magic``, mode 0700); blobs are ``store/blobs.py``'s::
 
-    blobs/<sha256>            content-addressed buffers
     jobs/<job_id>/spec.json   what was asked
     jobs/<job_id>/inputs.pkl  the pickle that references blobs
     jobs/<job_id>/events.jsonl
     jobs/<job_id>/outputs.pkl
 
-Every file others read is written atomically (tmp, fsync, rename); files are
+Every file others read is written atomically (``store/disk.py``); files are
 0600 in 0700 folders because they hold the user's data and code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
-import mmap
 import os
 import secrets
 import socket
@@ -28,10 +24,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from . import protocol
-
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-_CHUNK = 4 * 1024 * 1024
+from .store import disk
 
 
 class AgentError(Exception):
@@ -40,65 +33,6 @@ class AgentError(Exception):
 
 def default_root() -> str:
     return os.environ.get("REMOTE_MAGIC_ROOT") or os.path.join("~", ".remote_magic")
-
-
-def ensure_dir(path: str) -> str:
-    """Create ``path`` (and parents) as 0700; tighten an existing folder we own."""
-    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
-    os.chmod(path, DIR_MODE)
-    return path
-
-
-def atomic_write(path: str, data: bytes | memoryview, durable: bool = True, mode: int = FILE_MODE) -> None:
-    """Write tmp, fsync (when ``durable``), rename: readers never see a partial file.
-
-    ``mode`` other than 0600 (a queue shared by a group) is set whatever the umask.
-    """
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        if mode != FILE_MODE:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-
-
-def unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-# --------------------------------------------------------------------- blobs
-def blobs_dir(root: str) -> str:
-    return ensure_dir(os.path.join(root, "blobs"))
-
-
-def blob_path(root: str, digest: str) -> str:
-    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-        raise AgentError(f"not a sha256 digest: {digest!r}")
-    return os.path.join(blobs_dir(root), digest)
-
-
-def missing_blobs(root: str, blobs: list[tuple[str, int]]) -> list[str]:
-    """The digests of ``blobs`` the store lacks (or holds with the wrong size)."""
-    missing = []
-    for digest, size in blobs:
-        try:
-            if os.path.getsize(blob_path(root, digest)) == size:
-                continue
-        except FileNotFoundError:
-            pass
-        missing.append(digest)
-    return missing
 
 
 def read_launch(path: str) -> dict[str, Any] | None:
@@ -114,121 +48,11 @@ def read_launch(path: str) -> dict[str, Any] | None:
 def write_launch(path: str, launcher: str, identity: dict[str, Any] | None = None, **extra: Any) -> None:
     """Record how the job's runner was started (``identity``: its process, as ``ProcessIdentity.to_json``)."""
     record = {"launcher": launcher, "identity": identity, "host": socket.gethostname(), **extra}
-    atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
+    disk.atomic_write(os.path.join(path, protocol.LAUNCH_FILE), json.dumps(record).encode())
 
 
-def receive_blob(root: str, digest: str, size: int, stream: IO[bytes], zstd: bool = False) -> None:
-    """Store exactly ``size`` bytes from ``stream`` under ``digest``, verified.
-
-    ``zstd``: the stream is zstandard-compressed (needs the zstandard package
-    here).  A short or corrupt upload never becomes visible under the digest.
-    """
-    if zstd:
-        try:
-            import zstandard
-        except ImportError:
-            raise AgentError("this host's Python has no zstandard package; upload without compression") from None
-        stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
-    path = blob_path(root, digest)
-    tmp = f"{path}.part-{os.getpid()}-{secrets.token_hex(4)}"
-    hasher = hashlib.sha256()
-    remaining = size
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    hashing: threading.Thread | None = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            while remaining:
-                chunk = stream.read(min(_CHUNK, remaining))
-                if not chunk:
-                    raise AgentError(f"blob {digest[:12]}: upload ended after {size - remaining} of {size} bytes")
-                # Hash one chunk while the next one is read and this one written (both let go of the GIL):
-                # on the host, hashing and writing are the cost of an upload.
-                if hashing is not None:
-                    hashing.join()
-                hashing = threading.Thread(target=hasher.update, args=(chunk,))
-                hashing.start()
-                f.write(chunk)
-                remaining -= len(chunk)
-            if hashing is not None:
-                hashing.join()
-                hashing = None
-        # No fsync: see check_blob_after_reboot for how a blob that a crash may have damaged is caught.
-        if hasher.hexdigest() != digest:
-            raise AgentError(f"blob {digest[:12]}: content does not match its sha256; it was not stored")
-        os.replace(tmp, path)
-    except BaseException:
-        if hashing is not None:
-            hashing.join()
-        unlink_quietly(tmp)
-        raise
-
-
-def write_blob(root: str, data: memoryview, digest: str | None = None) -> tuple[str, int]:
-    """Store a buffer produced on the host (an output); returns (digest, size)."""
-    digest = digest or hashlib.sha256(data).hexdigest()
-    path = blob_path(root, digest)
-    if not (os.path.exists(path) and os.path.getsize(path) == data.nbytes):
-        atomic_write(path, data, durable=False)
-    return digest, data.nbytes
-
-
-def boot_time() -> float | None:
-    """When this host last booted (Linux), or None when unknown."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("btime "):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def map_blob(root: str, digest: str) -> Any:
-    """A blob as a private, writable memory map: an input array costs no read and no copy.
-
-    Pages are read when touched; writes go to private copies, never to the file.
-    """
-    path = blob_path(root, digest)
-    size = os.path.getsize(path)
-    if size == 0:
-        return bytearray()
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    check_blob_after_reboot(path, digest, mapped)
-    return mapped
-
-
-def check_blob_after_reboot(path: str, digest: str, data: bytes | bytearray | None = None) -> None:
-    """Verify a blob written before the last boot (once), then make it durable.
-
-    Blobs are written without fsync (it cost more than the upload itself).
-    Within one boot the page cache makes every completed write visible, so
-    only a blob written before the last boot can have been damaged by a
-    crash: such a blob is checked against its hash once, then fsynced and
-    re-dated.  A damaged one is removed, and the next submit sends it again.
-    """
-    booted = boot_time()
-    if booted is not None and os.path.getmtime(path) >= booted:
-        return
-    hasher = hashlib.sha256()
-    if data is None:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                hasher.update(chunk)
-    else:
-        hasher.update(data)
-    if hasher.hexdigest() != digest:
-        unlink_quietly(path)
-        raise AgentError(f"blob {digest[:12]} was damaged on the host (a crash?); run the cell again to resend it")
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    os.utime(path)
-
-
-# ---------------------------------------------------------------------- jobs
 def jobs_dir(root: str) -> str:
-    return ensure_dir(os.path.join(root, "jobs"))
+    return disk.ensure_dir(os.path.join(root, "jobs"))
 
 
 def job_dir(root: str, job_id: str) -> str:
@@ -252,15 +76,15 @@ def create_job(root: str, spec: dict[str, Any], inputs: bytes) -> tuple[str, dic
         job_id = new_job_id()
         path = os.path.join(parent, job_id)
         try:
-            os.mkdir(path, DIR_MODE)
+            os.mkdir(path, disk.DIR_MODE)
             break
         except FileExistsError:
             continue
     else:
         raise AgentError("could not allocate a job id")
     spec = {**spec, "job_id": job_id, "submitted": time.time(), "schema": protocol.SCHEMA_VERSION}
-    atomic_write(os.path.join(path, protocol.SPEC_FILE), json.dumps(spec).encode())
-    atomic_write(os.path.join(path, protocol.INPUTS_FILE), inputs)
+    disk.atomic_write(os.path.join(path, protocol.SPEC_FILE), json.dumps(spec).encode())
+    disk.atomic_write(os.path.join(path, protocol.INPUTS_FILE), inputs)
     log = EventLog(path)
     log.append(protocol.QUEUED, name=spec.get("name"), schema=protocol.SCHEMA_VERSION)
     log.close()
@@ -287,7 +111,7 @@ class EventLog:
         self.path = os.path.join(path, protocol.EVENTS_FILE)
         last = last_event(path)
         self.next_seq = 0 if last is None else last["seq"] + 1
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, disk.FILE_MODE)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
         self.summary: EventSummary | None = None
 
@@ -305,7 +129,9 @@ class EventLog:
     def write_summary(self) -> None:
         """Leave the summary of an ended job beside its log (only once its final event is written)."""
         if self.summary is not None and self.summary.ended:
-            atomic_write(os.path.join(self.folder, protocol.SUMMARY_FILE), json.dumps(self.summary.fields).encode())
+            disk.atomic_write(
+                os.path.join(self.folder, protocol.SUMMARY_FILE), json.dumps(self.summary.fields).encode()
+            )
 
     def close(self) -> None:
         self._file.close()
@@ -348,7 +174,7 @@ def log_problem(root: str, message: str) -> None:
     with contextlib.suppress(OSError):
         if os.path.exists(log) and os.path.getsize(log) > AGENT_LOG_LIMIT:
             os.replace(log, log + ".1")
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, disk.FILE_MODE)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
 
@@ -443,21 +269,6 @@ def last_event(path: str) -> dict[str, Any] | None:
             if len(tail) > 64 * 1024 * 1024:
                 break  # one absurd line: give up rather than hold it all
     return None
-
-
-def process_alive(pid: int | None) -> bool:
-    """Whether a process with this pid exists (zombies count as gone).
-
-    Only for processes whose pid cannot have been reused under us (a warm
-    runner that holds a FIFO open); jobs are identified by procs.ProcessIdentity.
-    """
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class EventSummary:
@@ -562,74 +373,6 @@ def tell_waiting(path: str, reason: str, position: int | None, every: float = 0.
         if not moved_up:
             return
     append_event(path, protocol.QUEUED, reason=reason, position=position)
-
-
-@contextlib.contextmanager
-def blob_lock(root: str, exclusive: bool) -> Iterator[None]:
-    """Shared while a job is created or outputs are stored, exclusive while ``gc`` deletes blobs.
-
-    Without it ``gc`` could delete a blob between a submit finding it present
-    and the job naming it, or an output blob a finishing job has written but
-    not yet listed in its ``done`` event.
-    """
-    fd = os.open(os.path.join(blobs_dir(root), ".lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
-
-
-def referenced_blobs(spec: dict[str, Any]) -> list[tuple[str, int]]:
-    """Every blob a job's spec needs on the host: its inputs, its files and its modules."""
-    pairs = [(digest, size) for digest, size in spec.get("blobs", [])]
-    for key in ("files", "modules"):
-        pairs += [(digest, size) for _, digest, size, _ in spec.get(key, [])]
-    return pairs
-
-
-def read_digests(file: str) -> list[str]:
-    """A JSON list of blob digests a job recorded; empty when missing or unreadable."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            digests = json.load(f)
-        return [d for d in digests if isinstance(d, str)] if isinstance(digests, list) else []
-    except (OSError, ValueError):
-        return []
-
-
-def unreferenced_blobs(root: str) -> list[str]:
-    """Blobs that no job's inputs, files, modules or outputs name (partial uploads included once stale).
-
-    Call with ``blob_lock(root, exclusive=True)`` held.  Outputs count from
-    ``outputs.blobs`` (written before the blobs by the runner) as well as
-    from the ``done`` event.
-    """
-    referenced: set[str] = set()
-    parent = jobs_dir(root)
-    for job_id in os.listdir(parent):
-        path = os.path.join(parent, job_id)
-        try:
-            referenced.update(digest for digest, _ in referenced_blobs(read_spec(path)))
-        except (OSError, ValueError):
-            continue
-        referenced.update(read_digests(os.path.join(path, protocol.OUTPUT_BLOBS_FILE)))
-        referenced.update(read_digests(os.path.join(path, protocol.FETCHED_BLOBS_FILE)))
-        last = last_event(path)
-        if last is not None and last["type"] == protocol.DONE:
-            referenced.update(digest for digest, _ in last.get("blobs", []))
-    stale = time.time() - 3600
-    unreferenced = []
-    for name in os.listdir(blobs_dir(root)):
-        if name.startswith("."):
-            continue  # the lock
-        digest = name.split(".", 1)[0]
-        if digest in referenced:
-            continue
-        if "." in name and os.path.getmtime(os.path.join(blobs_dir(root), name)) > stale:
-            continue  # an upload in progress right now
-        unreferenced.append(name)
-    return unreferenced
 
 
 def read_checkpoint_meta(path: str) -> dict[str, Any] | None:

@@ -11,7 +11,8 @@ import json
 import os
 import re
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 # Version of the event schema, the spec and the status row.  A client reads
 # jobs of this version and older; a job written by a newer agent is refused
@@ -238,3 +239,51 @@ def default_backend() -> str:
             return str(json.load(f).get("backend") or "tensorflow")
     except (OSError, ValueError, AttributeError):
         return "tensorflow"
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """What a job asks of its host's GPUs: parsed once, where the user typed it, and carried as is.
+
+    ``count``: how many GPUs (0: none, ``ALL``: every GPU of the host); ``ids``: exactly these GPUs
+    instead.  In a job's spec it is ``gpus`` (a count or ``"all"``) and ``gpu_ids``, the same two keys
+    every launcher reads (a Slurm job's count too), so job folders of earlier agents read the same.
+    """
+
+    count: int = 0
+    ids: tuple[int, ...] = ()
+    ALL: ClassVar[int] = -1
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.ids) or self.count != 0
+
+    def spec(self) -> dict[str, Any]:
+        """The spec's keys for this request (``gpu_ids`` only when given)."""
+        fields: dict[str, Any] = {"gpus": "all" if self.count == self.ALL else self.count}
+        if self.ids:
+            fields["gpu_ids"] = list(self.ids)
+        return fields
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> GpuRequest:
+        """The request a spec carries; ``ValueError`` saying which key is wrong (a spec from another client)."""
+        count, ids = spec.get("gpus", 0), spec.get("gpu_ids")
+        if count is None:
+            count = 0
+        if not (count == "all" or (isinstance(count, int) and not isinstance(count, bool) and count >= 0)):
+            raise ValueError(f"gpus must be a number of GPUs, 0 or more, or 'all', not {count!r}")
+        if ids is not None and not (
+            isinstance(ids, list)
+            and ids
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        ):
+            raise ValueError(f"gpu_ids must be a list of GPU indices, not {ids!r}")
+        return cls(cls.ALL if count == "all" else count, tuple(ids or ()))
+
+    def describe(self) -> str:
+        if self.ids:
+            return "GPUs " + ",".join(map(str, self.ids))
+        if self.count == self.ALL:
+            return "all GPUs"
+        return f"{self.count} GPU{'s' if self.count != 1 else ''}" if self.count else "no GPU"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import hashlib
 import io
 import json
 import linecache
@@ -27,8 +26,9 @@ from importlib import metadata, util
 from typing import Any
 
 from . import callbacks, codec, jobs, protocol
+from . import digest as digests
 from .launch import gpus, procs
-from .store import layout
+from .store import blobs, disk, layout
 
 CELL_FILENAME = "<remote_train cell>"
 _VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")
@@ -226,7 +226,7 @@ def run_job(root: str, path: str, warm: int | None = None, after: Callable[[], N
     try:
         cwd, modules = layout.materialize(root, path, spec)
         if group is not None:  # the other tasks wait for the files
-            jobs.atomic_write(os.path.join(path, PLACED_FILE), _placement_stamp().encode(), durable=False)
+            disk.atomic_write(os.path.join(path, PLACED_FILE), _placement_stamp().encode(), durable=False)
         _use_job_folders(cwd, modules, spec)
         started = time.time()
         phase = "inputs"
@@ -406,10 +406,10 @@ def _checkpointer(path: str, spec: dict[str, Any], namespace: dict[str, Any], em
         names = [n for n, v in namespace.items() if v is model and not n.startswith("_")] or ["model"]
         try:
             data, _ = codec.dumps({names[0]: model}, codec.notebook_defined(namespace), threshold=2**62)
-            jobs.ensure_dir(folder)
-            jobs.atomic_write(os.path.join(folder, protocol.CHECKPOINT_FILE), data)
+            disk.ensure_dir(folder)
+            disk.atomic_write(os.path.join(folder, protocol.CHECKPOINT_FILE), data)
             meta = {"epoch": epoch, "epochs": epochs, "name": names[0], "t": time.time()}
-            jobs.atomic_write(os.path.join(folder, protocol.CHECKPOINT_META), json.dumps(meta).encode())
+            disk.atomic_write(os.path.join(folder, protocol.CHECKPOINT_META), json.dumps(meta).encode())
         except Exception as exc:  # noqa: BLE001  (a failed checkpoint must not end the training)
             emit(protocol.WARNING, message=f"checkpoint at epoch {epoch} failed: {type(exc).__name__}: {exc}")
 
@@ -492,7 +492,7 @@ def _raise_cancelled(*_: Any) -> None:
 def _load_inputs(root: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
     with open(os.path.join(path, protocol.INPUTS_FILE), "rb") as f:
         data = f.read()
-    buffers = [jobs.map_blob(root, digest) for digest, _ in spec.get("blobs", [])]
+    buffers = [blobs.map_blob(root, name) for name, _ in spec.get("blobs", [])]
     values = codec.loads(data, buffers, receiver="host")
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     namespace.update(values)
@@ -569,9 +569,9 @@ def _write_outputs(root: str, path: str, spec: dict[str, Any], namespace: dict[s
             skipped[culprit] = reason
             del values[culprit]
             emit(protocol.WARNING, message=f"output {culprit!r} cannot be sent back and was left out: {reason}")
-    with jobs.blob_lock(root, exclusive=False):  # gc waits, and then sees the list below
-        digests = [hashlib.sha256(buf).hexdigest() for buf in buffers]
-        jobs.atomic_write(os.path.join(path, protocol.OUTPUT_BLOBS_FILE), json.dumps(digests).encode())
-        blobs = [jobs.write_blob(root, buf, digest) for buf, digest in zip(buffers, digests, strict=True)]
-    jobs.atomic_write(os.path.join(path, protocol.OUTPUTS_FILE), data)
-    return {"outputs": list(values), "blobs": blobs, "skipped": skipped, "pickle_bytes": len(data)}
+    with blobs.blob_lock(root, exclusive=False):  # gc waits, and then sees the list below
+        names = [digests.of(buf) for buf in buffers]
+        disk.atomic_write(os.path.join(path, protocol.OUTPUT_BLOBS_FILE), json.dumps(names).encode())
+        stored = [blobs.write_blob(root, buf, name) for buf, name in zip(buffers, names, strict=True)]
+    disk.atomic_write(os.path.join(path, protocol.OUTPUTS_FILE), data)
+    return {"outputs": list(values), "blobs": stored, "skipped": skipped, "pickle_bytes": len(data)}

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import bootstrap, jobs, protocol
+from ..store import disk
 from . import gpus, procs, queue_folder, start
 from .detach import spawn_detached, untagged_environment
 from .queue_folder import Entry, Held, Member
@@ -79,7 +80,7 @@ def enqueue(root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None
     name = f"{time.time_ns():020d}-{spec['job_id']}.json"
     with queue_folder.queue_lock(root):
         file = os.path.join(queue_folder.own(root), name)
-        jobs.atomic_write(file, json.dumps(entry).encode(), mode=queue_folder.file_mode(root))
+        disk.atomic_write(file, json.dumps(entry).encode(), mode=queue_folder.file_mode(root))
         waiting = _round(root, agent_hash)
     if waiting:
         _ensure_dispatcher(root, agent_hash)
@@ -94,7 +95,7 @@ def remove(root: str, job_id: str) -> bool:
     with queue_folder.queue_lock(root):
         for entry in queue_folder.own_entries(root):
             if entry.job_id == job_id:
-                jobs.unlink_quietly(entry.file)
+                disk.unlink_quietly(entry.file)
                 return True
     return False
 
@@ -144,7 +145,7 @@ class Order:
 
     def save(self, root: str) -> None:
         data = {"last_look": self.last_look, "placed": self.placed, "set_aside": self.set_aside}
-        jobs.atomic_write(os.path.join(root, ORDER_FILE), json.dumps(data).encode(), durable=False)
+        disk.atomic_write(os.path.join(root, ORDER_FILE), json.dumps(data).encode(), durable=False)
 
     def place(self, members: list[Member], now: float) -> list[tuple[float, Entry]]:
         """The entries of other users that count now, each with the time it is ordered by."""
@@ -216,10 +217,10 @@ def _round(root: str, agent_hash: str) -> int:
             path = jobs.job_dir(root, entry.job_id)
             spec = jobs.read_spec(path)
         except (OSError, ValueError, jobs.AgentError):
-            jobs.unlink_quietly(entry.file)  # collected meanwhile
+            disk.unlink_quietly(entry.file)  # collected meanwhile
             continue
         if jobs.event_summary(path)["ended"] is not None:
-            jobs.unlink_quietly(entry.file)  # cancelled while it waited
+            disk.unlink_quietly(entry.file)  # cancelled while it waited
             continue
         specs[entry.job_id] = (path, spec)
         mine.append((entry.written_ns / 1e9, entry))
@@ -259,7 +260,7 @@ def _round(root: str, agent_hash: str) -> int:
             running[(entry.owner, sweep[0])] = running.get((entry.owner, sweep[0]), 0) + 1
         if ours:
             path, spec = specs[entry.job_id]
-            jobs.unlink_quietly(entry.file)
+            disk.unlink_quietly(entry.file)
             try:
                 _start(root, _agent_of(spec, agent_hash), path, spec, chosen if inventory else None)
             except (OSError, jobs.AgentError) as e:  # it left the queue: it ends here, saying why, not silently
@@ -375,11 +376,11 @@ def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: 
     file, mode = os.path.join(queue_folder.held_folder(root), f"{spec['job_id']}.json"), queue_folder.file_mode(root)
     shared = queue_folder.shared_top(root) is not None
     if not shared:
-        jobs.atomic_write(file, json.dumps(held).encode(), mode=mode)
+        disk.atomic_write(file, json.dumps(held).encode(), mode=mode)
     identity = start.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or "process")
     if shared:
         record = {**held, "identity": identity.to_json()} if identity is not None else held
-        jobs.atomic_write(file, json.dumps(record).encode(), mode=mode)
+        disk.atomic_write(file, json.dumps(record).encode(), mode=mode)
 
 
 def _ensure_dispatcher(root: str, agent_hash: str) -> None:
@@ -408,7 +409,7 @@ def serve(root: str, agent_hash: str) -> int:
     (a queue folder removed under it) is logged and tried again, a bounded
     number of times in a row.
     """
-    mine = os.open(os.path.join(root, DISPATCHER_LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, jobs.FILE_MODE)
+    mine = os.open(os.path.join(root, DISPATCHER_LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, disk.FILE_MODE)
     try:
         fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -420,7 +421,7 @@ def serve(root: str, agent_hash: str) -> int:
         if identity is not None:
             record = json.dumps(identity.to_json()).encode()
             file = os.path.join(queue_folder.own(root), queue_folder.DISPATCHER_ID)
-            jobs.atomic_write(file, record, mode=queue_folder.file_mode(root))
+            disk.atomic_write(file, record, mode=queue_folder.file_mode(root))
         while True:
             try:
                 with queue_folder.queue_lock(root):

@@ -301,3 +301,18 @@ def terminate_tagged(job_id: str, grace: float, also: ProcessIdentity | None = N
         "killed": len(killed),
         "remaining": sum(1 for p in seen if is_running(p)),
     }
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists (zombies count as gone).
+
+    Only for processes whose pid cannot have been reused under us (a warm
+    runner that holds a FIFO open); jobs are identified by procs.ProcessIdentity.
+    """
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

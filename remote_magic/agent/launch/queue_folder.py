@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import jobs, protocol
+from ..store import disk
 from . import procs, start
 
 QUEUE_DIR = "queue"
@@ -154,7 +155,7 @@ def own(root: str) -> str:
     """
     path = link(root)
     if not os.path.islink(path):
-        return jobs.ensure_dir(path)
+        return disk.ensure_dir(path)
     folder = os.path.realpath(path)
     if not _is_own_folder(folder):
         with locked(os.path.join(root, SETUP_LOCK)):
@@ -253,7 +254,7 @@ def _make_own_folder(root: str, top: str) -> str:
     os.chmod(folder, OWN_FOLDER_MODE)
     path = link(root)
     tmp = f"{path}.tmp-{os.getpid()}"
-    jobs.unlink_quietly(tmp)
+    disk.unlink_quietly(tmp)
     os.symlink(folder, tmp)
     os.replace(tmp, path)
     return folder
@@ -274,7 +275,7 @@ def _upgrade_legacy(root: str, top: str) -> str:
                     continue
                 if target != folder:
                     _ensure_folder(target, shared=True)
-                jobs.atomic_write(os.path.join(target, name), json.dumps(record).encode(), mode=SHARED_FILE_MODE)
+                disk.atomic_write(os.path.join(target, name), json.dumps(record).encode(), mode=SHARED_FILE_MODE)
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=fd)
     return folder
@@ -311,18 +312,18 @@ def use_queue(root: str, folder: str | None) -> None:
             else:
                 shutil.rmtree(path, ignore_errors=True)
         if top is None:
-            jobs.ensure_dir(path)
+            disk.ensure_dir(path)
         else:
             _make_own_folder(root, top)
 
 
 def file_mode(root: str) -> int:
-    return SHARED_FILE_MODE if shared_top(root) else jobs.FILE_MODE
+    return SHARED_FILE_MODE if shared_top(root) else disk.FILE_MODE
 
 
 def _ensure_folder(folder: str, shared: bool) -> str:
     if not shared:
-        return jobs.ensure_dir(folder)
+        return disk.ensure_dir(folder)
     with contextlib.suppress(FileExistsError):
         os.mkdir(folder, 0o700)
         os.chmod(folder, OWN_FOLDER_MODE)
@@ -336,7 +337,7 @@ def held_folder(root: str) -> str:
 @contextlib.contextmanager
 def locked(path: str, blocking: bool = True) -> Iterator[bool]:
     """A lock file in our private root (0700): nobody else can open it, so nobody else can hold it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, jobs.FILE_MODE)  # flock needs no write access
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, disk.FILE_MODE)  # flock needs no write access
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -399,10 +400,10 @@ def _flock_shared(root: str, fd: int, top: str) -> None:
             got = False
         waited = time.monotonic() - began
         if got and waited < 0.05:
-            jobs.unlink_quietly(contended)
+            disk.unlink_quietly(contended)
         elif got or time.monotonic() >= deadline:
             if waited > min(CONTENDED_WAIT, stale_seconds() / 2) or not got:
-                jobs.atomic_write(contended, b"", durable=False)
+                disk.atomic_write(contended, b"", durable=False)
             if not got and not held_lately:
                 jobs.log_problem(root, f"the shared GPU queue {top} stayed locked {waited:.0f} s; going on without it")
         if got or time.monotonic() >= deadline:
@@ -604,7 +605,7 @@ def held_records(root: str, others: list[Member]) -> list[Held]:
         if _still_running(root, record):
             records.append(record)
         else:
-            jobs.unlink_quietly(record.file)
+            disk.unlink_quietly(record.file)
     return records + [record for member in others for record in member.held]
 
 

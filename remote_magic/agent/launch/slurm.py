@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from .. import bootstrap, jobs, protocol
+from ..store import disk
 from . import start, warm
 from .base import ENDED, Launcher, Phase
 from .detach import untagged_environment
@@ -71,7 +72,7 @@ def read_state(path: str) -> dict[str, Any]:
 
 
 def _write_state(path: str, record: dict[str, Any]) -> None:
-    jobs.atomic_write(os.path.join(path, STATE_FILE), json.dumps(record).encode(), durable=False)
+    disk.atomic_write(os.path.join(path, STATE_FILE), json.dumps(record).encode(), durable=False)
 
 
 def script_value(value: Any, what: str) -> str:
@@ -185,8 +186,8 @@ def sbatch_argv(spec: dict[str, Any], script: str) -> list[str]:
 def _array_trials(root: str, spec: dict[str, Any]) -> list[str] | None:
     """A sweep's trials go as one job array, submitted by the last: their job ids once all are in, else None."""
     sweep = spec["sweep"]
-    folder = jobs.ensure_dir(os.path.join(root, ARRAYS_DIR, sweep["id"]))
-    jobs.atomic_write(os.path.join(folder, str(sweep["trial"])), spec["job_id"].encode(), durable=False)
+    folder = disk.ensure_dir(os.path.join(root, ARRAYS_DIR, sweep["id"]))
+    disk.atomic_write(os.path.join(folder, str(sweep["trial"])), spec["job_id"].encode(), durable=False)
     if sweep["trial"] != sweep["trials"] - 1:
         return None
     found = []
@@ -223,7 +224,7 @@ class SlurmLauncher(Launcher):
         kind = warm.RunnerKind.for_job(root, spec)
         env = kind.environment(untagged_environment())  # each runner tags itself with its own job id
         try:
-            jobs.atomic_write(script, job_script(root, agent_hash, spec, job_ids).encode())
+            disk.atomic_write(script, job_script(root, agent_hash, spec, job_ids).encode())
             done = _command(sbatch_argv(spec, script), env)
             if done.returncode != 0:
                 raise SlurmError(f"Slurm refused the job: {_one_line(done.stderr or done.stdout, 'sbatch')}")
@@ -288,7 +289,7 @@ class SlurmLauncher(Launcher):
         if not _runs(path):
             self._cancel_waiting(path, slurm_id, "cancelled while it waited in Slurm's queue")
             return {"queued": True, "slurm_id": slurm_id}
-        jobs.atomic_write(os.path.join(path, protocol.CANCEL_MARK), b"", durable=False)
+        disk.atomic_write(os.path.join(path, protocol.CANCEL_MARK), b"", durable=False)
         self._scancel(slurm_id)
         deadline = time.monotonic() + grace + 5
         while time.monotonic() < deadline and jobs.event_summary(path)["ended"] is None:
@@ -300,7 +301,7 @@ class SlurmLauncher(Launcher):
 
     def _cancel_waiting(self, path: str, slurm_id: str, message: str) -> None:
         """A job in Slurm's queue: the mark first, so a runner that starts meanwhile exits before the cell."""
-        jobs.atomic_write(os.path.join(path, protocol.CANCEL_MARK), b"", durable=False)
+        disk.atomic_write(os.path.join(path, protocol.CANCEL_MARK), b"", durable=False)
         self._scancel(slurm_id)
         _end(path, protocol.CANCELLED, message=message)
 

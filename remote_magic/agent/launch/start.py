@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from .. import bootstrap, jobs, protocol
+from ..store import disk
 from . import gpus, procs, warm
 from .detach import spawn_detached, untagged_environment
 
@@ -45,7 +46,7 @@ def start_runner(
     kind = warm.RunnerKind.for_job(root, spec)
     env = procs.tag_environment(kind.environment(untagged_environment()), job_id)
     if gpu_ids is not None:
-        jobs.atomic_write(os.path.join(path, protocol.ASSIGNED_FILE), json.dumps({"gpus": gpu_ids}).encode())
+        disk.atomic_write(os.path.join(path, protocol.ASSIGNED_FILE), json.dumps({"gpus": gpu_ids}).encode())
         env.update(gpus.visible_devices_env(gpu_ids))
     use_warm = spec.get("warm", True) and warm.enabled()
     if use_warm:

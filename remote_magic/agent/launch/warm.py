@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import bootstrap, jobs, protocol
-from ..store import envs
+from ..store import disk, envs
 from . import gpus, procs
 from .detach import spawn_detached, untagged_environment
 
@@ -90,7 +90,7 @@ class RunnerKind:
 
 
 def _folder(root: str) -> str:
-    return jobs.ensure_dir(os.path.join(root, "warm"))
+    return disk.ensure_dir(os.path.join(root, "warm"))
 
 
 def _imports_file(root: str, key: str) -> str:
@@ -180,7 +180,7 @@ def _send(fifo: str, message: str) -> bool:
 
 def _take_claim(path: str) -> bool:
     try:
-        os.close(os.open(os.path.join(path, CLAIM_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, jobs.FILE_MODE))
+        os.close(os.open(os.path.join(path, CLAIM_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, disk.FILE_MODE))
         return True
     except FileExistsError:
         return False
@@ -213,7 +213,7 @@ def _retire(root: str, key: str) -> bool:
 
 @contextlib.contextmanager
 def _exclusive(path: str) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, jobs.FILE_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, disk.FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -241,14 +241,14 @@ def _ensure_locked(root: str, agent_hash: str, kind: RunnerKind, key: str, used_
     wanted = wanted_imports(root, key)
     if used_modules is not None and not set(used_modules) <= set(wanted):
         wanted = sorted(set(wanted) | set(used_modules))
-        jobs.atomic_write(_imports_file(root, key), json.dumps(wanted).encode())
+        disk.atomic_write(_imports_file(root, key), json.dumps(wanted).encode())
         while _retire(root, key):
             pass  # retire runners that lack the new packages
     if _waiting_runners(root, key):
         return
     starting = os.path.join(folder, f"{key}.starting")
     info = _read_json(starting)
-    if info and jobs.process_alive(info["pid"]) and time.time() - info["t"] < STARTING_TIMEOUT:
+    if info and procs.process_alive(info["pid"]) and time.time() - info["t"] < STARTING_TIMEOUT:
         return
     log = os.path.join(folder, f"{key}.log")
     if os.path.exists(log) and os.path.getsize(log) > LOG_LIMIT:
@@ -261,7 +261,7 @@ def _ensure_locked(root: str, agent_hash: str, kind: RunnerKind, key: str, used_
     )
     if identity is not None:
         record = {"pid": identity.pid, "t": time.time(), "agent": agent_hash}
-        jobs.atomic_write(starting, json.dumps(record).encode())
+        disk.atomic_write(starting, json.dumps(record).encode())
 
 
 def heavy_modules_in_use() -> list[str]:
@@ -308,7 +308,7 @@ def serve(root: str, agent_hash: str) -> int:
         identity = procs.identity_of(pid)
         info = {"pid": pid, "fifo": fifo, "modules": modules, "agent": agent_hash, "cuda": gpus.cuda_driver_mapped()}
         info["identity"] = identity.to_json() if identity else None
-        jobs.atomic_write(ready, json.dumps(info).encode())
+        disk.atomic_write(ready, json.dumps(info).encode())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, f"{key}.starting"))
         pending = ""
@@ -367,7 +367,7 @@ def _run_forked(root: str, agent_hash: str, kind: RunnerKind, job_id: str, warm_
     _reseed()
     # From here on this process is the job's: what the cell starts carries the job's tag.
     os.environ.update(procs.tag_environment({}, job_id))
-    log = os.open(os.path.join(path, protocol.RUNNER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, jobs.FILE_MODE)
+    log = os.open(os.path.join(path, protocol.RUNNER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, disk.FILE_MODE)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
@@ -405,6 +405,6 @@ def agent_versions_in_use(root: str) -> set[str]:
     for name in os.listdir(folder):
         if name.endswith((".ready", ".starting")):
             info = _read_json(os.path.join(folder, name))
-            if info and info.get("agent") and jobs.process_alive(info.get("pid")):
+            if info and info.get("agent") and procs.process_alive(info.get("pid")):
                 used.add(info["agent"])
     return used

@@ -48,6 +48,7 @@ from importlib import metadata, util
 
 from .. import jobs
 from ..launch import procs
+from . import disk
 
 ENVS_DIR = "envs"
 READY_FILE = ".ready"
@@ -155,7 +156,7 @@ def ensure(root: str, requirements_text: str, on_output: Callable[[str], None] =
             "add at least one line such as `pandas==2.2.2`, or leave out --env"
         )
     key = env_key(requirements)
-    envs = jobs.ensure_dir(os.path.join(os.path.expanduser(root), ENVS_DIR))
+    envs = disk.ensure_dir(os.path.join(os.path.expanduser(root), ENVS_DIR))
     with _build_lock(os.path.join(envs, f"{key}.lock"), on_output):
         python = env_python(root, key)  # a use: moves its last use
         if python is not None:
@@ -166,7 +167,7 @@ def ensure(root: str, requirements_text: str, on_output: Callable[[str], None] =
 
 @contextlib.contextmanager
 def _build_lock(path: str, on_output: Callable[[str], None]) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, jobs.FILE_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, disk.FILE_MODE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,7 +194,7 @@ def _build(path: str, requirements: list[str], on_output: Callable[[str], None],
         procs.terminate_tagged(tag, grace=2.0)
     shutil.rmtree(path, ignore_errors=True)  # a build that died half-way
     try:
-        jobs.ensure_dir(path)
+        disk.ensure_dir(path)
         python = _bin_python(path)
         count = sum(not line.startswith("-") for line in requirements)
         output(f"building the Python environment {os.path.basename(path)} ({count} requirement{'s' * (count != 1)})")
@@ -207,13 +208,13 @@ def _build(path: str, requirements: list[str], on_output: Callable[[str], None],
         )
         _write_pth(python)
         requirements_file = os.path.join(path, REQUIREMENTS_FILE)
-        jobs.atomic_write(requirements_file, ("\n".join(requirements) + "\n").encode("utf-8"), durable=False)
+        disk.atomic_write(requirements_file, ("\n".join(requirements) + "\n").encode("utf-8"), durable=False)
         for what, command in _install_commands(python, requirements_file):
             _run(what, command, deadline, timeout, output, tag)
         elapsed = time.monotonic() - started
         output(f"environment {os.path.basename(path)} ready in {elapsed:.1f} s")
         ready = {"requirements": requirements, "python": sys.executable, "version": sys.version, "seconds": elapsed}
-        jobs.atomic_write(os.path.join(path, READY_FILE), json.dumps(ready).encode("utf-8"))
+        disk.atomic_write(os.path.join(path, READY_FILE), json.dumps(ready).encode("utf-8"))
         return python
     except _BuildFailed as failure:
         shutil.rmtree(path, ignore_errors=True)
@@ -346,7 +347,7 @@ def _write_pth(env_python_path: str) -> None:
         "# remote_magic: the host interpreter's site-packages, searched after this environment's own\n"
         f"import site; list(map(site.addsitedir, {dirs!r}))\n"
     )
-    jobs.atomic_write(os.path.join(site_packages, PTH_FILE), text.encode("utf-8"), durable=False)
+    disk.atomic_write(os.path.join(site_packages, PTH_FILE), text.encode("utf-8"), durable=False)
 
 
 def _install_commands(python: str, requirements_file: str) -> list[tuple[str, list[str]]]:
@@ -428,7 +429,7 @@ def collect(root: str, older_than: float, in_use: set[str], dry_run: bool = Fals
         path = os.path.join(folder, key)
         if key in in_use or key in running or os.path.islink(path) or not os.path.isdir(path):
             continue
-        fd = os.open(os.path.join(folder, f"{key}.lock"), os.O_RDWR | os.O_CREAT, jobs.FILE_MODE)
+        fd = os.open(os.path.join(folder, f"{key}.lock"), os.O_RDWR | os.O_CREAT, disk.FILE_MODE)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from .. import jobs, protocol
+from . import blobs, disk
 
 WORK_DIR = "work"  # the layout root inside the job folder
 MODULES_DIR = "modules"  # on sys.path first
@@ -94,14 +95,14 @@ def _private_dirs(folder: str, top: str) -> None:
         folder = os.path.dirname(folder)
     for created in reversed(missing):
         with contextlib.suppress(FileExistsError):
-            os.mkdir(created, jobs.DIR_MODE)
+            os.mkdir(created, disk.DIR_MODE)
 
 
 def materialize(root: str, path: str, spec: dict[str, Any]) -> tuple[str, str | None]:
     """Place the job's files and modules; returns the cell's working directory and the modules folder (or None)."""
     _room_for_copies(path, spec)
-    work = jobs.ensure_dir(os.path.join(path, WORK_DIR))
-    modules = jobs.ensure_dir(os.path.join(path, MODULES_DIR)) if spec.get("modules") else None
+    work = disk.ensure_dir(os.path.join(path, WORK_DIR))
+    modules = disk.ensure_dir(os.path.join(path, MODULES_DIR)) if spec.get("modules") else None
     wanted = [
         (top, rel, digest, mode)
         for top, key in ((WORK_DIR, "files"), (MODULES_DIR, "modules"))
@@ -109,7 +110,7 @@ def materialize(root: str, path: str, spec: dict[str, Any]) -> tuple[str, str | 
     ]
     with ThreadPoolExecutor(COPY_THREADS) as pool:  # the kernel copies; threads let it use several cores
         copies = list(pool.map(lambda entry: _place(root, path, *entry), wanted))
-    jobs.atomic_write(os.path.join(path, COPIES_FILE), json.dumps(copies).encode(), durable=False)
+    disk.atomic_write(os.path.join(path, COPIES_FILE), json.dumps(copies).encode(), durable=False)
     cwd = job_cwd(path, spec)
     if not spec.get("workdir"):
         _private_dirs(cwd, work)
@@ -145,7 +146,7 @@ def _place(root: str, path: str, top: str, rel: str, digest: str, mode: int) -> 
     problem = safe_relative(rel)
     if problem:
         raise jobs.AgentError(problem)
-    blob = jobs.blob_path(root, digest)
+    blob = blobs.blob_path(root, digest)
     folder = os.path.join(path, top)
     target = os.path.join(folder, *rel.split("/"))
     _private_dirs(os.path.dirname(target), folder)
@@ -173,19 +174,19 @@ def _place(root: str, path: str, top: str, rel: str, digest: str, mode: int) -> 
 def _check_once_linked(root: str, digest: str) -> None:
     """Hash again, once, a blob that an agent before copies linked into a job: a cell may have written
     through that link and set its mtime back.  A damaged one is dropped (the next submit sends it again)."""
-    record = os.path.join(jobs.blobs_dir(root), LINKED_RECORDS, digest)
+    record = os.path.join(blobs.blobs_dir(root), LINKED_RECORDS, digest)
     if not os.path.exists(record):
         return
-    if _sha256(jobs.blob_path(root, digest)) != digest:
+    if _sha256(blobs.blob_path(root, digest)) != digest:
         drop_blob(root, digest)
         raise FileNotFoundError(digest)
-    jobs.unlink_quietly(record)
+    disk.unlink_quietly(record)
 
 
 def drop_blob(root: str, digest: str) -> None:
     """Remove a damaged blob (and its old link record): the next submit finds it missing and sends it again."""
-    jobs.unlink_quietly(jobs.blob_path(root, digest))
-    jobs.unlink_quietly(os.path.join(jobs.blobs_dir(root), LINKED_RECORDS, digest))
+    disk.unlink_quietly(blobs.blob_path(root, digest))
+    disk.unlink_quietly(os.path.join(blobs.blobs_dir(root), LINKED_RECORDS, digest))
 
 
 def release_copies(root: str, path: str) -> None:
@@ -490,14 +491,14 @@ def store_files(
     matched = matching_files(path, spec, patterns, max_files, max_bytes)
     found = []
     left = max_bytes  # a file that grew since it was counted cannot carry the fetch past the bound
-    with jobs.blob_lock(root, exclusive=False):
+    with blobs.blob_lock(root, exclusive=False):
         for rel, real in matched.items():
             digest, size = _copy_into_store(root, real, top, rel, left)
             left -= size
             found.append([rel, digest, size])
         record = os.path.join(path, protocol.FETCHED_BLOBS_FILE)
-        digests = sorted({d for _, d, _ in found} | set(jobs.read_digests(record)))
-        jobs.atomic_write(record, json.dumps(digests).encode(), durable=False)
+        digests = sorted({d for _, d, _ in found} | set(blobs.read_digests(record)))
+        disk.atomic_write(record, json.dumps(digests).encode(), durable=False)
     return found
 
 
@@ -549,12 +550,12 @@ def _copy_into_store(root: str, source: str, top: str, rel: str, budget: int) ->
 
 def _store_stream(root: str, source: BinaryIO, rel: str, budget: int) -> tuple[str, int]:
     """Hash and write ``source`` into the store as it is read; the whole of it must fit in ``budget``."""
-    folder = jobs.blobs_dir(root)
+    folder = blobs.blobs_dir(root)
     tmp = os.path.join(folder, f"fetch.part-{os.getpid()}-{secrets.token_hex(4)}")
     hasher = hashlib.sha256()
     size = 0
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, jobs.FILE_MODE)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, disk.FILE_MODE)
         with os.fdopen(fd, "wb") as out:
             while chunk := source.read(_CHUNK):
                 size += len(chunk)
@@ -565,12 +566,12 @@ def _store_stream(root: str, source: BinaryIO, rel: str, budget: int) -> tuple[s
                 hasher.update(chunk)
                 out.write(chunk)
         digest = hasher.hexdigest()
-        target = jobs.blob_path(root, digest)
+        target = blobs.blob_path(root, digest)
         if os.path.exists(target) and os.path.getsize(target) == size:
-            jobs.unlink_quietly(tmp)
+            disk.unlink_quietly(tmp)
         else:
             os.replace(tmp, target)
         return digest, size
     except BaseException:
-        jobs.unlink_quietly(tmp)
+        disk.unlink_quietly(tmp)
         raise
