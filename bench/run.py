@@ -332,10 +332,11 @@ class Bench:
     def _queue_start_once(self, client: Any) -> tuple[float, float]:
         """(median of GPUs freed -> queued job started, median of a job on free GPUs: queued -> started)."""
         from remote_magic import session
+        from remote_magic.agent.protocol import GpuRequest
 
         def submit(cell: str, gpus: int | str) -> str:
             submission = session.prepare(cell, {})
-            submission.gpus = gpus
+            submission.gpus = GpuRequest(GpuRequest.ALL if gpus == "all" else int(gpus))
             return session.submit(client, submission)
 
         def events(job_id: str, until: str) -> list[dict[str, Any]]:

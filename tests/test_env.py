@@ -87,8 +87,7 @@ def kernel_packages(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) 
 def magics(ip):  # type: ignore[no-untyped-def]
     """The extension, with no check remembered from another test (the shell is shared by the session)."""
     shown = ip.magics_manager.registry["RemoteMagics"]
-    shown._checked_environments.clear()
-    shown._last_imports.clear()
+    shown.environment_checks.clear()
     return shown
 
 
@@ -216,7 +215,7 @@ def test_another_interpreter_on_the_same_host_is_checked_again(ip, host_h, kerne
         result.error_in_exec
     ):
         pytest.xfail(
-            "magics.py _check_environment keys its cache by client.host only (the alias), not the interpreter: "
+            "session/request.py EnvironmentChecks keys its cache by client.host only (the alias), not the interpreter: "
             "the report of the host venv was reused for --python, the job was sent and failed on the host"
         )
     assert isinstance(result.error_in_exec, HostSetupError), result.error_in_exec

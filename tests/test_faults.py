@@ -20,6 +20,7 @@ from test_recovery import _wait_for
 
 from remote_magic import session
 from remote_magic.agent import jobs, protocol, runner
+from remote_magic.agent.digest import file_name
 from remote_magic.agent.launch import procs
 from remote_magic.agent.store import blobs
 from remote_magic.errors import AgentCommandError, HostSetupError, RemoteMagicError
@@ -425,7 +426,7 @@ def test_gc_keeps_output_blobs_a_finishing_job_listed(ip, capsys) -> None:
     digest, _ = blobs.write_blob(root, memoryview(data))
     (_job_path(client, job_id) / protocol.OUTPUT_BLOBS_FILE).write_text(json.dumps([digest]))
     client.gc(0, include_unfetched=True, dry_run=False)
-    assert (Path(root) / "blobs" / digest).exists()
+    assert (Path(root) / "blobs" / file_name(digest)).exists()
     client.cancel(job_id)
 
 
@@ -453,7 +454,7 @@ def test_a_damaged_output_blob_is_refused_when_downloaded(ip, sshd, capsys) -> N
     client = _magics(ip)._client("testhost")
     final = session.follow(client, job_id, lambda e: None)
     digest, size = final["blobs"][0]
-    blob = sshd.host_root / "blobs" / digest
+    blob = sshd.host_root / "blobs" / file_name(digest)
     blob.write_bytes(np.zeros(MiB).tobytes())  # same size, other bytes: a disk fault within this boot
     with pytest.raises(AgentCommandError, match="does not match its sha256"):
         client.get_blob(digest, size)

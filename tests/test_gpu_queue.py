@@ -23,6 +23,7 @@ import pytest
 from conftest import run
 from host_processes import kill_processes_under, processes_under
 
+from remote_magic.agent.digest import file_name
 from remote_magic.agent.launch import warm
 
 SLEEP_CELL = (
@@ -88,7 +89,7 @@ def _outputs(root: Path, job_id: str) -> dict:
     path = root / "jobs" / job_id
     done = _final(root, job_id)
     assert done is not None and done["type"] == "done", done
-    buffers = [(root / "blobs" / digest).read_bytes() for digest, _ in done.get("blobs", [])]
+    buffers = [(root / "blobs" / file_name(digest)).read_bytes() for digest, _ in done.get("blobs", [])]
     return payload.unpack((path / "outputs.pkl").read_bytes(), buffers)
 
 

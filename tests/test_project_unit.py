@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from remote_magic import project
+from remote_magic.agent import digest
 from remote_magic.project import (
     FileSet,
     HashCache,
@@ -32,8 +33,10 @@ from remote_magic.project import (
     local_origin,
     module_files,
 )
+from remote_magic.project import files as project_files
+from remote_magic.project import walk as project_walk
 
-REPO = Path(project.__file__).resolve().parents[1]
+REPO = Path(project.__file__).resolve().parents[2]
 
 
 def _write(path: Path, text: str = "", mode: int | None = None) -> Path:
@@ -45,7 +48,7 @@ def _write(path: Path, text: str = "", mode: int | None = None) -> Path:
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest.of(path.read_bytes())
 
 
 def _rels(fileset: FileSet | list[project.ProjectFile]) -> list[str]:
@@ -69,7 +72,7 @@ def cache(tmp_path: Path) -> HashCache:
 @pytest.fixture
 def settled(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cache files the test has just written (normally a file changed in the last 2 s is hashed every time)."""
-    monkeypatch.setattr(project, "_RACY_NS", 0)
+    monkeypatch.setattr(project_files, "_RACY_NS", 0)
 
 
 @pytest.fixture
@@ -538,7 +541,7 @@ def test_a_file_that_changes_while_hashed_is_an_error(
         def hexdigest(self) -> str:
             return self._h.hexdigest()
 
-    monkeypatch.setattr(project, "_new_hasher", Appending)
+    monkeypatch.setattr(project_files, "_new_hasher", Appending)
     with pytest.raises(ProjectError) as err:
         collect_files("data/train.csv", cwd=str(tree), cache=cache)
     assert str(err.value) == (
@@ -557,7 +560,7 @@ def test_an_unreadable_file_is_an_error(tree: Path, cache: HashCache, monkeypatc
                 raise PermissionError(13, "Permission denied", path)
             return open(path, *args, **kwargs)  # type: ignore[call-overload]
 
-        monkeypatch.setattr(project, "open", refuse, raising=False)
+        monkeypatch.setattr(project_files, "open", refuse, raising=False)
     with pytest.raises(ProjectError) as err:
         collect_files("data", cwd=str(tree), cache=cache)
     assert str(err.value).startswith(f"cannot read {target} (Permission denied); make it readable")
@@ -567,13 +570,13 @@ def test_the_hash_cache_hashes_unchanged_files_once(
     tree: Path, tmp_path: Path, cache: HashCache, settled: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hashed: list[str] = []
-    real = project._hash_file
+    real = project_files._hash_file
 
     def counting(path: str, st: os.stat_result) -> str:
         hashed.append(path)
         return real(path, st)
 
-    monkeypatch.setattr(project, "_hash_file", counting)
+    monkeypatch.setattr(project_files, "_hash_file", counting)
     first = collect_files("data", cwd=str(tree), cache=cache)
     assert len(hashed) == 4
 
@@ -601,8 +604,8 @@ def test_the_hash_cache_hashes_unchanged_files_once(
 def test_a_file_written_just_now_is_not_cached(tree: Path, cache: HashCache, monkeypatch: pytest.MonkeyPatch) -> None:
     """Within one mtime tick a same-size rewrite would look unchanged, so fresh files are hashed every time."""
     hashed: list[str] = []
-    real = project._hash_file
-    monkeypatch.setattr(project, "_hash_file", lambda path, st: hashed.append(path) or real(path, st))
+    real = project_files._hash_file
+    monkeypatch.setattr(project_files, "_hash_file", lambda path, st: hashed.append(path) or real(path, st))
     fresh = _write(tree / "fresh.txt", "new")
     cache.digest(str(fresh))
     cache.digest(str(fresh))
@@ -672,10 +675,10 @@ def test_twenty_thousand_small_files(
     assert _rels(fs) == sorted(_rels(fs))
     some = fs.files[12_345]
     assert some.rel == "data/d061/145.txt"
-    assert some.digest == hashlib.sha256(b"61-145").hexdigest() and some.size == len("61-145")
+    assert some.digest == digest.of(b"61-145") and some.size == len("61-145")
 
     hashed: list[str] = []
-    monkeypatch.setattr(project, "_hash_file", lambda path, st: hashed.append(path) or "")
+    monkeypatch.setattr(project_files, "_hash_file", lambda path, st: hashed.append(path) or "")
     assert collect_files("data", cwd=str(root), cache=cache) == fs
     assert hashed == []
 
@@ -721,12 +724,12 @@ def test_twenty_thousand_small_files(
     ],
 )
 def test_gitignore_rules(rule: str, path: str, is_dir: bool, ignored: bool | None) -> None:
-    rules = project._IgnoreFile("/base", [rule])
+    rules = project_walk._IgnoreFile("/base", [rule])
     assert rules.verdict(f"/base/{path}", is_dir) is ignored
 
 
 def test_the_last_matching_rule_wins() -> None:
-    rules = project._IgnoreFile("/", ["*.log", "!keep.log", "keep.log", "!*/keep.log"])
+    rules = project_walk._IgnoreFile("/", ["*.log", "!keep.log", "keep.log", "!*/keep.log"])
     assert rules.verdict("/keep.log", False) is True
     assert rules.verdict("/sub/keep.log", False) is False
     assert rules.verdict("/other.log", False) is True

@@ -11,13 +11,16 @@ import time
 from pathlib import Path
 
 from remote_magic.agent.launch import gpu_queue, queue_folder
-from remote_magic.agent.launch.queue_folder import Entry, Member
+from remote_magic.agent.launch.queue_records import Entry, Member
+from remote_magic.agent.protocol import GpuRequest
 
 UID = 4321
 
 
 def _entry(job: str, inode: int, written: float) -> Entry:
-    return Entry(f"/q/u{UID}-x/{job}.json", job, UID, int(written * 1e9), inode, -1, None, f"/q/u{UID}-x")
+    return Entry(
+        f"/q/u{UID}-x/{job}.json", job, UID, int(written * 1e9), inode, GpuRequest(GpuRequest.ALL), None, f"/q/u{UID}-x"
+    )
 
 
 def _member(*entries: Entry, alive: bool = True) -> Member:

@@ -15,6 +15,7 @@ from test_lifecycle import _submitted_job_id
 from wheels import build_wheel
 
 from remote_magic.agent import protocol
+from remote_magic.agent.digest import file_name
 from remote_magic.errors import JobLost
 
 SLOW_FIT = """
@@ -126,11 +127,11 @@ def test_gc_removes_fetched_jobs_and_their_blobs_but_keeps_unfetched_ones(ip, ss
     assert kept_fetched <= _running_jobs(root)
     spec = json.loads((root / "jobs" / unfetched / "spec.json").read_text())
     for digest, _ in spec["blobs"]:
-        assert (root / "blobs" / digest).exists()  # still referenced by the kept job
+        assert (root / "blobs" / file_name(digest)).exists()  # still referenced by the kept job
 
     assert run(ip, "%remote_gc --host testhost --older-than 0 --include-unfetched").success
     assert unfetched not in os.listdir(root / "jobs")
-    assert not any((root / "blobs" / digest).exists() for digest, _ in spec["blobs"])
+    assert not any((root / "blobs" / file_name(digest)).exists() for digest, _ in spec["blobs"])
     assert run(ip, "%remote_gc --host testhost --older-than 5x").error_in_exec is not None
 
 

@@ -26,10 +26,11 @@ FIT = "20261127-103000-1a2b3c"
 TRIALS = ["20261127-103001-00000a", "20261127-103001-00000b", "20261127-103001-00000c"]
 SWEEP = "sweep-20261127-103001-5eed00"
 
-# name -> (spec, the job ids the script runs: several make a job array)
+# name -> (spec, the job ids the script runs: several make a job array).  The job's GPUs are its GPU request
+# (``gpus``), as on every launcher.
 JOBS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "gpu": (
-        {"job_id": FIT, "name": "fit", "source": "", "slurm": {"gpus": 1, "partition": "gpu", "time": "1:00:00"}},
+        {"job_id": FIT, "name": "fit", "source": "", "gpus": 1, "slurm": {"partition": "gpu", "time": "1:00:00"}},
         [FIT],
     ),
     "sweep_array": (
@@ -37,16 +38,22 @@ JOBS: dict[str, tuple[dict[str, Any], list[str]]] = {
             "job_id": TRIALS[-1],
             "name": "fit lr=0.1",
             "source": "",
+            "gpus": 1,
             "sweep": {"id": SWEEP, "trial": 2, "trials": 3, "parallel": 2},
-            "slurm": {"gpus": 1, "partition": "gpu"},
+            "slurm": {"partition": "gpu"},
         },
         TRIALS,
     ),
     "multi_task": (
-        {"job_id": FIT, "name": "ddp", "source": "", "slurm": {"gpus": 2, "tasks": 2, "nodes": 2}},
+        {"job_id": FIT, "name": "ddp", "source": "", "gpus": 2, "slurm": {"tasks": 2, "nodes": 2}},
         [FIT],
     ),
 }
+
+
+def earlier_client(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same job as an earlier client wrote it: its GPUs in its Slurm options, ``gpus`` 0."""
+    return {**spec, "gpus": 0, "launcher": "slurm", "slurm": {**spec["slurm"], "gpus": spec["gpus"]}}
 
 
 def render(root: Path, spec: dict[str, Any], job_ids: list[str]) -> str:
@@ -72,3 +79,10 @@ def test_the_batch_script_matches_its_golden_file(name: str, tmp_path: Path) -> 
     assert script == golden.read_bytes().decode(), (
         f"the script differs from {golden.name}; if intended, rerun with REMOTE_MAGIC_UPDATE_GOLDEN=1"
     )
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_an_earlier_clients_spec_renders_the_same_script(name: str, tmp_path: Path) -> None:
+    spec, job_ids = JOBS[name]
+    root = tmp_path / "root"
+    assert render(root, earlier_client(spec), job_ids) == render(root, spec, job_ids)

@@ -21,7 +21,7 @@ from test_lifecycle import _submitted_job_id
 
 from remote_magic import session
 from remote_magic.agent import protocol
-from remote_magic.agent.jobs import process_alive
+from remote_magic.agent.launch.procs import process_alive
 from remote_magic.config import hosts_trait, ssh_config_trait
 from remote_magic.errors import RemoteMagicError
 from remote_magic.registry import Registry
@@ -215,7 +215,7 @@ def submit_job(
 ) -> str:
     """Submit a cell without inputs through the session layer, as the magics do (a sweep's trial too); register it."""
     submission = session.prepare(source, {}, name=name)
-    submission.gpus = gpus
+    submission.gpus = protocol.GpuRequest(gpus)
     spec = submission.spec()
     if sweep is not None:
         spec["sweep"] = sweep

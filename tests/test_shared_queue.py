@@ -33,6 +33,7 @@ from host_processes import kill_processes_under, processes_under
 from sshd import Sshd, make_sshd
 
 from remote_magic.agent import bootstrap
+from remote_magic.agent.digest import file_name
 from remote_magic.agent.launch import gpu_queue
 
 GROUP = "rm-gpuqueue"
@@ -188,7 +189,7 @@ def _outputs(root: Path, job_id: str) -> dict:
     from remote_magic.project import payload
 
     done = _events(root, job_id)[-1]
-    buffers = [(root / "blobs" / digest).read_bytes() for digest, _ in done.get("blobs", [])]
+    buffers = [(root / "blobs" / file_name(digest)).read_bytes() for digest, _ in done.get("blobs", [])]
     return payload.unpack((root / "jobs" / job_id / "outputs.pkl").read_bytes(), buffers)
 
 

@@ -234,8 +234,8 @@ def test_a_sweeps_trials_hash_a_shared_array_once_and_each_other_array_by_itself
     own = [np.full(MiB // 8, float(i)) for i in range(2)]
     packed = [payload.pack({"data": shared, "mine": own[i], "p": i}, {}, hash_buffers=False) for i in range(2)]
     hashed = []
-    real_sha256 = hashlib.sha256
-    monkeypatch.setattr(payload.hashlib, "sha256", lambda data: hashed.append(len(data)) or real_sha256(data))
+    real_of = payload.digests.of
+    monkeypatch.setattr(payload.digests, "of", lambda data: hashed.append(len(data)) or real_of(data))
     seen: dict = {}
     for p in packed:
         p.hash(seen)
@@ -243,5 +243,5 @@ def test_a_sweeps_trials_hash_a_shared_array_once_and_each_other_array_by_itself
     assert len(hashed) == 3  # the shared array once, each trial's own array once
     for p, mine in zip(packed, own, strict=True):
         digests = dict(zip([b.obj is shared for b in p.buffers], [d for d, _ in p.blobs], strict=True))
-        assert digests[True] == real_sha256(memoryview(shared).cast("B")).hexdigest()
-        assert digests[False] == real_sha256(memoryview(mine).cast("B")).hexdigest()
+        assert digests[True] == real_of(memoryview(shared).cast("B"))
+        assert digests[False] == real_of(memoryview(mine).cast("B"))

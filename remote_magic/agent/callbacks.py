@@ -26,6 +26,10 @@ EmitFn = Callable[..., Any]
 BATCH_INTERVAL = 0.5
 
 
+class Cancelled(BaseException):
+    """Raised in the cell's thread when the job is cancelled (``%remote_cancel``: SIGTERM from its launcher)."""
+
+
 class Requeue(BaseException):
     """The scheduler wants the job off its node (preemption, time limit): checkpointed, it ends and comes back.
 

@@ -38,8 +38,7 @@ def split(digest: object) -> tuple[str, str] | None:
     """(algorithm, hex) of a digest, bare hex read as sha256; None when it is not one."""
     if not isinstance(digest, str):
         return None
-    algorithm, _, hex_ = digest.rpartition(":")
-    algorithm = algorithm or ALGORITHM
+    algorithm, _, hex_ = digest.rpartition(":") if ":" in digest else (ALGORITHM, "", digest)
     if algorithm != ALGORITHM or not _HEX.fullmatch(hex_):
         return None
     return algorithm, hex_

@@ -1,8 +1,11 @@
 """Runs one job: load inputs, run the cell, record events, write outputs.
 
-Started by ``cli submit`` in its own session and process group, detached
-from the SSH connection, so the job survives the client going away.  The
-job's events.jsonl belongs to this process while it runs.
+Started by the job's launcher in a session of its own (a new process, a
+warm runner's fork, a Slurm batch step), detached from the SSH connection,
+so the job survives the client going away.  The job's events.jsonl belongs
+to this process while it runs.  What differs between launchers (the job's
+GPUs, what a signal means, a requeue) is asked of the launcher's ``InJob``:
+nothing here knows which one started the job.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable
 from importlib import metadata, util
 from typing import Any
 
 from . import callbacks, codec, jobs, protocol
 from . import digest as digests
 from .launch import gpus, procs
+from .launch.base import InJob
 from .store import blobs, disk, layout
 
 CELL_FILENAME = "<remote_train cell>"
@@ -38,10 +41,6 @@ _DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-mac
 MAX_LINE_CHARS = 64 * 1024
 # Children the cell left running get this long after SIGTERM when the job ends.
 LEFTOVER_GRACE_SECONDS = 2.0
-
-
-class Cancelled(BaseException):
-    """Raised in the cell's thread by SIGTERM (``%remote_cancel``)."""
 
 
 class EventStream(io.TextIOBase):
@@ -111,30 +110,6 @@ def _sample_seconds() -> float:
         return 5.0
 
 
-def slurm_job() -> dict[str, Any] | None:
-    """The Slurm job this runner is (id, node, how often it was requeued), or None off Slurm."""
-    if "SLURM_JOB_ID" not in os.environ:
-        return None
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return {
-        "id": f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"],  # as squeue and scancel take it
-        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-        "restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-    }
-
-
-def _assigned_gpus(path: str) -> list[int] | None:
-    """The GPUs the host's queue (or Slurm) gave this job ([] for none), or None on a host without GPUs."""
-    if "SLURM_JOB_ID" in os.environ:  # Slurm set CUDA_VISIBLE_DEVICES itself when the job asked for GPUs
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        return [int(i) for i in visible.split(",") if i.strip().isdigit()]
-    try:
-        with open(os.path.join(path, protocol.ASSIGNED_FILE), encoding="utf-8") as f:
-            return [int(i) for i in json.load(f)["gpus"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages that matter for loading results, without importing them."""
     versions: dict[str, str | None] = {}
@@ -151,192 +126,154 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def run_job(root: str, path: str, warm: int | None = None, after: Callable[[], None] | None = None) -> int:
-    """Run the job in ``path`` in this process; ``after`` runs once the job's end is recorded.
+def run_job(root: str, path: str, job: InJob) -> int:
+    """Run the job in ``path`` in this process; ``job`` is its launcher's part here (its GPUs, its signals)."""
+    if not job.begin(path):
+        return 1
+    if not job.leads:
+        return _follow(root, path, job)
+    run = _Run(root, path, job)
+    hooks = run.begin()
+    try:
+        return run.execute(hooks)
+    finally:
+        run.close()
 
-    ``warm``: the pid of the warm runner this process was forked from (None: started cold).
-    """
-    if "SLURM_JOB_ID" in os.environ and os.path.exists(os.path.join(path, protocol.CANCEL_MARK)):
-        return 1  # cancelled while Slurm started it: the cancel wrote its final event
-    group = process_group()
-    if group is not None:
-        os.environ.update(group)
-        if group["RANK"] != "0":
-            return run_worker(root, path)
-    log = jobs.EventLog(path)
-    log.summary = jobs.EventSummary()
-    for event, _ in jobs.iter_events(path):  # a requeued job's log goes on: its summary covers all of it
-        log.summary.feed(event)
-    lock = threading.Lock()
 
-    def emit(type_: str, **fields: Any) -> dict[str, Any]:
-        with lock:
-            return log.append(type_, **fields)
+class _Run:
+    """One job run by this process: its event log, its namespace and output streams, and how far it got."""
 
-    spec = jobs.read_spec(path)
-    job_id = spec["job_id"]
-    os.environ.update(procs.tag_environment({}, job_id))  # what the cell starts is the job's too
-    namespace: dict[str, Any] = {}
-    slurm = slurm_job()
-    resume = _resume_point(root, path, namespace) if slurm and slurm["restarts"] else None
-    hooks = callbacks.TrainingHooks(emit, _checkpointer(path, spec, namespace, emit), resume)
-    signal.signal(signal.SIGINT, lambda *_: hooks.stop_requested.set())
-    if slurm is None:
-        signal.signal(signal.SIGTERM, _raise_cancelled)
-    else:
-        _handle_scheduler_signals(path, hooks)
+    def __init__(self, root: str, path: str, job: InJob) -> None:
+        self.root, self.path, self.job = root, path, job
+        self.log = jobs.EventLog(path)
+        self.log.summary = jobs.EventSummary()
+        for event, _ in jobs.iter_events(path):  # a requeued job's log goes on: its summary covers all of it
+            self.log.summary.feed(event)
+        self.lock = threading.Lock()
+        self.spec = jobs.read_spec(path)
+        self.namespace: dict[str, Any] = {}
+        self.out, self.err = EventStream(self.emit, protocol.STDOUT), EventStream(self.emit, protocol.STDERR)
+        self.sampler: gpus.Sampler | None = None
+        self.started = time.time()
+        self.phase = "files"
+        self.cwd: str | None = None
 
-    assigned = _assigned_gpus(path)
-    if assigned is not None and slurm is None:  # a warm runner started without it; CUDA is not loaded in it
-        os.environ.update(gpus.visible_devices_env(assigned))
-    inventory = gpus.inventory() if assigned else []  # one nvidia-smi call at start, not one per use
-    emit(
-        protocol.STARTED,
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        python=sys.executable,
-        python_version=platform.python_version(),
-        device=device_info(assigned, inventory),
-        warm=warm is not None,
-        warm_runner=warm,
-        versions=package_versions(),
-        **({"slurm": slurm} if slurm else {}),
-    )
-    # On Slurm a node may have no nvidia-smi: then nothing to sample
-    sampler = gpus.Sampler(assigned, emit, _sample_seconds()) if assigned and inventory else None
-    if sampler is not None:
-        sampler.start()
-    out, err = EventStream(emit, protocol.STDOUT), EventStream(emit, protocol.STDERR)
-    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
-    started = time.time()
-    phase = "files"
-    cwd: str | None = None
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        with self.lock:
+            return self.log.append(type_, **fields)
 
-    def wind_up() -> dict[str, Any]:
+    def begin(self) -> callbacks.TrainingHooks:
+        """Signals, GPUs and the ``started`` event; from here on what the cell prints becomes events."""
+        os.environ.update(procs.tag_environment({}, self.spec["job_id"]))  # what the cell starts is the job's too
+        resume = _resume_point(self.path, self.namespace) if self.job.restarts else None
+        hooks = callbacks.TrainingHooks(
+            self.emit, _checkpointer(self.path, self.spec, self.namespace, self.emit), resume
+        )
+        signal.signal(signal.SIGINT, lambda *_: hooks.stop_requested.set())
+        self.job.handle_signals(self.path, hooks)
+        assigned = self.job.gpus(self.path)
+        inventory = gpus.inventory() if assigned else []  # one nvidia-smi call at start, not one per use
+        self.emit(
+            protocol.STARTED,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            python=sys.executable,
+            python_version=platform.python_version(),
+            device=device_info(assigned, inventory),
+            **self.job.started(),
+            versions=package_versions(),
+        )
+        if assigned and inventory:  # a Slurm node may have no nvidia-smi: then nothing to sample
+            self.sampler = gpus.Sampler(assigned, self.emit, _sample_seconds())
+            self.sampler.start()
+        sys.stdout, sys.stderr = self.out, self.err  # type: ignore[assignment]
+        return hooks
+
+    def execute(self, hooks: callbacks.TrainingHooks) -> int:
+        """Files, inputs, the cell, outputs; then the final event that says how it went."""
+        try:
+            self._run_phases(hooks)
+            manifest = _write_outputs(self.root, self.path, self.spec, self.namespace, self.emit)
+            self._warn_notes()
+            files = self.wind_up()
+            seconds = round(time.time() - self.started, 3)
+            self.emit(protocol.DONE, seconds=seconds, stopped=hooks.stop_requested.is_set(), **manifest, **files)
+            return 0
+        except callbacks.Cancelled:
+            self.wind_up()
+            self.emit(protocol.CANCELLED, message="cancelled on request")
+            return 1
+        except callbacks.Requeue as requeue:  # no final event: the job comes back and goes on from its checkpoint
+            with contextlib.suppress(Exception):
+                self.wind_up()
+            epoch = (jobs.read_checkpoint_meta(self.path) or {}).get("epoch") or 0
+            self.emit(protocol.REQUEUED, reason=requeue.reason, epoch=epoch)
+            self.job.requeued(requeue.reason, self.emit)
+            return 0
+        except BaseException as exc:  # noqa: BLE001  (everything the cell raises is reported)
+            files = {}
+            with contextlib.suppress(Exception):
+                files = self.wind_up()
+            self.emit(protocol.ERROR, **describe_exception(exc, self.spec["source"], self.phase), **files)
+            return 1
+
+    def _run_phases(self, hooks: callbacks.TrainingHooks) -> None:
+        """Place the files, load the inputs, run the cell: ``phase`` says which failed."""
+        self.cwd, modules = layout.materialize(self.root, self.path, self.spec)
+        self.job.files_placed(self.path)  # the other tasks of the job wait for them
+        _use_job_folders(self.cwd, modules, self.spec)
+        self.started, self.phase = time.time(), "inputs"
+        self.namespace.update(_load_inputs(self.root, self.path, self.spec))
+        self._warn_notes()
+        self.namespace["remote_log"] = _remote_log(self.emit, hooks.stop_requested)
+        callbacks.watch_keras(hooks)
+        self.phase = "cell"
+        with contextlib.suppress(StopRequested):  # a loop stopped on request: what it has so far comes back
+            _run_cell(self.spec["source"], self.namespace)
+        self.out.close_line()
+        self.err.close_line()
+        self.phase = "outputs"
+
+    def _warn_notes(self) -> None:
+        for note in codec.take_notes():
+            self.emit(protocol.WARNING, message=note)
+
+    def wind_up(self) -> dict[str, Any]:
         """Before the final event: end open lines, free the shipped files' copies, list the files it wrote."""
-        out.close_line()
-        err.close_line()
-        peaks = sampler.stop() if sampler is not None else {}
-        layout.release_copies(root, path)
-        if cwd is None:
+        self.out.close_line()
+        self.err.close_line()
+        peaks = self.sampler.stop() if self.sampler is not None else {}
+        layout.release_copies(self.root, self.path)
+        if self.cwd is None:
             return peaks
-        written, total = layout.written_files(path, spec, started)
+        written, total = layout.written_files(self.path, self.spec, self.started)
         return {"files": written, "files_total": total, **peaks}
 
-    try:
-        cwd, modules = layout.materialize(root, path, spec)
-        if group is not None:  # the other tasks wait for the files
-            disk.atomic_write(os.path.join(path, PLACED_FILE), _placement_stamp().encode(), durable=False)
-        _use_job_folders(cwd, modules, spec)
-        started = time.time()
-        phase = "inputs"
-        namespace.update(_load_inputs(root, path, spec))
-        for note in codec.take_notes():
-            emit(protocol.WARNING, message=note)
-        namespace["remote_log"] = _remote_log(emit, hooks.stop_requested)
-        callbacks.watch_keras(hooks)
-        phase = "cell"
-        with contextlib.suppress(StopRequested):  # a loop stopped on request: what it has so far comes back
-            _run_cell(spec["source"], namespace)
-        out.close_line()
-        err.close_line()
-        phase = "outputs"
-        manifest = _write_outputs(root, path, spec, namespace, emit)
-        for note in codec.take_notes():
-            emit(protocol.WARNING, message=note)
-        files = wind_up()
-        emit(
-            protocol.DONE,
-            seconds=round(time.time() - started, 3),
-            stopped=hooks.stop_requested.is_set(),
-            **manifest,
-            **files,
-        )
-        return 0
-    except Cancelled:
-        wind_up()
-        emit(protocol.CANCELLED, message="cancelled on request")
-        return 1
-    except callbacks.Requeue as requeue:  # no final event: the job comes back and goes on from its checkpoint
-        with contextlib.suppress(Exception):
-            wind_up()
-        epoch = (jobs.read_checkpoint_meta(path) or {}).get("epoch") or 0
-        emit(protocol.REQUEUED, reason=requeue.reason, epoch=epoch)
-        if requeue.reason == TIME_LIMIT_REASON and slurm is not None:
-            _requeue_self(slurm["id"], emit)
-        return 0
-    except BaseException as exc:  # noqa: BLE001  (everything the cell raises is reported)
-        files = {}
-        with contextlib.suppress(Exception):
-            files = wind_up()
-        emit(protocol.ERROR, **describe_exception(exc, spec["source"], phase), **files)
-        return 1
-    finally:
+    def close(self) -> None:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         with contextlib.suppress(OSError):
-            log.write_summary()
-        log.close()
-        _end_leftovers(job_id)
-        if after is not None and spec.get("warm", True):
-            after()
+            self.log.write_summary()
+        self.log.close()
+        _end_leftovers(self.spec["job_id"])
+        self.job.ended(self.spec)
 
 
-PLACED_FILE = "placed"  # task 0 of a multi-task job has placed the files (for this start of the job)
-WORKER_WAIT_SECONDS = 300.0
+def _follow(root: str, path: str, job: InJob) -> int:
+    """A task of a job of several that does not lead: the same cell on the same inputs, in the same folder.
 
-
-def process_group() -> dict[str, str] | None:
-    """What PyTorch DDP (``env://``) and ``keras.distribution.initialize()`` read, from Slurm's variables,
-    when the job runs as several tasks (``--tasks``); None otherwise."""
-    tasks = int(os.environ.get("SLURM_NTASKS") or 1)
-    if "SLURM_JOB_ID" not in os.environ or "SLURM_STEP_ID" not in os.environ or tasks < 2:
-        return None
-    address = os.environ.get("MASTER_ADDR") or socket.gethostname()
-    port = int(os.environ.get("MASTER_PORT") or 29500)
-    rank = os.environ.get("SLURM_PROCID", "0")
-    return {
-        "RANK": rank,
-        "WORLD_SIZE": str(tasks),
-        "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": address,
-        "MASTER_PORT": str(port),
-        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"{address}:{port + 1}",
-        "KERAS_DISTRIBUTION_NUM_PROCESSES": str(tasks),
-        "KERAS_DISTRIBUTION_PROCESS_ID": rank,
-    }
-
-
-def _placement_stamp() -> str:
-    return f"{os.environ.get('SLURM_JOB_ID')}-{os.environ.get('SLURM_RESTART_COUNT') or 0}"
-
-
-def run_worker(root: str, path: str) -> int:
-    """Task 1..N-1 of a multi-task job: the same cell on the same inputs, in the same folder.
-
-    Task 0 writes the events and outputs; what this task prints goes to the
-    job's Slurm output file.  A requeue is task 0's to decide (USR2 ignored).
+    The leader writes the events and outputs; what this task prints goes to its launcher's log.
     """
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     spec = jobs.read_spec(path)
     os.environ.update(procs.tag_environment({}, spec["job_id"]))
-    placed, stamp = os.path.join(path, PLACED_FILE), _placement_stamp()
-    deadline = time.monotonic() + WORKER_WAIT_SECONDS
-    while True:
-        with contextlib.suppress(OSError):
-            with open(placed, encoding="utf-8") as f:
-                if f.read() == stamp:
-                    break
-        if time.monotonic() > deadline:
-            print(f"task {os.environ.get('RANK')}: task 0 did not place the job's files in time", file=sys.stderr)
-            return 1
-        time.sleep(0.1)
+    if not job.wait_for_files(path):
+        return 1
     modules = os.path.join(path, layout.MODULES_DIR) if spec.get("modules") else None
     _use_job_folders(layout.job_cwd(path, spec), modules, spec)
     namespace = _load_inputs(root, path, spec)
-    namespace["remote_log"] = lambda *args, **kwargs: None  # task 0's rows are the panel's
+    namespace["remote_log"] = lambda *args, **kwargs: None  # the leader's rows are the panel's
     try:
         _run_cell(spec["source"], namespace)
-    except BaseException:  # noqa: BLE001  (reported in the job's Slurm output; srun ends the other tasks)
+    except BaseException:  # noqa: BLE001  (reported in the launcher's log; the launcher ends the other tasks)
         traceback.print_exc()
         return 1
     return 0
@@ -416,50 +353,7 @@ def _checkpointer(path: str, spec: dict[str, Any], namespace: dict[str, Any], em
     return checkpoint
 
 
-TIME_LIMIT_REASON = "time limit near (USR2)"
-PREEMPTED_REASON = "preempted (SIGTERM from Slurm)"
-
-
-def _handle_scheduler_signals(path: str, hooks: callbacks.TrainingHooks) -> None:
-    """Under Slurm: USR2 (the time limit is near) and SIGTERM (preemption) checkpoint the job and requeue it.
-
-    In a fit, the request waits for the end of the current batch; elsewhere it
-    ends the cell at once (it runs again from the top when the job comes back).
-    A SIGTERM after our own cancel (its mark in the job folder) is a cancel.
-    """
-
-    def requeue(reason: str) -> None:
-        if hooks.requeue_reason is not None:
-            return
-        hooks.requeue_reason = reason
-        if not hooks.training:
-            raise callbacks.Requeue(reason)
-
-    def on_term(*_: Any) -> None:
-        if os.path.exists(os.path.join(path, protocol.CANCEL_MARK)):
-            raise Cancelled()
-        requeue(PREEMPTED_REASON)
-
-    signal.signal(signal.SIGUSR2, lambda *_: requeue(TIME_LIMIT_REASON))
-    signal.signal(signal.SIGTERM, on_term)
-    if getattr(sys, "_remote_magic_usr2", False):  # it came before this handler (slurm.RUN caught it)
-        hooks.requeue_reason = TIME_LIMIT_REASON
-
-
-def _requeue_self(slurm_id: str, emit: Any) -> None:
-    """Ask Slurm to put the job back in its queue (a preemption by SIGTERM is requeued by Slurm itself)."""
-    import subprocess
-
-    try:
-        done = subprocess.run(["scontrol", "requeue", slurm_id], capture_output=True, text=True, timeout=60)
-        problem = done.stderr.strip() if done.returncode else ""
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        problem = str(exc)
-    if problem:
-        emit(protocol.WARNING, message=f"scontrol requeue {slurm_id} failed ({problem}): the job will not come back")
-
-
-def _resume_point(root: str, path: str, namespace: dict[str, Any]) -> callbacks.Resume | None:
+def _resume_point(path: str, namespace: dict[str, Any]) -> callbacks.Resume | None:
     """Where a requeued job's training goes on: its checkpoint, and the epochs its log already has."""
     meta = jobs.read_checkpoint_meta(path)
     if not meta or not meta.get("epoch"):
@@ -483,10 +377,6 @@ def _resume_point(root: str, path: str, namespace: dict[str, Any]) -> callbacks.
         return saved[meta.get("name") or next(iter(saved))]
 
     return callbacks.Resume(int(meta["epoch"]), load, history)
-
-
-def _raise_cancelled(*_: Any) -> None:
-    raise Cancelled()
 
 
 def _load_inputs(root: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 import queue
 import sys
 import threading
-from typing import IO
+from typing import IO, Any
 
 from .cli import CommandIO, run_command
 from .frames import FrameError, encode_frame, read_frame, widen_pipe
@@ -136,62 +136,83 @@ class _RequestOutput:
 
 
 def serve(root: str, agent_hash: str) -> int:
+    """``agent serve``: this process's stdin and stdout become the connection's frame streams."""
     for fd in (0, 1):
         widen_pipe(fd)  # sshd hands us 64 KiB pipes
-    stdin = sys.stdin.buffer
     # The frames get their own copy of stdout; fd 1 then goes to stderr, so a stray print anywhere
     # (a library, a warning, argparse) can never corrupt the frame stream.
     stdout = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    lock = threading.Lock()
-    requests: dict[int, tuple[_RequestInput, CommandIO]] = {}
-    threads: list[threading.Thread] = []
+    return serve_streams(root, agent_hash, sys.stdin.buffer, stdout)
 
-    def run(request_id: int, argv: list[str], request_input: _RequestInput, io: CommandIO) -> None:
-        try:
-            returncode, problem = run_command(root, agent_hash, argv, io)
-        except BaseException as exc:  # noqa: BLE001  (one failing command, SystemExit included, must not end the server)
-            returncode, problem = 1, f"{type(exc).__name__}: {exc}"
-        requests.pop(request_id, None)
-        request_input.closed.set()
-        try:
-            with lock:
-                stdout.write(encode_frame({"id": request_id, "exit": returncode, "error": problem}))
-                stdout.flush()
-        except (BrokenPipeError, ValueError):
-            pass
 
+def serve_streams(root: str, agent_hash: str, stdin: IO[bytes], stdout: IO[bytes]) -> int:
+    """Run each command that arrives on ``stdin`` in a thread of its own, its output framed onto ``stdout``, until
+    ``stdin`` ends; then let the commands that change state finish.  Any pair of binary streams will do (a test's
+    socket pair, in-process)."""
+    server = _Server(root, agent_hash, stdout)
     try:
         while (frame := read_frame(stdin)) is not None:
-            header, body = frame
-            request_id = header["id"]
-            if "argv" in header:
-                request_input = _RequestInput()
-                io = CommandIO(request_input, _RequestOutput(request_id, stdout, lock))  # type: ignore[arg-type]
-                requests[request_id] = (request_input, io)
-                thread = threading.Thread(target=run, args=(request_id, header["argv"], request_input, io), daemon=True)
-                thread.start()
-                threads.append(thread)
-                threads[:] = [t for t in threads if t.is_alive()]
-                continue
-            entry = requests.get(request_id)
-            if entry is None:
-                continue  # the command has ended: drop the rest of its input
-            request_input, io = entry
-            if body:
-                request_input.feed(body)
-            if header.get("eof"):
-                request_input.feed(None)
-            if header.get("cancel"):
-                _cancel(request_input, io)
+            server.dispatch(*frame)
     except FrameError as exc:
         sys.stderr.write(f"remote_magic agent: {exc}; closing the connection\n")
-    # The client is gone: stop streams, let commands that change state (cancel, submit) finish.
-    for request_input, io in list(requests.values()):
-        _cancel(request_input, io)
-    for thread in threads:
-        thread.join(SHUTDOWN_GRACE_SECONDS)
+    server.close()
     return 0
+
+
+class _Server:
+    """The commands of one connection, by request id, and the lock that keeps their frames whole."""
+
+    def __init__(self, root: str, agent_hash: str, stdout: IO[bytes]) -> None:
+        self.root, self.agent_hash, self.stdout = root, agent_hash, stdout
+        self.lock = threading.Lock()
+        self.requests: dict[int, tuple[_RequestInput, CommandIO]] = {}
+        self.threads: list[threading.Thread] = []
+
+    def dispatch(self, header: dict[str, Any], body: bytes) -> None:
+        """A new command, or input (or its end, or a cancel) for one that runs."""
+        request_id = header["id"]
+        if "argv" in header:
+            request_input = _RequestInput()
+            io = CommandIO(request_input, _RequestOutput(request_id, self.stdout, self.lock))  # type: ignore[arg-type]
+            self.requests[request_id] = (request_input, io)
+            thread = threading.Thread(
+                target=self._run, args=(request_id, header["argv"], request_input, io), daemon=True
+            )
+            thread.start()
+            self.threads[:] = [t for t in self.threads if t.is_alive()] + [thread]
+            return
+        entry = self.requests.get(request_id)
+        if entry is None:
+            return  # the command has ended: drop the rest of its input
+        request_input, io = entry
+        if body:
+            request_input.feed(body)
+        if header.get("eof"):
+            request_input.feed(None)
+        if header.get("cancel"):
+            _cancel(request_input, io)
+
+    def _run(self, request_id: int, argv: list[str], request_input: _RequestInput, io: CommandIO) -> None:
+        try:
+            returncode, problem = run_command(self.root, self.agent_hash, argv, io)
+        except BaseException as exc:  # noqa: BLE001  (one failing command, SystemExit too, must not end the server)
+            returncode, problem = 1, f"{type(exc).__name__}: {exc}"
+        self.requests.pop(request_id, None)
+        request_input.closed.set()
+        try:
+            with self.lock:
+                self.stdout.write(encode_frame({"id": request_id, "exit": returncode, "error": problem}))
+                self.stdout.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    def close(self) -> None:
+        """The client is gone: stop streams, let commands that change state (cancel, submit) finish."""
+        for request_input, io in list(self.requests.values()):
+            _cancel(request_input, io)
+        for thread in self.threads:
+            thread.join(SHUTDOWN_GRACE_SECONDS)
 
 
 def _cancel(request_input: _RequestInput, io: CommandIO) -> None:

@@ -292,29 +292,9 @@ def compare(
     for name, here in local.items():
         if here is None:
             continue  # not installed here either: nothing to match
-        there = remote_by_name.get(canonical(name))
-        pin = f"{name}=={public(here)}"
-        if there is None:
-            install = f"`{host_python_path} -m pip install {pin}` on the host"
-            if _host_build(name):
-                fix = f"{install} (the build that fits its CUDA), or pin it in --env FILE"
-            else:
-                fix = f"`--env auto`, or {install}"
-            rows.append(Row(name, here, None, fix, True))
-            continue
-        ours, theirs = _major_minor(here), _major_minor(there)
-        if ours is None or theirs is None:
-            if public(here) != public(there):
-                rows.append(Row(name, here, there, f"pin it in --env FILE ({pin})", False))
-            continue
-        if ours == theirs:
-            continue  # patch-only
-        auto = "" if _host_build(name) else f"--env auto installs {pin}, or "
-        if canonical(name) in MAJOR_MUST_MATCH and ours[0] != theirs[0]:
-            fix = f"{auto}`{host_python_path} -m pip install {pin}` on the host"
-            rows.append(Row(name, here, there, fix, True))
-        else:
-            rows.append(Row(name, here, there, f"{auto}pin it in --env FILE", False))
+        row = _package_row(name, here, remote_by_name.get(canonical(name)), host_python_path)
+        if row is not None:
+            rows.append(row)
     for row in rows:  # no --env auto nor an index's pin in the fix where an index could give another project
         here = local.get(row.package) if row.package != "python" else None
         if here is None:
@@ -325,6 +305,27 @@ def compare(
             row.fix = _unpinnable_fix(row.package, here, origin, host_python_path)
     rows.sort(key=lambda row: (not row.blocking, canonical(row.package)))
     return EnvReport(host, python_here, python_host, rows)
+
+
+def _package_row(name: str, here: str, there: str | None, host_python_path: str) -> Row | None:
+    """The row of one distribution installed here (``there``: its version on the host), or None when it matches."""
+    pin = f"{name}=={public(here)}"
+    if there is None:
+        install = f"`{host_python_path} -m pip install {pin}` on the host"
+        if _host_build(name):
+            fix = f"{install} (the build that fits its CUDA), or pin it in --env FILE"
+        else:
+            fix = f"`--env auto`, or {install}"
+        return Row(name, here, None, fix, True)
+    ours, theirs = _major_minor(here), _major_minor(there)
+    if ours is None or theirs is None:
+        return Row(name, here, there, f"pin it in --env FILE ({pin})", False) if public(here) != public(there) else None
+    if ours == theirs:
+        return None  # patch-only
+    auto = "" if _host_build(name) else f"--env auto installs {pin}, or "
+    if canonical(name) in MAJOR_MUST_MATCH and ours[0] != theirs[0]:
+        return Row(name, here, there, f"{auto}`{host_python_path} -m pip install {pin}` on the host", True)
+    return Row(name, here, there, f"{auto}pin it in --env FILE", False)
 
 
 def auto_requirements(report: EnvReport) -> list[str]:

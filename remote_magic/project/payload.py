@@ -4,17 +4,17 @@ The pickling rules themselves (cloudpickle protocol 5, Keras models with
 their custom objects) live in ``agent/codec.py`` because the runner applies
 the same rules to outputs; this module is the client's side: it chooses what
 goes, names the variable that cannot travel, and addresses each large buffer
-by its sha256 so the host keeps only one copy of it.
+by its digest (``agent/digest.py``) so the host keeps only one copy of it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..agent import codec
+from ..agent import digest as digests
 
 
 class PayloadError(ValueError):
@@ -25,11 +25,11 @@ class PayloadError(ValueError):
 class Payload:
     data: bytes
     buffers: list[memoryview]
-    blobs: list[tuple[str, int]] = field(default_factory=list)  # (sha256, size), in buffer order
+    blobs: list[tuple[str, int]] = field(default_factory=list)  # (digest, size), in buffer order
     modules: set[str] = field(default_factory=set)  # modules of the classes and functions the pickle names
 
     def hash(self, seen: dict[tuple[int, int], str] | None = None) -> None:
-        """Address each buffer by its sha256: 0.3 s per 512 MiB, so a cell runs it beside other work.
+        """Address each buffer by its digest: 0.3 s per 512 MiB, so a cell runs it beside other work.
 
         ``seen`` carries digests from one payload to the next of the same cell (a sweep's trials pickle the
         same arrays): keyed by the exporting object, alive and unchanged while the cell prepares."""
@@ -39,11 +39,11 @@ class Payload:
         blobs = []
         for buf in self.buffers:
             if buf.obj is None:  # no exporting object to know it by
-                blobs.append((hashlib.sha256(buf).hexdigest(), buf.nbytes))
+                blobs.append((digests.of(buf), buf.nbytes))
                 continue
             key = (id(buf.obj), buf.nbytes)
             if key not in seen:
-                seen[key] = hashlib.sha256(buf).hexdigest()
+                seen[key] = digests.of(buf)
             blobs.append((seen[key], buf.nbytes))
         self.blobs = blobs
 

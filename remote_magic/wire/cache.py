@@ -1,8 +1,9 @@
 """The local cache of output blobs, so the same output is never downloaded twice.
 
 Blobs are content-addressed, so a cached file is valid forever; the cache
-lives under the data dir (``blobs/<sha256>``, 0600 files in a 0700 folder)
-and is verified against its name when read.
+lives under the data dir (``blobs/<hex>``, 0600 files in a 0700 folder, named
+as the host names its blob files: ``digest.file_name``, so an entry an earlier
+version stored is found for a named digest) and is verified when read.
 
 Outputs can be large (a model's weights, arrays of predictions), so the cache
 is bounded: by default 10 GiB (``DEFAULT_CACHE_LIMIT``).  After each ``put``
@@ -13,7 +14,6 @@ mtime, which ``get`` refreshes on every hit.  A lost blob only costs a download.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import shutil
@@ -21,6 +21,7 @@ import threading
 import time
 from typing import BinaryIO, NamedTuple
 
+from ..agent import digest as digests
 from ..paths import data_dir
 
 _CHUNK = 4 * 1024 * 1024
@@ -48,12 +49,15 @@ class BlobCache:
         self.limit = DEFAULT_CACHE_LIMIT if limit is None else limit
         self._writers: list[threading.Thread] = []
 
-    def _path(self, digest: str) -> str:
-        return os.path.join(self.folder, digest)
+    def _path(self, digest: str) -> str | None:
+        """Where the blob is kept; None for what is no digest (a host's junk never names a path here)."""
+        return os.path.join(self.folder, digests.file_name(digest)) if digests.is_digest(digest) else None
 
     def get(self, digest: str, size: int) -> bytearray | None:
         """The cached blob, or None if absent or damaged (a damaged file is removed)."""
         path = self._path(digest)
+        if path is None:
+            return None
         try:
             if os.path.getsize(path) != size:
                 raise ValueError
@@ -66,7 +70,7 @@ class BlobCache:
         except (OSError, ValueError):
             _remove(path)
             return None
-        if hashlib.sha256(buffer).hexdigest() != digest:
+        if digests.of(buffer) != digests.normal(digest):
             _remove(path)
             return None
         try:
@@ -100,10 +104,10 @@ class BlobCache:
 
         A blob larger than the whole limit is not stored: it would only push out everything else.
         """
-        if memoryview(data).nbytes > self.limit:
+        path = self._path(digest)
+        if path is None or memoryview(data).nbytes > self.limit:
             return
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        path = self._path(digest)
         tmp = f"{path}.tmp-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -122,7 +126,9 @@ class BlobCache:
         writes to a temporary file and starts over.
         """
         path = self._path(digest)
-        hasher = hashlib.sha256()
+        if path is None:
+            return False
+        hasher = digests.new()
         try:
             if os.path.getsize(path) != size:
                 raise ValueError
@@ -135,7 +141,7 @@ class BlobCache:
         except (OSError, ValueError):
             _remove(path)
             return False
-        if hasher.hexdigest() != digest:
+        if not digests.matches(hasher, digest):
             _remove(path)
             return False
         with contextlib.suppress(OSError):
@@ -144,14 +150,15 @@ class BlobCache:
 
     def put_file(self, digest: str, source: str) -> None:
         """Store a copy of a local file whose content is ``digest`` (a fetched file), then evict over the limit."""
-        if os.path.getsize(source) > self.limit:
+        path = self._path(digest)
+        if path is None or os.path.getsize(source) > self.limit:
             return
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        tmp = f"{self._path(digest)}.tmp-{secrets.token_hex(4)}"
+        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
         try:
             shutil.copyfile(source, tmp)
             os.chmod(tmp, 0o600)
-            os.replace(tmp, self._path(digest))
+            os.replace(tmp, path)
         except BaseException:
             _remove(tmp)
             raise

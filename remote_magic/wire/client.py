@@ -9,7 +9,6 @@ fake pipe in unit tests.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO, TypeVar
 
 from ..agent import bootstrap, protocol
+from ..agent import digest as digests
 from ..errors import AgentCommandError, ConnectionFailed, HostSetupError
 from ..transport.base import CommandResult, Transport
 from ..transport.deploy import agent_hash, agent_tarball
@@ -37,8 +37,9 @@ BULK_START_WAIT = 15.0
 class AgentClient:
     """The agent on one host, reached through ``transport``; one per host for the life of a kernel."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, *, scheduler: str | None = None) -> None:
         self.transport = transport
+        self.scheduler = scheduler  # the host's setting, handed to the agent at hello (it picks the launcher)
         self._hello: dict[str, Any] | None = None
         self._link: AgentLink | None = None
         self._link_lock = threading.Lock()
@@ -108,7 +109,7 @@ class AgentClient:
                 link = AgentLink(self.transport.spawn(self._agent_argv("serve")), self.transport.count)
                 try:
                     # The first answer proves the server runs (and caches what the host offers).
-                    self._hello = json.loads(self._checked(link.request(["hello"]).reply(), "hello"))
+                    self._hello = json.loads(self._checked(link.request(self._hello_argv()).reply(), "hello"))
                     self._link = link
                     return link
                 except ConnectionFailed:
@@ -140,7 +141,7 @@ class AgentClient:
                 return control
             link = AgentLink(pipe, self.transport.count)
             try:
-                self._checked(link.request(["hello"]).reply(), "hello")
+                self._checked(link.request(self._hello_argv()).reply(), "hello")
             except (ConnectionFailed, AgentCommandError):
                 link.close()
                 pipe.exit_status()  # its stderr is whole once it ended
@@ -180,8 +181,12 @@ class AgentClient:
     def _link_for(self, size: int) -> AgentLink:
         return self.bulk_link() if size >= BULK_MIN_BYTES else self.link()
 
+    def _hello_argv(self) -> list[str]:
+        """``hello``, with the host's settings the agent keeps (``<root>/host.json``) to choose its launcher."""
+        return ["hello", "--scheduler", "slurm"] if self.scheduler == "slurm" else ["hello"]
+
     def hello(self) -> dict[str, Any]:
-        """The host's interpreter and packages, checked once per connection."""
+        """The host's interpreter and packages (and the launcher it chose), checked once per connection."""
         self.link()
         hello = self._hello
         assert hello is not None
@@ -325,7 +330,7 @@ class AgentClient:
 
     def fetch_files(self, job_id: str, patterns: list[str], max_files: int, max_bytes: int) -> Any:
         """The host's answer, unchecked: the job's files that match ``patterns`` (at most this many and this
-        large), stored as blobs there (``files``: [path, sha256, size]), and the cell's folder in its layout."""
+        large), stored as blobs there (``files``: [path, digest, size]), and the cell's folder in its layout."""
         bounds = ["--max-files", str(max_files), "--max-bytes", str(max_bytes)]
         return self.call_json("fetch-files", job_id, *bounds, "--", *patterns)
 
@@ -384,23 +389,25 @@ class AgentClient:
 
     def _receive_blob_on(self, link: AgentLink, digest: str, size: int, put: Callable[[bytes, int], object]) -> None:
         request = link.request(["cat-blob", digest])
-        hasher = hashlib.sha256()
+        hasher = digests.new()
         received = 0
         for chunk in request.chunks():
             end = received + len(chunk)
             if end > size:
                 request.cancel()
-                raise AgentCommandError(f"host {self.host} sent more than the {size} bytes of blob {digest[:12]}")
+                raise AgentCommandError(
+                    f"host {self.host} sent more than the {size} bytes of blob {digests.short(digest)}"
+                )
             put(chunk, received)
             hasher.update(chunk)
             received = end
         self._checked(Reply(request.returncode or 0, b"", request.error), "cat-blob")
         if received != size:
-            raise AgentCommandError(f"host {self.host} sent {received} of {size} bytes of blob {digest[:12]}")
-        if hasher.hexdigest() != digest:
+            raise AgentCommandError(f"host {self.host} sent {received} of {size} bytes of blob {digests.short(digest)}")
+        if not digests.matches(hasher, digest):
             raise AgentCommandError(
-                f"blob {digest[:12]} from host {self.host} does not match its sha256 (damaged on the host's disk?); "
-                "nothing was loaded. Run the job again to produce it anew"
+                f"blob {digests.short(digest)} from host {self.host} does not match its sha256 "
+                "(damaged on the host's disk?); nothing was loaded. Run the job again to produce it anew"
             )
 
 

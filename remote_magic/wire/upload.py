@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..agent import digest as digests
 from ..errors import AgentCommandError
 from .client import AgentClient
 
@@ -103,10 +104,12 @@ def send_missing(
     Raises FileChanged naming the local file when the host found that a
     file's content no longer matches the digest it was listed under.
     """
+    wanted = {digests.normal(digest) for digest in missing if digests.is_digest(digest)}  # named or bare: one blob
     todo: dict[str, BlobSource] = {}
     for source in sources:
-        if source.digest in missing:
-            todo.setdefault(source.digest, source)
+        key = digests.normal(source.digest)
+        if key in wanted:
+            todo.setdefault(key, source)
     report = TransferProgress(sum(source.size for source in todo.values()), progress)
     batch: list[BlobSource] = []
     batch_bytes = 0
@@ -149,13 +152,14 @@ def _told(chunks: Iterator[bytes | memoryview], report: TransferProgress) -> Ite
 
 @contextmanager
 def _naming_the_file(sources: list[BlobSource]) -> Iterator[None]:
-    """Turn the host's "content does not match its sha256" into the local file that changed."""
+    """Turn the host's "content does not match its sha256" into the local file that changed (the host names a
+    blob by ``digest.short``)."""
     try:
         yield
     except AgentCommandError as exc:
         text = str(exc)
         for source in sources:
-            if source.path and f"blob {source.digest[:12]}" in text:
+            if source.path and f"blob {digests.short(source.digest)}" in text:
                 raise FileChanged(
                     f"{source.path} changed while it was being sent; nothing was run. Run the cell again "
                     "once nothing writes to it"

@@ -1,8 +1,8 @@
 """The GPU queue of a host: jobs wait for free GPUs, first come first served, with no client connected.
 
 A job that asks for GPUs is written into our queue folder as an entry
-(queue_folder.py: where the queue lives and how other users' records are
-read).  Whoever holds the queue's lock decides: ``submit`` runs one round at
+(queue_folder.py: where the queue lives; queue_records.py: how other users'
+records are read).  Whoever holds the queue's lock decides: ``submit`` runs one round at
 once (a job whose GPUs are free starts without delay), and a small detached
 dispatcher (``agent dispatch``) runs rounds while anything of ours waits,
 then exits, like a warm runner.  A round starts the head of the queue while
@@ -38,10 +38,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import bootstrap, jobs, protocol
+from ..protocol import GpuRequest
 from ..store import disk
-from . import gpus, procs, queue_folder, start
+from . import gpus, procs, queue_folder, queue_records, start
 from .detach import spawn_detached, untagged_environment
-from .queue_folder import Entry, Held, Member
+from .host import PROCESS
+from .queue_records import Entry, Held, Member
 
 QUEUE_DIR = queue_folder.QUEUE_DIR
 DISPATCHER_LOCK = "dispatcher.lock"  # in the private root: nobody else can open it, so nobody can hold it
@@ -53,16 +55,6 @@ WAITING_EVENT_SECONDS = 10.0  # a waiting job's reason is logged at most this of
 _AGENT_HASH = re.compile(r"[0-9a-f]{8,64}")
 
 
-def wanted_gpus(spec: dict[str, Any]) -> int | list[int] | None:
-    """What the job asks for: a count, ``all`` (-1), exact ids, or None (no GPU wanted)."""
-    if spec.get("gpu_ids"):
-        return [int(i) for i in spec["gpu_ids"]]
-    count = spec.get("gpus")
-    if count in (None, 0):
-        return None
-    return -1 if count == "all" else int(count)
-
-
 def enqueue(root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
     """Put a job in the host's GPU queue, start what can start now, and keep a dispatcher for the rest.
 
@@ -72,10 +64,10 @@ def enqueue(root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None
     sweep = _sweep_of(spec)
     entry = {
         "job_id": spec["job_id"],
-        "wanted": wanted_gpus(spec),
+        "wanted": queue_records.wanted_record(GpuRequest.from_spec(spec)),
         "sweep": {"id": sweep[0], "parallel": sweep[1]} if sweep else None,
         "uid": os.getuid(),
-        "user": queue_folder.user_name(os.getuid()),
+        "user": queue_records.user_name(os.getuid()),
     }
     name = f"{time.time_ns():020d}-{spec['job_id']}.json"
     with queue_folder.queue_lock(root):
@@ -112,7 +104,7 @@ def holder(record: Held, root: str) -> str:
     Another user's job id is left out: it is theirs to change, and a waiting job's reason is logged each time it
     changes.
     """
-    return f"job {record.job_id}" if record.mine else f"a job of {queue_folder.user_name(record.uid)}"
+    return f"job {record.job_id}" if record.mine else f"a job of {queue_records.user_name(record.uid)}"
 
 
 # -- the order of other users' entries -------------------------------------------------------------------------
@@ -193,14 +185,60 @@ def _key(entry: Entry) -> str:
     return f"{entry.uid}:{entry.inode}:{entry.written_ns}"
 
 
-def _possible(wanted: int | list[int] | None, inventory: list[gpus.Gpu]) -> bool:
+def _possible(wanted: GpuRequest, inventory: list[gpus.Gpu]) -> bool:
     """Whether another user's entry could ever start on this host: one that cannot must not block anyone."""
-    if isinstance(wanted, list):
-        return all(index < len(inventory) for index in wanted)
-    return wanted is None or wanted <= len(inventory)
+    if wanted.ids:
+        return all(index < len(inventory) for index in wanted.ids)
+    return wanted.count <= len(inventory)
 
 
 # -- a round --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """An entry in a round's order, with what it asks: ours from our private spec (``job``: its folder and
+    spec), another user's from its record (``job`` None)."""
+
+    entry: Entry
+    wanted: GpuRequest
+    sweep: tuple[str, int] | None
+    job: tuple[str, dict[str, Any]] | None = None
+
+
+@dataclass
+class _Gpus:
+    """The host's GPUs as a round sees them: the free ones, who holds the others, and each sweep's running trials."""
+
+    inventory: list[gpus.Gpu]
+    held: dict[int, str]  # GPU index -> its holder, in words
+    foreign: dict[int, list[gpus.GpuProcess]]
+    free: list[int]
+    running: dict[tuple[str, str], int]
+
+    @classmethod
+    def now(cls, root: str, members: list[Member], busy_mib: int) -> _Gpus:
+        inventory = gpus.inventory()
+        records = queue_folder.held_records(root, members)
+        held = {index: holder(record, root) for record in records for index in record.gpus}
+        foreign = others_on_gpus(inventory, busy_mib)
+        free = [g.index for g in inventory if g.index not in held and g.index not in foreign]
+        return cls(inventory, held, foreign, free, _running_trials(records))
+
+    def sweep_full(self, job: _Waiting) -> bool:
+        """The sweep's own limit: its later trials wait, others go on."""
+        sweep = job.sweep
+        return sweep is not None and sweep[1] > 0 and self.running.get((job.entry.owner, sweep[0]), 0) >= sweep[1]
+
+    def take(self, job: _Waiting) -> list[int] | None:
+        """The GPUs the job gets now (no longer free, its sweep's trial counted), or None while they are busy."""
+        chosen = _choose(job.wanted if self.inventory else GpuRequest(), self.free, len(self.inventory))
+        if chosen is not None:
+            self.free = [i for i in self.free if i not in chosen]
+            if job.sweep:
+                key = (job.entry.owner, job.sweep[0])
+                self.running[key] = self.running.get(key, 0) + 1
+        return chosen
 
 
 def _round(root: str, agent_hash: str) -> int:
@@ -209,9 +247,38 @@ def _round(root: str, agent_hash: str) -> int:
     Goes through every user's entries in the one order, starting only ours, each from its private spec.
     Returns how many of ours still wait.
     """
-    now = time.time()
-    specs: dict[str, tuple[str, dict[str, Any]]] = {}
-    mine = []
+    ours = _our_entries(root)
+    if not ours:
+        return 0
+    now, members, order = time.time(), queue_folder.members(root), Order.load(root)
+    theirs = [(at, _Waiting(entry, entry.wanted, entry.sweep)) for at, entry in order.place(members, now)]
+    state = _Gpus.now(root, members, _busy_mib([job.job[1] for _, job in ours if job.job]))
+    waiting: list[_Waiting] = []
+    for _, job in sorted(ours + theirs, key=lambda item: (item[0], item[1].entry.uid, item[1].entry.job_id)):
+        if job.job is None and not _possible(job.wanted, state.inventory):
+            continue
+        # Strict FIFO for GPUs: a job waiting for GPUs holds back every job behind it; one waiting only for
+        # its sweep's limit does not.
+        blocked = state.sweep_full(job) or any(not state.sweep_full(other) for other in waiting)
+        chosen = None if blocked else state.take(job)
+        if chosen is None:
+            waiting.append(job)
+        elif job.job is not None:
+            disk.unlink_quietly(job.entry.file)
+            _start_waiting(root, agent_hash, job.job, chosen if state.inventory else None)
+        else:
+            order.setting_aside(job.entry, now)  # for its own dispatcher, which should start it within a round
+    if members or order.placed:
+        order.save(root)
+    for position, job in enumerate(waiting, 1):
+        if job.job is not None:
+            jobs.tell_waiting(job.job[0], _why(job, state, position), position, every=WAITING_EVENT_SECONDS)
+    return sum(job.job is not None for job in waiting)
+
+
+def _our_entries(root: str) -> list[tuple[float, _Waiting]]:
+    """Our waiting entries, each with the time it is ordered by; those of jobs collected or ended meanwhile go."""
+    found = []
     for entry in queue_folder.own_entries(root):
         try:
             path = jobs.job_dir(root, entry.job_id)
@@ -222,65 +289,28 @@ def _round(root: str, agent_hash: str) -> int:
         if jobs.event_summary(path)["ended"] is not None:
             disk.unlink_quietly(entry.file)  # cancelled while it waited
             continue
-        specs[entry.job_id] = (path, spec)
-        mine.append((entry.written_ns / 1e9, entry))
-    if not mine:
-        return 0
-    members = queue_folder.members(root)
-    order = Order.load(root)
-    entries = sorted(mine + order.place(members, now), key=lambda item: (item[0], item[1].uid, item[1].job_id))
-    inventory = gpus.inventory()
-    records = queue_folder.held_records(root, members)
-    held = {index: holder(record, root) for record in records for index in record.gpus}
-    running = _running_trials(records)
-    foreign = others_on_gpus(inventory, _busy_mib([spec for _, spec in specs.values()]))
-    free = [g.index for g in inventory if g.index not in held and g.index not in foreign]
-    waiting: list[tuple[Entry, int | list[int] | None, tuple[str, int] | None]] = []
-    own = queue_folder.own(root)
-    for _, entry in entries:
-        ours = entry.owner == own
-        if ours:
-            wanted, sweep = wanted_gpus(specs[entry.job_id][1]), _sweep_of(specs[entry.job_id][1])
-        else:
-            wanted, sweep = entry.wanted, entry.sweep
-            if not _possible(wanted, inventory):
-                continue
-        if _sweep_full(entry.owner, sweep, running):  # the sweep's own limit: its later trials wait, others go on
-            waiting.append((entry, wanted, sweep))
-            continue
-        # Strict FIFO for GPUs: a job waiting for GPUs holds back every job behind it; one waiting only for
-        # its sweep's limit does not.
-        blocked = any(not _sweep_full(e.owner, s, running) for e, _, s in waiting)
-        chosen = None if blocked else _choose(wanted if inventory else None, free, len(inventory))
-        if chosen is None:
-            waiting.append((entry, wanted, sweep))
-            continue
-        free = [i for i in free if i not in chosen]
-        if sweep:
-            running[(entry.owner, sweep[0])] = running.get((entry.owner, sweep[0]), 0) + 1
-        if ours:
-            path, spec = specs[entry.job_id]
+        try:
+            wanted = GpuRequest.from_spec(spec)
+        except ValueError as exc:  # an earlier agent's spec this one would refuse: it must not stop the queue
             disk.unlink_quietly(entry.file)
-            try:
-                _start(root, _agent_of(spec, agent_hash), path, spec, chosen if inventory else None)
-            except (OSError, jobs.AgentError) as e:  # it left the queue: it ends here, saying why, not silently
-                message = f"the GPU queue could not start the job: {e}"
-                jobs.append_event(
-                    path, protocol.ERROR, message=message, exc_type="StartError", traceback="", phase="start"
-                )
-        else:
-            order.setting_aside(entry, now)  # for its own dispatcher, which should start it within a round
-    if members or order.placed:
-        order.save(root)
-    for position, (entry, wanted, sweep) in enumerate(waiting, 1):
-        if entry.owner != own:
+            _never_started(path, f"the GPU queue cannot read the job's GPU request: {exc}")
             continue
-        if _sweep_full(entry.owner, sweep, running):
-            reason = f"waiting for a trial of {sweep[0]} to end: it runs {sweep[1]} at a time"  # type: ignore[index]
-        else:
-            reason = _why(wanted, inventory, held, foreign, position)
-        jobs.tell_waiting(specs[entry.job_id][0], reason, position, every=WAITING_EVENT_SECONDS)
-    return sum(entry.owner == own for entry, _, _ in waiting)
+        found.append((entry.written_ns / 1e9, _Waiting(entry, wanted, _sweep_of(spec), (path, spec))))
+    return found
+
+
+def _start_waiting(root: str, agent_hash: str, job: tuple[str, dict[str, Any]], chosen: list[int] | None) -> None:
+    """Start a job that left the queue; one that cannot start ends here, saying why, not silently."""
+    path, spec = job
+    try:
+        _start(root, _agent_of(spec, agent_hash), path, spec, chosen)
+    except (OSError, jobs.AgentError) as e:
+        _never_started(path, f"the GPU queue could not start the job: {e}")
+
+
+def _never_started(path: str, message: str) -> None:
+    """A job that left the queue without starting ends with why."""
+    jobs.append_event(path, protocol.ERROR, message=message, exc_type="StartError", traceback="", phase="start")
 
 
 def _agent_of(spec: dict[str, Any], fallback: str) -> str:
@@ -292,10 +322,6 @@ def _agent_of(spec: dict[str, Any], fallback: str) -> str:
 def _sweep_of(spec: dict[str, Any]) -> tuple[str, int] | None:
     sweep = spec.get("sweep") or {}
     return (sweep["id"], int(sweep.get("parallel") or 0)) if sweep else None
-
-
-def _sweep_full(owner: str, sweep: tuple[str, int] | None, running: dict[tuple[str, str], int]) -> bool:
-    return sweep is not None and sweep[1] > 0 and running.get((owner, sweep[0]), 0) >= sweep[1]
 
 
 def _running_trials(records: list[Held]) -> dict[tuple[str, str], int]:
@@ -322,38 +348,34 @@ def _busy_mib(specs: list[dict[str, Any]]) -> int:
     return DEFAULT_BUSY_MIB
 
 
-def _choose(wanted: int | list[int] | None, free: list[int], total: int) -> list[int] | None:
+def _choose(wanted: GpuRequest, free: list[int], total: int) -> list[int] | None:
     """The GPUs to give the job from ``free``, or None when they are not free (yet)."""
-    if wanted is None:
-        return []
-    if isinstance(wanted, list):
-        return wanted if all(i in free for i in wanted) else None
-    count = total if wanted == -1 else wanted
+    if wanted.ids:
+        return list(wanted.ids) if all(i in free for i in wanted.ids) else None
+    count = total if wanted.count == GpuRequest.ALL else wanted.count
     return sorted(free)[:count] if len(free) >= count else None
 
 
-def _why(
-    wanted: int | list[int] | None,
-    inventory: list[gpus.Gpu],
-    held: dict[int, str],
-    foreign: dict[int, list[gpus.GpuProcess]],
-    position: int,
-) -> str:
+def _why(job: _Waiting, state: _Gpus, position: int) -> str:
     """`waiting for 2 GPUs: 0 by job 20261127-..., 1 by another process (pid 4242)`.
 
     No memory figures: the reason is logged each time it changes, and another process's memory moves all the time.
     """
-    if isinstance(wanted, list):
-        what, relevant = f"GPU {','.join(map(str, wanted))}", wanted
+    if state.sweep_full(job):
+        return f"waiting for a trial of {job.sweep[0]} to end: it runs {job.sweep[1]} at a time"  # type: ignore[index]
+    wanted, inventory = job.wanted, state.inventory
+    if wanted.ids:
+        what, relevant = f"GPU {','.join(map(str, wanted.ids))}", list(wanted.ids)
     else:
-        count = len(inventory) if wanted == -1 else wanted or 0
+        count = len(inventory) if wanted.count == GpuRequest.ALL else wanted.count
         what, relevant = f"{count} GPU{'s' * (count != 1)}", [g.index for g in inventory]
     by: dict[str, list[int]] = {}  # holder -> the GPUs it holds, so a job holding two is named once
     for index in relevant:
-        if index in held:
-            by.setdefault(held[index], []).append(index)
-        elif index in foreign:
-            by.setdefault(", ".join(gpus.describe_holder(p, memory=False) for p in foreign[index]), []).append(index)
+        if index in state.held:
+            by.setdefault(state.held[index], []).append(index)
+        elif index in state.foreign:
+            holders = ", ".join(gpus.describe_holder(p, memory=False) for p in state.foreign[index])
+            by.setdefault(holders, []).append(index)
     busy = [f"{','.join(map(str, indices))} by {holder}" for holder, indices in by.items()]
     ahead = f" (behind {position - 1} earlier job{'s' * (position != 2)})" if position > 1 else ""
     return f"waiting for {what}{ahead}" + (f": {', '.join(busy)}" if busy else "")
@@ -371,13 +393,13 @@ def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: 
         "gpus": chosen or [],
         "sweep": (spec.get("sweep") or {}).get("id"),
         "uid": os.getuid(),
-        "user": queue_folder.user_name(os.getuid()),
+        "user": queue_records.user_name(os.getuid()),
     }
     file, mode = os.path.join(queue_folder.held_folder(root), f"{spec['job_id']}.json"), queue_folder.file_mode(root)
     shared = queue_folder.shared_top(root) is not None
     if not shared:
         disk.atomic_write(file, json.dumps(held).encode(), mode=mode)
-    identity = start.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or "process")
+    identity = start.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or PROCESS)
     if shared:
         record = {**held, "identity": identity.to_json()} if identity is not None else held
         disk.atomic_write(file, json.dumps(record).encode(), mode=mode)
@@ -420,7 +442,7 @@ def serve(root: str, agent_hash: str) -> int:
         identity = procs.identity_of(os.getpid())
         if identity is not None:
             record = json.dumps(identity.to_json()).encode()
-            file = os.path.join(queue_folder.own(root), queue_folder.DISPATCHER_ID)
+            file = os.path.join(queue_folder.own(root), queue_records.DISPATCHER_ID)
             disk.atomic_write(file, record, mode=queue_folder.file_mode(root))
         while True:
             try:

@@ -1,30 +1,15 @@
-"""The GPU queue's folders on disk: ours, and, in a queue shared by a host's users, the others' read as untrusted.
+"""The GPU queue's folders on disk: ours, the shared one they may lie in, and the queue's lock.
 
 A private queue is ``<root>/queue`` (0700).  With the host setting ``queue``
 naming a shared folder, ``<root>/queue`` links to a folder of ours inside it
 (``u<uid>-<random>``, 2750: the group reads it, only we write), and the other
 users' folders beside it are read as their owners' word and nothing more
-(README, "Security model"):
-
-* The shared folder must be sticky and owned by root (or by us, for one
-  user), with no folder above it that others could rename it in: nobody can
-  delete, rename or replace another's folder or records.  It must not be
-  world-writable, and hard links to other users' files must be forbidden
-  (``fs.protected_hardlinks``), so nobody can move the change time of our
-  records.
-* A folder is read through its descriptor, opened without following a link
-  and checked to be a real folder of the uid its name says.  A record is
-  opened relative to it without following links and without blocking (a
-  FIFO is refused, never waited on): a regular file with one link, of at
-  most ``RECORD_MAX_BYTES``, owned by the folder's owner, every field
-  type-checked.  Whose it is comes from the owner, never from what it says;
-  its time is its ``st_ctime``, which its owner can move later but never
-  back (``utime`` cannot).
-* Each user is read within a budget (``FOLDERS_PER_USER`` folders of
-  ``RECORDS_PER_MEMBER_FOLDER`` records): no member can make a round slow
-  for the others.
-* A held record of another user counts only while the process it names is
-  alive and belongs to that user.
+(queue_records.py).  The shared folder must be sticky and owned by root (or
+by us, for one user), with no folder above it that others could rename it
+in: nobody can delete, rename or replace another's folder or records.  It
+must not be world-writable, and hard links to other users' files must be
+forbidden (``fs.protected_hardlinks``), so nobody can move the change time
+of our records.
 """
 
 from __future__ import annotations
@@ -33,83 +18,23 @@ import contextlib
 import fcntl
 import json
 import os
-import pwd
-import re
 import shutil
 import stat
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
-from .. import jobs, protocol
+from .. import jobs
 from ..store import disk
-from . import procs, start
+from . import queue_records, start
+from .queue_records import HELD_DIR, Entry, Held, Member
 
 QUEUE_DIR = "queue"
-HELD_DIR = "held"
-DISPATCHER_ID = "dispatcher.id"  # in our queue folder: how other users tell that our dispatcher runs
 SETUP_LOCK = "queue.setup.lock"  # in the private root
 STALE_SECONDS = start.START_GRACE_SECONDS  # REMOTE_MAGIC_QUEUE_STALE_SECONDS on the host changes it
 SHARED_FILE_MODE = 0o640  # what another user's dispatcher reads; only its owner changes or removes it
 OWN_FOLDER_MODE = 0o2750  # ours in the shared folder: the group reads it, only we write
-RECORD_MAX_BYTES = 4096  # a real record is about 150 bytes
 OWN_RECORDS = 100_000  # our own folder: every trial of our sweeps may wait in it
-RECORDS_PER_MEMBER_FOLDER = 256
-FOLDERS_PER_USER = 4
-MAX_GPUS = 1024
-_MEMBER_FOLDER = re.compile(r"u([0-9]+)-[A-Za-z0-9_]+")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A job waiting in the queue, as far as its record can be trusted."""
-
-    file: str
-    job_id: str
-    uid: int
-    written_ns: int  # the file's ctime: when its owner wrote it, never earlier
-    inode: int
-    wanted: int | list[int] | None  # another user's job: from its record; ours: from our private spec
-    sweep: tuple[str, int] | None  # (sweep id, parallel or 0)
-    owner: str  # the owner's queue folder: sweeps of different users never mix
-
-
-@dataclass(frozen=True)
-class Held:
-    """GPUs a started job holds."""
-
-    file: str
-    job_id: str
-    uid: int
-    written_ns: int
-    gpus: list[int]
-    sweep: str | None
-    identity: procs.ProcessIdentity | None
-    owner: str
-    mine: bool
-
-
-@dataclass(frozen=True)
-class Member:
-    """Another queue folder in the shared one, read once: its waiting entries, its held records (those that
-    still hold), and whether its owner's dispatcher runs."""
-
-    folder: str
-    uid: int
-    entries: list[Entry]
-    held: list[Held]
-    dispatcher_alive: bool
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def stale_seconds() -> float:
@@ -122,11 +47,6 @@ def stale_seconds() -> float:
 def recent(written_ns: int) -> bool:
     """Written within the grace period (a ctime ahead of the clock counts as nothing)."""
     return -1.0 <= time.time() - written_ns / 1e9 < stale_seconds()
-
-
-def runs_as(identity: procs.ProcessIdentity | None, uid: int) -> bool:
-    """The process lives and belongs to ``uid``: a record can never borrow another user's process."""
-    return identity is not None and procs.owner_uid(identity.pid) == uid and procs.is_running(identity)
 
 
 # -- our folder and the shared one ----------------------------------------------------------------------------
@@ -143,7 +63,7 @@ def shared_top(root: str) -> str | None:
 
 
 def _is_own_folder(folder: str) -> bool:
-    match = _MEMBER_FOLDER.fullmatch(os.path.basename(folder))
+    match = queue_records.MEMBER_FOLDER.fullmatch(os.path.basename(folder))
     return match is not None and int(match.group(1)) == os.getuid()
 
 
@@ -191,8 +111,8 @@ def check_shared_folder(top: str, setting: str) -> None:
         raise jobs.AgentError(shared_missing(setting))
     if st.st_uid not in (0, os.getuid()):
         raise jobs.AgentError(
-            f"the shared GPU queue folder {top} belongs to {user_name(st.st_uid)}, who could remove every "
-            f"member's records; ask the host's admin to give it to root: sudo chown root {top}"
+            f"the shared GPU queue folder {top} belongs to {queue_records.user_name(st.st_uid)}, who could remove "
+            f"every member's records; ask the host's admin to give it to root: sudo chown root {top}"
         )
     if st.st_mode & stat.S_IWOTH:
         raise jobs.AgentError(
@@ -267,10 +187,10 @@ def _upgrade_legacy(root: str, top: str) -> str:
     folder = _make_own_folder(root, top)
     me, real_root = os.getuid(), os.path.realpath(root)
     for source, target in ((top, folder), (os.path.join(top, HELD_DIR), os.path.join(folder, HELD_DIR))):
-        with _open_folder(source, me if source != top else None) as fd:
+        with queue_records.open_folder(source, me if source != top else None) as fd:
             if fd is None:
                 continue
-            for name, record, _, _ in _records(fd, me, OWN_RECORDS, single_link=True):
+            for name, record, _, _ in queue_records.records(fd, me, OWN_RECORDS, single_link=True):
                 if record.get("root") != real_root:
                     continue
                 if target != folder:
@@ -411,202 +331,36 @@ def _flock_shared(root: str, fd: int, top: str) -> None:
         time.sleep(0.02)
 
 
-# -- reading records as untrusted -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _open_folder(path: str, owner: int | None, at: int | None = None) -> Iterator[int | None]:
-    """A folder's descriptor, opened without following a link; None unless it is a real folder of ``owner``
-    (None: any owner) that no one else can write."""
-    try:
-        fd = os.open(path, _DIR_FLAGS, dir_fd=at)
-    except OSError:
-        yield None
-        return
-    try:
-        st = os.fstat(fd)
-        usable = owner is None or (st.st_uid == owner and not st.st_mode & 0o022)
-        yield fd if usable else None
-    finally:
-        os.close(fd)
-
-
-def _names(fd: int, limit: int) -> list[str]:
-    """At most ``limit`` names in a folder: a member cannot make us read a million."""
-    names: list[str] = []
-    with contextlib.suppress(OSError), os.scandir(fd) as found:
-        for item in found:
-            if len(names) >= limit:
-                break
-            names.append(item.name)
-    return names
-
-
-def read_record(path: str, owner: int, at: int | None = None, single_link: bool = False) -> tuple[Any, int, int] | None:
-    """(the JSON in it, its ctime in ns, its inode) if it is a small regular file of ``owner``; else None.
-
-    Opened without following a link and without blocking (a FIFO is refused,
-    never waited on).  ``single_link``: also refuse a file with other names
-    (one record linked a thousand times is one record read a thousand times).
-    """
-    try:
-        fd = os.open(path, _FILE_FLAGS, dir_fd=at)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_size > RECORD_MAX_BYTES:
-            return None
-        if single_link and st.st_nlink != 1:
-            return None
-        data = os.read(fd, RECORD_MAX_BYTES + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:
-        return json.loads(data), st.st_ctime_ns, st.st_ino
-    except (ValueError, RecursionError):
-        return None
-
-
-def _records(
-    fd: int, uid: int, limit: int, single_link: bool = False
-) -> Iterator[tuple[str, dict[str, Any], int, int]]:
-    """(name, record, ctime ns, inode) of each readable ``*.json`` record of ``uid`` in the folder ``fd``."""
-    for name in _names(fd, limit):
-        if name.endswith(".json"):
-            read = read_record(name, uid, at=fd, single_link=single_link)
-            if read is not None and isinstance(read[0], dict):
-                yield name, read[0], read[1], read[2]
-
-
-def _gpu_list(value: Any, allow_empty: bool) -> list[int] | None:
-    if not isinstance(value, list) or len(value) > MAX_GPUS or (not value and not allow_empty):
-        return None
-    if not all(type(i) is int and 0 <= i < MAX_GPUS for i in value) or len(set(value)) != len(value):
-        return None
-    return list(value)
-
-
-_INVALID = object()
-
-
-def _checked_wanted(value: Any) -> Any:
-    """A count (-1: all), exact ids, or None; ``_INVALID`` for anything else."""
-    if value is None or (type(value) is int and (value == -1 or 0 < value <= MAX_GPUS)):
-        return value
-    ids = _gpu_list(value, allow_empty=False)
-    return _INVALID if ids is None else ids
-
-
-def _checked_sweep(value: Any) -> Any:
-    """(sweep id, parallel or 0), None, or ``_INVALID``."""
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not protocol.is_sweep_id(value.get("id")):
-        return _INVALID
-    parallel = value.get("parallel")
-    if parallel is not None and not (type(parallel) is int and 0 < parallel <= 100_000):
-        return _INVALID
-    return (value["id"], parallel or 0)
-
-
-def _entries(fd: int, folder: str, uid: int, limit: int, single_link: bool) -> list[Entry]:
-    """The valid entries in one user's queue folder (its descriptor), in the order they were written."""
-    found = []
-    for name, record, written_ns, inode in _records(fd, uid, limit, single_link):
-        wanted, sweep = _checked_wanted(record.get("wanted")), _checked_sweep(record.get("sweep"))
-        if not protocol.is_job_id(record.get("job_id")) or wanted is _INVALID or sweep is _INVALID:
-            continue
-        file = os.path.join(folder, name)
-        found.append(Entry(file, record["job_id"], uid, written_ns, inode, wanted, sweep, folder))
-    return sorted(found, key=lambda entry: (entry.written_ns, entry.job_id))
-
-
-def _held_in(fd: int, folder: str, uid: int, mine: bool, limit: int, single_link: bool) -> list[Held]:
-    found = []
-    with _open_folder(HELD_DIR, uid, at=fd) as held_fd:
-        if held_fd is None:
-            return []
-        for name, record, written_ns, _ in _records(held_fd, uid, limit, single_link):
-            ids, sweep = _gpu_list(record.get("gpus"), allow_empty=True), record.get("sweep")
-            if not protocol.is_job_id(record.get("job_id")) or ids is None:
-                continue
-            if sweep is not None and not protocol.is_sweep_id(sweep):
-                continue
-            identity = procs.ProcessIdentity.from_json(record.get("identity"))
-            file = os.path.join(folder, HELD_DIR, name)
-            found.append(Held(file, record["job_id"], uid, written_ns, ids, sweep, identity, folder, mine))
-    return found
+# -- what is in the queue --------------------------------------------------------------------------------------
 
 
 def own_entries(root: str) -> list[Entry]:
     """Our waiting entries, oldest first."""
     folder = own(root)
-    with _open_folder(folder, os.getuid()) as fd:
-        return [] if fd is None else _entries(fd, folder, os.getuid(), OWN_RECORDS, single_link=False)
-
-
-def _member_folders(top: str, mine: str) -> dict[int, list[str]]:
-    """uid -> the names of its queue folders at the top (real folders of the uid their name says, that no one
-    else can write), its ``FOLDERS_PER_USER`` most recently changed: names, files or links made to look like
-    another user's folder are passed over, and cannot push a real one out of the budget."""
-    candidates: dict[int, list[tuple[int, str]]] = {}
-    with _open_folder(top, None) as top_fd, contextlib.suppress(OSError):
-        if top_fd is None:
-            return {}
-        with os.scandir(top_fd) as found:
-            for item in found:  # streamed: a flood of names costs time, never memory
-                match = _MEMBER_FOLDER.fullmatch(item.name)
-                if match is None or os.path.join(top, item.name) == mine:
-                    continue
-                try:
-                    st = item.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                uid = int(match.group(1))
-                if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022:
-                    kept = candidates.setdefault(uid, [])
-                    kept.append((st.st_mtime_ns, item.name))
-                    kept.sort(reverse=True)
-                    del kept[FOLDERS_PER_USER:]
-    return {uid: [name for _, name in kept] for uid, kept in candidates.items()}
+    with queue_records.open_folder(folder, os.getuid()) as fd:
+        return [] if fd is None else queue_records.entries(fd, folder, os.getuid(), OWN_RECORDS, single_link=False)
 
 
 def members(root: str) -> list[Member]:
     """Every other user's queue folder in the shared one, each read within its owner's budget."""
     top = shared_top(root)
-    if top is None:
-        return []
-    found = []
-    for uid, names in _member_folders(top, os.path.realpath(link(root))).items():
-        for name in names:
-            folder = os.path.join(top, name)
-            with _open_folder(folder, uid) as fd:
-                if fd is None:
-                    continue
-                entries = _entries(fd, folder, uid, RECORDS_PER_MEMBER_FOLDER, single_link=True)
-                held = _held_in(fd, folder, uid, False, RECORDS_PER_MEMBER_FOLDER, single_link=True)
-                read = read_record(DISPATCHER_ID, uid, at=fd, single_link=True)
-            alive = read is not None and runs_as(procs.ProcessIdentity.from_json(read[0]), uid)
-            holding = [record for record in held if runs_as(record.identity, uid)]
-            found.append(Member(folder, uid, entries, holding, alive))
-    return found
+    return [] if top is None else queue_records.members_of(top, os.path.realpath(link(root)))
 
 
 def held_records(root: str, others: list[Member]) -> list[Held]:
     """What the queue started and still runs: ours (ended ones pruned) and the other users' in ``others``."""
-    records = []
+    found = []
     folder = own(root)
-    with _open_folder(folder, os.getuid()) as fd:
-        ours = [] if fd is None else _held_in(fd, folder, os.getuid(), True, OWN_RECORDS, single_link=False)
+    with queue_records.open_folder(folder, os.getuid()) as fd:
+        ours = (
+            [] if fd is None else queue_records.held_in(fd, folder, os.getuid(), True, OWN_RECORDS, single_link=False)
+        )
     for record in ours:
         if _still_running(root, record):
-            records.append(record)
+            found.append(record)
         else:
             disk.unlink_quietly(record.file)
-    return records + [record for member in others for record in member.held]
+    return found + [record for member in others for record in member.held]
 
 
 def _still_running(root: str, record: Held) -> bool:

@@ -27,8 +27,9 @@ from typing import Any
 from .. import bootstrap, jobs, protocol
 from ..store import disk
 from . import start, warm
-from .base import ENDED, Launcher, Phase
+from .base import ENDED, InJob, Launcher, Phase
 from .detach import untagged_environment
+from .slurm_job import EARLY_USR2, SlurmJob
 
 STATE_FILE = "slurm.json"  # the Slurm job id and the last state seen: squeue forgets ended jobs
 SCRIPT_FILE = "slurm.sh"
@@ -42,7 +43,7 @@ PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"
 RUNNING = {"RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
 # A first USR2 can come before the runner is imported: remember it rather than die of it.
-RUN = "import signal,sys\nsignal.signal(signal.SIGUSR2,lambda *a:setattr(sys,'_remote_magic_usr2',1))\n" + bootstrap.RUN
+RUN = f"import signal,sys\nsignal.signal(signal.SIGUSR2,lambda *a:setattr(sys,'{EARLY_USR2}',1))\n" + bootstrap.RUN
 
 _seen: dict[str, tuple[float, dict[str, str] | None]] = {}  # Slurm job id -> (when asked, squeue's row)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -94,38 +95,11 @@ def script_value(value: Any, what: str) -> str:
 def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[str]) -> str:
     """The batch script: Slurm's options, the host's setup lines, a check that the node sees the job, the runner.
 
-    With several jobs (a sweep's trials) it is a job array: task i runs ``job_ids[i]``.  A sweep's job is named by
-    the sweep's id (its trials' names hold their parameters, whose reprs may span lines).  Every value that
-    goes into the script is checked to stay on its line (SlurmError otherwise).
+    With several jobs (a sweep's trials) it is a job array: task i runs ``job_ids[i]``.  Every value that goes
+    into the script is checked to stay on its line (SlurmError otherwise).
     """
     options = spec.get("slurm") or {}
-    name = script_value(
-        (spec.get("sweep") or {}).get("id") or spec.get("name") or spec["job_id"], "the job's name (--name)"
-    )
-    home = script_value(
-        jobs.job_dir(root, job_ids[-1]), "the host root"
-    )  # the submitting job's: script, Slurm's output
-    log = "slurm-%A_%a.out" if len(job_ids) > 1 else "slurm-%j.out"
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={shlex.quote('rm-' + name)}",
-        f"#SBATCH --output={shlex.quote(os.path.join(home, log))}",
-        "#SBATCH --open-mode=append",
-        "#SBATCH --requeue",
-        # B: to the batch shell, which is the runner (exec): without it only srun steps get the signal
-        f"#SBATCH --signal=B:USR2@{int(options.get('signal_grace') or DEFAULT_SIGNAL_GRACE)}",
-    ]
-    for key in ("partition", "account", "qos", "time"):
-        if options.get(key):
-            lines.append(f"#SBATCH --{key}={shlex.quote(script_value(options[key], f'--{key}'))}")
-    if options.get("gpus"):
-        lines.append(f"#SBATCH --gres=gpu:{int(options['gpus'])}")
-    tasks, nodes = int(options.get("tasks") or 1), int(options.get("nodes") or 1)
-    if tasks > 1 or nodes > 1:
-        lines += [f"#SBATCH --ntasks={tasks}", f"#SBATCH --nodes={nodes}"]
-    if len(job_ids) > 1:
-        parallel = int((spec.get("sweep") or {}).get("parallel") or len(job_ids))
-        lines.append(f"#SBATCH --array=0-{len(job_ids) - 1}%{min(parallel, len(job_ids))}")
+    lines = ["#!/bin/bash", *_directives(root, spec, job_ids)]
     lines += [script_value(line, "the host setting 'setup' line") for line in options.get("setup") or []]
     kind = warm.RunnerKind.for_job(root, spec)
     script_value(kind.python, "the interpreter")
@@ -142,7 +116,7 @@ def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[s
         'cd "$FOLDER"',
     ]
     launch = "exec "
-    if tasks > 1 or nodes > 1:  # every task runs the runner; task 0 writes the events and outputs
+    if _tasks(options) is not None:  # every task runs the runner; task 0 writes the events and outputs
         lines += [
             'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
             # This script runs on the first node, the master's: a port (and the next one, Keras's) free there
@@ -152,6 +126,56 @@ def job_script(root: str, agent_hash: str, spec: dict[str, Any], job_ids: list[s
         launch = "exec srun --unbuffered --kill-on-bad-exit=1 "
     lines.append(launch + " ".join(shlex.quote(part) for part in command) + ' "$JOB"')
     return "\n".join(lines) + "\n"
+
+
+def _directives(root: str, spec: dict[str, Any], job_ids: list[str]) -> list[str]:
+    """The ``#SBATCH`` lines, from typed options.  A sweep's job is named by the sweep's id (its trials' names
+    hold their parameters, whose reprs may span lines)."""
+    options = spec.get("slurm") or {}
+    name = script_value(
+        (spec.get("sweep") or {}).get("id") or spec.get("name") or spec["job_id"], "the job's name (--name)"
+    )
+    home = script_value(jobs.job_dir(root, job_ids[-1]), "the host root")  # the submitting job's: script, output
+    log = "slurm-%A_%a.out" if len(job_ids) > 1 else "slurm-%j.out"
+    lines = [
+        f"#SBATCH --job-name={shlex.quote('rm-' + name)}",
+        f"#SBATCH --output={shlex.quote(os.path.join(home, log))}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        # B: to the batch shell, which is the runner (exec): without it only srun steps get the signal
+        f"#SBATCH --signal=B:USR2@{int(options.get('signal_grace') or DEFAULT_SIGNAL_GRACE)}",
+    ]
+    for key in ("partition", "account", "qos", "time"):
+        if options.get(key):
+            lines.append(f"#SBATCH --{key}={shlex.quote(script_value(options[key], f'--{key}'))}")
+    count = gpu_count(spec)
+    if count:
+        lines.append(f"#SBATCH --gres=gpu:{count}")
+    several = _tasks(options)
+    if several is not None:
+        lines += [f"#SBATCH --ntasks={several[0]}", f"#SBATCH --nodes={several[1]}"]
+    if len(job_ids) > 1:
+        parallel = int((spec.get("sweep") or {}).get("parallel") or len(job_ids))
+        lines.append(f"#SBATCH --array=0-{len(job_ids) - 1}%{min(parallel, len(job_ids))}")
+    return lines
+
+
+def gpu_count(spec: dict[str, Any]) -> int:
+    """The GPUs a job asks Slurm for: its GPU request, as on any launcher; an earlier client's spec says it in
+    its Slurm options instead (``slurm.gpus``, its ``gpus`` then 0)."""
+    try:
+        request = protocol.GpuRequest.from_spec(spec)
+    except ValueError as exc:
+        raise SlurmError(str(exc)) from None
+    if request.count == request.ALL or request.ids:
+        raise SlurmError(f"{request.describe()}: on Slurm, Slurm picks the GPUs; ask for a number of them")
+    return request.count or int((spec.get("slurm") or {}).get("gpus") or 0)
+
+
+def _tasks(options: dict[str, Any]) -> tuple[int, int] | None:
+    """(tasks, nodes) of a job that runs as several tasks (``--tasks``), None for a job of one."""
+    tasks, nodes = int(options.get("tasks") or 1), int(options.get("nodes") or 1)
+    return (tasks, nodes) if tasks > 1 or nodes > 1 else None
 
 
 # argv: FIRST. Prints the first even port from FIRST on where it and the next one can be bound (DDP's store
@@ -203,9 +227,12 @@ def _array_trials(root: str, spec: dict[str, Any]) -> list[str] | None:
 
 
 class SlurmLauncher(Launcher):
-    """The job is a Slurm batch job; its runner runs on a compute node."""
+    """The job is a Slurm batch job; its runner runs on a compute node (never a warm runner's fork)."""
 
     name = "slurm"
+
+    def in_job(self, root: str, agent_hash: str) -> InJob:
+        return SlurmJob()
 
     def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
         job_ids = [spec["job_id"]]

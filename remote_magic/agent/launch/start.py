@@ -1,7 +1,7 @@
 """A job's runner process: started (a warm one when it fits, else a new one) and told apart from the dead.
 
 Shared by the process launcher, which starts jobs at once, and the host's
-queue (dispatch.py), which starts them when their GPUs free up; the launch
+queue (gpu_queue.py), which starts them when their GPUs free up; the launch
 record (``launch.json``: the runner's pid, start time and boot id) is how
 both later know whether the job still runs.
 """

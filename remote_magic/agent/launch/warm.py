@@ -27,7 +27,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,10 @@ LOG_LIMIT = 1024 * 1024
 CLAIM_FILE = "runner.claim"  # created exclusively by whoever starts the job's runner: it never runs twice
 ANSWER_SECONDS = 5.0  # how long a submit waits for the warm runner's fork to take the job
 LATE_ANSWER_SECONDS = 30.0  # it took the claim but has not written launch.json yet
+
+# Runs a job in this process: (its folder, the warm runner's pid) -> exit status.  The caller's (cli), so that
+# this module needs no runner: the runner is imported once by the warm runner, before any fork.
+RunJob = Callable[[str, int], int]
 
 
 def enabled() -> bool:
@@ -291,14 +295,13 @@ def _import_gently(modules: list[str]) -> None:
     importing.join()
 
 
-def serve(root: str, agent_hash: str) -> int:
-    """The warm runner: import, then fork a runner for each job id written into the FIFO, until idle."""
+def serve(root: str, agent_hash: str, run: RunJob) -> int:
+    """The warm runner: import, then fork a runner for each job id written into the FIFO (``run`` runs it), until
+    idle."""
     kind = RunnerKind.of_this_process()
     folder, key, pid = _folder(root), kind.key(agent_hash), os.getpid()
     modules = wanted_imports(root, key)
     _import_gently(["cloudpickle", "numpy", *modules])
-    from .. import runner  # noqa: F401  (imported once here, not in every job)
-
     fifo = os.path.join(folder, f"{key}-{pid}.fifo")
     ready = os.path.join(folder, f"{key}-{pid}.ready")
     os.mkfifo(fifo, 0o600)
@@ -326,7 +329,7 @@ def serve(root: str, agent_hash: str) -> int:
                 if message == "exit":
                     return 0
                 if message:
-                    _fork_job(root, agent_hash, kind, message, fd)
+                    _fork_job(root, message, fd, run)
             if not readable or not os.path.exists(ready):
                 return 0
     finally:
@@ -337,7 +340,7 @@ def serve(root: str, agent_hash: str) -> int:
             os.unlink(ready)
 
 
-def _fork_job(root: str, agent_hash: str, kind: RunnerKind, job_id: str, fifo_fd: int) -> None:
+def _fork_job(root: str, job_id: str, fifo_fd: int, run: RunJob) -> None:
     """Run ``job_id`` in a fork of this process, detached (its own session, adopted by init) as a cold runner is."""
     warm_runner = os.getpid()
     child = os.fork()
@@ -350,7 +353,7 @@ def _fork_job(root: str, agent_hash: str, kind: RunnerKind, job_id: str, fifo_fd
         if os.fork():
             os._exit(0)
         os.close(fifo_fd)
-        code = _run_forked(root, agent_hash, kind, job_id, warm_runner)
+        code = _run_forked(root, job_id, warm_runner, run)
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -358,7 +361,7 @@ def _fork_job(root: str, agent_hash: str, kind: RunnerKind, job_id: str, fifo_fd
         os._exit(code)
 
 
-def _run_forked(root: str, agent_hash: str, kind: RunnerKind, job_id: str, warm_runner: int) -> int:
+def _run_forked(root: str, job_id: str, warm_runner: int, run: RunJob) -> int:
     path = jobs.job_dir(root, job_id)
     if not protocol.is_job_id(job_id) or not _take_claim(path):
         return 0  # another runner has it (the submit gave up waiting for us)
@@ -372,9 +375,7 @@ def _run_forked(root: str, agent_hash: str, kind: RunnerKind, job_id: str, warm_
     os.dup2(log, 2)
     os.close(log)
     os.chdir(path)  # the runner moves to the job's working folder once its files are in place
-    from .. import runner
-
-    return runner.run_job(root, path, warm=warm_runner, after=lambda: prepare_next(root, agent_hash, kind))
+    return run(path, warm_runner)
 
 
 def _reseed() -> None:

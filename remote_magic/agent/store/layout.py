@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
-import hashlib
 import json
 import os
 import secrets
@@ -28,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+from .. import digest as digests
 from .. import jobs, protocol
 from . import blobs, disk
 
@@ -58,16 +58,16 @@ def safe_relative(rel: object) -> str | None:
 def entries_problem(entries: object, key: str) -> str | None:
     """What is wrong with a spec's ``files`` or ``modules`` list, or None."""
     if not isinstance(entries, list):
-        return f"{key} must be a list of [path, sha256, size, mode]"
+        return f"{key} must be a list of [path, digest, size, mode]"
     for entry in entries:
         if not (
             isinstance(entry, list)
             and len(entry) == 4
-            and isinstance(entry[1], str)
+            and digests.is_digest(entry[1])
             and isinstance(entry[2], int)
             and isinstance(entry[3], int)
         ):
-            return f"{key} must be a list of [path, sha256, size, mode], not {entry!r}"
+            return f"{key} must be a list of [path, digest, size, mode], not {entry!r}"
         problem = safe_relative(entry[0])
         if problem:
             return f"{key}: {problem}"
@@ -174,10 +174,10 @@ def _place(root: str, path: str, top: str, rel: str, digest: str, mode: int) -> 
 def _check_once_linked(root: str, digest: str) -> None:
     """Hash again, once, a blob that an agent before copies linked into a job: a cell may have written
     through that link and set its mtime back.  A damaged one is dropped (the next submit sends it again)."""
-    record = os.path.join(blobs.blobs_dir(root), LINKED_RECORDS, digest)
+    record = _linked_record(root, digest)
     if not os.path.exists(record):
         return
-    if _sha256(blobs.blob_path(root, digest)) != digest:
+    if not _file_matches(blobs.blob_path(root, digest), digest):
         drop_blob(root, digest)
         raise FileNotFoundError(digest)
     disk.unlink_quietly(record)
@@ -186,7 +186,12 @@ def _check_once_linked(root: str, digest: str) -> None:
 def drop_blob(root: str, digest: str) -> None:
     """Remove a damaged blob (and its old link record): the next submit finds it missing and sends it again."""
     disk.unlink_quietly(blobs.blob_path(root, digest))
-    disk.unlink_quietly(os.path.join(blobs.blobs_dir(root), LINKED_RECORDS, digest))
+    disk.unlink_quietly(_linked_record(root, digest))
+
+
+def _linked_record(root: str, digest: str) -> str:
+    """The old link record of a blob: named, like the blob's file, by its bare hex (``digest.file_name``)."""
+    return os.path.join(blobs.blobs_dir(root), LINKED_RECORDS, digests.file_name(digest))
 
 
 def release_copies(root: str, path: str) -> None:
@@ -215,12 +220,12 @@ def release_copies(root: str, path: str) -> None:
                 os.unlink(copy)
 
 
-def _sha256(file: str) -> str:
-    hasher = hashlib.sha256()
+def _file_matches(file: str, digest: str) -> bool:
+    hasher = digests.new()
     with open(file, "rb") as f:
         while chunk := f.read(_CHUNK):
             hasher.update(chunk)
-    return hasher.hexdigest()
+    return digests.matches(hasher, digest)
 
 
 def _inside(path: str, boundary: str) -> bool:
@@ -478,7 +483,7 @@ def store_files(
     max_files: int = protocol.FETCH_MAX_FILES,
     max_bytes: int = protocol.FETCH_MAX_BYTES,
 ) -> list[list[Any]]:
-    """Copy the matching files into the blob store; [relative path, sha256, size] for each.
+    """Copy the matching files into the blob store; [relative path, digest (named), size] for each.
 
     A copy, hashed while it is written, so a file the job (or anyone) changes
     later never alters what was fetched; of exactly the file that was matched
@@ -497,8 +502,9 @@ def store_files(
             left -= size
             found.append([rel, digest, size])
         record = os.path.join(path, protocol.FETCHED_BLOBS_FILE)
-        digests = sorted({d for _, d, _ in found} | set(blobs.read_digests(record)))
-        disk.atomic_write(record, json.dumps(digests).encode(), durable=False)
+        earlier = [d for d in blobs.read_digests(record) if digests.is_digest(d)]  # bare hex, as older agents wrote
+        fetched = sorted({d for _, d, _ in found} | {digests.normal(d) for d in earlier})
+        disk.atomic_write(record, json.dumps(fetched).encode(), durable=False)
     return found
 
 
@@ -552,7 +558,7 @@ def _store_stream(root: str, source: BinaryIO, rel: str, budget: int) -> tuple[s
     """Hash and write ``source`` into the store as it is read; the whole of it must fit in ``budget``."""
     folder = blobs.blobs_dir(root)
     tmp = os.path.join(folder, f"fetch.part-{os.getpid()}-{secrets.token_hex(4)}")
-    hasher = hashlib.sha256()
+    hasher = digests.new()
     size = 0
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, disk.FILE_MODE)
@@ -565,7 +571,7 @@ def _store_stream(root: str, source: BinaryIO, rel: str, budget: int) -> tuple[s
                     )
                 hasher.update(chunk)
                 out.write(chunk)
-        digest = hasher.hexdigest()
+        digest = digests.named(hasher)
         target = blobs.blob_path(root, digest)
         if os.path.exists(target) and os.path.getsize(target) == size:
             disk.unlink_quietly(tmp)
