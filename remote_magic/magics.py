@@ -1,8 +1,10 @@
-"""``%%remote_train`` and friends: argument parsing and user errors only.
+"""``%%remote_train`` and friends: parse the options, make one session call, render what comes back.
 
-Everything else is delegated: ``session`` runs the job's life, ``ui`` shows
-it.  Defaults are traitlets, so they can be set in ``ipython_config.py`` or
-with ``%config RemoteMagics.default_host = "gpu1"``.
+User mistakes are ``UsageError``s, raised before anything is sent.  The job's
+life is ``session``'s (``session.request`` turns the options into what a job
+asks of its host), sweeps are ``sweep``'s, the panels are ``ui``'s.  Defaults
+are traitlets, so they can be set in ``ipython_config.py`` or with
+``%config RemoteMagics.default_host = "gpu1"``.
 """
 
 from __future__ import annotations
@@ -11,26 +13,26 @@ import concurrent.futures
 import contextlib
 import os
 import re
-import shlex
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, argument_group, magic_arguments, parse_argstring
 from traitlets import Bool, Enum, Float, Int, Unicode
 
 from . import project, session
 from .agent import codec, protocol
 from .config import hosts_trait, ssh_config_trait
-from .errors import HostSetupError, RemoteMagicError
 from .project import ProjectError, envcheck, payload
 from .project.capture import CaptureError
 from .project.payload import PayloadError
 from .registry import Registry
+from .session import request
 from .session.job_view import JobView, format_size
-from .sweep import MODES, Sweep, SweepError, SweepRun, Trial, expand_grid, json_params, new_sweep_id
+from .session.request import option_list
+from .sweep import MODES, Sweep, SweepError, SweepRun, Trial, expand_grid, new_sweep_id, submit_trials
 from .transport import LOCAL_HOST
 from .ui.panel import make_panel
 from .ui.status import JobDetail, StatusTable
@@ -42,16 +44,120 @@ from .wire.client import AgentClient
 _T = TypeVar("_T")
 
 
-def host_argument(func: Any) -> Any:
-    return argument(
-        "--host",
-        help="an alias from ~/.ssh/config, or user@host[:port]; default: RemoteMagics.default_host "
-        "('local' runs the job in a subprocess on this machine)",
-    )(func)
+@contextlib.contextmanager
+def _usage_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """The user's mistakes that a layer below reports as ``kinds``, shown as IPython shows a UsageError."""
+    try:
+        yield
+    except kinds as exc:
+        raise UsageError(str(exc)) from None
 
 
-def job_argument(func: Any) -> Any:
-    return argument("job", help="the job id, as shown by %%remote_status")(func)
+def _stacked(*decorators: Any) -> Callable[[Any], Any]:
+    """Several ``@argument``s as one decorator (as IPython's ``script_args``), read in the order given."""
+
+    def apply(func: Any) -> Any:
+        for decorator in reversed(decorators):  # the one nearest the function comes first
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+host_argument = argument(
+    "--host",
+    help="an alias from ~/.ssh/config, or user@host[:port]; default: RemoteMagics.default_host "
+    "('local' runs the job in a subprocess on this machine)",
+)
+job_argument = argument("job", help="the job id, as shown by %%remote_status")
+
+# %%remote_train's option groups: an argument_group holds the arguments below it, so these go last.
+project_options = _stacked(
+    argument_group("project", "what travels with the cell, and what comes back besides its variables"),
+    argument(
+        "--files",
+        metavar="PATHS",
+        help="comma-separated files, folders and globs (relative to the working folder, .. allowed) that travel "
+        "with the job and appear on the host in the same layout, so relative paths in the cell work unchanged",
+    ),
+    argument(
+        "--workdir", metavar="PATH", help="run the cell in this folder on the host (data that already lives there)"
+    ),
+    argument(
+        "--fetch",
+        metavar="PATTERNS",
+        help="comma-separated globs of files the cell writes (model.keras, logs/**) to bring back into this "
+        "working folder when the job ends",
+    ),
+    argument("--fetch-overwrite", action="store_true", help="let --fetch replace local files with other content"),
+    argument(
+        "--modules",
+        metavar="NAMES",
+        help="comma-separated local modules to send that the automatic detection cannot see",
+    ),
+    argument(
+        "--env",
+        metavar="FILE|auto",
+        help="run in a host environment built (once, then cached) from a requirements file, or from this "
+        "kernel's versions of the packages the host lacks ('auto')",
+    ),
+)
+gpu_options = _stacked(
+    argument_group("GPU", "the host's GPU queue gives each job its GPUs alone; on a Slurm host, Slurm does"),
+    argument(
+        "--gpus",
+        metavar="N|all",
+        help="how many of the host's GPUs the job holds, alone (default: 1 on a host with GPUs, 0 without); "
+        "the job waits in the host's queue until they are free",
+    ),
+    argument("--gpu-ids", metavar="IDS", help="exactly these GPUs of the host, e.g. 2,3"),
+)
+sweep_options = _stacked(
+    argument_group("sweep", "--sweep runs the cell once per set of parameters; the others shape the sweep"),
+    argument(
+        "--sweep",
+        metavar="GRID",
+        help="run the cell once per set of parameters in the kernel variable GRID, each trial a job of its own: "
+        "a dict of lists (every combination) or a list of dicts (one per trial); the names need not exist here",
+    ),
+    argument(
+        "--parallel",
+        type=int,
+        metavar="K",
+        help="at most K trials run at once, kept by the host (default: as many as the host's GPUs "
+        "allow at --gpus each; 1 on a host without GPUs)",
+    ),
+    argument(
+        "--metric",
+        metavar="NAME",
+        help="the metric that ranks the trials (default: the first validation metric, val_loss if logged)",
+    ),
+    argument(
+        "--mode",
+        choices=MODES,
+        help="whether the lowest or highest --metric is best (default: max for accuracy-like names, min for losses)",
+    ),
+    argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="the name of the sweep object injected when it ends (default: sweep)",
+    ),
+)
+slurm_options = _stacked(
+    argument_group("Slurm", "on a host with 'scheduler': 'slurm': the job goes through sbatch"),
+    argument("--time", metavar="LIMIT", help="the job's time limit, e.g. 2:00:00 (Slurm's --time)"),
+    argument("--partition", help="the partition to run in (default: the host setting)"),
+    argument(
+        "--tasks",
+        type=int,
+        metavar="N",
+        help="run the cell as N tasks under srun (RANK, WORLD_SIZE, MASTER_ADDR... set for PyTorch DDP and "
+        "keras.distribution); task 0 streams and brings back the outputs",
+    ),
+    argument("--nodes", type=int, metavar="M", help="spread --tasks over M nodes"),
+    argument("--slurm", metavar="ARGS", help='more sbatch options for this job, e.g. "--mem=8G"'),
+)
 
 
 def _job_id(text: str) -> str:
@@ -77,11 +183,6 @@ class MagicHints:
 
     def fetch(self, job_id: str, host: str, patterns: list[str]) -> str:
         return f"the files stay on the host: `%remote_fetch {job_id} '{','.join(patterns)}' --host {host}` gets them"
-
-
-def _list(text: str) -> list[str]:
-    """A comma-separated option value, quotes and spaces around items tolerated."""
-    return [item.strip() for item in text.strip().strip("'\"").split(",") if item.strip()]
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -129,86 +230,20 @@ def _check_host_settings(host: str, settings: dict[str, Any]) -> None:
                 )
 
 
-def _gpu_request(
-    count: str | None, ids: str | None, host_gpus: list[dict[str, Any]], host: str
-) -> tuple[int | str, list[int] | None, bool]:
-    """(gpus, gpu_ids, whether the default was used), checked against the host's GPUs before anything is sent."""
-    have = len(host_gpus)
-    none_there = f"host {host} has no GPUs (nvidia-smi finds none there)"
-    if ids is not None:
-        try:
-            wanted = [int(i) for i in _list(ids)]
-        except ValueError:
-            raise UsageError(f"--gpu-ids takes GPU numbers such as 2,3, not {ids!r}") from None
-        if not have:
-            raise UsageError(f"--gpu-ids {ids}: {none_there}; leave it out to run on the CPU")
-        missing = [i for i in wanted if not 0 <= i < have]
-        if missing or not wanted or len(set(wanted)) != len(wanted):
-            raise UsageError(f"--gpu-ids {ids}: host {host} has GPUs 0 to {have - 1}, each once")
-        return 0, sorted(wanted), False
-    if count is None:
-        return (1 if have else 0), None, bool(have)
-    text = count.strip().strip("'\"").lower()
-    if text == "all":
-        if not have:
-            raise UsageError(f"--gpus all: {none_there}; leave it out to run on the CPU")
-        return "all", None, False
-    if not text.isdigit():
-        raise UsageError(f"--gpus takes a number of GPUs (0 for none) or 'all', not {count!r}")
-    number = int(text)
-    if number > have:
-        raise UsageError(
-            f"--gpus {number}: {none_there}" if not have else f"--gpus {number}: host {host} has {have} GPUs"
-        )
-    return number, None, False
-
-
-def _slurm_gpus(count: str | None, ids: str | None, slurm: session.SlurmSettings, host: str) -> int:
-    """The job's GPU request on a Slurm host: a count only (Slurm picks the GPUs); the host setting by default."""
-    if ids is not None:
-        raise UsageError(f"--gpu-ids: on Slurm host {host}, Slurm picks the GPUs; ask for a number with --gpus N")
-    if count is None:
-        return slurm.gpus
-    text = count.strip().strip("'\"").lower()
-    if not text.isdigit():
-        raise UsageError(
-            f"--gpus {count}: on Slurm host {host}, Slurm picks the GPUs; --gpus takes a number per job (0 for none)"
-        )
-    return int(text)
-
-
-def _slurm_options(args: Any, settings: session.HostSettings, host: str) -> dict[str, Any]:
-    """What --time, --partition and --slurm change for this job; a UsageError on a host without Slurm."""
-    given = {
-        "time": args.time,
-        "partition": args.partition,
-        "extra_args": args.slurm,
-        "tasks": args.tasks,
-        "nodes": args.nodes,
-    }
-    if settings.slurm is None:
-        used = [f"--{'slurm' if key == 'extra_args' else key}" for key, value in given.items() if value]
-        if used:
+def _file_fetch(args: Any) -> session.FileFetch | None:
+    """What --fetch brings back when the job ends, its patterns checked before anything is sent."""
+    if args.fetch_overwrite and not args.fetch:
+        raise UsageError("--fetch-overwrite goes with --fetch PATTERNS")
+    if not args.fetch:
+        return None
+    patterns = option_list(args.fetch)
+    for pattern in patterns:
+        if pattern.startswith(("/", "~")):
             raise UsageError(
-                f"{', '.join(used)}: host {host} is not a Slurm host; set 'scheduler': 'slurm' in its "
-                "c.RemoteMagics.hosts entry if jobs there go through Slurm"
+                f"--fetch {pattern}: patterns are relative to the job's working folder on the host "
+                "(`..` may climb within the job's own folder)"
             )
-        return {}
-    for option in ("tasks", "nodes"):
-        if given[option] is not None and given[option] < 1:
-            raise UsageError(f"--{option} takes a number, 1 or more, not {given[option]}")
-    try:
-        extra = shlex.split(args.slurm or "")
-    except ValueError as exc:
-        raise UsageError(f"--slurm {args.slurm!r}: {exc}") from None
-    return {**given, "extra_args": extra}
-
-
-def _default_parallel(gpus: int | str, gpu_ids: list[int] | None, host_gpus: list[dict[str, Any]]) -> int:
-    """How many trials of a sweep fit on the host's GPUs at once (at --gpus each); 1 without GPUs to share."""
-    if not host_gpus or gpu_ids is not None or gpus == "all" or not gpus:
-        return 1
-    return max(1, len(host_gpus) // int(gpus))
+    return session.FileFetch(patterns, os.getcwd(), args.fetch_overwrite)
 
 
 class _PanelWhenNeeded:
@@ -288,8 +323,7 @@ class RemoteMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
-        self._checked_environments: dict[tuple[Any, ...], Any] = {}
-        self._last_imports: dict[str, list[str]] = {}
+        self.environment_checks = request.EnvironmentChecks()
         self._slow_path_noted: set[str] = set()  # hosts whose failed bulk path the user was told about
         self.connections = session.Connections()
         self.registry = Registry()
@@ -306,10 +340,10 @@ class RemoteMagics(Magics):
         """
         try:
             host = self.default_host
-            if self.connections.settings_for(host).slurm is not None:
-                return  # no warm runners on a login node
             client = self._client(host)
-            _connected(client)
+            hello = _connected(client)
+            if request.host_launcher(self.connections.settings_for(host), hello) == request.SLURM:
+                return  # no warm runners on a login node
             client.warm_up(session.expected_kernel_backend())
         except Exception:  # noqa: BLE001  (a warm-up that fails only costs the speed it would have won)
             pass
@@ -381,11 +415,6 @@ class RemoteMagics(Magics):
         help="return at once; the job runs on, its panel updates while the kernel is idle, "
         "and its outputs are injected when it ends",
     )
-    @argument(
-        "--compress",
-        choices=compression.MODES,
-        help="compress uploads with zstd: 'auto' (default: only on a slow link with compressible data), 'zstd', 'none'",
-    )
     @argument("--no-inject", action="store_true", help="do not inject the outputs of a detached job when it ends")
     @argument(
         "--checkpoint-every",
@@ -394,82 +423,16 @@ class RemoteMagics(Magics):
         metavar="N",
         help="save the model being trained every N epochs on the host (0: never); a killed job still yields it",
     )
-    @argument(
-        "--files",
-        metavar="PATHS",
-        help="comma-separated files, folders and globs (relative to the working folder, .. allowed) that travel "
-        "with the job and appear on the host in the same layout, so relative paths in the cell work unchanged",
-    )
-    @argument(
-        "--workdir", metavar="PATH", help="run the cell in this folder on the host (data that already lives there)"
-    )
-    @argument(
-        "--fetch",
-        metavar="PATTERNS",
-        help="comma-separated globs of files the cell writes (model.keras, logs/**) to bring back into this "
-        "working folder when the job ends",
-    )
-    @argument("--fetch-overwrite", action="store_true", help="let --fetch replace local files with other content")
-    @argument(
-        "--modules",
-        metavar="NAMES",
-        help="comma-separated local modules to send that the automatic detection cannot see",
-    )
-    @argument(
-        "--env",
-        metavar="FILE|auto",
-        help="run in a host environment built (once, then cached) from a requirements file, or from this "
-        "kernel's versions of the packages the host lacks ('auto')",
-    )
     @argument("--backend", choices=session.KERAS_BACKENDS, help="the job's Keras backend (default: this kernel's)")
     @argument(
-        "--gpus",
-        metavar="N|all",
-        help="how many of the host's GPUs the job holds, alone (default: 1 on a host with GPUs, 0 without); "
-        "the job waits in the host's queue until they are free",
+        "--compress",
+        choices=compression.MODES,
+        help="compress uploads with zstd: 'auto' (default: only on a slow link with compressible data), 'zstd', 'none'",
     )
-    @argument("--gpu-ids", metavar="IDS", help="exactly these GPUs of the host, e.g. 2,3")
-    @argument("--time", metavar="LIMIT", help="on a Slurm host: the job's time limit, e.g. 2:00:00 (Slurm's --time)")
-    @argument("--partition", help="on a Slurm host: the partition to run in (default: the host setting)")
-    @argument(
-        "--tasks",
-        type=int,
-        metavar="N",
-        help="on a Slurm host: run the cell as N tasks under srun (RANK, WORLD_SIZE, MASTER_ADDR... set for "
-        "PyTorch DDP and keras.distribution); task 0 streams and brings back the outputs",
-    )
-    @argument("--nodes", type=int, metavar="M", help="on a Slurm host: spread --tasks over M nodes")
-    @argument("--slurm", metavar="ARGS", help='on a Slurm host: more sbatch options for this job, e.g. "--mem=8G"')
-    @argument(
-        "--sweep",
-        metavar="GRID",
-        help="run the cell once per set of parameters in the kernel variable GRID, each trial a job of its own: "
-        "a dict of lists (every combination) or a list of dicts (one per trial); the names need not exist here",
-    )
-    @argument(
-        "--parallel",
-        type=int,
-        metavar="K",
-        help="with --sweep: at most K trials run at once, kept by the host (default: as many as the host's GPUs "
-        "allow at --gpus each; 1 on a host without GPUs)",
-    )
-    @argument(
-        "--metric",
-        metavar="NAME",
-        help="with --sweep: the metric that ranks the trials (default: the first validation metric, val_loss if logged)",
-    )
-    @argument(
-        "--mode",
-        choices=MODES,
-        help="with --sweep: whether the lowest or highest --metric is best (default: max for accuracy-like names, "
-        "min for losses)",
-    )
-    @argument(
-        "--as",
-        dest="as_name",
-        metavar="NAME",
-        help="with --sweep: the name of the sweep object injected when it ends (default: sweep)",
-    )
+    @project_options
+    @gpu_options
+    @sweep_options
+    @slurm_options
     @cell_magic
     def remote_train(self, line: str, cell: str) -> None:
         """Run this cell on a host and bring back what it assigned.
@@ -480,6 +443,38 @@ class RemoteMagics(Magics):
         changes in place, such as a model whose fit ran) appear here.
         """
         args = _parse(self.remote_train, line)
+        options, grid, fetch = self._train_options(args)
+        client = self._client(args.host, args.python)
+        # Connect (and bring up the bulk path) while the inputs are pickled and hashed: on a fresh kernel the
+        # connection is ready when they are.
+        connecting = self._in_background(lambda: _connected(client))
+        hashes = project.HashCache()  # a sweep's trials share their files: each is hashed once
+        submissions = [self._prepare(cell, args, params, hashes) for params in ([{}] if grid is None else grid)]
+        # Hash the inputs' buffers while the environment is checked (both need seconds for GiBs or a new set
+        # of imports; hashlib lets go of the GIL).
+        seen: dict[tuple[int, int], str] = {}  # a sweep's trials share their arrays: each is hashed once
+        hashing = self._in_background(lambda: [submission.payload.hash(seen) for submission in submissions])
+        settings = self.connections.settings_for(args.host or self.default_host)
+        host = request.HostFacts.from_hello(client.host, settings, connecting.result())
+        with _usage_errors(request.RequestError):
+            job = request.job_request(options, host, None if grid is None else len(grid))
+        sweep = None if grid is None else self._new_sweep(client.host, grid, job.parallel, args)
+        panel = self._panel_for(client.host, sweep)
+        for submission in submissions:
+            job.apply(submission)
+        for note in (*job.notes, *codec.take_notes()):  # codec's: e.g. a dataset saved with one shuffle order
+            panel.get().note(note)
+        self._check_environments(client, args.env, submissions, panel)
+        hashing.result()
+        if sweep is None:
+            self._submit_job(client, submissions[0], args, fetch, panel)
+        else:
+            self._submit_sweep(client, sweep, submissions, args, panel)
+
+    def _train_options(
+        self, args: Any
+    ) -> tuple[request.JobOptions, list[dict[str, Any]] | None, session.FileFetch | None]:
+        """What %%remote_train's options ask that needs no host (the job's, a sweep's grid, --fetch), checked."""
         if args.checkpoint_every < 0:
             raise UsageError("--checkpoint-every takes a number of epochs, 0 or more (0: never checkpoint)")
         if args.no_inject and not args.detach:
@@ -489,98 +484,15 @@ class RemoteMagics(Magics):
                 "--files and --workdir do not go together: --files builds the job's own folder from this project, "
                 "--workdir runs in a folder that is already on the host. Choose one"
             )
-        if args.fetch_overwrite and not args.fetch:
-            raise UsageError("--fetch-overwrite goes with --fetch PATTERNS")
         grid = self._sweep_grid(args)
-        fetch = None
-        if args.fetch:
-            patterns = _list(args.fetch)
-            for pattern in patterns:
-                if pattern.startswith(("/", "~")):
-                    raise UsageError(
-                        f"--fetch {pattern}: patterns are relative to the job's working folder on the host "
-                        "(`..` may climb within the job's own folder)"
-                    )
-            fetch = session.FileFetch(patterns, os.getcwd(), args.fetch_overwrite)
-        if args.gpus is not None and args.gpu_ids is not None:
-            raise UsageError("--gpus and --gpu-ids do not go together: give a count, or the GPUs themselves")
-        client = self._client(args.host, args.python)
-        # Connect (and bring up the bulk path) while the inputs are pickled and hashed: on a fresh kernel the
-        # connection is ready when they are.
-        connecting = self._in_background(lambda: _connected(client))
-        hashes = project.HashCache()  # a sweep's trials share their files: each is hashed once
-        bound: list[dict[str, Any]] = [{}] if grid is None else grid
-        submissions = [self._prepare(cell, args, params, hashes) for params in bound]
-        # Hash the inputs' buffers while the environment is checked (both need seconds for GiBs or a new set
-        # of imports; hashlib lets go of the GIL).
-        seen: dict[tuple[int, int], str] = {}  # a sweep's trials share their arrays: each is hashed once
-        hashing = self._in_background(lambda: [submission.payload.hash(seen) for submission in submissions])
-        hello = connecting.result()
-        settings = self.connections.settings_for(args.host or self.default_host)
-        slurm_options = _slurm_options(args, settings, client.host)
-        host_gpus = (hello.get("gpus") or []) if settings.slurm is None else []
-        if settings.slurm is not None:
-            gpus, gpu_ids, default_used = _slurm_gpus(args.gpus, args.gpu_ids, settings.slurm, client.host), None, False
-        else:
-            gpus, gpu_ids, default_used = _gpu_request(args.gpus, args.gpu_ids, host_gpus, client.host)
-        sweep = None
-        if grid is not None:
-            # On Slurm the cluster's scheduler spreads the trials: all at once unless --parallel says otherwise
-            slurm_parallel = len(grid) if settings.slurm is not None else None
-            parallel = args.parallel or slurm_parallel or _default_parallel(gpus, gpu_ids, host_gpus)
-            trials = [Trial(number, params) for number, params in enumerate(grid)]
-            sweep = Sweep(new_sweep_id(), client.host, trials, args.metric, args.mode, parallel, args.as_name)
-            panel = _PanelWhenNeeded(lambda: make_sweep_panel(sweep, self.panel))
-        else:
-            panel = _PanelWhenNeeded(lambda: make_panel(client.host, self.panel))
-        busy = settings.busy_gpu_memory if host_gpus else None
-        for submission in submissions:
-            submission.gpus, submission.gpu_ids, submission.busy_gpu_memory = gpus, gpu_ids, busy
-            submission.queue = settings.queue
-            if settings.slurm is not None:
-                submission.gpus, submission.warm = 0, False  # the GPUs are Slurm's to give; no warm runners there
-                submission.slurm = settings.slurm.job_options(int(gpus), slurm_options)
-        if default_used and len(host_gpus) > 1 and sweep is None:
-            panel.get().note(f"using 1 of {len(host_gpus)} GPUs; --gpus all for all")
-        for note in codec.take_notes():  # e.g. a dataset saved with one shuffle order
-            panel.get().note(note)
-        if args.env:
-            env = self._environment(client, args.env, submissions[0], panel) or None
-            for submission in submissions:
-                submission.env = env
-        for submission in submissions:  # checked once per set of imports: the trials' are the same
-            self._check_environment(client, submission, panel)
-        hashing.result()
-        if sweep is not None:
-            self._run_sweep(client, sweep, submissions, args, panel)
-            return
-        try:
-            job_id = session.submit(client, submissions[0], progress=_upload_progress(panel))
-        except upload.FileChanged as exc:
-            raise UsageError(str(exc)) from None
-        self._note_slow_path(client, panel)
-        self.registry.add(client.host, job_id, args.name, self._notebook_path())
-        if fetch is not None:  # where this folder lies in the job's layout: files land in it, never above
-            fetch.layout_cwd = submissions[0].cwd
-        if args.detach:
-            print(
-                f"job {job_id} submitted to host {client.host}; it runs on. "
-                f"`%remote_status --host {client.host}` lists it, "
-                f"`%remote_attach {job_id} --host {client.host}` follows it and brings its outputs back."
-            )
-            if self._kernel_stays_alive():
-                shown = panel.get()
-                shown.start(job_id, args.name)
-                self.lifecycle.follow_in_background(client, job_id, shown, not args.no_inject, fetch=fetch)
-            return
-        shown = panel.get()
-        shown.start(job_id, args.name)
-        self.lifecycle.run(client, job_id, shown, fetch=fetch)
+        fetch = _file_fetch(args)
+        with _usage_errors(request.RequestError):
+            return request.JobOptions.pick(vars(args)), grid, fetch
 
     def _prepare(self, cell: str, args: Any, params: dict[str, Any], hashes: project.HashCache) -> session.Submission:
         """The cell as one job; a sweep's trial sees its parameters as variables (sent, whether or not defined here)."""
         shell = self.shell
-        try:
+        with _usage_errors(CaptureError, PayloadError, ProjectError):
             submission = session.prepare(
                 cell,
                 {**shell.user_ns, **params} if params else shell.user_ns,
@@ -589,12 +501,10 @@ class RemoteMagics(Magics):
                 name=args.name,
                 files=args.files,
                 ship_modules=self.ship_modules == "auto",
-                extra_modules=_list(args.modules) if args.modules else None,
+                extra_modules=option_list(args.modules) if args.modules else None,
                 hashes=hashes,
                 hash_buffers=False,  # hashed beside the connection and the environment check
             )
-        except (CaptureError, PayloadError, ProjectError) as exc:
-            raise UsageError(str(exc)) from None
         submission.checkpoint_every = args.checkpoint_every
         submission.warm = self.warm_runner
         submission.compress = args.compress or self.compress
@@ -618,10 +528,8 @@ class RemoteMagics(Magics):
                 f"--sweep {name}: this kernel has no variable {name}; define it in an earlier cell, "
                 f"e.g. {name} = {{'lr': [0.001, 0.01], 'units': [16, 32]}}"
             )
-        try:
+        with _usage_errors(SweepError):
             grid = expand_grid(name, self.shell.user_ns[name])
-        except SweepError as exc:
-            raise UsageError(str(exc)) from None
         if args.parallel is not None and args.parallel < 1:
             raise UsageError(f"--parallel takes how many trials may run at once, 1 or more, not {args.parallel}")
         if args.as_name is not None and not args.as_name.isidentifier():
@@ -633,46 +541,76 @@ class RemoteMagics(Magics):
             )
         return grid
 
-    def _run_sweep(
-        self, client: AgentClient, sweep: Sweep, submissions: list[session.Submission], args: Any, panel: Any
+    def _new_sweep(self, host: str, grid: list[dict[str, Any]], parallel: int | None, args: Any) -> Sweep:
+        trials = [Trial(number, params) for number, params in enumerate(grid)]
+        return Sweep(new_sweep_id(), host, trials, args.metric, args.mode, parallel, args.as_name)
+
+    def _panel_for(self, host: str, sweep: Sweep | None) -> _PanelWhenNeeded:
+        if sweep is None:
+            return _PanelWhenNeeded(lambda: make_panel(host, self.panel))
+        return _PanelWhenNeeded(lambda: make_sweep_panel(sweep, self.panel))
+
+    def _check_environments(
+        self, client: AgentClient, env: str | None, submissions: list[session.Submission], panel: _PanelWhenNeeded
     ) -> None:
-        """Submit every trial at once (the host keeps to --parallel), then follow them all into one panel."""
-        base = args.name or "sweep"
-        submitted: list[str] = []
-        try:
-            for trial, submission in zip(sweep.trials, submissions, strict=True):
-                params = json_params(trial.params)
-                submission.sweep = {
-                    "id": sweep.id,
-                    "trial": trial.number,
-                    "trials": len(sweep.trials),
-                    "parallel": sweep.parallel,
-                    "params": params,
-                }
-                given = {"metric": args.metric, "mode": args.mode, "name": args.name}
-                submission.sweep.update({k: v for k, v in given.items() if v})  # the sidebar ranks by them too
-                submission.name = f"{base} #{trial.number}: {trial.label}"[:120]
-                trial.job_id = session.submit(client, submission, progress=_upload_progress(panel))
-                submitted.append(trial.job_id)
-                trial.view = JobView(client.host, job_id=trial.job_id, name=submission.name)
-                record = {**submission.sweep, "metric": args.metric, "mode": args.mode, "name": args.as_name}
-                self.registry.add(client.host, trial.job_id, submission.name, self._notebook_path(), sweep=record)
-        except BaseException as exc:
-            for job_id in submitted:  # half a sweep is not what was asked
-                with contextlib.suppress(RemoteMagicError):
-                    client.cancel(job_id)
-            if submitted:
-                print(f"sweep {sweep.id}: the {len(submitted)} trials submitted before this failure were cancelled")
-            if isinstance(exc, upload.FileChanged):
-                raise UsageError(str(exc)) from None
-            raise
+        """Build the --env environment (once for every trial), then refuse what could not load there, before upload."""
+        if env:
+            key = self._environment(client, env, submissions[0], panel) or None
+            for submission in submissions:
+                submission.env = key
+        for submission in submissions:  # checked once per set of imports: the trials' are the same
+            for note in self.environment_checks.check(client, submission):
+                panel.get().note(note)
+
+    def _submit_job(
+        self,
+        client: AgentClient,
+        submission: session.Submission,
+        args: Any,
+        fetch: session.FileFetch | None,
+        panel: _PanelWhenNeeded,
+    ) -> None:
+        """Submit the job and record it; follow it here, or with --detach in the background (in a kernel)."""
+        with _usage_errors(upload.FileChanged):
+            job_id = session.submit(client, submission, progress=_upload_progress(panel))
+        self._note_slow_path(client, panel)
+        self.registry.add(client.host, job_id, args.name, self._notebook_path())
+        if fetch is not None:  # where this folder lies in the job's layout: files land in it, never above
+            fetch.layout_cwd = submission.cwd
+        if args.detach:
+            print(
+                f"job {job_id} submitted to host {client.host}; it runs on. "
+                f"`%remote_status --host {client.host}` lists it, "
+                f"`%remote_attach {job_id} --host {client.host}` follows it and brings its outputs back."
+            )
+            if not self._kernel_stays_alive():
+                return
+        shown = panel.get()
+        shown.start(job_id, args.name)
+        if args.detach:
+            self.lifecycle.follow_in_background(client, job_id, shown, not args.no_inject, fetch=fetch)
+        else:
+            self.lifecycle.run(client, job_id, shown, fetch=fetch)
+
+    def _submit_sweep(
+        self,
+        client: AgentClient,
+        sweep: Sweep,
+        submissions: list[session.Submission],
+        args: Any,
+        panel: _PanelWhenNeeded,
+    ) -> None:
+        """Submit every trial (the host keeps to --parallel), then follow them all into one panel."""
+        with _usage_errors(upload.FileChanged):
+            submit_trials(
+                client, sweep, submissions, self.registry, args.name, self._notebook_path(), _upload_progress(panel)
+            )
         run = SweepRun(client, sweep, panel.get(), self.lifecycle, inject=not args.no_inject)
-        name = sweep.name or "sweep"
         if args.detach:
             print(
                 f"sweep {sweep.id}: {len(sweep.trials)} trials submitted to host {client.host}, {sweep.parallel} at a "
                 f"time; they run on. `%remote_status --host {client.host}` lists them, "
-                f"`%remote_attach {sweep.id}` follows the sweep and brings back `{name}`."
+                f"`%remote_attach {sweep.id}` follows the sweep and brings back `{sweep.name or 'sweep'}`."
             )
             if self._kernel_stays_alive():
                 panel.get().start()
@@ -684,12 +622,10 @@ class RemoteMagics(Magics):
 
     def _environment(self, client: AgentClient, env: str, submission: session.Submission, panel: Any) -> str:
         """Build the --env environment on the host (once), showing its build; its key ("" when nothing is needed)."""
-        try:
+        with _usage_errors(ProjectError):
             key, built = session.ensure_environment(
                 client, env, submission, lambda text: panel.get().progress(f"environment: {text}")
             )
-        except ProjectError as exc:
-            raise UsageError(str(exc)) from None
         if built.get("empty"):
             panel.get().note("--env auto: the host has every package the job needs; no environment was built")
         elif built["built"]:
@@ -706,26 +642,6 @@ class RemoteMagics(Magics):
             f"by itself ({client.bulk_failure}). Check that `ssh {client.host} true` works without a prompt, or "
             f"set c.RemoteMagics.hosts = {{{client.host!r}: {{'bulk_ssh': None}}}} to use paramiko alone"
         )
-
-    def _check_environment(self, client: AgentClient, submission: session.Submission, panel: Any) -> None:
-        """Refuse before upload what could not load on the host; note other differences.
-
-        Checked once per kernel, host, environment and set of packages: a
-        cell with the same imports as the last one costs no round trip.
-        """
-        needed = session.needed_imports(submission)
-        self._last_imports[client.host] = needed  # what %remote_env compares, refused or not
-        where = (client.host, client.transport.python, client.transport.root, submission.env)
-        key = (*where, tuple(needed))
-        report = self._checked_environments.get(key)
-        if report is None:
-            report = session.environment_report(client, needed, submission.env, submission.module_imports)
-            if report.blocking():
-                raise HostSetupError(report.refusal())
-            self._checked_environments[key] = report
-            for row in report.warnings():
-                there = row.host or "missing"
-                panel.get().note(f"{row.package} is {row.here} here but {there} on host {client.host}; {row.fix}")
 
     @magic_arguments()
     @host_argument
@@ -845,8 +761,8 @@ class RemoteMagics(Magics):
         args = _parse(self.remote_fetch, line)
         job_id = _job_id(args.job)
         client = self._client(self._job_host(job_id, args.host))
-        request = session.FileFetch(_list(args.patterns), os.getcwd(), args.overwrite)
-        for note in session.fetch_files(client, job_id, request, self.lifecycle.cache()):
+        wanted = session.FileFetch(option_list(args.patterns), os.getcwd(), args.overwrite)
+        for note in session.fetch_files(client, job_id, wanted, self.lifecycle.cache()):
             print(note)
 
     @magic_arguments()
@@ -864,7 +780,7 @@ class RemoteMagics(Magics):
         client = self._client(args.host)
         client.hello()
         base = [name for name in session.BASE_PACKAGES if session.has_distribution(name)]
-        needed = list(dict.fromkeys([*base, *self._last_imports.get(client.host, [])]))
+        needed = list(dict.fromkeys([*base, *self.environment_checks.last_imports.get(client.host, [])]))
         env = None
         if args.env:
             empty = session.Submission("", [], [], payload.pack({}, {}), imports=needed)

@@ -12,6 +12,7 @@ a panel is anything with ``trial_event``, ``note``, ``set_actions`` and
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -26,7 +27,9 @@ from typing import Any, Protocol
 from . import session
 from .agent import protocol
 from .errors import RemoteMagicError
+from .registry import Registry
 from .session.job_view import JobView
+from .wire import upload
 from .wire.client import AgentClient
 
 MODES = ("min", "max")
@@ -331,6 +334,47 @@ def _last_value(view: JobView, name: str) -> float | None:
         if name in row["logs"]:
             return row["logs"][name]
     return None
+
+
+def submit_trials(
+    client: AgentClient,
+    sweep: Sweep,
+    submissions: list[session.Submission],
+    registry: Registry,
+    job_name: str | None = None,
+    notebook: str | None = None,
+    progress: upload.Progress | None = None,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Submit every trial at once (the host keeps to ``sweep.parallel``), each recorded as it goes.
+
+    Half a sweep is not what was asked: a failure cancels the trials already submitted, and ``say`` tells so.
+    """
+    submitted: list[str] = []
+    try:
+        for trial, submission in zip(sweep.trials, submissions, strict=True):
+            submission.sweep = {
+                "id": sweep.id,
+                "trial": trial.number,
+                "trials": len(sweep.trials),
+                "parallel": sweep.parallel,
+                "params": json_params(trial.params),
+            }
+            given = {"metric": sweep._metric, "mode": sweep._mode, "name": job_name}
+            submission.sweep.update({k: v for k, v in given.items() if v})  # the sidebar ranks by them too
+            submission.name = f"{job_name or 'sweep'} #{trial.number}: {trial.label}"[:120]
+            trial.job_id = session.submit(client, submission, progress=progress)
+            submitted.append(trial.job_id)
+            trial.view = JobView(client.host, job_id=trial.job_id, name=submission.name)
+            record = {**submission.sweep, **given, "name": sweep.name}
+            registry.add(client.host, trial.job_id, submission.name, notebook, sweep=record)
+    except BaseException:
+        for job_id in submitted:
+            with contextlib.suppress(RemoteMagicError):
+                client.cancel(job_id)
+        if submitted:
+            say(f"sweep {sweep.id}: the {len(submitted)} trials submitted before this failure were cancelled")
+        raise
 
 
 Action = Callable[[], Any] | None  # what a button does (None: the button is off)

@@ -16,7 +16,7 @@ import pytest
 from test_fake_pipe import real_agent
 
 from remote_magic.agent import digest, protocol
-from remote_magic.agent.store import blobs, layout
+from remote_magic.agent.store import blobs, fetch, layout
 from remote_magic.errors import AgentCommandError
 from remote_magic.project import HashCache
 from remote_magic.project import files as project_files
@@ -97,6 +97,29 @@ def test_a_hash_cache_entry_an_earlier_version_stored_as_bare_hex_is_read_named(
     assert cache.digest(str(data)) == f"sha256:{fake}"
 
 
+def test_a_hash_cache_row_written_now_is_the_bare_hex_an_earlier_release_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier release sharing the cache file sends a row's digest as it finds it, to its own agent, which takes
+    bare hex only: the row stays bare hex, and this release names it when it reads it."""
+    monkeypatch.setattr(project_files, "_RACY_NS", 0)  # cache a file written just now
+    data = tmp_path / "data.bin"
+    data.write_bytes(DATA)
+    path = tmp_path / "hashes.sqlite"
+    assert HashCache(str(path)).digest(str(data)) == NAMED
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT path, size, digest FROM hashes").fetchall() == [(str(data), len(DATA), HEX)]
+    finally:
+        conn.close()
+
+    def never(*args: object) -> str:
+        raise AssertionError("hashed again: the row was not used")
+
+    monkeypatch.setattr(project_files, "_hash_file", never)
+    assert HashCache(str(path)).digest(str(data)) == NAMED
+
+
 def test_a_junk_hash_cache_entry_is_hashed_again(tmp_path: Path) -> None:
     data = tmp_path / "data.bin"
     data.write_bytes(DATA)
@@ -115,7 +138,7 @@ def test_fetched_files_are_listed_named_and_the_record_keeps_one_form(tmp_path: 
     (job / layout.WORK_DIR / "out.bin").write_bytes(DATA)
     record = job / protocol.FETCHED_BLOBS_FILE
     record.write_text(f'["{HEX}"]')  # an earlier agent's record, bare hex
-    assert layout.store_files(str(root), str(job), {}, ["out.bin"]) == [["out.bin", NAMED, len(DATA)]]
+    assert fetch.store_files(str(root), str(job), {}, ["out.bin"]) == [["out.bin", NAMED, len(DATA)]]
     assert blobs.read_digests(str(record)) == [NAMED]
     assert os.path.exists(os.path.join(blobs.blobs_dir(str(root)), HEX))
 

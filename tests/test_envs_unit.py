@@ -22,7 +22,7 @@ import pytest
 from wheels import build_wheel
 
 from remote_magic.agent import jobs
-from remote_magic.agent.store import envs
+from remote_magic.agent.store import envs, versions
 from remote_magic.errors import HostSetupError
 from remote_magic.project import envcheck
 from remote_magic.project.envcheck import EnvReport, Row
@@ -98,7 +98,7 @@ def test_env_key_ignores_order_and_comments_but_not_the_interpreter() -> None:
     assert envs.env_key(one) != envs.env_key(envs.normalize_requirements("a==2\nb==2\n--no-index"))
     base = os.path.realpath(sys.executable)  # the same Python by another path: another key (its venvs differ)
     assert envs.env_key(one, base) != envs.env_key(one)
-    assert envs.env_python_version(sys.executable) == ".".join(map(str, sys.version_info[:3]))
+    assert versions.env_python_version(sys.executable) == ".".join(map(str, sys.version_info[:3]))
 
 
 def test_an_empty_list_is_refused_with_the_fix(root: str) -> None:
@@ -153,9 +153,9 @@ def test_the_env_sees_host_packages_after_its_own(root: str, wheelhouse: Path) -
     """A pin of a package the host has wins in the env; the host keeps its own."""
     result = envs.ensure(root, _requirements(wheelhouse, "six==99.0"))
     assert _run_in(result.python, "import six; print(six.__version__)") == "99.0"
-    host_six = envs.installed_versions(["six"])["six"]
+    host_six = versions.installed_versions(["six"])["six"]
     assert host_six is not None and host_six != "99.0"
-    assert envs.installed_versions(["six", "numpy"], result.python) == {"six": "99.0", "numpy": numpy.__version__}
+    assert versions.installed_versions(["six", "numpy"], result.python) == {"six": "99.0", "numpy": numpy.__version__}
     pth = next(Path(root, "envs", result.key).rglob(envs.PTH_FILE)).read_text()
     assert "site.addsitedir" in pth and envs.host_site_dirs()[0] in pth
     # the env's site-packages come first on sys.path, then the host's
@@ -257,7 +257,7 @@ def test_without_a_usable_host_pip_the_env_gets_its_own(
 
 
 def test_installed_versions_here_normalizes_names() -> None:
-    got = envs.installed_versions(["NumPy", "cloud_pickle", "CloudPickle", "typing.extensions", "no-such-dist"])
+    got = versions.installed_versions(["NumPy", "cloud_pickle", "CloudPickle", "typing.extensions", "no-such-dist"])
     assert got["NumPy"] == numpy.__version__
     assert got["CloudPickle"] == cloudpickle.__version__
     assert got["cloud_pickle"] is None  # another name, not a spelling of cloudpickle
@@ -455,7 +455,7 @@ def test_report_text_and_html_name_the_differences() -> None:
 def test_an_installer_left_running_by_a_dead_agent_is_ended_before_the_next_build(tmp_path, wheelhouse: Path) -> None:
     """The connection dropped mid-build: the agent died, its pip ran on. The next build ends it first,
     so two installers never write into one folder."""
-    from remote_magic.agent.launch import procs
+    from remote_magic.agent import procs
 
     root = str(tmp_path)  # a root of its own: this env must be built here, not found from another test
     text = _requirements(wheelhouse, "tinypkg==2.0")

@@ -19,9 +19,8 @@ from test_lifecycle import _submitted_job_id
 from test_recovery import _wait_for
 
 from remote_magic import session
-from remote_magic.agent import jobs, protocol, runner
+from remote_magic.agent import jobs, procs, protocol, runner
 from remote_magic.agent.digest import file_name
-from remote_magic.agent.launch import procs
 from remote_magic.agent.store import blobs
 from remote_magic.errors import AgentCommandError, HostSetupError, RemoteMagicError
 from remote_magic.transport import LocalTransport
@@ -306,7 +305,7 @@ from remote_magic import session
 from remote_magic.wire.client import AgentClient
 from remote_magic.transport import LocalTransport
 from remote_magic.ui.panel import TextPanel
-from remote_magic.agent.launch import procs
+from remote_magic.agent import procs
 
 def rss():
     with open("/proc/self/statm") as f:

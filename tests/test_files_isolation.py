@@ -22,7 +22,7 @@ import pytest
 from conftest import run
 
 from remote_magic import session
-from remote_magic.agent.store import layout
+from remote_magic.agent.store import fetch
 from remote_magic.errors import RemoteMagicError
 
 ORIGINAL = '{"lr": 0.1}'
@@ -351,8 +351,8 @@ def test_a_malformed_answer_writes_nothing(tmp_path: Path, answer: object) -> No
 
 
 def test_the_agent_refuses_bounds_below_one(tmp_path: Path) -> None:
-    assert layout.fetch_limit_problem(0, 5) and layout.fetch_limit_problem(5, 0)
-    assert layout.fetch_limit_problem(1, 1) is None
+    assert fetch.fetch_limit_problem(0, 5) and fetch.fetch_limit_problem(5, 0)
+    assert fetch.fetch_limit_problem(1, 1) is None
 
 
 @pytest.mark.parametrize("swap", ["file", "folder"])
@@ -366,7 +366,7 @@ def test_the_agent_reads_exactly_the_file_it_checked(
     outside = tmp_path / "outside"
     (outside / "logs").mkdir(parents=True)
     (outside / "logs" / "run.txt").write_bytes(SECRET)
-    matching = layout.matching_files
+    matching = fetch.matching_files
 
     def swapped_after_matching(*args: Any, **kwargs: Any) -> dict[str, str]:
         found = matching(*args, **kwargs)
@@ -379,8 +379,8 @@ def test_the_agent_reads_exactly_the_file_it_checked(
             (job / "work" / "logs").symlink_to(outside / "logs")
         return found
 
-    monkeypatch.setattr(layout, "matching_files", swapped_after_matching)
-    with pytest.raises(layout.jobs.AgentError, match="nothing was fetched"):
-        layout.store_files(str(root), str(job), {"cwd": ""}, ["logs/run.txt"])
+    monkeypatch.setattr(fetch, "matching_files", swapped_after_matching)
+    with pytest.raises(fetch.jobs.AgentError, match="nothing was fetched"):
+        fetch.store_files(str(root), str(job), {"cwd": ""}, ["logs/run.txt"])
     stored = [p.read_bytes() for p in (root / "blobs").iterdir() if p.is_file()]
     assert SECRET not in stored

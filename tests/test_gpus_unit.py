@@ -15,7 +15,8 @@ from typing import Any
 import fake_nvidia_smi as fake
 import pytest
 
-from remote_magic.agent.launch import gpus, procs
+from remote_magic.agent import procs
+from remote_magic.agent.launch import gpus
 from remote_magic.agent.launch.gpus import Gpu, GpuProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -87,20 +87,87 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+# Which part of the system may import which (DESIGN.md's module map, read as rules).  A part is a
+# package of the client or the agent (``session``, ``wire``, ``agent.launch``...), or a module at the top of
+# either.  Each imports only parts below it; "agent" on the client side means the shared modules only
+# (see SHARED_AGENT_MODULES).
+_AGENT_BASE = {"agent.protocol", "agent.codec", "agent.frames", "agent.digest", "agent.bootstrap", "agent.procs",
+               "agent.disk"}  # fmt: skip
+MAY_IMPORT: dict[str, set[str]] = {
+    # the client, from the bottom up
+    "paths": set(),
+    "config": set(),
+    "errors": set(),
+    "registry": {"paths"},
+    "transport": {"agent", "errors", "paths"},
+    "project": {"agent", "errors", "paths"},
+    "wire": {"transport", "agent", "errors", "paths"},
+    "session": {"wire", "project", "transport", "registry", "agent", "errors", "paths", "config"},
+    "sweep": {"session", "wire", "registry", "agent", "errors"},
+    "ui": {"session", "sweep", "agent", "errors"},
+    "server": {"session", "registry", "config", "agent", "errors"},
+    "magics": {"session", "sweep", "ui", "project", "wire", "transport", "registry", "config", "agent", "errors"},
+    "": {"magics", "server"},  # remote_magic/__init__.py: the entry points
+    # the agent, from the bottom up
+    **{base: _AGENT_BASE for base in _AGENT_BASE},
+    "agent.jobs": _AGENT_BASE,
+    "agent.callbacks": _AGENT_BASE,
+    "agent.store": _AGENT_BASE | {"agent.jobs"},
+    "agent.launch": _AGENT_BASE | {"agent.jobs", "agent.callbacks", "agent.store"},
+    "agent.runner": _AGENT_BASE | {"agent.jobs", "agent.callbacks", "agent.store", "agent.launch"},
+    "agent.commands": _AGENT_BASE | {"agent.jobs", "agent.store", "agent.launch", "agent.runner"},
+    "agent.cli": _AGENT_BASE | {"agent.jobs", "agent.launch", "agent.commands"},
+    "agent.server": {"agent.cli", "agent.frames"},
+    "agent.entry": {"agent.cli", "agent.server"},
+    "agent.": set(),  # agent/__init__.py
+}
+
+
+def _part(module: str) -> str:
+    """The part of the system a module belongs to, as MAY_IMPORT names it."""
+    parts = module.split(".")[1:]
+    if parts[:1] != ["agent"]:
+        return parts[0] if parts else ""
+    return f"agent.{parts[1]}" if len(parts) > 1 else "agent."  # agent/launch/slurm.py: agent.launch
+
+
+def _crossings(graph: dict[str, set[str]], rules: dict[str, set[str]]) -> list[str]:
+    """Every import from one part into another that the rules do not allow (a client's "agent" is the package)."""
+    problems = []
+    for module, targets in sorted(graph.items()):
+        here = _part(module)
+        for target in sorted(targets):
+            there = _part(target)
+            if there == here:
+                continue
+            allowed = rules.get(here, set())
+            if there not in allowed and not (there.startswith("agent.") and "agent" in allowed):
+                problems.append(f"{module} ({here or 'remote_magic'}) imports {target} ({there})")
+    return problems
+
+
+def test_each_part_imports_only_the_parts_below_it() -> None:
+    graph = _graph()
+    assert sorted({_part(m) for m in graph} - set(MAY_IMPORT)) == []  # a new part is placed in the rules
+    assert _crossings(graph, MAY_IMPORT) == []
+
+
 def test_no_import_cycles() -> None:
     assert _cycles(_graph()) == []
 
 
 def test_the_agent_imports_only_the_standard_library_and_itself() -> None:
     problems = []
-    for path in (PACKAGE / "agent").glob("*.py"):
+    agent_files = sorted((PACKAGE / "agent").rglob("*.py"))
+    assert len(agent_files) > len(list((PACKAGE / "agent").glob("*.py")))  # its subpackages are read too
+    for path in agent_files:
         for module, at_import_time in _imports(path):
             top = module.split(".")[0]
             if module.startswith("remote_magic."):
                 if not module.startswith("remote_magic.agent"):
-                    problems.append(f"{path.name} imports {module}")
+                    problems.append(f"{_module_name(path)} imports {module}")
             elif at_import_time and top not in sys.stdlib_module_names and top != "__future__":
-                problems.append(f"{path.name} imports {module} at import time")
+                problems.append(f"{_module_name(path)} imports {module} at import time")
     assert problems == []
 
 
@@ -123,5 +190,11 @@ def test_the_layering_check_sees_a_cycle_and_a_forbidden_import() -> None:
     assert ("remote_magic.agent.jobs", True) in agent_cli
     server = _imports(PACKAGE / "agent" / "server.py")
     assert ("remote_magic.agent.frames", True) in server
+    upward = {"remote_magic.agent.store.blobs": {"remote_magic.agent.launch.slurm"}}
+    assert _crossings(upward, MAY_IMPORT) == [
+        "remote_magic.agent.store.blobs (agent.store) imports remote_magic.agent.launch.slurm (agent.launch)"
+    ]
+    assert _crossings({"remote_magic.wire.client": {"remote_magic.session.hosts"}}, MAY_IMPORT) != []
+    assert _crossings({"remote_magic.session.hosts": {"remote_magic.agent.protocol"}}, MAY_IMPORT) == []
     codec = dict(_imports(PACKAGE / "agent" / "codec.py"))
     assert codec.get("cloudpickle") is False  # imported inside a function: allowed in the agent

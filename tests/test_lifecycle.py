@@ -9,7 +9,7 @@ import time
 import numpy as np
 from conftest import MODEL_CELL, run
 
-from remote_magic.agent.launch.procs import process_alive
+from remote_magic.agent.procs import process_alive
 
 
 def _live_members_of_group(pgid: int) -> list[int]:

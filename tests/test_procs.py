@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from remote_magic.agent.launch import procs
-from remote_magic.agent.launch.procs import ProcessIdentity
+from remote_magic.agent import procs
+from remote_magic.agent.procs import ProcessIdentity
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

@@ -21,7 +21,7 @@ from test_lifecycle import _submitted_job_id
 
 from remote_magic import session
 from remote_magic.agent import protocol
-from remote_magic.agent.launch.procs import process_alive
+from remote_magic.agent.procs import process_alive
 from remote_magic.config import hosts_trait, ssh_config_trait
 from remote_magic.errors import RemoteMagicError
 from remote_magic.registry import Registry

@@ -12,7 +12,7 @@ from jupyter_server.auth.authorizer import Authorizer
 from test_server import _running_job
 
 from remote_magic.agent import protocol
-from remote_magic.agent.launch.procs import process_alive
+from remote_magic.agent.procs import process_alive
 
 # The resource name deployments write into their Authorizer: part of the API, so spelled out here.
 AUTH_RESOURCE = "remote_magic"

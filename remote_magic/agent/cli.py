@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import jobs, protocol
+from . import disk, jobs, protocol
 from .commands import host, job, store
 from .commands.base import CommandIO
 from .launch.host import SCHEDULERS
-from .store import disk
 
 __all__ = ["EXIT_PROBLEM", "CommandIO", "run_command"]
 

@@ -23,8 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
-from . import protocol
-from .store import disk
+from . import disk, protocol
 
 
 class AgentError(Exception):

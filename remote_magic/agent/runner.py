@@ -27,11 +27,11 @@ import types
 from importlib import metadata, util
 from typing import Any
 
-from . import callbacks, codec, jobs, protocol
+from . import callbacks, codec, disk, jobs, procs, protocol
 from . import digest as digests
-from .launch import gpus, procs
+from .launch import gpus
 from .launch.base import InJob
-from .store import blobs, disk, layout
+from .store import blobs, fetch, layout
 
 CELL_FILENAME = "<remote_train cell>"
 _VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")
@@ -246,7 +246,7 @@ class _Run:
         layout.release_copies(self.root, self.path)
         if self.cwd is None:
             return peaks
-        written, total = layout.written_files(self.path, self.spec, self.started)
+        written, total = fetch.written_files(self.path, self.spec, self.started)
         return {"files": written, "files_total": total, **peaks}
 
     def close(self) -> None:

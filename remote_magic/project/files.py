@@ -33,6 +33,7 @@ _RACY_NS = 2_000_000_000
 (coarse on some filesystems) would otherwise leave a stale digest behind an unchanged key."""
 _SQL_BATCH = 900  # below SQLite's oldest limit on bound parameters per statement
 _HASH_THREADS = min(4, os.cpu_count() or 1)  # hashlib releases the GIL on large reads
+_ROW_ALGORITHM = "sha256"  # the cache's digest column holds this algorithm's bare hex, in every release
 
 _new_hasher: Callable[[], digests.Hasher] = digests.new  # a seam: tests change a file mid-hash through it
 
@@ -63,6 +64,10 @@ class HashCache:
 
     The database is only a cache: when it is missing, locked for long, unwritable or damaged, files are
     simply hashed again.  WAL mode lets several kernels read and write it at once.
+
+    Its ``digest`` column holds sha256's bare hex, as it always has, and is named (``sha256:<hex>``) when read:
+    an earlier release sharing the file sends a row as it finds it to its own agent, which takes bare hex only.
+    Keeping the file and its rows in that form costs nothing; a new file would hash every file again once.
     """
 
     def __init__(self, path: str | None = None) -> None:
@@ -121,13 +126,15 @@ class HashCache:
         for i, (path, st) in enumerate(items):
             row = rows.get(path)
             if row is not None and row[:-1] == _key(st) and digests.is_digest(row[-1]):
-                found[i] = digests.normal(row[-1])  # earlier versions stored bare hex
+                found[i] = digests.normal(row[-1])  # bare hex (a few rows of a development version: named)
         return found
 
     def _store(self, entries: list[tuple[tuple[str, os.stat_result], str]]) -> None:
         settled = time.time_ns() - _RACY_NS
         rows = [
-            (path, *_key(st), digest) for (path, st), digest in entries if max(st.st_mtime_ns, st.st_ctime_ns) < settled
+            (path, *_key(st), hex_)
+            for (path, st), digest in entries
+            if max(st.st_mtime_ns, st.st_ctime_ns) < settled and (hex_ := _row_digest(digest)) is not None
         ]
         if not rows:
             return
@@ -183,6 +190,13 @@ class HashCache:
                 self._unusable = True
                 return None
         return None
+
+
+def _row_digest(digest: str) -> str | None:
+    """A digest as the cache's column holds it: sha256's bare hex, which every release reads; None for
+    another algorithm's (not cached: an earlier release would take its hex for sha256)."""
+    parts = digests.split(digest)
+    return parts[1] if parts is not None and parts[0] == _ROW_ALGORITHM else None
 
 
 def _close(conn: sqlite3.Connection | None) -> None:

@@ -11,9 +11,9 @@ import shutil
 import time
 from typing import Any
 
-from .. import jobs, protocol
+from .. import disk, jobs, protocol
 from ..launch import process, warm
-from ..store import blobs, disk, envs, layout
+from ..store import blobs, envs, fetch, layout, versions
 from .base import CommandIO
 
 AGENT_DEPLOY_SECONDS = 3600  # an agent version younger than this may be about to start a job: gc spares it
@@ -97,10 +97,10 @@ def cmd_fetch_files(root: str, agent_hash: str, args: argparse.Namespace, io: Co
         )
     if not os.path.isdir(layout.job_cwd(path, spec)):
         raise jobs.AgentError(f"job {args.job_id} has no working folder on the host any more")
-    problem = layout.fetch_limit_problem(args.max_files, args.max_bytes)
+    problem = fetch.fetch_limit_problem(args.max_files, args.max_bytes)
     if problem:
         raise jobs.AgentError(problem)
-    files = layout.store_files(root, path, spec, args.patterns, args.max_files, args.max_bytes)
+    files = fetch.store_files(root, path, spec, args.patterns, args.max_files, args.max_bytes)
     # where the cell ran inside its layout: the client writes only inside its own copy of that layout
     io.print_json({"files": files, "cwd": "" if spec.get("workdir") else spec.get("cwd") or ""})
     return 0
@@ -113,8 +113,8 @@ def cmd_versions(root: str, agent_hash: str, args: argparse.Namespace, io: Comma
         python = envs.env_python(root, args.env)
         if python is None:
             raise jobs.AgentError(f"environment {args.env!r} is not built on this host")
-    version = envs.env_python_version(python) if python else platform.python_version()
-    io.print_json({"python": version, "versions": envs.installed_versions(args.names, python)})
+    version = versions.env_python_version(python) if python else platform.python_version()
+    io.print_json({"python": version, "versions": versions.installed_versions(args.names, python)})
     return 0
 
 

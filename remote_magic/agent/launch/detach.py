@@ -6,8 +6,7 @@ import os
 import subprocess
 import sys
 
-from .. import bootstrap, jobs
-from . import procs
+from .. import bootstrap, jobs, procs
 
 
 def spawn_detached(argv: list[str], log: str, cwd: str, env: dict[str, str]) -> procs.ProcessIdentity | None:

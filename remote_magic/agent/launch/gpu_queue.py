@@ -37,10 +37,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import bootstrap, jobs, protocol
+from .. import bootstrap, disk, jobs, procs, protocol
 from ..protocol import GpuRequest
-from ..store import disk
-from . import gpus, procs, queue_folder, queue_records, start
+from . import gpus, queue_folder, queue_records, start
 from .detach import spawn_detached, untagged_environment
 from .host import PROCESS
 from .queue_records import Entry, Held, Member

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import procs
+from .. import procs
 
 _GPU_FIELDS = "index,uuid,name,memory.total,memory.used,utilization.gpu"
 _APP_FIELDS = "gpu_uuid,pid,used_memory"

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from ..store import disk
+from .. import disk
 
 HOST_FILE = "host.json"
 PROCESS, SLURM = "process", "slurm"  # the launchers a host reports at hello

@@ -16,9 +16,9 @@ import signal
 import time
 from typing import Any
 
-from .. import jobs, protocol
+from .. import jobs, procs, protocol
 from ..callbacks import Cancelled, TrainingHooks
-from . import gpus, procs, start, warm
+from . import gpus, start, warm
 from .base import ENDED, InJob, Launcher, Phase
 
 

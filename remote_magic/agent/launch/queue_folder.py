@@ -24,8 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from .. import jobs
-from ..store import disk
+from .. import disk, jobs
 from . import queue_records, start
 from .queue_records import HELD_DIR, Entry, Held, Member
 

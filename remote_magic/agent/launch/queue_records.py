@@ -30,9 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import protocol
+from .. import procs, protocol
 from ..protocol import GpuRequest
-from . import procs
 
 HELD_DIR = "held"
 DISPATCHER_ID = "dispatcher.id"  # in each queue folder: how other users tell that its owner's dispatcher runs

@@ -24,8 +24,7 @@ import subprocess
 import time
 from typing import Any
 
-from .. import bootstrap, jobs, protocol
-from ..store import disk
+from .. import bootstrap, disk, jobs, protocol
 from . import start, warm
 from .base import ENDED, InJob, Launcher, Phase
 from .detach import untagged_environment

@@ -22,9 +22,8 @@ import sys
 import time
 from typing import Any
 
-from .. import protocol
+from .. import disk, protocol
 from ..callbacks import Cancelled, EmitFn, Requeue, TrainingHooks
-from ..store import disk
 from .base import InJob
 
 EARLY_USR2 = "_remote_magic_usr2"  # set on ``sys`` by the job script's first lines: a USR2 before the runner ran

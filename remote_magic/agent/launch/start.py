@@ -14,9 +14,8 @@ import socket
 import time
 from typing import Any
 
-from .. import bootstrap, jobs, protocol
-from ..store import disk
-from . import gpus, procs, warm
+from .. import bootstrap, disk, jobs, procs, protocol
+from . import gpus, warm
 from .detach import spawn_detached, untagged_environment
 
 START_GRACE_SECONDS = 30.0  # a job may be this long between being started and its launch record appearing

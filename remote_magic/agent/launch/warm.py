@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import bootstrap, jobs, protocol
-from ..store import disk, envs
-from . import gpus, procs
+from .. import bootstrap, disk, jobs, procs, protocol
+from ..store import envs
+from . import gpus
 from .detach import spawn_detached, untagged_environment
 
 HEAVY_MODULES = ("tensorflow", "keras", "torch", "jax", "sklearn", "pandas")

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from .. import digest as digests
 from .. import jobs, protocol
-from .disk import FILE_MODE, atomic_write, ensure_dir, unlink_quietly
+from ..disk import FILE_MODE, atomic_write, ensure_dir, unlink_quietly
 
 _CHUNK = 4 * 1024 * 1024
 

@@ -22,7 +22,8 @@ Layout::
 
 Every lookup of a built env for a job (submit, launch, a version check, a
 reuse by ``ensure``) moves its last use, so ``collect`` (``%remote_gc``)
-can remove the envs no job has used for a while.
+can remove the envs no job has used for a while.  What an interpreter has
+installed (a built env's or this one's) is ``versions.py``'s.
 """
 
 from __future__ import annotations
@@ -44,11 +45,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata, util
+from importlib import util
 
-from .. import jobs
-from ..launch import procs
-from . import disk
+from .. import disk, jobs, procs
+from . import versions
 
 ENVS_DIR = "envs"
 READY_FILE = ".ready"
@@ -99,7 +99,7 @@ def env_key(requirements: list[str], python: str = sys.executable) -> str:
     An upgraded or replaced interpreter gets new envs: a venv's links and
     compiled packages belong to the Python that built them.
     """
-    version = sys.version if python == sys.executable else _run_python(python, "import sys; print(sys.version)")
+    version = sys.version if python == sys.executable else versions.run_python(python, "import sys; print(sys.version)")
     text = "\n".join([*requirements, "", python, version.strip()])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -260,18 +260,7 @@ def _run(
 
     ``tag`` marks the step's processes (see procs.py), so a later build can end one its dead agent left.
     """
-    env = procs.tag_environment(
-        dict(
-            os.environ,
-            PYTHONUNBUFFERED="1",  # lines as they happen, not when a buffer fills
-            PIP_DISABLE_PIP_VERSION_CHECK="1",
-            PIP_NO_INPUT="1",
-            PIP_PROGRESS_BAR="off",
-            UV_NO_PROGRESS="1",
-        ),
-        tag,
-    )
-    env.pop("VIRTUAL_ENV", None)  # the installers are told the target explicitly
+    env = _step_environment(tag)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise _BuildFailed(f"building the environment took longer than {timeout:.0f} s (REMOTE_MAGIC_ENV_TIMEOUT)")
@@ -320,6 +309,23 @@ def _run(
         raise _BuildFailed(f"{what} failed (exit status {returncode})")
 
 
+def _step_environment(tag: str) -> dict[str, str]:
+    """The environment of a build step: quiet, unbuffered installers, no venv of the agent's, ``tag`` set."""
+    env = procs.tag_environment(
+        dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",  # lines as they happen, not when a buffer fills
+            PIP_DISABLE_PIP_VERSION_CHECK="1",
+            PIP_NO_INPUT="1",
+            PIP_PROGRESS_BAR="off",
+            UV_NO_PROGRESS="1",
+        ),
+        tag,
+    )
+    env.pop("VIRTUAL_ENV", None)  # the installers are told the target explicitly
+    return env
+
+
 def host_site_dirs() -> list[str]:
     """This interpreter's site-packages folders (user site included when enabled), in ``sys.path`` order."""
     candidates = [sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), *site.getsitepackages()]
@@ -339,7 +345,7 @@ def _write_pth(env_python_path: str) -> None:
     ``site.addsitedir`` (not bare path lines) so the ``.pth`` files in those
     folders run too: editable installs and namespace hooks keep working.
     """
-    site_packages = _run_python(
+    site_packages = versions.run_python(
         env_python_path, "import sysconfig; print(sysconfig.get_path('purelib'))", error="the new environment"
     ).strip()
     dirs = [d for d in host_site_dirs() if "\n" not in d]
@@ -477,58 +483,3 @@ def _tree_size(path: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(parent, name)).st_size
     return total
-
-
-# ------------------------------------------------------------- inspection
-def _canonical(name: str) -> str:
-    """PEP 503: ``-``, ``_`` and ``.`` are one character, case does not count."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-# Run by another interpreter: standard library only, prints {canonical name: version}.
-_VERSIONS_SCRIPT = """
-import json, re, sys
-from importlib import metadata, util
-found = {}
-for dist in metadata.distributions():
-    name = dist.metadata["Name"]
-    if name:
-        found.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist.version)
-print(json.dumps({n: found.get(n) for n in json.loads(sys.argv[1])}))
-"""
-
-
-def installed_versions(distributions: list[str], python: str | None = None) -> dict[str, str | None]:
-    """Versions of ``distributions`` (None when missing), from metadata: no package is imported.
-
-    ``python``: ask that interpreter (an env's) instead of this one.  The
-    first distribution on its ``sys.path`` wins, as it would at import time.
-    """
-    wanted = {name: _canonical(name) for name in distributions}
-    if python is None:
-        found: dict[str, str] = {}
-        for dist in metadata.distributions():
-            name = dist.metadata["Name"]
-            if name:
-                found.setdefault(_canonical(name), dist.version)
-        versions: dict[str, str | None] = {n: found.get(n) for n in set(wanted.values())}
-    else:
-        versions = json.loads(_run_python(python, _VERSIONS_SCRIPT, json.dumps(sorted(set(wanted.values())))))
-    return {name: versions.get(canonical) for name, canonical in wanted.items()}
-
-
-def env_python_version(python: str) -> str:
-    """``3.11.7``: the version of the interpreter at ``python``."""
-    return _run_python(python, "import platform; print(platform.python_version())").strip()
-
-
-def _run_python(python: str, script: str, *args: str, error: str | None = None) -> str:
-    """stdout of ``python -c script args``; AgentError (with its stderr) when it fails."""
-    try:
-        done = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise jobs.AgentError(f"could not run {error or python}: {exc}") from None
-    if done.returncode != 0:
-        last = " | ".join(done.stderr.strip().splitlines()[-3:])
-        raise jobs.AgentError(f"{error or python} failed (exit status {done.returncode}): {last}")
-    return done.stdout
