@@ -215,7 +215,7 @@ def test_another_interpreter_on_the_same_host_is_checked_again(ip, host_h, kerne
         result.error_in_exec
     ):
         pytest.xfail(
-            "session/request.py EnvironmentChecks keys its cache by client.host only (the alias), not the interpreter: "
+            "session/env_checks.py EnvironmentChecks keys its cache by client.host only (the alias), not the interpreter: "
             "the report of the host venv was reused for --python, the job was sent and failed on the host"
         )
     assert isinstance(result.error_in_exec, HostSetupError), result.error_in_exec

@@ -1,4 +1,4 @@
-"""Per-job environments on the host (agent/envs.py) and the kernel/host comparison (envcheck.py).
+"""Per-job environments on the host (agent/store/envs.py) and the kernel/host comparison (project/envcheck.py).
 
 Nothing is downloaded: the packages are tiny wheels built here (tests/wheels.py), found through
 ``--no-index`` and ``--find-links`` lines in the requirements lists.

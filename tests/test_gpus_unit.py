@@ -1,4 +1,4 @@
-"""agent/gpus.py against a fake ``nvidia-smi`` (a simulation: no machine running the tests has a GPU)."""
+"""agent/launch/gpus.py against a fake ``nvidia-smi`` (a simulation: no machine running the tests has a GPU)."""
 
 from __future__ import annotations
 

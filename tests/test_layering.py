@@ -106,7 +106,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "sweep": {"session", "wire", "registry", "agent", "errors"},
     "ui": {"session", "sweep", "agent", "errors"},
     "server": {"session", "registry", "config", "agent", "errors"},
-    "magics": {"session", "sweep", "ui", "project", "wire", "transport", "registry", "config", "agent", "errors"},
+    "magic_options": {"session", "sweep", "wire", "agent", "errors"},  # the magics' options and their checks
+    "magics": {"magic_options", "session", "sweep", "ui", "project", "wire", "transport", "registry", "config",
+               "agent", "errors"},
     "": {"magics", "server"},  # remote_magic/__init__.py: the entry points
     # the agent, from the bottom up
     **{base: _AGENT_BASE for base in _AGENT_BASE},
@@ -120,7 +122,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "agent.server": {"agent.cli", "agent.frames"},
     "agent.entry": {"agent.cli", "agent.server"},
     "agent.": set(),  # agent/__init__.py
-}
+}  # fmt: skip
 
 
 def _part(module: str) -> str:

@@ -1,10 +1,13 @@
 """The client side of a job's life: host settings and connections, submit, follow, fetch, inject.
 
-One module per concern (``hosts``, ``submission``, ``environment``, ``following``, ``fetch``,
-``lifecycle``; ``job_view`` for what a panel shows); this face hands on the names the magics,
-the server, sweeps and the tests call as ``session.X``.  Nothing here knows widgets or IPython.
+One module per concern (``hosts``, ``request``, ``submission``, ``environment``, ``env_checks``,
+``background``, ``following``, ``fetch``, ``lifecycle``; ``job_view`` for what a panel shows); this
+face hands on the names the magics, the server, sweeps and the tests call as ``session.X``.  Nothing
+here knows widgets or IPython.
 """
 
+from .background import BackgroundWork, connected, prewarm
+from .env_checks import EnvironmentChecks, build_environment
 from .environment import (
     BASE_PACKAGES,
     KERAS_BACKENDS,
@@ -24,14 +27,14 @@ from .following import (
     raise_for_final,
     registered_jobs,
 )
-from .hosts import Connections, HostSettings, SlurmSettings
+from .hosts import ONE_LINE, Connections, HostSettings, OneLineError, SlurmSettings, control_problem
 from .lifecycle import JobLifecycle
 from .submission import Submission, prepare, submit
 
 __all__ = [
-    "BASE_PACKAGES", "KERAS_BACKENDS", "RECONNECT_TIMEOUT", "BackgroundFollower", "Connections", "FileFetch",
-    "HostSettings", "JobLifecycle", "SlurmSettings", "Submission", "describe_injection", "ensure_environment",
-    "environment_report", "expected_kernel_backend", "fetch_bounds", "fetch_checkpoint", "fetch_files",
-    "fetch_outputs", "follow", "has_distribution", "kernel_backend", "needed_imports", "prepare",
-    "raise_for_final", "registered_jobs", "shown_progress", "submit",
+    "BASE_PACKAGES", "KERAS_BACKENDS", "ONE_LINE", "RECONNECT_TIMEOUT", "BackgroundFollower", "BackgroundWork", "Connections",
+    "EnvironmentChecks", "FileFetch", "HostSettings", "JobLifecycle", "OneLineError", "SlurmSettings",
+    "Submission", "build_environment", "connected", "control_problem", "describe_injection", "ensure_environment", "environment_report", "expected_kernel_backend", "fetch_bounds",
+    "fetch_checkpoint", "fetch_files", "fetch_outputs", "follow", "has_distribution", "kernel_backend",
+    "needed_imports", "prepare", "prewarm", "raise_for_final", "registered_jobs", "shown_progress", "submit",
 ]  # fmt: skip

@@ -8,6 +8,7 @@ A mistake in one host's entry is raised when that host is used, never for anothe
 from __future__ import annotations
 
 import copy
+import re
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,11 +33,14 @@ class SlurmSettings:
     gpus: int = 0  # a login node has no nvidia-smi to count from: the default GPU request
     signal_grace: int = 120  # seconds before the time limit that the job checkpoints and requeues itself
 
-    def job_options(self, gpus: int, overrides: dict[str, Any]) -> dict[str, Any]:
-        """The job's ``slurm`` spec: these settings, ``overrides`` from the cell's options on top."""
+    def job_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The job's ``slurm`` spec: these settings, ``overrides`` from the cell's options on top.
+
+        Its GPUs are not among them: they travel as the job's ``GpuRequest``, the same on every launcher.
+        """
         options = {key: getattr(self, key) for key in SLURM_SETTING_KEYS if key != "gpus"}
         options.update({key: value for key, value in overrides.items() if value})
-        return {**options, "gpus": gpus}
+        return options
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,38 @@ HOST_SETTING_KEYS = frozenset(
     {"python", "root", "busy_gpu_memory", "queue", "bulk_ssh", "scheduler", *SLURM_SETTING_KEYS}
 )
 _UNITS_MIB = {"kib": 1 / 1024, "k": 1 / 1024, "mib": 1, "m": 1, "gib": 1024, "g": 1024}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+ONE_LINE = (
+    "values reach command lines and Slurm's batch script on the host, where it would start a new line "
+    "(and sbatch drops the directives after it)"
+)
+
+
+class OneLineError(ValueError):
+    """A host's name or setting that would not stay on one line; its message names the setting itself."""
+
+
+def control_problem(value: str) -> str | None:
+    """What in ``value`` would break out of its line in a shell command or a script: its first control character."""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    return "a line break" if found.group() in "\r\n" else f"the control character {found.group()!r}"
+
+
+def _check_one_line(host: str, settings: dict[str, Any]) -> None:
+    """The host's name and every string of its settings (python, root, partition, setup lines...) on one line."""
+    problem = control_problem(host)
+    if problem:
+        raise OneLineError(f"the host name {host!r} has {problem} in it: {ONE_LINE}. Give it on one line")
+    for key, value in settings.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            problem = control_problem(item) if isinstance(item, str) else None
+            if problem:
+                raise OneLineError(
+                    f"c.RemoteMagics.hosts[{host!r}][{key!r}] {item!r} has {problem} in it: {ONE_LINE}. Give each "
+                    "value on one line (several setup lines go as a list of strings); nothing was sent"
+                )
 
 
 def memory_mib(value: object, setting: str) -> int:
@@ -78,7 +114,11 @@ def memory_mib(value: object, setting: str) -> int:
 
 
 def read_host_settings(host: str, settings: dict[str, Any]) -> HostSettings:
-    """A host's entry in ``c.RemoteMagics.hosts``, checked; ValueError naming the key that is wrong."""
+    """A host's entry in ``c.RemoteMagics.hosts``, checked; ValueError naming the key that is wrong.
+
+    ``OneLineError`` (a ValueError) first, for a value that would add lines to a command or a batch script.
+    """
+    _check_one_line(host, settings)
     unknown = set(settings) - HOST_SETTING_KEYS
     if unknown:
         raise ValueError(

@@ -17,13 +17,9 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from ..agent.protocol import GpuRequest
-from ..errors import HostSetupError
-from .environment import environment_report, needed_imports
 from .hosts import HostSettings, SlurmSettings
 
 if TYPE_CHECKING:
-    from ..project.envcheck import EnvReport
-    from ..wire.client import AgentClient
     from .submission import Submission
 
 SLURM, PROCESS = "slurm", "process"  # the launchers a host reports at hello
@@ -196,9 +192,7 @@ def _sbatch_options(options: JobOptions, host: HostFacts) -> dict[str, Any] | No
         given["extra_args"] = shlex.split(options.slurm or "")
     except ValueError as exc:
         raise RequestError(f"--slurm {options.slurm!r}: {exc}") from None
-    sbatch = host.slurm.job_options(0, given)
-    sbatch.pop("gpus", None)  # the job's GPUs travel as its GpuRequest, the same on every launcher
-    return sbatch
+    return host.slurm.job_options(given)
 
 
 def _parallel(options: JobOptions, host: HostFacts, gpus: GpuRequest, trials: int) -> int:
@@ -211,35 +205,3 @@ def _parallel(options: JobOptions, host: HostFacts, gpus: GpuRequest, trials: in
     if not host.gpus or gpus.ids or gpus.count in (0, GpuRequest.ALL):
         return 1
     return max(1, host.gpus // gpus.count)
-
-
-class EnvironmentChecks:
-    """The hosts' answers to environment checks, kept for the kernel's life.
-
-    Keyed by host, interpreter, root, environment and set of imports: a cell
-    with the same imports as an earlier one costs no round trip.
-    """
-
-    def __init__(self) -> None:
-        self._passed: dict[tuple[Any, ...], EnvReport] = {}
-        self.last_imports: dict[str, list[str]] = {}  # per host: what %remote_env compares, refused or not
-
-    def clear(self) -> None:
-        self._passed.clear()
-        self.last_imports.clear()
-
-    def check(self, client: AgentClient, submission: Submission) -> list[str]:
-        """Refuse before upload (``HostSetupError``) what could not load on the host; notes on what only differs."""
-        needed = needed_imports(submission)
-        self.last_imports[client.host] = needed
-        key = (client.host, client.transport.python, client.transport.root, submission.env, tuple(needed))
-        if key in self._passed:
-            return []
-        report = environment_report(client, needed, submission.env, submission.module_imports)
-        if report.blocking():
-            raise HostSetupError(report.refusal())
-        self._passed[key] = report
-        return [
-            f"{row.package} is {row.here} here but {row.host or 'missing'} on host {client.host}; {row.fix}"
-            for row in report.warnings()
-        ]
