@@ -148,6 +148,7 @@ class Bench:
     # 2 ---------------------------------------------------------------------------------------
     def download(self) -> None:
         from remote_magic import session
+        from remote_magic.agent import digest as digests
         from remote_magic.wire.cache import BlobCache
 
         cell = (
@@ -157,8 +158,7 @@ class Bench:
         submission = session.prepare(cell, {})
         job_id = session.submit(transport, submission)
         final = session.follow(transport, job_id, lambda event: None)
-        digest = final["blobs"][0][0]
-        host_file = self.sshd.host_root / "blobs" / digest
+        host_file = self.sshd.host_root / "blobs" / digests.file_name(final["blobs"][0][0])
         local = self.tmp / "download.bin"
         scp_time = _median_time(lambda: self.scp(f"testhost:{host_file}", str(local)), 3)
 

@@ -20,7 +20,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Int, Unicode
 
 from . import project, session
-from .agent import codec, protocol
+from .agent import protocol
 from .config import hosts_trait, ssh_config_trait
 from .magic_options import (
     MagicHints,
@@ -224,7 +224,8 @@ class RemoteMagics(Magics):
         panel = self._panel_for(client.host, sweep)
         for submission in submissions:
             job.apply(submission)
-        for note in (*job.notes, *codec.take_notes()):  # codec's: e.g. a dataset saved with one shuffle order
+        pickling = (note for submission in submissions for note in submission.payload.notes)  # a shuffle order
+        for note in dict.fromkeys((*job.notes, *pickling)):
             panel.note(note)
         with usage_errors(ProjectError):
             self.environment_checks.prepare(client, args.env, submissions, panel.progress, panel.note)

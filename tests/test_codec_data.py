@@ -26,11 +26,6 @@ def _round_trip(values: dict[str, Any], notebook_objects: list[Any] | None = Non
     return codec.loads(data, [bytes(buf) for buf in buffers])
 
 
-@pytest.fixture(autouse=True)
-def _no_notes_left_over() -> None:
-    codec.take_notes()
-
-
 # PyTorch tensors -------------------------------------------------------------
 
 
@@ -215,20 +210,22 @@ def test_simulated_cuda_tensor_loads_on_the_cpu_here_with_a_note(monkeypatch) ->
     assert not torch.cuda.is_available()
     _recorded_as(monkeypatch, "cuda:0")
     weights = torch.nn.Parameter(torch.randn(3, 3))
-    back = _round_trip({"w": weights, "t": torch.ones(2)})
+    with codec.noting() as notes:
+        back = _round_trip({"w": weights, "t": torch.ones(2)})
     assert back["w"].device.type == "cpu" and type(back["w"]) is torch.nn.Parameter
     assert torch.equal(back["w"].detach(), weights.detach())
-    assert codec.take_notes() == ["tensors that were on cuda:0 on the host are on the CPU here: this kernel has no GPU"]
-    assert codec.take_notes() == []  # taken once
+    assert notes == ["tensors that were on cuda:0 on the host are on the CPU here: this kernel has no GPU"]
+    with codec.noting() as later:
+        _round_trip({"n": 1})
+    assert later == []  # each result has its own notes
 
 
 def test_simulated_cuda_input_on_a_host_without_gpu_is_worded_for_the_host(monkeypatch) -> None:
     _recorded_as(monkeypatch, "cuda:1")
     data, buffers = codec.dumps({"t": torch.ones(2)})
-    assert codec.loads(data, buffers, receiver="host")["t"].device.type == "cpu"
-    assert codec.take_notes() == [
-        "tensors that were on cuda:1 in the notebook are on the CPU on the host: the host has no GPU"
-    ]
+    with codec.noting() as notes:
+        assert codec.loads(data, buffers, receiver="host")["t"].device.type == "cpu"
+    assert notes == ["tensors that were on cuda:1 in the notebook are on the CPU on the host: the host has no GPU"]
 
 
 def test_simulated_cuda_index_missing_here_maps_to_cuda_0(monkeypatch) -> None:
@@ -237,25 +234,28 @@ def test_simulated_cuda_index_missing_here_maps_to_cuda_0(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, device: moved.append(device) or self)
-    _round_trip({"t": torch.ones(2)})
+    with codec.noting() as notes:
+        _round_trip({"t": torch.ones(2)})
     assert moved == [torch.device("cuda", 0)]
-    assert codec.take_notes() == ["tensors that were on cuda:3 on the host are on cuda:0 here: this kernel has 1 GPU"]
+    assert notes == ["tensors that were on cuda:3 on the host are on cuda:0 here: this kernel has 1 GPU"]
 
 
 def test_a_failed_move_leaves_the_tensor_on_the_cpu_instead_of_failing_the_load(monkeypatch) -> None:
     _recorded_as(monkeypatch, "cuda:0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    back = _round_trip({"t": torch.ones(2)})  # this torch has no CUDA: .to("cuda:0") raises
+    with codec.noting() as notes:
+        back = _round_trip({"t": torch.ones(2)})  # this torch has no CUDA: .to("cuda:0") raises
     assert back["t"].device.type == "cpu"
-    assert "are on the CPU here: moving them failed" in codec.take_notes()[0]
+    assert "are on the CPU here: moving them failed" in notes[0]
 
 
 def test_notes_are_deduplicated() -> None:
-    codec._note("b")
-    codec._note("a")
-    codec._note("b")
-    assert codec.take_notes() == ["b", "a"]
+    with codec.noting() as notes:
+        codec._note("b")
+        codec._note("a")
+        codec._note("b")
+    assert notes == ["b", "a"]
 
 
 def test_a_threads_notes_stay_with_that_thread() -> None:
@@ -265,14 +265,28 @@ def test_a_threads_notes_stay_with_that_thread() -> None:
     taken: list[list[str]] = []
 
     def follower() -> None:
-        codec._note("from the follower")
-        taken.append(codec.take_notes())
+        with codec.noting() as notes:
+            codec._note("from the follower")
+        taken.append(notes)
 
-    codec._note("from the cell")
-    thread = threading.Thread(target=follower)
-    thread.start()
-    thread.join()
-    assert taken == [["from the follower"]] and codec.take_notes() == ["from the cell"]
+    with codec.noting() as cell:
+        codec._note("from the cell")
+        thread = threading.Thread(target=follower)
+        thread.start()
+        thread.join()
+    assert taken == [["from the follower"]] and cell == ["from the cell"]
+
+
+def test_notes_travel_with_the_values_they_came_from(monkeypatch) -> None:
+    """Two results loaded one after the other in one thread: each carries its own notes, none the other's."""
+    from remote_magic.project import payload
+
+    _recorded_as(monkeypatch, "cuda:0")
+    data, buffers = codec.dumps({"t": torch.ones(2)})
+    moved = payload.unpack(data, [bytes(buf) for buf in buffers])
+    plain = payload.unpack(*codec.dumps({"n": 1}))
+    assert moved.notes == ["tensors that were on cuda:0 on the host are on the CPU here: this kernel has no GPU"]
+    assert plain.notes == [] and plain == {"n": 1}
 
 
 # Referenced modules ----------------------------------------------------------
@@ -369,9 +383,10 @@ def test_a_dataset_round_trips_and_feeds_model_fit(tf) -> None:
 
     x, y = _xy()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
-    data, buffers = codec.dumps({"ds": dataset}, threshold=1024)
-    assert len(buffers) == 1  # the saved folder, as one tar
-    back = codec.loads(data, [bytes(b) for b in buffers])["ds"]
+    with codec.noting() as notes:
+        data, buffers = codec.dumps({"ds": dataset}, threshold=1024)
+        assert len(buffers) == 1  # the saved folder, as one tar
+        back = codec.loads(data, [bytes(b) for b in buffers])["ds"]
     assert back.element_spec == dataset.element_spec
     assert int(back.cardinality()) == 4
     for (bx, by), (ox, oy) in zip(back, dataset, strict=True):
@@ -381,29 +396,33 @@ def test_a_dataset_round_trips_and_feeds_model_fit(tf) -> None:
     model.compile(optimizer="adam", loss="binary_crossentropy")
     history = model.fit(back, epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2 and int(model.optimizer.iterations.numpy()) == 8
-    assert codec.take_notes() == []
+    assert notes == []
 
 
 def test_a_shuffled_dataset_travels_with_a_note_that_its_order_is_frozen(tf) -> None:
     x, y = _xy()
     shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(100).batch(32)
-    back = _round_trip({"ds": shuffled})["ds"]
+    with codec.noting() as notes:
+        back = _round_trip({"ds": shuffled})["ds"]
     first = np.concatenate([b.numpy() for _, b in back])
     second = np.concatenate([b.numpy() for _, b in back])
     assert np.array_equal(first, second) and sorted(first) == sorted(y)  # every element, one order
-    assert codec.take_notes() == [
+    assert notes == [
         "dataset 'ds' was saved with one shuffle order: on the host every epoch sees that same order; "
         "to reshuffle each epoch, shuffle inside the cell (e.g. ds = ds.unbatch().shuffle(1000).batch(32))"
     ]
     fixed = tf.data.Dataset.from_tensor_slices(x).shuffle(100, reshuffle_each_iteration=False)
-    _round_trip({"fixed": fixed})
-    assert codec.take_notes() == []  # its order never changed anyway
+    with codec.noting() as notes:
+        _round_trip({"fixed": fixed})
+    assert notes == []  # its order never changed anyway
 
 
 def test_a_shuffle_inside_interleave_is_seen(tf) -> None:
     nested = tf.data.Dataset.range(3).interleave(lambda i: tf.data.Dataset.range(5).shuffle(5))
-    assert sorted(int(v) for v in _round_trip({"nested": [nested]})["nested"][0]) == sorted(list(range(5)) * 3)
-    assert codec.take_notes() == [
+    with codec.noting() as notes:
+        back = _round_trip({"nested": [nested]})["nested"][0]
+    assert sorted(int(v) for v in back) == sorted(list(range(5)) * 3)
+    assert notes == [
         "a tf.data dataset was saved with one shuffle order: on the host every epoch sees that same order; "
         "to reshuffle each epoch, shuffle inside the cell (e.g. ds = ds.unbatch().shuffle(1000).batch(32))"
     ]

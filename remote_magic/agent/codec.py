@@ -25,15 +25,17 @@ in one uncompressed tar, and is loaded back from a folder that lives until
 the process exits.
 
 Some of this is worth telling the user (a tensor moved to the CPU, a shuffle
-order frozen by the save); such notes collect here, per thread, and
-``take_notes`` hands them to whoever shows them: the thread that pickled or
-loaded the values, so a cell's notes never reach a panel that a background
-follower (another thread) feeds, nor the other way round.
+order frozen by the save): the caller that shows a result collects the notes
+of the ``dumps``/``loads`` that made it (``with noting() as notes``), so the
+notes travel with that result and never reach another's panel (a cell's and
+a background follower's, in other threads or the same one).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import contextvars
 import io
 import os
 import pickle
@@ -51,7 +53,7 @@ BLOB_THRESHOLD = 256 * 1024
 
 _KERAS_PREFIXES = ("keras", "tensorflow", "tf_keras", "jax", "torch")
 
-_NOTES = threading.local()  # .pending: the notes of this thread's dumps and loads, not yet taken
+_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("remote_magic_codec_notes", default=None)
 # Who is loading, for the wording of device notes: set by ``loads`` for the unpickling thread.
 _LOADING = threading.local()
 
@@ -107,11 +109,19 @@ def loads(data: bytes, buffers: Iterable[Any], *, receiver: str = "kernel") -> A
         _LOADING.receiver = previous
 
 
-def take_notes() -> list[str]:
-    """The notes ``dumps`` and ``loads`` recorded in this thread since the last call, each once."""
-    notes = list(dict.fromkeys(getattr(_NOTES, "pending", [])))
-    _NOTES.pending = []
-    return notes
+@contextlib.contextmanager
+def noting() -> Iterator[list[str]]:
+    """The notes of the ``dumps`` and ``loads`` made inside, each once, for whoever shows their result.
+
+    Notes made outside any ``noting`` are dropped: nobody would show them.
+    """
+    notes: list[str] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+        notes[:] = dict.fromkeys(notes)
 
 
 def first_unpicklable(values: dict[str, Any], notebook_objects: Iterable[Any] = ()) -> tuple[str | None, str]:
@@ -135,9 +145,9 @@ def notebook_defined(namespace: dict[str, Any]) -> list[Any]:
 
 
 def _note(text: str) -> None:
-    if not hasattr(_NOTES, "pending"):
-        _NOTES.pending = []
-    _NOTES.pending.append(text)
+    notes = _NOTES.get()
+    if notes is not None:
+        notes.append(text)
 
 
 _PICKLER_CLASS: type | None = None

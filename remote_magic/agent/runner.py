@@ -193,8 +193,9 @@ class _Run:
         """Files, inputs, the cell, outputs; then the final event that says how it went."""
         try:
             self._run_phases(hooks)
-            manifest = _write_outputs(self.root, self.path, self.spec, self.namespace, self.emit)
-            self._warn_notes()
+            with codec.noting() as notes:
+                manifest = _write_outputs(self.root, self.path, self.spec, self.namespace, self.emit)
+            self._warn(notes)
             files = self.wind_up()
             seconds = round(time.time() - self.started, 3)
             self.emit(protocol.DONE, seconds=seconds, stopped=hooks.stop_requested.is_set(), **manifest, **files)
@@ -223,8 +224,9 @@ class _Run:
         self.job.files_placed(self.path)  # the other tasks of the job wait for them
         _use_job_folders(self.cwd, modules, self.spec)
         self.started, self.phase = time.time(), "inputs"
-        self.namespace.update(_load_inputs(self.root, self.path, self.spec))
-        self._warn_notes()
+        with codec.noting() as notes:
+            self.namespace.update(_load_inputs(self.root, self.path, self.spec))
+        self._warn(notes)
         self.namespace["remote_log"] = _remote_log(self.emit, hooks.stop_requested)
         callbacks.watch_keras(hooks)
         self.phase = "cell"
@@ -234,8 +236,8 @@ class _Run:
         self.err.close_line()
         self.phase = "outputs"
 
-    def _warn_notes(self) -> None:
-        for note in codec.take_notes():
+    def _warn(self, notes: list[str]) -> None:
+        for note in notes:
             self.emit(protocol.WARNING, message=note)
 
     def wind_up(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class Payload:
     buffers: list[memoryview]
     blobs: list[tuple[str, int]] = field(default_factory=list)  # (digest, size), in buffer order
     modules: set[str] = field(default_factory=set)  # modules of the classes and functions the pickle names
+    notes: list[str] = field(default_factory=list)  # what pickling them is worth telling (codec's notes)
 
     def hash(self, seen: dict[tuple[int, int], str] | None = None) -> None:
         """Address each buffer by its digest: 0.3 s per 512 MiB, so a cell runs it beside other work.
@@ -55,7 +56,8 @@ def pack(values: dict[str, Any], namespace: dict[str, Any], hash_buffers: bool =
     notebook_objects = codec.notebook_defined(namespace)
     modules: set[str] = set()
     try:
-        data, buffers = codec.dumps(values, notebook_objects, referenced_modules=modules)
+        with codec.noting() as notes:
+            data, buffers = codec.dumps(values, notebook_objects, referenced_modules=modules)
     except Exception as exc:  # noqa: BLE001  (name the culprit, whatever the pickler raised)
         name, reason = codec.first_unpicklable(values, notebook_objects)
         if name is None:
@@ -64,11 +66,20 @@ def pack(values: dict[str, Any], namespace: dict[str, Any], hash_buffers: bool =
             f"variable {name!r} ({type(values[name]).__name__}) cannot be sent to the host: {reason}. "
             f"Create it inside the cell instead, or leave it out of the cell"
         ) from None
-    packed = Payload(data, buffers, [], modules)
+    packed = Payload(data, buffers, [], modules, notes)
     if hash_buffers:
         packed.hash()
     return packed
 
 
-def unpack(data: bytes, buffers: Iterable[Any]) -> dict[str, Any]:
-    return codec.loads(data, buffers)
+class Values(dict[str, Any]):
+    """Unpickled values, with the notes their loading made (tensors that were on a GPU are on the CPU here)."""
+
+    notes: list[str]
+
+
+def unpack(data: bytes, buffers: Iterable[Any]) -> Values:
+    with codec.noting() as notes:
+        values = Values(codec.loads(data, buffers))
+    values.notes = notes
+    return values

@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..agent import codec
 from ..errors import RemoteMagicError
 from ..wire.cache import BlobCache
 from ..wire.client import AgentClient
@@ -132,7 +131,7 @@ class JobLifecycle:
                 )
                 raise
             self.inject(values)
-            for note in codec.take_notes():  # e.g. tensors that were on a GPU there are on the CPU here
+            for note in values.notes:  # e.g. tensors that were on a GPU there are on the CPU here
                 panel.note(note)
             panel.note(f"injected: {describe_injection(list(values))}")
         finally:
