@@ -1,4 +1,4 @@
-"""The magics' options: declared here in groups, and checked here wherever no host is needed.
+"""The magics' options: declared here in groups, checked here wherever no host is needed; hints phrased as magics.
 
 A user's mistake is a ``UsageError`` raised before anything is sent: a value
 that would not stay on one line (``parse``), a job id that cannot be one,

@@ -375,6 +375,8 @@ class RemoteMagics(Magics):
         if args.checkpoint:
             values, meta = session.fetch_checkpoint(client, job_id)
             self.shell.user_ns.update(values)
+            for note in values.notes:  # e.g. tensors that were on a GPU there are on the CPU here
+                print(note)
             print(
                 f"injected {', '.join(values)} from the checkpoint of job {job_id} on host {client.host} "
                 f"at epoch {meta['epoch']} of {meta.get('epochs') or '?'}"

@@ -414,8 +414,8 @@ def test_local_origin_reads_where_a_distribution_came_from(
             [sys.executable, "-m", "pip", "-q", "install", "--target", str(target), *requirement], check=True
         )
     monkeypatch.syspath_prepend(str(target))
-    assert envcheck.local_origin("loosepkg") == Path(wheel).as_uri()
-    assert envcheck.local_origin("tinypkg") is None and envcheck.local_origin("no-such-dist") is None
+    assert envcheck.install_origin("loosepkg") == Path(wheel).as_uri()
+    assert envcheck.install_origin("tinypkg") is None and envcheck.install_origin("no-such-dist") is None
 
 
 def test_report_text_and_html_name_the_differences() -> None:

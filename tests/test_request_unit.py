@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from remote_magic.agent.protocol import PROCESS_LAUNCHER as PROCESS
+from remote_magic.agent.protocol import SLURM_LAUNCHER as SLURM
 from remote_magic.agent.protocol import GpuRequest
 from remote_magic.session.hosts import HostSettings, SlurmSettings, read_host_settings
 from remote_magic.session.request import (
-    PROCESS,
-    SLURM,
     HostFacts,
     JobOptions,
     JobRequest,

@@ -34,7 +34,7 @@ from sshd import Sshd, make_sshd
 
 from remote_magic.agent import bootstrap
 from remote_magic.agent.digest import file_name
-from remote_magic.agent.launch import gpu_queue
+from remote_magic.agent.launch import queue_folder
 
 GROUP = "rm-gpuqueue"
 USERS = ("rm-alice", "rm-bob")
@@ -217,7 +217,7 @@ def test_two_users_share_one_gpu_queue_in_one_order_simulated_gpus(ip, shared_ho
     records = [p for p in shared_host.queue.rglob("*") if p.is_file()]
     assert records and all(stat.S_IMODE(p.stat().st_mode) & 0o007 == 0 for p in records)
     assert all(p.stat().st_gid == grp.getgrnam(GROUP).gr_gid for p in records)
-    assert stat.S_IMODE(alice.stat().st_mode) == 0o700 and (alice / gpu_queue.QUEUE_DIR).is_symlink()
+    assert stat.S_IMODE(alice.stat().st_mode) == 0o700 and (alice / queue_folder.QUEUE_DIR).is_symlink()
 
 
 def _local_host_on(ip, queue: Path, tmp_path: Path) -> tuple[Path, Any]:  # type: ignore[no-untyped-def]
@@ -253,7 +253,7 @@ def test_an_entry_whose_owner_has_no_dispatcher_left_blocks_nobody_simulated_gpu
         while time.monotonic() < deadline and not any(e["type"] == "done" for e in _events(root, job)):
             time.sleep(0.2)
         assert _outputs(root, job)["seen"] == "0"
-        assert (root / gpu_queue.QUEUE_DIR).resolve().parent == queue.resolve()
+        assert (root / queue_folder.QUEUE_DIR).resolve().parent == queue.resolve()
     finally:
         magics.connections.close()
         kill_processes_under(root)
@@ -488,7 +488,7 @@ def test_a_queue_an_older_agent_shared_moves_into_a_folder_of_our_own_simulated_
         for pid in processes_under(root):  # the dispatcher: the older agent's would have been gone
             if b"dispatch" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
                 os.kill(pid, signal.SIGKILL)
-        own = (root / gpu_queue.QUEUE_DIR).resolve()
+        own = (root / queue_folder.QUEUE_DIR).resolve()
         (queue / "held").mkdir()
         me = {"uid": os.getuid(), "user": "root", "root": str(root.resolve()), "agent": "0" * 16, "t": time.time()}
         for record in own.glob("*.json"):  # the waiting job's entry, as the older agent wrote it
@@ -497,10 +497,10 @@ def test_a_queue_an_older_agent_shared_moves_into_a_folder_of_our_own_simulated_
         for record in (own / "held").glob("*.json"):
             (queue / "held" / record.name).write_text(json.dumps(json.loads(record.read_text()) | me))
             record.unlink()
-        (root / gpu_queue.QUEUE_DIR).unlink()
-        (root / gpu_queue.QUEUE_DIR).symlink_to(queue)
+        (root / queue_folder.QUEUE_DIR).unlink()
+        (root / queue_folder.QUEUE_DIR).symlink_to(queue)
         later = _submit(ip, "local", "--gpus 1", 0)
-        assert (root / gpu_queue.QUEUE_DIR).resolve().parent == queue.resolve()
+        assert (root / queue_folder.QUEUE_DIR).resolve().parent == queue.resolve()
         assert queue.stat().st_mode & stat.S_ISVTX  # ours: upgraded in place
         deadline = time.monotonic() + 60
         ended = {"done", "error", "cancelled"}

@@ -7,7 +7,7 @@ Layout under the root (default ``~/.remote_magic``, mode 0700); blobs are ``stor
     jobs/<job_id>/events.jsonl
     jobs/<job_id>/outputs.pkl
 
-Every file others read is written atomically (``store/disk.py``); files are
+Every file others read is written atomically (``disk.py``); files are
 0600 in 0700 folders because they hold the user's data and code.
 """
 
@@ -28,10 +28,6 @@ from . import disk, protocol
 
 class AgentError(Exception):
     """A problem the agent reports to the client as a one-line message."""
-
-
-def default_root() -> str:
-    return os.environ.get("REMOTE_MAGIC_ROOT") or os.path.join("~", ".remote_magic")
 
 
 def read_launch(path: str) -> dict[str, Any] | None:

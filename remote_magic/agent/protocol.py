@@ -14,9 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+# The launchers a host reports at ``hello``; a job's spec and launch record name the one that runs it.
+PROCESS_LAUNCHER, SLURM_LAUNCHER = "process", "slurm"
+
 # Version of the event schema, the spec and the status row.  A client reads
 # jobs of this version and older; a job written by a newer agent is refused
-# with a message that says to upgrade (see ``check_schema``).
+# with a message that says to upgrade (see ``newer_schema_problem``).
 SCHEMA_VERSION = 2
 
 # The exact form of the ids the agent mints (``jobs.new_job_id``): a job is
@@ -87,7 +90,6 @@ STATE_UNREACHABLE = "unreachable"
 STATE_GONE = "gone"
 
 ACTIVE_STATES = frozenset({STATE_QUEUED, STATE_RUNNING, STATE_REQUEUED})
-ENDED_STATES = frozenset({STATE_DONE, STATE_STOPPED, STATE_ERROR, STATE_CANCELLED, STATE_KILLED})
 
 TERMINAL_STATE = {DONE: STATE_DONE, ERROR: STATE_ERROR, CANCELLED: STATE_CANCELLED, LOST: STATE_KILLED}
 
@@ -136,8 +138,9 @@ def newer_schema_problem(schema: object, job_id: str) -> str | None:
     return None
 
 
-# The spec (spec.json): what was asked.  The client sends these keys; the agent adds job_id, submitted, schema.
-# files/modules: [path, sha256, size, mode] placed in the job's layout / on its sys.path; cwd: the kernel's
+# The spec (spec.json): what was asked.  The client sends these keys; the agent adds job_id, submitted, schema, agent,
+# and launcher: the one the host chose at submit (an earlier client sent "slurm" itself), kept for the job's life.
+# files/modules: [path, digest, size, mode] placed in the job's layout / on its sys.path; cwd: the kernel's
 # working directory inside that layout; env: a built environment's key; backend: the job's KERAS_BACKEND;
 # gpus: a count or "all", gpu_ids: exact GPUs (the host's queue gives them); busy_gpu_memory: MiB a foreign
 # process may use on a GPU that still counts as free; queue: the host's GPU queue folder when its users share

@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Callable
 from importlib import metadata, util
 from typing import Any
 
@@ -165,7 +166,7 @@ class _Run:
     def begin(self) -> callbacks.TrainingHooks:
         """Signals, GPUs and the ``started`` event; from here on what the cell prints becomes events."""
         os.environ.update(procs.tag_environment({}, self.spec["job_id"]))  # what the cell starts is the job's too
-        resume = _resume_point(self.path, self.namespace) if self.job.restarts else None
+        resume = _resume_point(self.path, self._warn) if self.job.restarts else None
         hooks = callbacks.TrainingHooks(
             self.emit, _checkpointer(self.path, self.spec, self.namespace, self.emit), resume
         )
@@ -355,8 +356,10 @@ def _checkpointer(path: str, spec: dict[str, Any], namespace: dict[str, Any], em
     return checkpoint
 
 
-def _resume_point(path: str, namespace: dict[str, Any]) -> callbacks.Resume | None:
-    """Where a requeued job's training goes on: its checkpoint, and the epochs its log already has."""
+def _resume_point(path: str, warn: Callable[[list[str]], None]) -> callbacks.Resume | None:
+    """Where a requeued job's training goes on: its checkpoint, and the epochs its log already has.
+
+    ``warn`` gets the notes of loading the checkpoint (its tensors moved to another device)."""
     meta = jobs.read_checkpoint_meta(path)
     if not meta or not meta.get("epoch"):
         return None
@@ -375,7 +378,9 @@ def _resume_point(path: str, namespace: dict[str, Any]) -> callbacks.Resume | No
 
     def load() -> Any:
         with open(os.path.join(path, protocol.CHECKPOINT_DIR, protocol.CHECKPOINT_FILE), "rb") as f:
-            saved = codec.loads(f.read(), [], receiver="host")
+            with codec.noting() as notes:
+                saved = codec.loads(f.read(), [], receiver="host")
+        warn(notes)
         return saved[meta.get("name") or next(iter(saved))]
 
     return callbacks.Resume(int(meta["epoch"]), load, history)

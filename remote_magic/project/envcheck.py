@@ -224,7 +224,7 @@ def _host_build(name: str) -> bool:
     return _HOST_BUILDS.fullmatch(canonical(name)) is not None
 
 
-def local_origin(name: str) -> str | None:
+def install_origin(name: str) -> str | None:
     """Where this kernel's ``name`` was installed from when it was no package index: the URL in its PEP 610
     ``direct_url.json`` (a wheel file, a folder, a VCS or archive URL); None when it came from an index."""
     try:
@@ -273,7 +273,7 @@ def compare(
     other major or minor difference.  Patch-only differences are not shown.
     ``host_python_path`` names the host's interpreter in the fixes;
     ``origins`` where each distribution came from when no index (default:
-    read from this kernel's metadata, see ``local_origin``).
+    read from this kernel's metadata, see ``install_origin``).
     """
     rows: list[Row] = []
     here_py, host_py = _major_minor(python_here), _major_minor(python_host)
@@ -299,7 +299,7 @@ def compare(
         here = local.get(row.package) if row.package != "python" else None
         if here is None:
             continue
-        origin = origins.get(row.package) if origins is not None else local_origin(row.package)
+        origin = origins.get(row.package) if origins is not None else install_origin(row.package)
         row.unpinnable = _unpinnable(row.package, here, origin)
         if row.unpinnable:
             row.fix = _unpinnable_fix(row.package, here, origin, host_python_path)

@@ -12,10 +12,11 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..agent.protocol import SLURM_LAUNCHER
 from ..wire.client import AgentClient
 from .environment import expected_kernel_backend
 from .hosts import HostSettings
-from .request import SLURM, host_launcher
+from .request import host_launcher
 
 _T = TypeVar("_T")
 
@@ -62,6 +63,6 @@ def connected(client: AgentClient) -> dict[str, Any]:
 def prewarm(client: AgentClient, settings: HostSettings) -> None:
     """Connect, check the agent and start the host's warm runner (none on a Slurm login node)."""
     hello = connected(client)
-    if host_launcher(settings, hello) == SLURM:
+    if host_launcher(settings, hello) == SLURM_LAUNCHER:
         return  # no warm runners on a login node
     client.warm_up(expected_kernel_backend())

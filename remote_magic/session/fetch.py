@@ -42,8 +42,8 @@ def fetch_outputs(
     done: dict[str, Any],
     cache: BlobCache | None = None,
     progress: upload.Progress | None = None,
-) -> dict[str, Any]:
-    """Load the job's outputs; each blob comes from the local cache when an earlier fetch stored it."""
+) -> payload.Values:
+    """Load the job's outputs (with the notes their loading made); each blob comes from the local cache when an earlier fetch stored it."""
     data = client.outputs(job_id)
     blobs = done.get("blobs", [])
     report = upload.TransferProgress(sum(size for _, size in blobs), progress)
@@ -73,7 +73,7 @@ def fetch_blob(
     return buffer
 
 
-def fetch_checkpoint(client: AgentClient, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def fetch_checkpoint(client: AgentClient, job_id: str) -> tuple[payload.Values, dict[str, Any]]:
     """The model of the job's last checkpoint, and the checkpoint's epoch information."""
     meta = client.status(job_id).get("checkpoint")
     if not meta:
@@ -174,7 +174,7 @@ def _fetched_list(answer: object, max_files: int, max_bytes: int) -> list[tuple[
         for entry in files
     ):
         raise RemoteMagicError(
-            "the host's answer to --fetch is not a list of [path, sha256, size]; nothing was written"
+            "the host's answer to --fetch is not a list of [path, digest, size]; nothing was written"
         )
     if len(files) > max_files or sum(size for _, _, size in files) > max_bytes:
         raise RemoteMagicError(

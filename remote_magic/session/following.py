@@ -1,8 +1,8 @@
 """Following a job's events to its end, across dropped links, and what its final event means.
 
 Works on any ``AgentClient`` and knows nothing about widgets: events go to a callback.  What the
-user should type to act on a job later is asked of a ``Hints`` object, so magic syntax stays in
-magics.py and the REST API can phrase it its own way.
+user should type to act on a job later is asked of a ``Hints`` object, so magic syntax stays with
+the magics (``magic_options.MagicHints``) and the REST API can phrase it its own way.
 """
 
 from __future__ import annotations

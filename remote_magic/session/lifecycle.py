@@ -94,6 +94,8 @@ class JobLifecycle:
                 panel.note(f"job {job_id} cancelled; it had no checkpoint, nothing was injected")
                 raise KeyboardInterrupt from None
             self.inject(values)
+            for note in values.notes:
+                panel.note(note)
             panel.note(
                 f"job {job_id} cancelled; injected {', '.join(values)} from the checkpoint of epoch "
                 f"{meta['epoch']} of {meta.get('epochs') or '?'}"

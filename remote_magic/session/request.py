@@ -16,13 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from ..agent.protocol import GpuRequest
+from ..agent.protocol import PROCESS_LAUNCHER, SLURM_LAUNCHER, GpuRequest
 from .hosts import HostSettings, SlurmSettings
 
 if TYPE_CHECKING:
     from .submission import Submission
-
-SLURM, PROCESS = "slurm", "process"  # the launchers a host reports at hello
 
 
 class RequestError(ValueError):
@@ -40,9 +38,9 @@ def host_launcher(settings: HostSettings, hello: Mapping[str, Any] | None = None
     The one place that decides; agents that do not report ``launcher`` leave it to the settings.
     """
     reported = (hello or {}).get("launcher")
-    if reported in (SLURM, PROCESS):
+    if reported in (SLURM_LAUNCHER, PROCESS_LAUNCHER):
         return str(reported)
-    return SLURM if settings.slurm is not None else PROCESS
+    return SLURM_LAUNCHER if settings.slurm is not None else PROCESS_LAUNCHER
 
 
 @dataclass(frozen=True)
@@ -57,12 +55,12 @@ class HostFacts:
     @classmethod
     def from_hello(cls, name: str, settings: HostSettings, hello: Mapping[str, Any]) -> HostFacts:
         launcher = host_launcher(settings, hello)
-        return cls(name, settings, launcher, len(hello.get("gpus") or []) if launcher == PROCESS else 0)
+        return cls(name, settings, launcher, len(hello.get("gpus") or []) if launcher == PROCESS_LAUNCHER else 0)
 
     @property
     def slurm(self) -> SlurmSettings | None:
         """The defaults of a Slurm host's jobs (Slurm's own where only the agent said it is one); else None."""
-        if self.launcher != SLURM:
+        if self.launcher != SLURM_LAUNCHER:
             return None
         return self.settings.slurm or SlurmSettings()
 
@@ -200,7 +198,7 @@ def _parallel(options: JobOptions, host: HostFacts, gpus: GpuRequest, trials: in
     host's GPUs hold at --gpus each, 1 without GPUs to share."""
     if options.parallel:
         return options.parallel
-    if host.launcher == SLURM:
+    if host.launcher == SLURM_LAUNCHER:
         return trials
     if not host.gpus or gpus.ids or gpus.count in (0, GpuRequest.ALL):
         return 1

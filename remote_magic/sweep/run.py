@@ -205,6 +205,8 @@ class SweepRun:
             self.panel.note(f"trial {trial.number}: {exc}")
             return
         self.lifecycle.inject(values)
+        for note in getattr(values, "notes", []):  # e.g. tensors that were on a GPU there are on the CPU here
+            self.panel.note(note)
         shown = session.describe_injection(list(values))
         self.panel.note(f"injected trial {trial.number} ({trial.label}): {shown}")
 

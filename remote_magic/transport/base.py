@@ -3,7 +3,7 @@
 A transport runs a command on the host (``execute``: deploying the agent)
 and starts one long-lived process whose stdin and stdout it hands back
 (``spawn``: ``agent serve``).  What travels over that pipe (the agent's
-frames and commands) is the agent client's business (remote_magic/client.py),
+frames and commands) is the agent client's business (remote_magic/wire/client.py),
 so SSH hosts and the embedded ``local`` host behave the same.
 """
 

@@ -11,7 +11,7 @@ import sys
 
 from .. import jobs, protocol
 from ..launch import gpu_queue, gpus, local, process, warm
-from ..launch.host import HostSettings
+from ..launch.host import HostFile
 from .base import CommandIO
 
 
@@ -20,7 +20,7 @@ def cmd_hello(root: str, agent_hash: str, args: argparse.Namespace, io: CommandI
     go to, which its settings (``--scheduler``) decide from now on."""
     from ..runner import package_versions
 
-    settings = HostSettings(args.scheduler)
+    settings = HostFile(args.scheduler)
     settings.write(root)
     io.print_json(
         {

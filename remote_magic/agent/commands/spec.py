@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import protocol
-from ..launch.host import SLURM
+from ..protocol import SLURM_LAUNCHER
 from ..store import envs, layout
 
 # Keys a submit carries beside the spec's own: how many input bytes follow, and the launcher an earlier
@@ -29,7 +29,7 @@ def _form_problem(spec: dict[str, Any], root: str) -> str | None:
     unknown = set(spec) - protocol.SPEC_KEYS - SUBMIT_KEYS
     if unknown:
         return f"unknown spec keys {sorted(unknown)} (a newer client? deploy its agent)"
-    if spec.get("launcher") not in (None, SLURM):
+    if spec.get("launcher") not in (None, SLURM_LAUNCHER):
         return f"this agent cannot run jobs with launcher {spec['launcher']!r} (the host picks it: hello --scheduler)"
     if not isinstance(spec.get("source"), str):
         return "the spec has no cell source"
@@ -46,7 +46,7 @@ def _form_problem(spec: dict[str, Any], root: str) -> str | None:
     if not isinstance(blobs, list) or not all(
         isinstance(b, list) and len(b) == 2 and isinstance(b[0], str) and isinstance(b[1], int) for b in blobs
     ):
-        return "blobs must be a list of [sha256, size] pairs"
+        return "blobs must be a list of [digest, size] pairs"
     return None
 
 

@@ -26,7 +26,7 @@ def cmd_put_blob(root: str, agent_hash: str, args: argparse.Namespace, io: Comma
 
 
 def cmd_put_blobs(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
-    """Many small blobs in one request: a JSON line of [sha256, size] pairs, then their bytes back to back.
+    """Many small blobs in one request: a JSON line of [digest, size] pairs, then their bytes back to back.
 
     100k small files in one round trip each would take minutes over SSH; in
     batches they take as long as their bytes.
@@ -34,11 +34,11 @@ def cmd_put_blobs(root: str, agent_hash: str, args: argparse.Namespace, io: Comm
     try:
         pairs = json.loads(io.stdin.readline())
     except ValueError:
-        raise jobs.AgentError("put-blobs: the first line is not a JSON list of [sha256, size]") from None
+        raise jobs.AgentError("put-blobs: the first line is not a JSON list of [digest, size]") from None
     if not isinstance(pairs, list) or not all(
         isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) for p in pairs
     ):
-        raise jobs.AgentError("put-blobs: the first line must list [sha256, size] pairs")
+        raise jobs.AgentError("put-blobs: the first line must list [digest, size] pairs")
     for digest, size in pairs:
         blobs.receive_blob(root, digest, size, io.stdin)
     io.print_json({"stored": len(pairs)})
@@ -87,7 +87,7 @@ def _copy_file_to_stdout(path: str, io: CommandIO) -> int:
 
 def cmd_fetch_files(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
     """Store the job's files that match the patterns as blobs (within the request's bounds); list
-    [path, sha256, size] for each, and the cell's working folder inside its layout."""
+    [path, digest, size] for each, and the cell's working folder inside its layout."""
     path = jobs.job_dir(root, args.job_id)
     spec = jobs.read_spec(path)
     if jobs.event_summary(path)["ended"] is None:

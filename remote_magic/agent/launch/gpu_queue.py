@@ -38,13 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import bootstrap, disk, jobs, procs, protocol
-from ..protocol import GpuRequest
+from ..protocol import PROCESS_LAUNCHER, GpuRequest
 from . import gpus, queue_folder, queue_records, start
 from .detach import spawn_detached, untagged_environment
-from .host import PROCESS
 from .queue_records import Entry, Held, Member
 
-QUEUE_DIR = queue_folder.QUEUE_DIR
 DISPATCHER_LOCK = "dispatcher.lock"  # in the private root: nobody else can open it, so nobody can hold it
 ORDER_FILE = "queue.order.json"  # in the private root: what this root saw of other users' entries
 ROUND_SECONDS = 0.25
@@ -398,7 +396,7 @@ def _start(root: str, agent_hash: str, path: str, spec: dict[str, Any], chosen: 
     shared = queue_folder.shared_top(root) is not None
     if not shared:
         disk.atomic_write(file, json.dumps(held).encode(), mode=mode)
-    identity = start.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or PROCESS)
+    identity = start.start_runner(root, agent_hash, path, spec, chosen, spec.get("launcher") or PROCESS_LAUNCHER)
     if shared:
         record = {**held, "identity": identity.to_json()} if identity is not None else held
         disk.atomic_write(file, json.dumps(record).encode(), mode=mode)

@@ -14,24 +14,24 @@ import os
 from dataclasses import asdict, dataclass
 
 from .. import disk
+from ..protocol import PROCESS_LAUNCHER, SLURM_LAUNCHER
 
 HOST_FILE = "host.json"
-PROCESS, SLURM = "process", "slurm"  # the launchers a host reports at hello
-SCHEDULERS = (SLURM,)  # what ``hello --scheduler`` takes
+SCHEDULERS = (SLURM_LAUNCHER,)  # what ``hello --scheduler`` takes
 
 
 @dataclass(frozen=True)
-class HostSettings:
+class HostFile:
     """``scheduler``: ``slurm``, or None for a plain host (its jobs run as processes here, through its GPU queue)."""
 
     scheduler: str | None = None
 
     @property
     def launcher(self) -> str:
-        return SLURM if self.scheduler == SLURM else PROCESS
+        return SLURM_LAUNCHER if self.scheduler == SLURM_LAUNCHER else PROCESS_LAUNCHER
 
     @classmethod
-    def read(cls, root: str) -> HostSettings:
+    def read(cls, root: str) -> HostFile:
         """As last written; a plain host where nothing (or nothing readable) was."""
         try:
             with open(os.path.join(root, HOST_FILE), encoding="utf-8") as f:

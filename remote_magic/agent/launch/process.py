@@ -1,4 +1,4 @@
-"""How a job runs: the one seam between the job store and whatever executes jobs, and which launcher that is.
+"""Which launcher runs a job (the host decides), the process launcher, and a job's status row.
 
 Everything that decides whether a job is alive (``status``, ``attach``,
 ``cancel``, ``stop``, ``gc``) asks its launcher, never a pid directly: a job
@@ -13,9 +13,10 @@ import os
 from typing import Any
 
 from .. import jobs, protocol
+from ..protocol import PROCESS_LAUNCHER, SLURM_LAUNCHER
 from . import gpus, start
 from .base import Launcher
-from .host import PROCESS, SLURM, HostSettings
+from .host import HostFile
 from .local import LocalLauncher
 from .queued import QueuedLauncher
 from .slurm import SlurmLauncher
@@ -24,7 +25,7 @@ from .slurm import SlurmLauncher
 class ProcessLauncher(LocalLauncher):
     """The job's runner starts at once, as a detached process on this host (a warm runner's fork when one fits)."""
 
-    name = PROCESS
+    name = PROCESS_LAUNCHER
 
     def start(self, root: str, agent_hash: str, path: str, spec: dict[str, Any]) -> None:
         """No GPU visible to a job that wants none, on a host that has some; on one without, nothing to hide."""
@@ -53,12 +54,12 @@ def launcher_for(root: str, spec: dict[str, Any]) -> Launcher:
 def _choose(root: str, spec: dict[str, Any]) -> str:
     """A plain host's job waits in its GPU queue when it wants GPUs the host has, or when it is a sweep's trial
     (the queue keeps to the sweep's parallel limit); else it starts at once."""
-    if HostSettings.read(root).launcher == SLURM:
-        return SLURM
+    if HostFile.read(root).launcher == SLURM_LAUNCHER:
+        return SLURM_LAUNCHER
     if (spec.get("sweep") or {}).get("parallel"):
         return QueuedLauncher.name
     wanted = protocol.GpuRequest.from_spec(spec).wanted
-    return QueuedLauncher.name if wanted and gpus.inventory() else PROCESS
+    return QueuedLauncher.name if wanted and gpus.inventory() else PROCESS_LAUNCHER
 
 
 def _earlier_agents(root: str, spec: dict[str, Any]) -> str:
@@ -68,7 +69,7 @@ def _earlier_agents(root: str, spec: dict[str, Any]) -> str:
     name = (record or {}).get("launcher")
     if name in LAUNCHERS:
         return str(name)
-    return SLURM if HostSettings.read(root).launcher == SLURM else QueuedLauncher.name
+    return SLURM_LAUNCHER if HostFile.read(root).launcher == SLURM_LAUNCHER else QueuedLauncher.name
 
 
 def job_row(root: str, path: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:

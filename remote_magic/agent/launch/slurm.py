@@ -228,7 +228,7 @@ def _array_trials(root: str, spec: dict[str, Any]) -> list[str] | None:
 class SlurmLauncher(Launcher):
     """The job is a Slurm batch job; its runner runs on a compute node (never a warm runner's fork)."""
 
-    name = "slurm"
+    name = protocol.SLURM_LAUNCHER
 
     def in_job(self, root: str, agent_hash: str) -> InJob:
         return SlurmJob()

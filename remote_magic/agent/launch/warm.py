@@ -366,7 +366,11 @@ def _run_forked(root: str, job_id: str, warm_runner: int, run: RunJob) -> int:
     if not protocol.is_job_id(job_id) or not _take_claim(path):
         return 0  # another runner has it (the submit gave up waiting for us)
     identity = procs.identity_of(os.getpid())
-    jobs.write_launch(path, jobs.read_spec(path).get("launcher") or "process", identity.to_json() if identity else None)
+    jobs.write_launch(
+        path,
+        jobs.read_spec(path).get("launcher") or protocol.PROCESS_LAUNCHER,
+        identity.to_json() if identity else None,
+    )
     _reseed()
     # From here on this process is the job's: what the cell starts carries the job's tag.
     os.environ.update(procs.tag_environment({}, job_id))
