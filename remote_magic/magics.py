@@ -51,35 +51,12 @@ from .session.job_view import format_size
 from .session.request import option_list
 from .sweep import FoundSweep, Sweep, SweepError, SweepRun, find_sweep, new_sweep, submit_trials
 from .transport import LOCAL_HOST
-from .ui.panel import make_panel
+from .ui.panel import PanelWhenNeeded, make_panel
 from .ui.status import JobDetail, StatusTable
 from .ui.sweep_panel import make_sweep_panel
 from .wire import compression, upload
 from .wire.cache import DEFAULT_CACHE_LIMIT
 from .wire.client import AgentClient
-
-
-class _PanelWhenNeeded:
-    """The job's panel, shown only once there is something to show (a build, an upload, the job itself)."""
-
-    def __init__(self, make: Any) -> None:
-        self._make = make
-        self._panel: Any = None
-
-    def get(self) -> Any:
-        if self._panel is None:
-            self._panel = self._make()
-        return self._panel
-
-    def note(self, text: str) -> None:
-        self.get().note(text)
-
-    def progress(self, text: str) -> None:
-        self.get().progress(text)
-
-
-def _upload_progress(panel: _PanelWhenNeeded) -> upload.Progress:
-    return session.shown_progress(panel.progress, "uploading")
 
 
 @magics_class
@@ -258,10 +235,10 @@ class RemoteMagics(Magics):
         submission.backend = args.backend or session.kernel_backend()
         return submission
 
-    def _panel_for(self, host: str, sweep: Sweep | None) -> _PanelWhenNeeded:
+    def _panel_for(self, host: str, sweep: Sweep | None) -> PanelWhenNeeded:
         if sweep is None:
-            return _PanelWhenNeeded(lambda: make_panel(host, self.panel))
-        return _PanelWhenNeeded(lambda: make_sweep_panel(sweep, self.panel))
+            return PanelWhenNeeded(lambda: make_panel(host, self.panel))
+        return PanelWhenNeeded(lambda: make_sweep_panel(sweep, self.panel))
 
     def _submit_job(
         self,
@@ -269,11 +246,11 @@ class RemoteMagics(Magics):
         submission: session.Submission,
         args: Any,
         fetch: session.FileFetch | None,
-        panel: _PanelWhenNeeded,
+        panel: PanelWhenNeeded,
     ) -> None:
         """Submit the job and record it; follow it here, or with --detach in the background (in a kernel)."""
         with usage_errors(upload.FileChanged):
-            job_id = session.submit(client, submission, progress=_upload_progress(panel))
+            job_id = session.submit(client, submission, progress=session.shown_progress(panel.progress, "uploading"))
         self._note_slow_path(client, panel)
         self.registry.add(client.host, job_id, args.name, self._notebook_path())
         if fetch is not None:  # where this folder lies in the job's layout: files land in it, never above
@@ -299,12 +276,18 @@ class RemoteMagics(Magics):
         sweep: Sweep,
         submissions: list[session.Submission],
         args: Any,
-        panel: _PanelWhenNeeded,
+        panel: PanelWhenNeeded,
     ) -> None:
         """Submit every trial (the host keeps to --parallel), then follow them all into one panel."""
         with usage_errors(upload.FileChanged):
             submit_trials(
-                client, sweep, submissions, self.registry, args.name, self._notebook_path(), _upload_progress(panel)
+                client,
+                sweep,
+                submissions,
+                self.registry,
+                args.name,
+                self._notebook_path(),
+                session.shown_progress(panel.progress, "uploading"),
             )
         run = SweepRun(client, sweep, panel.get(), self.lifecycle, inject=not args.no_inject)
         if args.detach:
@@ -321,7 +304,7 @@ class RemoteMagics(Magics):
         run.start()
         run.wait()
 
-    def _note_slow_path(self, client: AgentClient, panel: _PanelWhenNeeded) -> None:
+    def _note_slow_path(self, client: AgentClient, panel: PanelWhenNeeded) -> None:
         """Say once per host when `ssh` exists but could not carry the large blobs (they went the slower way)."""
         if client.bulk_failure is None or client.host in self._slow_path_noted:
             return
@@ -440,7 +423,7 @@ class RemoteMagics(Magics):
         env = None
         if args.env:
             empty = session.Submission("", [], [], payload.pack({}, {}), imports=needed)
-            panel = _PanelWhenNeeded(lambda: make_panel(client.host, "text"))
+            panel = PanelWhenNeeded(lambda: make_panel(client.host, "text"))
             with usage_errors(ProjectError):
                 env = session.build_environment(client, args.env, empty, panel.progress, panel.note)
         return session.environment_report(client, needed, env or None)

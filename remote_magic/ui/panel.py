@@ -404,3 +404,22 @@ def _in_kernel_with_widgets() -> bool:
     except ImportError:
         return False
     return True
+
+
+class PanelWhenNeeded:
+    """The job's panel, shown only once there is something to show (a build, an upload, the job itself)."""
+
+    def __init__(self, make: Any) -> None:
+        self._make = make
+        self._panel: Any = None
+
+    def get(self) -> Any:
+        if self._panel is None:
+            self._panel = self._make()
+        return self._panel
+
+    def note(self, text: str) -> None:
+        self.get().note(text)
+
+    def progress(self, text: str) -> None:
+        self.get().progress(text)
