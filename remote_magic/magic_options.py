@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, argument_group, parse_argstring
+from IPython.core.magic_arguments import argument, argument_group
+from IPython.utils.process import arg_split
 
 from . import session
 from .agent import protocol
-from .session.request import JobOptions, RequestError, option_list
+from .session.request import JobOptions, RequestError
 from .sweep import MODES, SweepError, expand_grid
 from .wire import compression
 
@@ -199,12 +200,12 @@ class MagicHints:
         return f"`%remote_attach {job_id} --host {host} --checkpoint` brings back the model of its last checkpoint"
 
     def fetch(self, job_id: str, host: str, patterns: list[str]) -> str:
-        return f"the files stay on the host: `%remote_fetch {job_id} '{','.join(patterns)}' --host {host}` gets them"
+        return f"the files stay on the host: `%remote_fetch {job_id} {quoted_paths(patterns)} --host {host}` gets them"
 
 
 def parse(magic: Any, line: str) -> Any:
     """The magic's options, each refused before anything is sent when it would not stay on one line."""
-    args = parse_argstring(magic, line)
+    args = magic.parser.parse_args(_words(line))
     options = {action.dest: (action.option_strings or [action.dest])[0] for action in magic.parser._actions}
     for dest, value in vars(args).items():
         problem = session.control_problem(value) if isinstance(value, str) else None
@@ -215,6 +216,115 @@ def parse(magic: Any, line: str) -> Any:
                 "without control characters; nothing was sent"
             )
     return args
+
+
+def _words(line: str) -> list[str]:
+    """IPython's split of a magic's line, with what a shell would keep in one word kept in one.
+
+    IPython splits the line as Python's non-POSIX ``shlex`` does: quotes stay in the word (``--slurm "--mem=8G"``
+    relies on it), a backslash is no escape and a quoted part ends its word, so ``a\\ b.csv`` arrives as ``a\\``
+    and ``b.csv``, and ``"a b.csv",c.csv`` as ``"a b.csv"`` and ``,c.csv``. Only those are undone here: words
+    with no space between them in the line are one, and so are words that a backslash-escaped space joins; the
+    quotes and escapes stay in the value for ``path_list``. An unclosed quote stays in its word, for the option
+    that reads it to name.
+    """
+    words: list[str] = []
+    cursor = 0
+    for word in arg_split(line, strict=False):
+        at = line.find(word, cursor)
+        gap = line[cursor:at] if at >= 0 else " "
+        escaped = bool(words) and (len(words[-1]) - len(words[-1].rstrip("\\"))) % 2 == 1 and gap[:1].isspace()
+        if words and at >= 0 and (gap == "" or (escaped and len(gap) == 1)):
+            words[-1] += gap + word
+        else:
+            if escaped:
+                words[-1] += gap[0]
+            words.append(word)
+        cursor = at + len(word) if at >= 0 else cursor
+    return words
+
+
+def path_list(text: str, option: str) -> list[str]:
+    """The paths, globs or names of one option's value (``--files``, ``--fetch``, ``--modules``), as a shell reads them.
+
+    Items are separated by commas or spaces. Single quotes keep everything inside; double quotes keep everything
+    but ``\\"`` and ``\\\\``; outside quotes a backslash keeps the next character (``a\\ b.csv``). So
+    ``"my file é.csv"``, ``'x, y.txt'`` and ``a\\ b.csv`` are each one item. Globs (``*``, ``?``, ``[...]``, ``**``)
+    are kept, quoted or not, for the code that expands them. An unclosed quote, a trailing backslash, an empty item
+    (``a,,b``, ``""``) or a value with no item is a ``UsageError`` naming ``option`` and the value as it arrived.
+    """
+    items: list[str] = []
+    word: list[str] = []
+    in_word = False  # a character or a quote seen since the last separator
+    since_comma = False  # an item ended since the last comma (or the start)
+    quote = ""
+    chars = iter(text)
+
+    def refused(problem: str) -> UsageError:
+        return UsageError(f"{option} {text}: {problem}; nothing was sent")
+
+    def end_word() -> None:
+        nonlocal in_word, since_comma
+        if in_word:
+            if not word:
+                raise refused("an empty item (\"\" or '')")
+            items.append("".join(word))
+            word.clear()
+            in_word, since_comma = False, True
+
+    for char in chars:
+        if quote == "'":
+            if char == "'":
+                quote = ""
+            else:
+                word.append(char)
+        elif quote == '"':
+            if char == '"':
+                quote = ""
+            elif char == "\\":
+                following = next(chars, "")
+                word.append(following if following in ('"', "\\") else char + following)
+            else:
+                word.append(char)
+        elif char in "'\"":
+            quote, in_word = char, True
+        elif char == "\\":
+            following = next(chars, None)
+            if following is None:
+                raise refused("it ends with a backslash, which escapes nothing; quote the path instead")
+            word.append(following)
+            in_word = True
+        elif char == ",":
+            end_word()
+            if not since_comma:
+                raise refused(
+                    "an empty item before a comma; give one path between each two commas, none before the first"
+                )
+            since_comma = False
+        elif char.isspace():
+            end_word()
+        else:
+            word.append(char)
+            in_word = True
+    if quote:
+        raise refused(f"an unclosed {quote} quote; close it, or escape a literal one as \\{quote}")
+    end_word()
+    if not items:
+        raise refused("no paths in it")
+    if not since_comma:
+        raise refused("an empty item after the last comma; leave the comma out")
+    return items
+
+
+def quoted_paths(paths: list[str]) -> str:
+    """Paths written back as ``path_list`` reads them: comma-separated, each quoted only where it must be."""
+    return ",".join(_quoted(path) for path in paths)
+
+
+def _quoted(path: str) -> str:
+    if path and not any(c.isspace() or c in "'\"\\," for c in path):
+        return path
+    return "'" + path.replace("'", "'\"'\"'") + "'"
 
 
 def typed_id(text: str) -> str:
@@ -320,7 +430,7 @@ def _file_fetch(args: Any) -> session.FileFetch | None:
         raise UsageError("--fetch-overwrite goes with --fetch PATTERNS")
     if not args.fetch:
         return None
-    patterns = option_list(args.fetch)
+    patterns = path_list(args.fetch, "--fetch")
     for pattern in patterns:
         if pattern.startswith(("/", "~")):
             raise UsageError(

@@ -33,6 +33,7 @@ from .magic_options import (
     job_argument,
     out_names,
     parse,
+    path_list,
     project_options,
     slurm_options,
     sweep_name,
@@ -48,7 +49,6 @@ from .project.payload import PayloadError
 from .registry import Registry
 from .session import request
 from .session.job_view import format_size
-from .session.request import option_list
 from .sweep import FoundSweep, Sweep, SweepError, SweepRun, find_sweep, new_sweep, submit_trials
 from .transport import LOCAL_HOST
 from .ui.panel import PanelWhenNeeded, make_panel
@@ -222,9 +222,9 @@ class RemoteMagics(Magics):
                 set(shell.user_ns_hidden) - set(params),
                 outputs=out_names(args.out),
                 name=args.name,
-                files=args.files,
+                files=path_list(args.files, "--files") if args.files else None,
                 ship_modules=self.ship_modules == "auto",
-                extra_modules=option_list(args.modules) if args.modules else None,
+                extra_modules=path_list(args.modules, "--modules") if args.modules else None,
                 hashes=hashes,
                 hash_buffers=False,  # hashed beside the connection and the environment check
             )
@@ -400,23 +400,25 @@ class RemoteMagics(Magics):
         args = parse(self.remote_fetch, line)
         job_id = checked_job_id(args.job)
         client = self._client(self._job_host(job_id, args.host))
-        wanted = session.FileFetch(option_list(args.patterns), os.getcwd(), args.overwrite)
+        wanted = session.FileFetch(path_list(args.patterns, "%remote_fetch"), os.getcwd(), args.overwrite)
         for note in session.fetch_files(client, job_id, wanted, self.lifecycle.cache()):
             print(note)
 
     @magic_arguments()
     @host_argument
+    @argument("--python", help="the host's interpreter to compare with, as in %%%%remote_train (default: python3)")
     @argument("--env", metavar="FILE|auto", help="compare with this environment on the host (built if needed)")
     @line_magic
     def remote_env(self, line: str) -> Any:
-        """This kernel's Python and packages next to the host's: what would refuse a job, what only differs.
+        """This kernel's Python and packages next to the host's: the table of versions on both sides.
 
-        Compares the packages of the last cell sent to the host, and
+        Lists the packages of the last cell sent to the host, and
         cloudpickle, numpy, Keras and its backend, PyTorch and JAX where this
-        kernel has them.
+        kernel has them: first what would refuse a job, then what only
+        differs, then what matches.
         """
         args = parse(self.remote_env, line)
-        client = self._client(args.host)
+        client = self._client(args.host, args.python)
         client.hello()
         base = [name for name in session.BASE_PACKAGES if session.has_distribution(name)]
         needed = list(dict.fromkeys([*base, *self.environment_checks.last_imports.get(client.host, [])]))

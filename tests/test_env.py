@@ -223,25 +223,44 @@ def test_another_interpreter_on_the_same_host_is_checked_again(ip, host_h, kerne
     assert len(tinypkg) == 1 and tinypkg[0].split()[:4] == ["*", "tinypkg", "1.0", "missing"]
 
 
-def test_remote_env_shows_the_table_any_time(ip, host_h, kernel_side) -> None:
-    # Before any cell: the base packages only (cloudpickle, numpy, keras, ...), the same on both sides.
-    report = ip.run_line_magic("remote_env", "--host testhost")
-    assert repr(report) == f"host testhost: python {PY} there, {PY} here; every package the cell uses matches"
-    assert report.blocking() == [] and "<table>" not in report._repr_html_()
+def _table_rows(text: str) -> list[list[str]]:
+    """The rows of a %remote_env table (after the title and the header), split on whitespace."""
+    return [line.split() for line in text.splitlines()[2:] if not line.startswith("* the job")]
 
-    # After a cell that ran: its packages too.
+
+def test_remote_env_shows_the_table_any_time(ip, host_h, kernel_side) -> None:
+    # Before any cell: the base packages only (cloudpickle, numpy, keras, ...), the same on both sides: still a table.
+    report = ip.run_line_magic("remote_env", "--host testhost")
+    text = repr(report)
+    print(f"\n%remote_env --host testhost, before any cell:\n{text}")
+    lines = text.splitlines()
+    assert lines[0] == f"host testhost: python {PY} there, {PY} here"
+    assert lines[1].split() == ["package", "here", "host", "fix"]
+    rows = _table_rows(text)
+    names = [row[0] for row in rows]
+    assert {"cloudpickle", "numpy"} <= set(names) and "tinypkg" not in names
+    assert all(row[1] == row[2] and row[3] == "matches" for row in rows), text  # this venv's versions on both sides
+    assert report.blocking() == [] and report.warnings() == []
+    page = report._repr_html_()
+    assert "<table>" in page and "</table>" in page and page.count("<tr class=") == len(rows)
+    assert page.count("remote-magic-env-match") == len(rows) and "<td style='text-align:left'>numpy</td>" in page
+
+    # After a cell that ran: its packages too, the difference first.
     assert run(ip, "%%remote_train --host testhost\nimport tinypkg\nversion = tinypkg.__version__\n").success
     report = ip.run_line_magic("remote_env", "--host testhost")
     text = repr(report)
     lines = text.splitlines()
     assert lines[0] == f"host testhost: python {PY} there, {PY} here"
     assert lines[1].split() == ["package", "here", "host", "fix"]
-    assert [line.split()[:3] for line in lines[2:]] == [["tinypkg", "1.0", "2.0"]]
+    rows = _table_rows(text)
+    assert rows[0][:3] == ["tinypkg", "1.0", "2.0"] and "matches" not in lines[2]
+    assert sorted(row[0] for row in rows[1:]) == sorted(names) and all(row[3] == "matches" for row in rows[1:])
     page = report._repr_html_()
-    assert "<table>" in page and "</table>" in page and page.count("<tr class=") == 1
-    assert "<td style='text-align:left'>tinypkg</td>" in page and "remote-magic-env-warning" in page
+    assert "<table>" in page and "</table>" in page and page.count("<tr class=") == len(rows)
+    assert page.count("remote-magic-env-warning") == 1 and page.count("remote-magic-env-match") == len(rows) - 1
+    assert "<td style='text-align:left'>tinypkg</td>" in page
 
-    # After a refused cell: the table that refused it.
+    # After a refused cell: the table that refused it, the matching packages after it.
     refused = run(ip, "%%remote_train --host testhost\nimport tinypkg, onlyhere\n")
     assert isinstance(refused.error_in_exec, HostSetupError)
     report = ip.run_line_magic("remote_env", "--host testhost")
@@ -250,9 +269,32 @@ def test_remote_env_shows_the_table_any_time(ip, host_h, kernel_side) -> None:
     assert text.splitlines()[0] == f"host testhost: python {PY} there, {PY} here"
     assert _lines(text, " onlyhere ")[0].split()[:4] == ["*", "onlyhere", "1.0", "missing"]
     assert _lines(text, " tinypkg ")[0].split()[:3] == ["tinypkg", "1.0", "2.0"]
+    rows = _table_rows(text)
+    assert rows[0][:2] == ["*", "onlyhere"] and rows[1][0] == "tinypkg"  # the refusal, then the difference
+    assert rows[2:] and all(row[3] == "matches" for row in rows[2:])  # then what matches
     page = report._repr_html_()
     assert "<td style='text-align:left'>onlyhere</td>" in page and "remote-magic-env-blocking" in page
     assert text.splitlines()[-1] == "* the job cannot run on the host until this is fixed"
+
+
+def test_remote_env_python_compares_with_that_interpreter(ip, host_h, kernel_side) -> None:
+    """--python names another interpreter on the same host, as %%remote_train --python does: the kernel's own
+    Python there, which has no tinypkg (the host venv has 2.0)."""
+    assert run(ip, "%%remote_train --host testhost\nimport tinypkg\nversion = tinypkg.__version__\n").success
+    venv = repr(ip.run_line_magic("remote_env", "--host testhost"))
+    assert _lines(venv, " tinypkg ")[0].split()[:3] == ["tinypkg", "1.0", "2.0"]
+
+    report = ip.run_line_magic("remote_env", f"--host testhost --python {PYTHON}")
+    text = repr(report)
+    print(f"\n%remote_env --host testhost --python {PYTHON}:\n{text}")
+    assert text.splitlines()[0] == f"host testhost: python {PY} there, {PY} here"
+    tinypkg = _lines(text, " tinypkg ")
+    assert len(tinypkg) == 1 and tinypkg[0].split()[:4] == ["*", "tinypkg", "1.0", "missing"]
+    assert f"{PYTHON} -m pip install tinypkg==1.0" in tinypkg[0]  # the fix names that interpreter
+    assert _table_rows(text)[0][:2] == ["*", "tinypkg"]  # the mismatch first
+    assert all(row[3] == "matches" for row in _table_rows(text)[1:])
+    assert [row.package for row in report.blocking()] == ["tinypkg"]
+    assert "remote-magic-env-blocking" in report._repr_html_()
 
 
 # ------------------------------------------------------------------ --env FILE
@@ -296,9 +338,10 @@ def test_env_file_builds_once_on_the_host_and_the_next_job_reuses_it(
 
     # %remote_env --env compares with that env (reused, not rebuilt).
     report = ip.run_line_magic("remote_env", "--host testhost --env requirements.txt")
-    assert repr(report) == (
-        f"host testhost (its environment): python {PY} there, {PY} here; every package the cell uses matches"
-    )
+    text = repr(report)
+    assert text.splitlines()[0] == f"host testhost (its environment): python {PY} there, {PY} here"
+    assert _lines(text, " tinypkg ")[0].split() == ["tinypkg", "1.0", "1.0", "matches"]
+    assert report.rows == [] and all(row[3] == "matches" for row in _table_rows(text))
     assert "built environment" not in capsys.readouterr().out
     assert _folders(envs_root) - before == {key}
     with capsys.disabled():

@@ -315,7 +315,7 @@ def _report() -> EnvReport:
     remote = {
         "cloudpickle": "2.2.1",  # major: blocking
         "keras": "3.6.0",  # minor: warning
-        "Pandas": "2.2.3",  # patch only: not shown (and names compare by PEP 503)
+        "Pandas": "2.2.3",  # patch only: a matching row, not a difference (and names compare by PEP 503)
         "scikit_learn": "1.4.2",  # minor: warning
         "numpy": "2.1.0",
         "torch": "2.11.0+cu124",  # minor of a host build: a warning, never pinned
@@ -431,11 +431,19 @@ def test_report_text_and_html_name_the_differences() -> None:
     assert keras.startswith("  ") and "3.5.0" in keras and "3.6.0" in keras
     assert lines[1].index("here") == polars.index("1.9.0") == keras.index("3.5.0")  # aligned columns
     assert repr(report) == text
-    assert report.refusal().splitlines()[0].startswith("nothing was sent: the Python on host gpu1")
-    assert report.refusal().endswith(text)
+    # The differences first, then what matches (patch-only differences say so), in the same table.
+    shown = [line.split()[0] for line in lines[2:-1] if not line.startswith("*")]
+    assert shown == ["keras", "scikit-learn", "torch", "numpy", "pandas", "tensorflow-cpu"]
+    assert next(line for line in lines if " pandas " in line).endswith("matches (only the patch differs)")
+    assert [row.package for row in report.matching] == ["numpy", "pandas", "tensorflow-cpu"]
+    # The refusal: the differences only, never the matching packages.
+    refusal = report.refusal().splitlines()
+    assert refusal[0].startswith("nothing was sent: the Python on host gpu1")
+    assert [line.split() for line in refusal[1:]] == [line.split() for line in lines if "matches" not in line]
 
     page = report._repr_html_()
     assert page.count("remote-magic-env-blocking") == 4 and page.count("remote-magic-env-warning") == 3
+    assert page.count("remote-magic-env-match") == 3
     assert "<td style='text-align:left'>polars</td>" in page and "3.6.0" in page and "missing" in page
     hostile = envcheck.compare("<b>h</b>", {"a<script>": "1.0"}, {}, "3.11.7", "3.11.7")
     assert "<script>" not in hostile._repr_html_() and "&lt;script&gt;" in hostile._repr_html_()

@@ -113,7 +113,9 @@ def test_project_notebook_ships_its_package_and_data_and_fetches_the_model_file(
     nb = execute(path)
     _check_project(nb, "local")
     assert (path.parent / "sensor_model.keras").stat().st_size > 0
-    assert "every package the cell uses matches" in texts(nb.cells[-1])
+    env = [line.split() for line in texts(nb.cells[-1]).splitlines() if line.strip()]
+    assert env[1] == ["package", "here", "host", "fix"] and len(env) > 2  # %remote_env: always the table
+    assert all(row[-1] == "matches" for row in env[2:]), env  # the same kernel on both sides
 
 
 def test_project_notebook_over_ssh(sshd, tmp_path, monkeypatch) -> None:

@@ -55,7 +55,8 @@ class EnvReport:
     host: str
     python_here: str
     python_host: str
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # the differences: blocking first, then warnings
+    matching: list[Row] = field(default_factory=list)  # the packages that match (patch-only differences too)
 
     def blocking(self) -> list[Row]:
         """The rows that stop the job: it would fail on the host."""
@@ -65,43 +66,46 @@ class EnvReport:
         """The rows that may change results but need not stop the job."""
         return [row for row in self.rows if not row.blocking]
 
-    def _cells(self) -> list[tuple[str, str, str, str]]:
-        return [(row.package, row.here or MISSING, row.host or MISSING, row.fix) for row in self.rows]
-
     def _title(self) -> str:
         return f"host {self.host}: python {self.python_host} there, {self.python_here} here"
 
-    def text(self) -> str:
-        """An aligned table, package | here | host | fix; rows that stop the job marked ``*``."""
-        if not self.rows:
-            return f"{self._title()}; every package the cell uses matches"
+    def _table(self, rows: list[Row]) -> str:
+        """The title, then an aligned table, package | here | host | fix; rows that stop the job marked ``*``."""
         header = ("package", "here", "host", "fix")
-        cells = self._cells()
+        cells = [_cells(row) for row in rows]
         widths = [max(len(line[i]) for line in [header, *cells]) for i in range(3)]
 
         def line(mark: str, values: tuple[str, str, str, str]) -> str:
-            return (
-                f"{mark} " + "  ".join(v.ljust(w) for v, w in zip(values[:3], widths, strict=True)) + f"  {values[3]}"
-            )
+            text = f"{mark} " + "  ".join(v.ljust(w) for v, w in zip(values[:3], widths, strict=True))
+            return f"{text}  {values[3]}".rstrip()
 
         lines = [self._title(), line(" ", header)]
-        lines += [line("*" if row.blocking else " ", cell) for row, cell in zip(self.rows, cells, strict=True)]
-        if self.blocking():
+        lines += [line("*" if row.blocking else " ", cell) for row, cell in zip(rows, cells, strict=True)]
+        if not rows:
+            lines.append("  (no package to compare: the last cell imported none, and none of the common ones is here)")
+        if any(row.blocking for row in rows):
             lines.append("* the job cannot run on the host until this is fixed")
         return "\n".join(lines)
 
+    def text(self) -> str:
+        """The title, then the table of every package compared: the differences first, then what matches."""
+        return self._table([*self.rows, *self.matching])
+
     def _repr_html_(self) -> str:
-        """The same table as HTML; rows that stop the job in red, marked *."""
-        if not self.rows:
-            return f"<p>{html.escape(self.text())}</p>"
+        """The same table as HTML; rows that stop the job in red, marked *; matching rows in grey."""
         head = "".join(f"<th style='text-align:left'>{h}</th>" for h in ("", "package", "here", "host", "fix"))
         body = []
-        for row, cells in zip(self.rows, self._cells(), strict=True):
-            style = " style='color:#b00020;font-weight:600'" if row.blocking else ""
-            kind = "blocking" if row.blocking else "warning"
-            mark = "*" if row.blocking else ""
-            tds = "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in cells)
+        for row, matches in [*((row, False) for row in self.rows), *((row, True) for row in self.matching)]:
+            if row.blocking:
+                kind, mark, style = "blocking", "*", " style='color:#b00020;font-weight:600'"
+            elif matches:
+                kind, mark, style = "match", "", " style='color:#6b6b6b'"
+            else:
+                kind, mark, style = "warning", "", ""
+            tds = "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in _cells(row))
             body.append(f"<tr class='remote-magic-env-{kind}' title='{kind}'{style}><td>{mark}</td>{tds}</tr>")
+        if not body:
+            body.append("<tr><td></td><td colspan='4'>(no package to compare)</td></tr>")
         note = "<p>* the job cannot run on the host until this is fixed</p>" if self.blocking() else ""
         return (
             f"<div class='remote-magic-envcheck'><p>{html.escape(self._title())}</p>"
@@ -115,12 +119,16 @@ class EnvReport:
         printer.text(self.text())
 
     def refusal(self) -> str:
-        """The message of the error raised when rows block: what happened, then the table with the fixes."""
+        """The message of the error raised when rows block: what happened, then the differences with the fixes."""
         count = len(self.blocking())
         return (
             f"nothing was sent: the Python on host {self.host} cannot run this cell as it is "
-            f"({count} problem{'s' if count != 1 else ''} marked *, each with its fix)\n{self.text()}"
+            f"({count} problem{'s' if count != 1 else ''} marked *, each with its fix)\n{self._table(self.rows)}"
         )
+
+
+def _cells(row: Row) -> tuple[str, str, str, str]:
+    return (row.package, row.here or MISSING, row.host or MISSING, row.fix)
 
 
 # ---------------------------------------------------------------- versions
@@ -270,7 +278,8 @@ def compare(
 
     Blocking: another Python major.minor, a distribution missing on the
     host, another major version of cloudpickle or keras.  Warnings: any
-    other major or minor difference.  Patch-only differences are not shown.
+    other major or minor difference.  Equal versions and patch-only
+    differences are listed in ``matching`` (shown by ``text``, never a refusal).
     ``host_python_path`` names the host's interpreter in the fixes;
     ``origins`` where each distribution came from when no index (default:
     read from this kernel's metadata, see ``install_origin``).
@@ -289,12 +298,17 @@ def compare(
             )
         )
     remote_by_name = {canonical(name): version for name, version in remote.items()}
+    matching: list[Row] = []
     for name, here in local.items():
         if here is None:
             continue  # not installed here either: nothing to match
-        row = _package_row(name, here, remote_by_name.get(canonical(name)), host_python_path)
+        there = remote_by_name.get(canonical(name))
+        row = _package_row(name, here, there, host_python_path)
         if row is not None:
             rows.append(row)
+        elif there is not None:
+            same = "matches" if public(here) == public(there) else "matches (only the patch differs)"
+            matching.append(Row(name, here, there, same, False))
     for row in rows:  # no --env auto nor an index's pin in the fix where an index could give another project
         here = local.get(row.package) if row.package != "python" else None
         if here is None:
@@ -304,7 +318,8 @@ def compare(
         if row.unpinnable:
             row.fix = _unpinnable_fix(row.package, here, origin, host_python_path)
     rows.sort(key=lambda row: (not row.blocking, canonical(row.package)))
-    return EnvReport(host, python_here, python_host, rows)
+    matching.sort(key=lambda row: canonical(row.package))
+    return EnvReport(host, python_here, python_host, rows, matching)
 
 
 def _package_row(name: str, here: str, there: str | None, host_python_path: str) -> Row | None:

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -243,14 +243,19 @@ def _hash_file(path: str, st: os.stat_result) -> str:
 # -- --files ---------------------------------------------------------------------------------------
 
 
-def collect_files(paths: str, cwd: str | None = None, cache: HashCache | None = None) -> FileSet:
-    """The files ``--files`` names (comma-separated files, folders and globs, relative to ``cwd``), hashed.
+def collect_files(paths: str | Sequence[str], cwd: str | None = None, cache: HashCache | None = None) -> FileSet:
+    """The files ``--files`` names (files, folders and globs, relative to ``cwd``), hashed.
+
+    ``paths``: the items as the magic's ``path_list`` read them, or one string of comma-separated ones.
 
     Every check (a path that matches nothing, one outside any folder shared with ``cwd``, an unreadable or
     changing file) runs here, so a bad ``--files`` fails before anything is sent.
     """
     cwd = os.path.realpath(cwd if cwd is not None else os.getcwd())
-    items = [item.strip() for item in paths.split(",") if item.strip()]
+    if isinstance(paths, str):
+        items = [item.strip() for item in paths.split(",") if item.strip()]
+    else:
+        items = list(paths)  # as written, spaces included
     if not items:
         return FileSet([], cwd, "")
     named: list[tuple[str, str]] = []  # (as the user wrote it, absolute location)

@@ -8,6 +8,7 @@ with a host; ``submit`` then uploads only what the host lacks and creates the jo
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,7 @@ def prepare(
     hidden: set[str] | frozenset[str] = frozenset(),
     outputs: list[str] | None = None,
     name: str | None = None,
-    files: str | None = None,
+    files: str | Sequence[str] | None = None,
     ship_modules: bool = True,
     extra_modules: list[str] | None = None,
     hashes: project.HashCache | None = None,
