@@ -273,19 +273,8 @@ def path_list(text: str, option: str) -> list[str]:
             in_word, since_comma = False, True
 
     for char in chars:
-        if quote == "'":
-            if char == "'":
-                quote = ""
-            else:
-                word.append(char)
-        elif quote == '"':
-            if char == '"':
-                quote = ""
-            elif char == "\\":
-                following = next(chars, "")
-                word.append(following if following in ('"', "\\") else char + following)
-            else:
-                word.append(char)
+        if quote:
+            quote = _inside_quotes(char, quote, chars, word)
         elif char in "'\"":
             quote, in_word = char, True
         elif char == "\\":
@@ -314,6 +303,21 @@ def path_list(text: str, option: str) -> list[str]:
     if not since_comma:
         raise refused("an empty item after the last comma; leave the comma out")
     return items
+
+
+def _inside_quotes(char: str, quote: str, chars: Iterator[str], word: list[str]) -> str:
+    """One character of a quoted part, added to ``word``; the quote still open after it ("" once it closed).
+
+    Inside double quotes a backslash keeps only ``\\"`` and ``\\\\``, as a shell's does; inside single quotes
+    nothing is special but the closing quote."""
+    if char == quote:
+        return ""
+    if quote == '"' and char == "\\":
+        following = next(chars, "")
+        word.append(following if following in ('"', "\\") else char + following)
+    else:
+        word.append(char)
+    return quote
 
 
 def quoted_paths(paths: list[str]) -> str:
