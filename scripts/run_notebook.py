@@ -7,6 +7,7 @@ each output printed as it arrives, so epochs appear live.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,6 +51,12 @@ def main() -> int:
     client.on_cell_start = announce
     client.execute(stderr=subprocess.DEVNULL)  # the kernel's own fd 2 (native library noise)
     print(f"\n{args.notebook}: all cells ran")
+    # A one-shot run leaves no process behind: the warm runner the notebook's last job prepared ends with it.
+    from remote_magic.transport import LocalTransport
+    from remote_magic.wire.client import AgentClient
+
+    with contextlib.closing(AgentClient(LocalTransport())) as local:
+        local.stop_warm_runners()
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run
+from host_processes import processes_under
 
 from remote_magic import session
 from remote_magic.wire.client import AgentClient
@@ -141,6 +142,34 @@ def test_a_killed_warm_runner_is_replaced(ip) -> None:
         if started.get("warm"):
             break
     assert started.get("warm") and started["warm_runner"] not in killed, started
+
+
+def _warm_runners(root: Path) -> list[int]:
+    def is_warm_runner(pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return b"warm-runner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return False
+
+    return [pid for pid in processes_under(root) if is_warm_runner(pid)]
+
+
+def test_warm_stop_leaves_no_warm_runner_and_the_next_job_still_runs(ip) -> None:
+    """A one-shot run (``make demo``) ends its warm runners: the one a job's end prepared, ready or still starting."""
+    client = ip.magics_manager.registry["RemoteMagics"]._client("local")
+    root = Path(client.transport.root)
+    session.follow(client, session.submit(client, session.prepare("x = 1\n", {})), lambda event: None)
+    deadline = time.monotonic() + 60
+    while not _warm_runners(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _warm_runners(root), "the job's end prepares a warm runner"
+    assert client.stop_warm_runners() >= 1
+    deadline = time.monotonic() + 30
+    while _warm_runners(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _warm_runners(root) == []
+    assert not list((root / "warm").glob("*.ready")) and not list((root / "warm").glob("*.starting"))
+    final = session.follow(client, session.submit(client, session.prepare("y = 2\n", {})), lambda event: None)
+    assert final["type"] == "done"
 
 
 PREWARM_SCRIPT = """

@@ -63,6 +63,7 @@ _COMMANDS: dict[str, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {
     "run-job": (host.cmd_run_job, [_JOB]),
     "warm-runner": (host.cmd_warm_runner, []),
     "warm-up": (host.cmd_warm_up, [("--backend", {"default": ""})]),
+    "warm-stop": (host.cmd_warm_stop, []),
 }
 
 

@@ -268,6 +268,10 @@ class AgentClient:
         """Start a warm runner for ``backend`` on the host now, so the first job finds it ready."""
         self.call_json("warm-up", "--backend", backend)
 
+    def stop_warm_runners(self) -> int:
+        """End the host's warm runners of this root (waiting or starting); how many there were."""
+        return int(self.call_json("warm-stop")["stopped"])
+
     def gpus(self) -> list[dict[str, Any]]:
         """The host's GPUs now (model, memory, utilization) and who holds each; [] on a host without."""
         return self.call_json("gpus")

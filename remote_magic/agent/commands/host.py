@@ -82,3 +82,9 @@ def cmd_warm_up(root: str, agent_hash: str, args: argparse.Namespace, io: Comman
     warm.ensure(root, agent_hash, warm.RunnerKind.of(sys.executable, args.backend))
     io.print_json({"warm": warm.enabled()})
     return 0
+
+
+def cmd_warm_stop(root: str, agent_hash: str, args: argparse.Namespace, io: CommandIO) -> int:
+    """End the warm runners of this root: a one-shot run leaves nothing behind."""
+    io.print_json({"stopped": warm.stop_all(root)})
+    return 0

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -401,6 +402,27 @@ def prepare_next(root: str, agent_hash: str, kind: RunnerKind) -> None:
         ensure(root, agent_hash, kind, heavy_modules_in_use())
     except Exception:  # noqa: BLE001  (the job is over; a missing warm runner only costs speed)
         pass
+
+
+def stop_all(root: str) -> int:
+    """End every warm runner of this root, waiting or still starting; how many were told to.
+
+    For a one-shot run (``make demo``, a script) that should leave no process behind: a waiting
+    runner is asked to exit as a retired one is, a starting one (still importing) is terminated.
+    """
+    folder, stopped = _folder(root), 0
+    for key in {name.rsplit("-", 1)[0] for name in os.listdir(folder) if name.endswith(".ready")}:
+        while _retire(root, key):
+            stopped += 1
+    for name in [name for name in os.listdir(folder) if name.endswith(".starting")]:
+        info = _read_json(os.path.join(folder, name))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, name))
+        if info and procs.process_alive(info.get("pid")) and time.time() - info["t"] < STARTING_TIMEOUT:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info["pid"], signal.SIGTERM)
+            stopped += 1
+    return stopped
 
 
 def agent_versions_in_use(root: str) -> set[str]:
