@@ -250,6 +250,24 @@ def client(old_host: OldHost) -> Iterator[AgentClient]:
         new.close()
 
 
+class _Follower:
+    """Today's client following a job in a thread, as a kernel's background follower does: every event it saw,
+    then the final event or the error it raised."""
+
+    def __init__(self, client: AgentClient, job_id: str) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._follow, args=(client, job_id), daemon=True)
+        self.thread.start()
+
+    def _follow(self, client: AgentClient, job_id: str) -> None:
+        try:
+            self.final = session.follow(client, job_id, self.seen.append)
+        except BaseException as exc:  # noqa: BLE001  (reported by the test's assertion)
+            self.error = exc
+
+
 def test_a_job_the_old_agent_finished_attaches_fetches_and_keeps_its_blobs_through_gc(
     old_host: OldHost, client: AgentClient
 ) -> None:
@@ -303,24 +321,15 @@ def test_a_detached_job_running_in_the_old_runner_is_followed_to_its_end_and_col
     }
     assert rows[job]["launcher"].startswith("process:") and rows[job]["pid"] == record["identity"]["pid"]
 
-    seen: list[dict[str, Any]] = []
-    outcome: dict[str, Any] = {}
-
-    def follow() -> None:
-        try:
-            outcome["final"] = session.follow(client, job, seen.append)
-        except BaseException as exc:  # noqa: BLE001  (reported by the assertion below)
-            outcome["error"] = exc
-
-    follower = threading.Thread(target=follow, daemon=True)
-    follower.start()
+    follower = _Follower(client, job)
+    seen = follower.seen
     _wait(lambda: any(e["type"] == "stdout" for e in seen), 30, "the waiting line, through today's attach")
-    assert follower.is_alive() and client.status(job)["state"] == "running"
+    assert follower.thread.is_alive() and client.status(job)["state"] == "running"
     old_host.flag.touch()
-    follower.join(60)
-    assert not follower.is_alive(), "the job did not end within 60 s of its flag"
-    assert "error" not in outcome, outcome
-    final = outcome["final"]
+    follower.thread.join(60)
+    assert not follower.thread.is_alive(), "the job did not end within 60 s of its flag"
+    assert follower.error is None, follower.error
+    final = follower.final
     assert final is not None and final["type"] == "done", final
     assert [e["seq"] for e in seen] == list(range(len(seen)))
     assert [e["type"] for e in seen][:2] == ["queued", "started"]
@@ -366,22 +375,13 @@ def test_a_slurm_job_the_old_agent_submitted_is_requeued_then_followed_and_fetch
 
         row = next(r for r in new.status() if r["job_id"] == job)
         assert row["state"] in ("requeued", "queued", "running") and row["launcher"].startswith("slurm:"), row
-        seen: list[dict[str, Any]] = []
-        outcome: dict[str, Any] = {}
-
-        def follow() -> None:
-            try:
-                outcome["final"] = session.follow(new, job, seen.append)
-            except BaseException as exc:  # noqa: BLE001  (reported by the assertion below)
-                outcome["error"] = exc
-
-        follower = threading.Thread(target=follow, daemon=True)
-        follower.start()
+        follower = _Follower(new, job)
+        seen = follower.seen
         _wait(lambda: sum(e["type"] == "stdout" for e in seen) >= 2, 60, "the restarted run's waiting line")
         flag.touch()
-        follower.join(60)
-        assert not follower.is_alive() and "error" not in outcome, outcome
-        final = outcome["final"]
+        follower.thread.join(60)
+        assert not follower.thread.is_alive() and follower.error is None, follower.error
+        final = follower.final
         assert final is not None and final["type"] == "done", final
         assert [e["seq"] for e in seen] == list(range(len(seen)))
         assert [e["slurm"]["restarts"] for e in seen if e["type"] == "started"] == [0, 1]
