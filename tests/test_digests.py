@@ -189,13 +189,14 @@ def test_hello_hands_the_host_its_scheduler(scheduler: str | None, argv: list[st
 
     def handler(command: list[str], stdin: bytes) -> CommandResult:
         seen.append(command)
-        hello = {"packages": {"numpy": "2", "cloudpickle": "3"}, "launcher": "slurm" if scheduler else "process"}
+        said = "slurm" if command[-2:] == ["--scheduler", "slurm"] else "process"  # the host answers what it heard
+        hello = {"packages": {"numpy": "2", "cloudpickle": "3"}, "launcher": said}
         return CommandResult(0, json.dumps(hello).encode(), b"")
 
     client = AgentClient(FakeTransport(handler), scheduler=scheduler)
     try:
-        assert client.scheduler == scheduler
         assert client.hello()["launcher"] == ("slurm" if scheduler else "process")
+        assert [command[-len(argv) :] for command in seen if "hello" in command] == [argv], seen
     finally:
         client.close(final=True)
     assert seen == [argv]
