@@ -40,6 +40,6 @@ test: $(STAMP) system-deps lint
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
-# Fourteen figures against baselines measured in the same run; writes bench/results/latest.json.
+# Seventeen figures against baselines measured in the same run; writes bench/results/latest.json.
 bench: $(STAMP) system-deps
 	$(PY) bench/run.py

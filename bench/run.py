@@ -1,4 +1,4 @@
-"""remote_magic benchmark: fourteen figures, each against a baseline measured in the same run.
+"""remote_magic benchmark: seventeen figures, each against a baseline measured in the same run.
 
     make bench                 # full sizes (512 MiB transfers, 1 GiB re-run)
     .venv/bin/python bench/run.py --quick   # small sizes, a smoke run
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import by_content
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -559,7 +562,7 @@ class Bench:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-14)")
+    parser.add_argument("--only", type=int, action="append", help="run only these figures (1-17)")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="remote_magic-bench-") as tmp:
@@ -571,9 +574,10 @@ def main() -> int:
             figures = [bench.upload, bench.download, bench.rerun, bench.trivial, bench.keras_fit, bench.memory,
                        bench.latency, bench.queue_start, bench.sweep, bench.trivial_back_to_back,
                        bench.keras_back_to_back, bench.run_all, bench.first_cell, bench.waiting_runners]  # fmt: skip
+            figures += [functools.partial(figure, bench) for figure in by_content.FIGURES]  # 15-17
             for number, figure in enumerate(figures, start=1):
                 if not args.only or number in args.only:
-                    print(f"figure {number}: {figure.__name__} ...", flush=True)
+                    print(f"figure {number}: {getattr(figure, 'func', figure).__name__} ...", flush=True)
                     figure()
         finally:
             bench.stop()

@@ -12,6 +12,8 @@ def load_ipython_extension(ipython: Any) -> None:
     from .magics import RemoteMagics
 
     ipython.register_magics(RemoteMagics)
+    # a detached job's outputs enter the namespace between cells: the injector follows them
+    ipython.magics_manager.registry["RemoteMagics"].lifecycle.inject.register()
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
@@ -25,4 +27,5 @@ def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get("RemoteMagics")
     if magics is not None:
         magics.stop_background()
+        magics.lifecycle.inject.unregister()  # after the followers stopped: what waits still goes in
         magics.connections.close()

@@ -113,19 +113,34 @@ class RemoteMagics(Magics):
         self._slow_path_noted: set[str] = set()  # hosts whose failed bulk path the user was told about
         self.connections = session.Connections()
         self.registry = Registry()
-        self.lifecycle = session.JobLifecycle(lambda values: self.shell.user_ns.update(values), MagicHints())
+        self.lifecycle = session.JobLifecycle(session.Injector(self.shell), MagicHints())  # between cells
         self._background = session.BackgroundWork()  # prewarm and cells' connects: waited for when unloading
         self._background.start(envcheck.installed_modules)  # what the first cell's environment check reads
         if self.prewarm and self.warm_runner:
             self._background.start(self._prewarm)
 
     def _prewarm(self) -> None:
-        """Make the default host ready while the user's first cells run.
+        """Make the hosts the notebook's cells name ready while its first cells run (the default host if unknown).
 
         Quiet: a host that cannot be reached now says so when a cell asks for it, as without this.
         """
-        with contextlib.suppress(Exception):  # a warm-up that fails only costs the speed it would have won
-            session.prewarm(self._client(self.default_host), self.connections.settings_for(self.default_host))
+        import threading
+
+        from .project.notebook import hosts_to_warm
+
+        def warm(host: str) -> None:
+            with contextlib.suppress(Exception):  # a warm-up that fails only costs the speed it would have won
+                session.prewarm(self._client(host), self.connections.settings_for(host))
+
+        # Each host in a thread of its own, so one that does not answer holds up no other; this one waits for all.
+        threads = [
+            threading.Thread(target=warm, args=(host,), daemon=True)
+            for host in hosts_to_warm(self._notebook_path(), self.default_host)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     @property
     def background(self) -> list[session.BackgroundFollower]:

@@ -158,7 +158,7 @@ def test_keras_on_the_kernels_backend_trains_remotely_and_comes_back(start_kerne
     assert reply["status"] == "ok", text
     assert [line.split(" - ")[0] for line in _epoch_lines(text)] == ["Epoch 1/2", "Epoch 2/2"]
     assert all(" - accuracy: " in line and " - loss: " in line for line in _epoch_lines(text))
-    assert f"host {host}" in text and "injected: inside, history, model" in text
+    assert f"host {host}" in text and "injected: inside, history (assigned); model (changed by the cell)" in text
 
     reply, text = kernel.execute(KERNEL_CHECK)
     assert reply["status"] == "ok", text

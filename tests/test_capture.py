@@ -13,11 +13,18 @@ def test_reads_before_assignment_are_inputs_and_assignments_are_outputs() -> Non
     assert names.assigned == ["x", "y", "i", "total"]
 
 
-def test_fit_and_item_assignment_mark_inputs_as_changed_in_place() -> None:
-    source = "history = model.fit(x, y)\ncfg['lr'] = 0.1\nlog.append(1)\nz = arr.reshape(-1)\n"
+def test_only_assigned_names_are_outputs_by_syntax_changed_inputs_are_left_to_the_host() -> None:
+    source = "history = model.fit(x, y)\ncfg['lr'] = 0.1\nlog.append(1)\nz = arr.reshape(-1)\n_ = 1\ndel old\n"
     names = analyze(source)
-    inputs = select_inputs(names, {n: 0 for n in ["model", "x", "y", "cfg", "log", "arr"]})
-    assert default_outputs(names, inputs) == ["history", "z", "model", "cfg", "log"]  # arr only read
+    assert select_inputs(names, {n: 0 for n in ["model", "x", "y", "cfg", "log", "arr"]}) == [
+        "model",
+        "x",
+        "y",
+        "cfg",
+        "log",
+        "arr",
+    ]
+    assert default_outputs(names) == ["history", "z", "old"]  # "_" is left out; cfg and log: by content
 
 
 def test_names_inside_functions_are_lazy_and_never_undefined_errors() -> None:

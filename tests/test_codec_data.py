@@ -474,3 +474,31 @@ def test_a_loaded_dataset_reads_its_folder_until_the_process_exits_and_no_longer
     assert done.returncode == 0, done.stderr
     folder = done.stdout.strip().splitlines()[-1]
     assert "remote_magic-dataset-" in folder and not os.path.exists(folder)
+
+
+def test_only_a_dataset_the_cell_trains_on_gets_the_shuffle_order_note(tf, ip, capsys) -> None:
+    """Issue 20: the note fired for a dataset used only as ``validation_data=``, whose order does not matter."""
+    from conftest import run
+
+    setup = (
+        "import numpy as np, tensorflow as tf, keras\n"
+        "x = np.random.default_rng(0).random((64, 4), dtype=np.float32)\n"
+        "y = (x.sum(axis=1) > 2).astype('float32')\n"
+        "train_ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(64).batch(16)\n"
+        "val_ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(64).batch(16)\n"
+        "test_ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(64).batch(16)\n"
+        "model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation='sigmoid')])\n"
+        "model.compile(optimizer='adam', loss='binary_crossentropy')\n"
+    )
+    assert run(ip, setup).success
+    capsys.readouterr()
+    cell = (
+        "%%remote_train\n"
+        "history = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)\n"
+        "score = model.evaluate(test_ds, verbose=0)\n"
+    )
+    assert run(ip, cell).success
+    out = capsys.readouterr().out
+    assert "dataset 'train_ds' was saved with one shuffle order" in out
+    assert "'val_ds' was saved" not in out and "'test_ds' was saved" not in out
+    assert len(ip.user_ns["history"].history["val_loss"]) == 1

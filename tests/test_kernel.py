@@ -52,7 +52,7 @@ def test_interrupt_stops_training_gracefully_and_injects_the_model(kernel, host)
     assert interrupted and reply["status"] == "ok", text
     stopped_at = int(re.search(r"stopped at epoch (\d+) of 40", text).group(1))
     assert 3 <= stopped_at < 40
-    assert "injected: Slow, history, model" in text
+    assert "injected: Slow, history (assigned); model (changed by the cell)" in text
 
     check = (
         "import numpy as np\n"
@@ -154,7 +154,11 @@ def test_detached_job_is_followed_in_the_background_and_injected(widget_kernel) 
         for m in kernel.messages
         if m["msg_type"] == "update_display_data" and "text/plain" in m["content"].get("data", {})
     ]
-    assert finished and "injected: history, model" in finished[-1] and "Epoch 3/3" in finished[-1]
+    assert (
+        finished
+        and "injected: history (assigned); model (changed by the cell)" in finished[-1]
+        and "Epoch 3/3" in finished[-1]
+    )
 
 
 SLOW_BATCHES = """%%remote_train

@@ -133,7 +133,7 @@ def test_quickstart_panel_and_sidebar_in_jupyterlab(lab, page, ip, tmp_path, cap
         news.first.click()
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     # While it trains: the live ipywidgets panel (progress bars, Stop and Detach) under the cell.
-    finished = page.locator(".remote-magic-panel", has_text="injected: history, model")
+    finished = page.locator(".remote-magic-panel", has_text="injected: history (assigned); model (changed by the cell)")
     finished.wait_for(timeout=180_000)
     text = finished.inner_text()
     assert re.search(r"done", text)

@@ -19,7 +19,7 @@ def _check_quickstart(nb: nbformat.NotebookNode, host: str) -> str:
     train = next(c for c in nb.cells if c.source.startswith("%%remote_train"))
     shown = texts(train)
     assert [f"Epoch {i}/5" for i in range(1, 6)] == re.findall(r"Epoch \d/5", shown)
-    assert f"host {host}" in shown and "injected: history, model" in shown
+    assert f"host {host}" in shown and "injected: history (assigned); model (changed by the cell)" in shown
     evaluate = next(
         c for c in nb.cells if "model.evaluate(x_test" in c.source and "accuracy" in c.source and "print(f" in c.source
     )
@@ -41,7 +41,7 @@ def test_quickstart_on_the_local_default_with_the_widget_panel(monkeypatch) -> N
     assert "application/vnd.jupyter.widget-view+json" not in train.outputs[-1]["data"]
     body, _ = HTMLExporter().from_notebook_node(nb)
     assert body.count('class="remote-magic-chart"') >= 2  # loss and accuracy
-    assert "val_accuracy" in body and "injected: history, model" in body
+    assert "val_accuracy" in body and "injected: history (assigned); model (changed by the cell)" in body
 
 
 def _configure_like_a_user(sshd, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -192,3 +192,40 @@ def test_a_remote_log_loop_of_50_steps_shows_steps_the_latest_rows_and_no_empty_
     assert 'fill="#1f77b4">loss</text>' not in page  # a lone series needs no legend: the title says it
     assert "Step 50/50 - loss: 0.0200" in render_text(view)
     client.close()
+
+
+def test_keras_verbose_1_shows_each_epoch_once_and_keeps_what_the_cell_prints(ip, capsys) -> None:
+    """Issue 20: with Keras's own progress bar on, the text panel showed every epoch twice (ours and Keras's)."""
+    assert run(ip, CELL).success
+    capsys.readouterr()
+    cell = (
+        "%%remote_train\n"
+        "print('before the fit')\n"
+        "said = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: print(f'my callback {epoch + 1}'))\n"
+        "history = model.fit(x, y, epochs=3, batch_size=32, verbose=1, callbacks=[said])\n"
+        "print('after the fit')\n"
+        "model.evaluate(x, y, verbose=2)\n"
+    )
+    assert run(ip, cell).success
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert [line.split(" - ")[0] for line in lines if line.startswith("Epoch")] == [
+        "Epoch 1/3",
+        "Epoch 2/3",
+        "Epoch 3/3",
+    ]
+    assert sum(line.startswith("Epoch 2/3") for line in lines) == 1
+    assert "4/4 ━" not in out  # Keras's bar of the fit, whose numbers are the epoch lines'
+    for said in ("before the fit", "my callback 1", "my callback 3", "after the fit"):
+        assert said in lines, (said, out)
+    assert any(line.startswith("4/4 - ") and "loss:" in line for line in lines), out  # evaluate's line stays
+
+    # The widget's log and the saved copy show the same: the cell's prints, not Keras's epoch lines.
+    job_id = re.search(r"job (\S+) ·", out).group(1)
+    client = AgentClient(LocalTransport())
+    replay = WidgetPanel("local")
+    replay.start(job_id)
+    session.follow(client, job_id, replay.handle)
+    client.close()
+    assert "my callback 2" in replay.log.value and "Epoch 2/3" not in replay.log.value
+    assert render_text(replay.view).count("Epoch 2/3") == 1

@@ -95,7 +95,9 @@ def test_a_keras_fit_through_slurm_streams_every_epoch_and_brings_the_model_back
     assert all(changed) and model.predict(ip.user_ns["x_train"][:3], verbose=0).shape == (3, 1)
     epochs = [line.split(" - ")[0] for line in out.splitlines() if line.startswith("Epoch ")]
     assert epochs == [f"Epoch {i}/3" for i in range(1, 4)]
-    assert "(Slurm job " in out and "node " in out and "injected: history, model" in out
+    assert (
+        "(Slurm job " in out and "node " in out and "injected: history (assigned); model (changed by the cell)" in out
+    )
 
 
 def test_gpus_come_from_slurm_two_jobs_get_disjoint_devices_and_a_third_waits_simulated_gpus(

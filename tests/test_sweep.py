@@ -411,3 +411,27 @@ def test_status_and_cancel_take_a_sweep_id(ip, capsys) -> None:
     assert f"sweep {sweep_id} on host local: cancelled 2 of its 2 trials" in capsys.readouterr().out
     states = {row["state"] for row in ip.run_line_magic("remote_status", sweep_id).rows}
     assert states == {"cancelled"}
+
+
+def test_the_header_says_what_ranks_the_trials_before_and_after_the_first_epoch() -> None:
+    """Issue 20: the header said "metric: the first validation metric logged" until the end."""
+    written: list[str] = []
+    sweep = _fake_sweep({0: [], 1: []})
+    text = sweep_panel.SweepTextPanel(sweep, written.append)
+    widget = SweepWidgetPanel(sweep)
+    text.start()
+    assert "ranked by val_loss (min) once logged, else loss (min)" in written[0]
+    assert "ranked by val_loss (min) once logged" in widget.header.value
+
+    epoch = {"seq": 1, "t": 101.0, "type": "epoch", "epoch": 1, "epochs": 3, "logs": {"loss": 0.5, "val_loss": 0.4}}
+    for trial in sweep.trials:
+        trial.apply(epoch)
+        text.trial_event(trial, epoch)
+        widget.trial_event(trial, epoch)
+    assert written[1:].count("[remote_train] ranked by val_loss (min)\n") == 1  # said once, before the epoch lines
+    assert written[1] == "[remote_train] ranked by val_loss (min)\n" and "Epoch 1/3" in written[2]
+    assert " · ranked by val_loss (min) · " in widget.header.value
+    widget.finish()
+
+    given = Sweep("sweep-20261127-120000-abcdef", "gpu1", [Trial(0, {"lr": 0.1})], "score", "max")
+    assert " · ranked by score (max) · " in sweep_panel.sweep_title(given)  # --metric and --mode: known at once

@@ -31,7 +31,7 @@ def test_fit_trains_the_model_and_brings_back_history(ip, host, capsys) -> None:
 
     epoch_lines = [line for line in out.splitlines() if line.startswith("Epoch ")]
     assert [line.split(" - ")[0] for line in epoch_lines] == [f"Epoch {i}/4" for i in range(1, 5)]
-    assert f"host {host}" in out and "injected: history, model" in out
+    assert f"host {host}" in out and "injected: history (assigned); model (changed by the cell)" in out
 
 
 def test_a_second_run_continues_training_from_the_returned_state(ip) -> None:

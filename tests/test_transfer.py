@@ -155,7 +155,9 @@ def _warm_runners(root: Path) -> list[int]:
 
 def test_warm_stop_leaves_no_warm_runner_and_the_next_job_still_runs(ip) -> None:
     """A one-shot run (``make demo``) ends its warm runners: the one a job's end prepared, ready or still starting."""
-    client = ip.magics_manager.registry["RemoteMagics"]._client("local")
+    magics = ip.magics_manager.registry["RemoteMagics"]
+    magics._background.join(60)  # the warm-up at %load_ext is over: it would start a runner after the stop
+    client = magics._client("local")
     root = Path(client.transport.root)
     session.follow(client, session.submit(client, session.prepare("x = 1\n", {})), lambda event: None)
     deadline = time.monotonic() + 60

@@ -3,7 +3,10 @@
 Keras is imported only when the job uses it: ``watch_keras`` patches
 ``keras.Model.fit`` at once if keras is loaded, or right after the cell (or
 an input being unpickled) first imports it.  The user's own callbacks and
-``verbose`` keep working; ours is appended to theirs.
+``verbose`` keep working; ours is appended to theirs.  What Keras's own
+progress bar prints during a fit is marked (``in_keras_progress``), so the
+panel, which shows those epochs already, can leave it out; the host's log
+keeps it.
 """
 
 from __future__ import annotations
@@ -66,6 +69,36 @@ class TrainingHooks:
         self.resume = resume
 
 
+_progress = threading.local()
+
+
+def in_keras_progress() -> bool:
+    """Whether this thread is inside Keras's fit progress bar, whose lines repeat the panel's epoch rows."""
+    return getattr(_progress, "active", False)
+
+
+def _mark_progress_output(keras: Any) -> None:
+    """Wrap the ``ProgbarLogger`` methods that print a fit's epochs, so their writes can be told apart.
+
+    Only the training ones: ``evaluate`` and ``predict`` bars are shown as printed (the panel has no rows for them).
+    """
+    logger = getattr(keras.callbacks, "ProgbarLogger", None)
+    for name in ("on_epoch_begin", "on_train_batch_end", "on_epoch_end"):
+        method = getattr(logger, name, None)
+        if method is None or getattr(method, "_remote_magic", False):
+            continue
+
+        def marked(self: Any, *args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            before, _progress.active = in_keras_progress(), True
+            try:
+                return _method(self, *args, **kwargs)
+            finally:
+                _progress.active = before
+
+        marked._remote_magic = True  # type: ignore[attr-defined]
+        setattr(logger, name, marked)
+
+
 def watch_keras(hooks: TrainingHooks) -> None:
     if "keras" in sys.modules:
         _patch_fit(sys.modules["keras"], hooks)
@@ -105,6 +138,7 @@ def _patch_fit(keras: Any, hooks: TrainingHooks) -> None:
         return
     signature = inspect.signature(original_fit)
     event_callback_class = _event_callback_class(keras)
+    _mark_progress_output(keras)
 
     def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)

@@ -63,6 +63,7 @@ def dumps(
     notebook_objects: Iterable[Any] = (),
     threshold: int = BLOB_THRESHOLD,
     referenced_modules: set[str] | None = None,
+    pickled: set[int] | None = None,
 ) -> tuple[bytes, list[memoryview]]:
     """Pickle ``values``; return the in-band bytes and the out-of-band buffers.
 
@@ -74,6 +75,7 @@ def dumps(
     class and function pickled (by reference or by value), the name of every
     module object pickled, and the module of the type of every object
     reduced: the caller finds there the local modules the other side needs.
+    ``pickled``, when given, receives the ids of the objects the pickle holds (shared ones stay shared).
     """
     buffers: list[memoryview] = []
 
@@ -85,11 +87,13 @@ def dumps(
         return False
 
     out = io.BytesIO()
-    pickler = _pickler_class()(out, protocol=PROTOCOL, buffer_callback=keep_out_of_band)
+    pickler = pickler_class()(out, protocol=PROTOCOL, buffer_callback=keep_out_of_band)
     pickler.notebook_objects = list(notebook_objects)
     pickler.referenced_modules = referenced_modules
     pickler.value_names = {id(value): name for name, value in values.items()}
     pickler.dump(values)
+    if pickled is not None:
+        pickled.update(pickler.memo.copy())
     return out.getvalue(), buffers
 
 
@@ -153,7 +157,7 @@ def _note(text: str) -> None:
 _PICKLER_CLASS: type | None = None
 
 
-def _pickler_class() -> type:
+def pickler_class() -> type:
     global _PICKLER_CLASS
     if _PICKLER_CLASS is None:
         import cloudpickle
@@ -166,7 +170,7 @@ def _pickler_class() -> type:
             def reducer_override(self, obj: Any) -> Any:
                 if self.referenced_modules is not None:
                     _record_modules(obj, self.referenced_modules)
-                if _is_keras_model(obj):
+                if is_keras_model(obj):
                     return _reduce_keras_model(obj, self.notebook_objects)
                 if _is_plain_tensor(obj):
                     return _reduce_torch_tensor(obj)
@@ -193,7 +197,7 @@ def _record_modules(obj: Any, modules: set[str]) -> None:
 # Keras models ---------------------------------------------------------------
 
 
-def _is_keras_model(obj: Any) -> bool:
+def is_keras_model(obj: Any) -> bool:
     keras = sys.modules.get("keras")
     return keras is not None and isinstance(obj, keras.Model)
 
@@ -365,6 +369,22 @@ def _loading_words() -> tuple[str, str, str]:
 # tf.data datasets -----------------------------------------------------------
 
 
+# Names of datasets the cell never trains on (``capture.validated_only``): their shuffle order does not matter.
+_ORDER_UNUSED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "remote_magic_codec_order_unused", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def order_unused(names: Iterable[str]) -> Iterator[None]:
+    """Inside, a dataset sent under one of ``names`` gets no note about its frozen shuffle order."""
+    token = _ORDER_UNUSED.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _ORDER_UNUSED.reset(token)
+
+
 def _is_tf_dataset(obj: Any) -> bool:
     ops = sys.modules.get("tensorflow.python.data.ops.dataset_ops")
     dataset = getattr(ops, "DatasetV2", None)
@@ -394,7 +414,7 @@ def _reduce_tf_dataset(dataset: Any, name: str | None) -> tuple[Callable[..., An
             f"{called} may be infinite (it repeats forever before a step of unknown length), "
             "so it cannot be saved and sent; build it inside the cell"
         )
-    if _reshuffles(nodes, ops):
+    if name not in _ORDER_UNUSED.get() and _reshuffles(nodes, ops):
         _note(
             f"{called} was saved with one shuffle order: on the host every epoch sees that same order; "
             "to reshuffle each epoch, shuffle inside the cell (e.g. ds = ds.unbatch().shuffle(1000).batch(32))"

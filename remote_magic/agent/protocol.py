@@ -150,7 +150,7 @@ SPEC_KEYS = frozenset(
     {
         "source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client",
         "workdir", "files", "modules", "cwd", "env", "backend", "gpus", "gpu_ids", "busy_gpu_memory", "queue",
-        "sweep", "slurm",
+        "sweep", "slurm", "changed_inputs",
     }
 )  # fmt: skip
 

@@ -10,7 +10,6 @@ nothing here knows which one started the job.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import io
 import json
@@ -23,16 +22,14 @@ import sys
 import threading
 import time
 import traceback
-import types
 from collections.abc import Callable
 from importlib import metadata, util
 from typing import Any
 
-from . import callbacks, codec, disk, jobs, procs, protocol
-from . import digest as digests
+from . import callbacks, changes, codec, disk, jobs, procs, protocol, values
 from .launch import gpus
 from .launch.base import InJob
-from .store import blobs, fetch, layout
+from .store import fetch, layout
 
 CELL_FILENAME = "<remote_train cell>"
 _VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")
@@ -50,12 +47,15 @@ class EventStream(io.TextIOBase):
     A carriage return starts the line over (progress bars), so only what a
     terminal would finally show is recorded, and only that is kept while the
     line is open: each write costs its own length, never the line's so far.
+    A line of Keras's fit progress bar gets ``progress: true``; what else is
+    printed in the middle of one (a callback's print) gets a line of its own.
     """
 
     def __init__(self, emit: Any, kind: str) -> None:
         self.emit = emit
         self.kind = kind
         self.pending = ""
+        self.pending_progress = False  # whether the open line is Keras's progress bar
         self.lock = threading.Lock()
 
     def writable(self) -> bool:
@@ -65,24 +65,32 @@ class EventStream(io.TextIOBase):
         return False
 
     def write(self, text: str) -> int:
+        progress = callbacks.in_keras_progress()
         with self.lock:
+            if self.pending and progress != self.pending_progress:  # the bar and the cell's print: a line each
+                self._line(self.pending + "\n")
+                self.pending = ""
+            self.pending_progress = progress
             *lines, rest = text.split("\n")
             if lines:
                 first, *lines = lines
-                self.emit(self.kind, text=_after_return(self.pending + first) + "\n")
+                self._line(_after_return(self.pending + first) + "\n")
                 for line in lines:
-                    self.emit(self.kind, text=_after_return(line) + "\n")
+                    self._line(_after_return(line) + "\n")
                 self.pending = ""
             self.pending = _after_return(self.pending + rest) if "\r" in rest else self.pending + rest
             while len(self.pending) > MAX_LINE_CHARS:
-                self.emit(self.kind, text=self.pending[:MAX_LINE_CHARS])
+                self._line(self.pending[:MAX_LINE_CHARS])
                 self.pending = self.pending[MAX_LINE_CHARS:]
         return len(text)
+
+    def _line(self, text: str) -> None:
+        self.emit(self.kind, text=text, **({"progress": True} if self.pending_progress else {}))
 
     def close_line(self) -> None:
         with self.lock:
             if self.pending:
-                self.emit(self.kind, text=self.pending.rsplit("\r", 1)[-1])
+                self._line(self.pending.rsplit("\r", 1)[-1])
                 self.pending = ""
 
 
@@ -158,6 +166,7 @@ class _Run:
         self.started = time.time()
         self.phase = "files"
         self.cwd: str | None = None
+        self.inputs = values.Inputs(changes.Blobs())
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         with self.lock:
@@ -195,7 +204,7 @@ class _Run:
         try:
             self._run_phases(hooks)
             with codec.noting() as notes:
-                manifest = _write_outputs(self.root, self.path, self.spec, self.namespace, self.emit)
+                manifest = values.write_outputs(self.root, self.path, self.spec, self.namespace, self.emit, self.inputs)
             self._warn(notes)
             files = self.wind_up()
             seconds = round(time.time() - self.started, 3)
@@ -226,8 +235,12 @@ class _Run:
         _use_job_folders(self.cwd, modules, self.spec)
         self.started, self.phase = time.time(), "inputs"
         with codec.noting() as notes:
-            self.namespace.update(_load_inputs(self.root, self.path, self.spec))
+            namespace, self.inputs = values.load_inputs(self.root, self.path, self.spec)
+            self.namespace.update(namespace)
         self._warn(notes)
+        if self.spec.get("changed_inputs"):  # the inputs that come back are those whose content the cell changes
+            candidates = [n for n in self.spec.get("inputs", []) if n not in self.spec.get("outputs", [])]
+            self.inputs.before = changes.fingerprints(self.namespace, candidates, self.inputs.blobs)
         self.namespace["remote_log"] = _remote_log(self.emit, hooks.stop_requested)
         callbacks.watch_keras(hooks)
         self.phase = "cell"
@@ -272,7 +285,7 @@ def _follow(root: str, path: str, job: InJob) -> int:
         return 1
     modules = os.path.join(path, layout.MODULES_DIR) if spec.get("modules") else None
     _use_job_folders(layout.job_cwd(path, spec), modules, spec)
-    namespace = _load_inputs(root, path, spec)
+    namespace, _ = values.load_inputs(root, path, spec)
     namespace["remote_log"] = lambda *args, **kwargs: None  # the leader's rows are the panel's
     try:
         _run_cell(spec["source"], namespace)
@@ -386,16 +399,6 @@ def _resume_point(path: str, warn: Callable[[list[str]], None]) -> callbacks.Res
     return callbacks.Resume(int(meta["epoch"]), load, history)
 
 
-def _load_inputs(root: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
-    with open(os.path.join(path, protocol.INPUTS_FILE), "rb") as f:
-        data = f.read()
-    buffers = [blobs.map_blob(root, name) for name, _ in spec.get("blobs", [])]
-    values = codec.loads(data, buffers, receiver="host")
-    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
-    namespace.update(values)
-    return namespace
-
-
 def _run_cell(source: str, namespace: dict[str, Any]) -> None:
     # Registering the source lets tracebacks show the cell's own lines.
     linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
@@ -448,27 +451,3 @@ def describe_exception(exc: BaseException, source: str, phase: str = "cell") -> 
         "cell_line": cell_line,
         **fields,
     }
-
-
-def _write_outputs(root: str, path: str, spec: dict[str, Any], namespace: dict[str, Any], emit: Any) -> dict[str, Any]:
-    names = [n for n in spec.get("outputs", []) if n in namespace and not isinstance(namespace[n], types.ModuleType)]
-    values = {n: namespace[n] for n in names}
-    notebook_objects = codec.notebook_defined(namespace)
-    skipped: dict[str, str] = {}
-    while True:
-        try:
-            data, buffers = codec.dumps(values, notebook_objects)
-            break
-        except Exception:
-            culprit, reason = codec.first_unpicklable(values, notebook_objects)
-            if culprit is None:
-                raise
-            skipped[culprit] = reason
-            del values[culprit]
-            emit(protocol.WARNING, message=f"output {culprit!r} cannot be sent back and was left out: {reason}")
-    with blobs.blob_lock(root, exclusive=False):  # gc waits, and then sees the list below
-        names = [digests.of(buf) for buf in buffers]
-        disk.atomic_write(os.path.join(path, protocol.OUTPUT_BLOBS_FILE), json.dumps(names).encode())
-        stored = [blobs.write_blob(root, buf, name) for buf, name in zip(buffers, names, strict=True)]
-    disk.atomic_write(os.path.join(path, protocol.OUTPUTS_FILE), data)
-    return {"outputs": list(values), "blobs": stored, "skipped": skipped, "pickle_bytes": len(data)}

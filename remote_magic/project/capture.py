@@ -1,22 +1,8 @@
-"""Which names a cell reads (its inputs) and writes (its outputs).
+"""Which names a cell reads (its inputs) and assigns (the names that come back).
 
-Static analysis of the cell's source only; no I/O, no evaluation.
-
-The output rule (documented in README): a name comes back when the cell
-assigns it at top level (``x = ...``, ``for x in``, ``def x``, ``import x``
-is excluded at runtime since modules are not sent), or when it is an input
-the cell visibly changes in place:
-
-* an attribute or item of it is assigned or deleted (``cfg["lr"] = 0.1``,
-  ``obj.n += 1``), or
-* a method that changes objects in place is called on it: Keras/sklearn
-  ``fit``, ``partial_fit``, ``train``, ``compile``, ``load_weights``, ...
-  PyTorch ``step``, ``zero_grad``, ``load_state_dict``
-  and the list/dict/set/ndarray mutators (``append``, ``update``, ``sort``,
-  ``fill``, ...), see ``MUTATING_METHODS``.
-
-Anything else an input does to itself unseen (a function that mutates its
-argument) is not detected; name it with ``--out``.
+Static analysis of the cell's source only; no I/O, no evaluation.  Which inputs the cell
+changes is not decided here: however it changes them (``model.fit``, a notebook function, a
+library call), the host tells by their content (``agent/changes.py``).
 """
 
 from __future__ import annotations
@@ -24,21 +10,6 @@ from __future__ import annotations
 import ast
 import builtins
 from dataclasses import dataclass, field
-
-MUTATING_METHODS = frozenset(
-    {
-        # training in place
-        "fit", "fit_generator", "partial_fit", "train", "train_on_batch", "compile",
-        "load_weights", "set_weights", "reset_states", "build",
-        # PyTorch: an optimizer or scheduler stepped, a state loaded
-        "step", "zero_grad", "load_state_dict",
-        # containers and arrays
-        "append", "extend", "insert", "pop", "popitem", "remove", "clear", "update",
-        "setdefault", "add", "discard", "sort", "reverse", "fill", "resize",
-        "put", "itemset", "setflags", "intersection_update", "difference_update",
-        "symmetric_difference_update", "appendleft", "extendleft", "rotate",
-    }
-)  # fmt: skip
 
 
 class CaptureError(ValueError):
@@ -50,7 +21,6 @@ class CellNames:
     reads: list[str] = field(default_factory=list)  # read at top level before any assignment
     lazy_reads: list[str] = field(default_factory=list)  # read inside functions, classes, lambdas
     assigned: list[str] = field(default_factory=list)
-    mutated: list[str] = field(default_factory=list)
 
 
 def analyze(source: str) -> CellNames:
@@ -69,12 +39,6 @@ def _add(names: list[str], name: str) -> None:
         names.append(name)
 
 
-def _base_name(node: ast.AST) -> str | None:
-    while isinstance(node, (ast.Attribute, ast.Subscript)):
-        node = node.value
-    return node.id if isinstance(node, ast.Name) else None
-
-
 class _CellVisitor(ast.NodeVisitor):
     """Walks top-level code in execution order (values before targets)."""
 
@@ -89,29 +53,22 @@ class _CellVisitor(ast.NodeVisitor):
         else:
             _add(self.names.assigned, node.id)
 
-    def _store_target(self, target: ast.AST) -> None:
-        if isinstance(target, (ast.Attribute, ast.Subscript)):
-            base = _base_name(target)
-            if base is not None:
-                _add(self.names.mutated, base)
-        self.visit(target)
-
     # -- statements whose value runs before the target is bound
     def visit_Assign(self, node: ast.Assign) -> None:
         self.visit(node.value)
         for target in node.targets:
-            self._store_target(target)
+            self.visit(target)
 
     def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
         if node.value is not None:
             self.visit(node.value)
-            self._store_target(node.target)
+            self.visit(node.target)
 
     def visit_AugAssign(self, node: ast.AugAssign) -> None:
         self.visit(node.value)
         if isinstance(node.target, ast.Name):
             self.visit_Name(ast.Name(node.target.id, ast.Load()))
-        self._store_target(node.target)
+        self.visit(node.target)
 
     def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
         self.visit(node.value)
@@ -119,18 +76,11 @@ class _CellVisitor(ast.NodeVisitor):
 
     def visit_For(self, node: ast.For | ast.AsyncFor) -> None:
         self.visit(node.iter)
-        self._store_target(node.target)
+        self.visit(node.target)
         for statement in node.body + node.orelse:
             self.visit(statement)
 
     visit_AsyncFor = visit_For
-
-    def visit_Delete(self, node: ast.Delete) -> None:
-        for target in node.targets:
-            if isinstance(target, (ast.Attribute, ast.Subscript)):
-                self._store_target(target)
-            else:
-                self.visit(target)
 
     def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
         for alias in node.names:
@@ -146,14 +96,6 @@ class _CellVisitor(ast.NodeVisitor):
             _add(self.names.assigned, node.name)
         for statement in node.body:
             self.visit(statement)
-
-    def visit_Call(self, node: ast.Call) -> None:
-        func = node.func
-        if isinstance(func, ast.Attribute) and func.attr in MUTATING_METHODS:
-            base = _base_name(func.value)
-            if base is not None:
-                _add(self.names.mutated, base)
-        self.generic_visit(node)
 
     # -- nested scopes: evaluated later, so their reads are lazy
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
@@ -185,12 +127,6 @@ class _CellVisitor(ast.NodeVisitor):
                 self.visit_Name(child)
             elif isinstance(child, ast.NamedExpr) and isinstance(child.target, ast.Name):
                 _add(self.names.assigned, child.target.id)
-            elif isinstance(child, ast.Call):
-                func = child.func
-                if isinstance(func, ast.Attribute) and func.attr in MUTATING_METHODS:
-                    base = _base_name(func.value)
-                    if base is not None and base not in bound:
-                        _add(self.names.mutated, base)
 
     visit_SetComp = visit_DictComp = visit_GeneratorExp = visit_ListComp
 
@@ -239,10 +175,9 @@ def select_inputs(
     return inputs
 
 
-def default_outputs(names: CellNames, inputs: list[str]) -> list[str]:
-    outputs = [name for name in names.assigned if name != "_"]
-    outputs += [name for name in names.mutated if name in inputs and name not in outputs]
-    return outputs
+def default_outputs(names: CellNames) -> list[str]:
+    """The names the cell assigns at top level; the inputs it changes are added on the host, by content."""
+    return [name for name in names.assigned if name != "_"]
 
 
 def imported_modules(source: str) -> list[str]:
@@ -264,3 +199,35 @@ def imported_modules(source: str) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             _add(found, node.module.split(".")[0])
     return found
+
+
+def validated_only(source: str) -> set[str]:
+    """Names the cell only validates or evaluates on (``validation_data=val_ds``, ``model.evaluate(test_ds)``).
+
+    What the model is never trained on can be sent in any order: the codec's
+    note about a frozen shuffle order is not for them.  Any other use of the
+    name (a method call, an assignment, a positional ``fit`` argument) keeps
+    it out.
+    """
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    allowed: set[int] = set()  # the Name nodes in a validation-only place
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        for keyword in node.keywords:
+            if keyword.arg == "validation_data" or (keyword.arg == "x" and _calls_evaluate(node)):
+                allowed.add(id(keyword.value))
+        if node.args and _calls_evaluate(node):
+            allowed.add(id(node.args[0]))
+    found: dict[str, bool] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found[node.id] = found.get(node.id, True) and id(node) in allowed
+    return {name for name, only in found.items() if only}
+
+
+def _calls_evaluate(call: ast.Call) -> bool:
+    return isinstance(call.func, ast.Attribute) and call.func.attr == "evaluate"

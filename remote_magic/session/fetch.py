@@ -8,6 +8,7 @@ this kernel's copy of the job's layout, and a file arrives whole or not at all.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from ..project import payload
 from ..wire import upload
 from ..wire.cache import BlobCache
 from ..wire.client import AgentClient
+from . import fetched
 from .hosts import memory_mib
+from .sent import SENT, SentBuffers
 
 # Transfers at least this big show their progress in the panel.
 SHOWN_TRANSFER_BYTES = 32 * 1024 * 1024
@@ -42,13 +45,27 @@ def fetch_outputs(
     done: dict[str, Any],
     cache: BlobCache | None = None,
     progress: upload.Progress | None = None,
+    *,
+    sent: SentBuffers | None = SENT,
+    verify_sent: bool = True,
 ) -> payload.Values:
-    """Load the job's outputs (with the notes their loading made); each blob comes from the local cache when an earlier fetch stored it."""
+    """Load the job's outputs (with the notes their loading made).
+
+    A blob this kernel sent as an input and still holds is not downloaded: the value shares the kernel's
+    memory (``sent``; checked against its digest first unless ``verify_sent`` is False, where no cell ran
+    since the send).  Else it comes from the local cache when an earlier fetch stored it, else from the host.
+    """
     data = client.outputs(job_id)
     blobs = done.get("blobs", [])
-    report = upload.TransferProgress(sum(size for _, size in blobs), progress)
-    buffers = []
-    for blob, size in blobs:
+    found = [sent.find(blob, size, verify=verify_sent) if sent is not None else None for blob, size in blobs]
+    report = upload.TransferProgress(
+        sum(size for (_, size), have in zip(blobs, found, strict=True) if have is None), progress
+    )
+    buffers: list[Any] = []
+    for (blob, size), have in zip(blobs, found, strict=True):
+        if have is not None:
+            buffers.append(have)
+            continue
         buffers.append(fetch_blob(client, blob, size, cache, report.within))
         report.add(size)
     report.finish()
@@ -108,7 +125,9 @@ def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: Blo
 
     Each file arrives whole (a temporary file renamed into place, never a
     partial one).  A local file with other content is kept and the fetched
-    one saved beside it (``model.<job id>.keras``) unless ``overwrite``.
+    one saved beside it (``model.<job id>.keras``) unless ``overwrite``, or
+    unless an earlier fetch wrote it and it is unchanged since (the record in
+    ``fetched``): a re-run's ``best_model.keras`` then replaces the last one.
     Whatever the host answers, nothing is written outside this folder's copy
     of the job's layout: every path is checked before the first file is.
     """
@@ -121,21 +140,35 @@ def fetch_files(client: AgentClient, job_id: str, request: FileFetch, cache: Blo
     layout_root = _local_layout_root(folder, request.layout_cwd, answer.get("cwd"))
     targets = [_local_target(layout_root, folder, rel) for rel, _, _ in found]
     notes, saved = [], []
-    for (rel, blob, size), target in zip(found, targets, strict=True):
-        if os.path.isfile(target) and _same_content(target, blob, size):
-            saved.append(f"{rel} (unchanged)")
-            continue
-        if os.path.exists(target) and not request.overwrite:
-            stem, ext = os.path.splitext(target)
-            beside = f"{stem}.{job_id}{ext}"
-            notes.append(
-                f"{rel} exists here with other content: kept it, saved the job's as "
-                f"{os.path.relpath(beside, folder)} (--fetch-overwrite replaces it)"
-            )
-            target = beside
-        _fetch_file(client, blob, size, target, None if client.is_local else cache or BlobCache(), layout_root)
-        saved.append(f"{os.path.relpath(target, folder)} ({size:,} bytes)")
+    record = fetched.FetchedFiles()
+    try:
+        for (rel, blob, size), target in zip(found, targets, strict=True):
+            local_digest = functools.cache(functools.partial(_local_digest, target))  # read once at most
+            if os.path.isfile(target) and _same_content(target, blob, size, local_digest):
+                saved.append(f"{rel} (unchanged)")
+                continue
+            shown = f"{size:,} bytes"
+            if os.path.exists(target) and not request.overwrite:
+                if record.ours_unchanged(target, local_digest):
+                    shown = f"replaced our earlier fetch, {size:,} bytes"
+                else:
+                    target = _beside(target, job_id)
+                    notes.append(
+                        f"{rel} exists here with other content: kept it, saved the job's as "
+                        f"{os.path.relpath(target, folder)} (--fetch-overwrite replaces it)"
+                    )
+            _fetch_file(client, blob, size, target, None if client.is_local else cache or BlobCache(), layout_root)
+            record.wrote(target, blob, size)
+            saved.append(f"{os.path.relpath(target, folder)} ({shown})")
+    finally:
+        record.save()  # the files written before a failure are ours too
     return [f"fetched: {', '.join(saved)}", *notes]
+
+
+def _beside(target: str, job_id: str) -> str:
+    """Where the job's file goes when the user's own is kept: ``model.<job id>.keras``."""
+    stem, ext = os.path.splitext(target)
+    return f"{stem}.{job_id}{ext}"
 
 
 def fetch_bounds(request: FileFetch) -> tuple[int, int]:
@@ -280,12 +313,17 @@ def _fetch_file(
         raise
 
 
-def _same_content(path: str, expected: str, size: int) -> bool:
+def _same_content(path: str, expected: str, size: int, local_digest: Callable[[], str]) -> bool:
     """Whether the local file already holds the fetched one (its digest named or bare)."""
     if os.path.getsize(path) != size:
         return False
+    return digest.split(local_digest()) == digest.split(expected)
+
+
+def _local_digest(path: str) -> str:
+    """The named digest of a local file, read in chunks (a fetched file may be larger than memory)."""
     hasher = digest.new()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             hasher.update(chunk)
-    return digest.matches(hasher, expected)
+    return digest.named(hasher)

@@ -220,8 +220,20 @@ def raise_for_final(final: dict[str, Any], job_id: str, host: str, hints: Hints 
         )
 
 
-def describe_injection(names: list[str]) -> str:
-    return ", ".join(names) if names else "nothing"
+# Why a name came back (the host's ``why``), as the panel says it.
+_WHY = {"assigned": "assigned", "changed": "changed by the cell", "shared": "held by what came back", "--out": "--out"}
+
+
+def describe_injection(names: list[str], why: dict[str, str] | None = None) -> str:
+    """The names injected, grouped by why each came back: ``history (assigned); model (changed by the cell)``."""
+    if not names:
+        return "nothing"
+    if not why:
+        return ", ".join(names)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(why.get(name, "assigned"), []).append(name)
+    return "; ".join(f"{', '.join(group)} ({_WHY.get(reason, reason)})" for reason, group in groups.items())
 
 
 def registered_jobs(records: list[Any], client_for: Callable[[str], AgentClient]) -> list[dict[str, Any]]:

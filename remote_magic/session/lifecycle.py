@@ -37,11 +37,14 @@ class Panel(Protocol):
 class JobLifecycle:
     """Follows jobs into panels and injects their outputs: blocking, after a detach, after an interrupt.
 
-    ``inject`` puts values into the user's namespace.  Detach returns at
+    ``inject`` puts values into the user's namespace (``injection.Injector``); it returns False when
+    they wait for the running cell to end, and the panel says so.  Detach returns at
     once and follows in the background, for as long as the kernel lives.
     """
 
-    def __init__(self, inject: Callable[[dict[str, Any]], None], hints: Hints, cache_limit: int | None = None) -> None:
+    def __init__(
+        self, inject: Callable[[dict[str, Any]], bool | None], hints: Hints, cache_limit: int | None = None
+    ) -> None:
         self.inject = inject
         self.hints = hints
         self.reconnect_timeout = RECONNECT_TIMEOUT
@@ -80,7 +83,7 @@ class JobLifecycle:
             self.follow_in_background(client, job_id, panel, inject, from_seq=panel.view.next_seq, fetch=fetch)
             return
         try:
-            self.end_job(client, job_id, panel, final, inject, fetch)
+            self.end_job(client, job_id, panel, final, inject, fetch, blocking=True)
         finally:
             panel.finish()
 
@@ -93,7 +96,7 @@ class JobLifecycle:
             except RemoteMagicError:
                 panel.note(f"job {job_id} cancelled; it had no checkpoint, nothing was injected")
                 raise KeyboardInterrupt from None
-            self.inject(values)
+            self.inject(values)  # in the blocking cell itself: it goes in now
             for note in values.notes:
                 panel.note(note)
             panel.note(
@@ -111,8 +114,12 @@ class JobLifecycle:
         final: dict[str, Any],
         inject: bool,
         fetch: FileFetch | None = None,
+        blocking: bool = False,
     ) -> None:
-        """The job ended: raise what went wrong, or inject its outputs; its files come back in either case."""
+        """The job ended: raise what went wrong, or inject its outputs; its files come back in either case.
+
+        ``blocking``: the cell that sent the inputs is still the one running, so no notebook code changed them
+        since: an output the kernel sent is taken from its arrays without hashing them again."""
         raise_for_final(final, job_id, client.host, self.hints)
         if final.get("stopped"):
             panel.note(f"stopped at epoch {panel.view.epoch} of {panel.view.epochs or '?'}")
@@ -121,9 +128,8 @@ class JobLifecycle:
                 panel.note(f"finished; outputs not injected, as asked: {self.hints.attach(job_id, client.host)}")
                 return
             try:
-                values = fetch_outputs(
-                    client, job_id, final, self.cache(), shown_progress(panel.progress, "downloading outputs")
-                )
+                progress = shown_progress(panel.progress, "downloading outputs")
+                values = fetch_outputs(client, job_id, final, self.cache(), progress, verify_sent=not blocking)
             except KeyboardInterrupt:
                 later = f"; {self.hints.fetch(job_id, client.host, fetch.patterns)}" if fetch is not None else ""
                 fetch = None  # stopped: no GiBs of files either
@@ -132,13 +138,22 @@ class JobLifecycle:
                     f"them on the host: {self.hints.attach(job_id, client.host)}{later}"
                 )
                 raise
-            self.inject(values)
-            for note in values.notes:  # e.g. tensors that were on a GPU there are on the CPU here
-                panel.note(note)
-            panel.note(f"injected: {describe_injection(list(values))}")
+            self.inject_noting(values, panel.note, f"injected: {describe_injection(list(values), final.get('why'))}")
         finally:
             if fetch is not None:  # after the outputs: a file that cannot be fetched never costs the model
                 self._fetch_into_panel(client, job_id, fetch, panel)
+
+    def inject_noting(self, values: dict[str, Any], note: Callable[[str], None], injected: str) -> None:
+        """Inject ``values`` and say so: ``injected`` when they went in now, else that they wait for the running
+        cell to end (a background job's outputs never land in the middle of one); their loading notes first."""
+        now = self.inject(values) is not False
+        for line in getattr(values, "notes", []):  # e.g. tensors that were on a GPU there are on the CPU here
+            note(line)
+        note(
+            injected
+            if now
+            else f"outputs ready: {', '.join(values)}; they enter the namespace when the running cell ends"
+        )
 
     def _fetch_into_panel(self, client: AgentClient, job_id: str, fetch: FileFetch, panel: Panel) -> None:
         try:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import project
-from ..agent import protocol
+from ..agent import codec, protocol
 from ..agent.protocol import GpuRequest
 from ..errors import RemoteMagicError
 from ..project import ProjectFile, capture, payload
 from ..wire import upload
 from ..wire.client import AgentClient
+from .sent import SENT
 
 
 @dataclass
@@ -27,9 +28,10 @@ class Submission:
 
     source: str
     inputs: list[str]
-    outputs: list[str]
+    outputs: list[str]  # the names the cell assigns, or exactly those --out names
     payload: payload.Payload
     name: str | None = None
+    changed_inputs: bool = True  # the inputs whose content the cell changes come back too (not with --out)
     checkpoint_every: int = 1
     warm: bool = True
     compress: str = "auto"
@@ -56,6 +58,7 @@ class Submission:
             "name": self.name,
             "inputs": self.inputs,
             "outputs": self.outputs,
+            "changed_inputs": self.changed_inputs,
             "checkpoint_every": self.checkpoint_every,
             "warm": self.warm,
             "blobs": self.payload.blobs,
@@ -107,11 +110,10 @@ def prepare(
     """
     names = capture.analyze(source)
     inputs = capture.select_inputs(names, namespace, set(hidden) | protocol.RUNNER_NAMES)
-    packed = payload.pack({n: namespace[n] for n in inputs}, namespace, hash_buffers)
-    wanted = outputs if outputs is not None else capture.default_outputs(names, inputs)
-    if outputs is None:
-        wanted += [n for n in _trained_together(wanted, inputs, namespace) if n not in wanted]
-    submission = Submission(source, inputs, wanted, packed, name)
+    with codec.order_unused(capture.validated_only(source)):  # no shuffle-order note for validation data
+        packed = payload.pack({n: namespace[n] for n in inputs}, namespace, hash_buffers)
+    wanted = outputs if outputs is not None else capture.default_outputs(names)
+    submission = Submission(source, inputs, wanted, packed, name, changed_inputs=outputs is None)
     if files or ship_modules or extra_modules:
         hashes = hashes or project.HashCache()
     if files:
@@ -127,30 +129,6 @@ def prepare(
         n for n in _imports_of_the_job("", set(), submission.modules, local) if n not in submission.imports
     ]
     return submission
-
-
-def _trained_together(wanted: list[str], inputs: list[str], namespace: dict[str, Any]) -> list[str]:
-    """Inputs that must come back with a wanted one: a PyTorch optimizer and the modules whose parameters it steps.
-
-    Brought back apart, the kernel's optimizer would go on stepping the old,
-    untrained parameters; in one pickle they stay the same objects.
-    """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return []
-    optimizers = {n: namespace[n] for n in inputs if isinstance(namespace[n], torch.optim.Optimizer)}
-    modules = {n: namespace[n] for n in inputs if isinstance(namespace[n], torch.nn.Module)}
-    extra: list[str] = []
-    for opt_name, optimizer in optimizers.items():
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for mod_name, module in modules.items():
-            if not any(id(p) in stepped for p in module.parameters()):
-                continue
-            if opt_name in wanted and mod_name not in wanted:
-                extra.append(mod_name)
-            if mod_name in wanted and opt_name not in wanted:
-                extra.append(opt_name)
-    return list(dict.fromkeys(extra))
 
 
 def _imports_of_the_job(
@@ -176,6 +154,7 @@ def submit(client: AgentClient, submission: Submission, progress: upload.Progres
     for _attempt in range(3):
         answer = client.submit(spec, submission.payload.data)
         if "job_id" in answer:
+            SENT.remember(submission.payload.blobs, submission.payload.buffers)  # what comes back as is stays here
             return answer["job_id"]
         upload.send_missing(client, sources, set(answer["missing"]), submission.compress, progress)
     raise RemoteMagicError(f"host {client.host} kept asking for the same inputs; its disk may be full")

@@ -204,11 +204,8 @@ class SweepRun:
         except RemoteMagicError as exc:
             self.panel.note(f"trial {trial.number}: {exc}")
             return
-        self.lifecycle.inject(values)
-        for note in getattr(values, "notes", []):  # e.g. tensors that were on a GPU there are on the CPU here
-            self.panel.note(note)
-        shown = session.describe_injection(list(values))
-        self.panel.note(f"injected trial {trial.number} ({trial.label}): {shown}")
+        shown = session.describe_injection(list(values), (trial.final or {}).get("why"))
+        self.lifecycle.inject_noting(values, self.panel.note, f"injected trial {trial.number} ({trial.label}): {shown}")
 
     def _ask(self, action: Callable[[str], Any], trial: Trial) -> None:
         try:
@@ -243,10 +240,10 @@ class SweepRun:
     def _finish(self) -> None:
         try:
             if self.inject:
-                self.lifecycle.inject({self.name: self.sweep})
-                self.panel.note(
-                    f"injected: {self.name} ({self.sweep.summary()}); "
-                    f"{self.name}.best() brings back the best trial's outputs"
+                self.lifecycle.inject_noting(
+                    {self.name: self.sweep},
+                    self.panel.note,
+                    f"injected: {self.name} ({self.sweep.summary()}); {self.name}.best() brings back the best trial's outputs",
                 )
             else:
                 later = self.lifecycle.hints.attach(self.sweep.id, self.client.host)

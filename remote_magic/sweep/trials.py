@@ -208,7 +208,11 @@ class Sweep:
 
     @property
     def mode(self) -> str:
-        return self._mode or default_mode(self.metric)
+        return self.direction(self.metric)
+
+    def direction(self, metric: str | None) -> str:
+        """``min`` or ``max`` for ``metric``: as given by --mode, else by its name (before the metric is known too)."""
+        return self._mode or default_mode(metric)
 
     def metric_names(self) -> list[str]:
         names: list[str] = []

@@ -112,6 +112,8 @@ class TextPanel:
         """What the Stop and Detach buttons do; a text panel has none (interrupt stops)."""
 
     def handle(self, event: dict[str, Any]) -> None:
+        if is_keras_progress(event):
+            return
         view = self.view
         view.apply(event)
         kind = event["type"]
@@ -144,6 +146,12 @@ class TextPanel:
 
     def finish(self) -> None:
         """The job ended and its outputs are handled: nothing more will be shown."""
+
+
+def is_keras_progress(event: dict[str, Any]) -> bool:
+    """A line of Keras's own fit progress bar: its epoch header and bar repeat the panel's epoch rows, so neither
+    panel shows it (the job's log on the host keeps it)."""
+    return bool(event.get("progress")) and event["type"] in (protocol.STDOUT, protocol.STDERR)
 
 
 class ThrottledRedraw:

@@ -35,13 +35,20 @@ def color_of(trial: Trial) -> str:
     return PALETTE[trial.number % len(PALETTE)]
 
 
+def metric_text(sweep: Sweep) -> str:
+    """``ranked by val_loss (min)``; before any trial logged an epoch (and without --metric), what it will be."""
+    metric = sweep.metric
+    if metric:
+        return f"ranked by {metric} ({sweep.mode})"
+    return f"ranked by val_loss ({sweep.direction('val_loss')}) once logged, else loss ({sweep.direction('loss')})"
+
+
 def sweep_title(sweep: Sweep) -> str:
-    """``sweep sweep-... · host gpu1 · 6 trials, 3 at a time · val_loss (min) · 2 running, 4 done · 41.0s``"""
+    """``sweep sweep-... · host gpu1 · 6 trials, 3 at a time · ranked by val_loss (min) · 2 running, 4 done · 41.0s``"""
     parts = [f"sweep {sweep.id}", f"host {sweep.host}"]
     at_once = f", {sweep.parallel} at a time" if sweep.parallel else ""
     parts.append(f"{len(sweep.trials)} trials{at_once}")
-    metric = sweep.metric
-    parts.append(f"{metric} ({sweep.mode})" if metric else "metric: the first validation metric logged")
+    parts.append(metric_text(sweep))
     parts.append(", ".join(f"{count} {state}" for state, count in sweep.counts().items()))
     started = [t.view.started for t in sweep.trials if t.view.started is not None]
     if started:
@@ -148,6 +155,7 @@ class SweepTextPanel:
         self.sweep = sweep
         self.notes: list[str] = []
         self._said: dict[int, str] = {}  # the last reason to wait printed per trial
+        self._metric_said = ""  # what the text last said ranks the trials
         self._write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
 
     def set_actions(self, on_stop: Action, on_detach: Action, on_pick: Pick) -> None:
@@ -159,6 +167,7 @@ class SweepTextPanel:
         if kind == protocol.STARTED:
             self._write(f"[remote_train] {who}: running · job {trial.job_id} · {view.device}\n")
         elif kind == protocol.EPOCH:
+            self._say_metric()
             self._write(
                 f"[remote_train] trial {trial.number} · {format_epoch(view.rows[-1], view.epochs, view.unit)}\n"
             )
@@ -182,7 +191,15 @@ class SweepTextPanel:
         """Work before the trials start (an upload, an environment build)."""
         self._write(f"[remote_train] {text}\n")
 
+    def _say_metric(self) -> None:
+        """Name the metric once the first epoch shows which it is (or when a validation metric first appears)."""
+        said = metric_text(self.sweep)
+        if said != self._metric_said:
+            self._metric_said = said
+            self._write(f"[remote_train] {said}\n")
+
     def start(self) -> None:
+        self._metric_said = metric_text(self.sweep)
         self._write(f"[remote_train] {sweep_title(self.sweep)}\n")
 
     def finish(self) -> None:

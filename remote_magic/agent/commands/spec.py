@@ -42,6 +42,8 @@ def _form_problem(spec: dict[str, Any], root: str) -> str | None:
         names = spec.get(key, [])
         if not isinstance(names, list) or not all(isinstance(n, str) and n.isidentifier() for n in names):
             return f"{key} must be a list of variable names"
+    if not isinstance(spec.get("changed_inputs", False), bool):
+        return "changed_inputs must be true or false"
     blobs = spec.get("blobs", [])
     if not isinstance(blobs, list) or not all(
         isinstance(b, list) and len(b) == 2 and isinstance(b[0], str) and isinstance(b[1], int) for b in blobs

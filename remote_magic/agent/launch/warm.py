@@ -94,6 +94,10 @@ class RunnerKind:
         return {**env, "KERAS_BACKEND": self.backend}
 
 
+# Written by stop_all; a job's end prepares no runner while it is there, a start or a warm-up removes it.
+STOPPED_MARK = "stopped"
+
+
 def _folder(root: str) -> str:
     return disk.ensure_dir(os.path.join(root, "warm"))
 
@@ -235,6 +239,9 @@ def ensure(root: str, agent_hash: str, kind: RunnerKind, used_modules: list[str]
     if not enabled():
         return
     folder, key = _folder(root), kind.key(agent_hash)
+    if used_modules is None:  # asked for by a job that starts or a client: runners are wanted again
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, STOPPED_MARK))
     # Two submits (or a submit and a job's end) at the same moment must not start two runners
     # (600 MB each with TensorFlow): the check and the start happen under one lock.
     with _exclusive(os.path.join(folder, f"{key}.lock")):
@@ -398,6 +405,8 @@ def prepare_next(root: str, agent_hash: str, kind: RunnerKind) -> None:
     Called by a job's runner as it ends, with the kind it was started as (a cell may have changed
     KERAS_BACKEND since); the runner's own tag is not passed on.
     """
+    if os.path.exists(os.path.join(_folder(root), STOPPED_MARK)):
+        return  # stop_all ran while this job ended: a one-shot run wants no runner left behind
     try:
         ensure(root, agent_hash, kind, heavy_modules_in_use())
     except Exception:  # noqa: BLE001  (the job is over; a missing warm runner only costs speed)
@@ -411,6 +420,7 @@ def stop_all(root: str) -> int:
     runner is asked to exit as a retired one is, a starting one (still importing) is terminated.
     """
     folder, stopped = _folder(root), 0
+    disk.atomic_write(os.path.join(folder, STOPPED_MARK), b"")  # a job ending now prepares none after this
     for key in {name.rsplit("-", 1)[0] for name in os.listdir(folder) if name.endswith(".ready")}:
         while _retire(root, key):
             stopped += 1
