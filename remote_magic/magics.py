@@ -10,7 +10,6 @@ are traitlets, so they can be set in ``ipython_config.py`` or with
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -45,6 +44,7 @@ from .magic_options import (
 )
 from .project import ProjectError, envcheck, payload
 from .project.capture import CaptureError
+from .project.notebook import hosts_to_warm
 from .project.payload import PayloadError
 from .registry import Registry
 from .session import request
@@ -57,6 +57,9 @@ from .ui.sweep_panel import make_sweep_panel
 from .wire import compression, upload
 from .wire.cache import DEFAULT_CACHE_LIMIT
 from .wire.client import AgentClient
+
+# How long the warm-ups at %load_ext may take, all hosts together, before unloading stops waiting for them.
+PREWARM_WAIT_SECONDS = 300.0
 
 
 @magics_class
@@ -89,8 +92,9 @@ class RemoteMagics(Magics):
     ).tag(config=True)
     prewarm = Bool(
         True,
-        help="When the extension loads, connect to the default host in the background and start its warm "
-        "runner, so the first cell does not wait for the connection, the agent and the imports.",
+        help="When the extension loads, connect in the background to the hosts the notebook's %%remote_train "
+        "cells name (the default host if one names none, or the notebook is not known) and start their warm "
+        "runners, so the first cell does not wait for the connection, the agent and the imports.",
     ).tag(config=True)
     follow_detached = Bool(
         False,
@@ -122,25 +126,13 @@ class RemoteMagics(Magics):
     def _prewarm(self) -> None:
         """Make the hosts the notebook's cells name ready while its first cells run (the default host if unknown).
 
-        Quiet: a host that cannot be reached now says so when a cell asks for it, as without this.
+        Each in a thread of its own, so that one that does not answer holds up no other; quiet: a host that
+        cannot be reached now says so when a cell asks for it, as without this (its error stays in its future).
         """
-        import threading
-
-        from .project.notebook import hosts_to_warm
-
-        def warm(host: str) -> None:
-            with contextlib.suppress(Exception):  # a warm-up that fails only costs the speed it would have won
-                session.prewarm(self._client(host), self.connections.settings_for(host))
-
-        # Each host in a thread of its own, so one that does not answer holds up no other; this one waits for all.
-        threads = [
-            threading.Thread(target=warm, args=(host,), daemon=True)
-            for host in hosts_to_warm(self._notebook_path(), self.default_host)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        warming = session.BackgroundWork()
+        for host in hosts_to_warm(self._notebook_path(), self.default_host):
+            warming.start(lambda host=host: session.prewarm(self._client(host), self.connections.settings_for(host)))
+        warming.join(PREWARM_WAIT_SECONDS)  # unloading waits for this thread, so that none logs in after it
 
     @property
     def background(self) -> list[session.BackgroundFollower]:

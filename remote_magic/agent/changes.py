@@ -135,6 +135,7 @@ def fingerprint(value: Any, blobs: Blobs, written: bool = True) -> str:
 
     pickler = _fingerprint_pickler()(sink, protocol=codec.PROTOCOL, buffer_callback=by_digest)
     pickler.notebook_objects, pickler.referenced_modules, pickler.value_names = [], None, {}
+    pickler.order_unused = frozenset()
     pickler.dump(value)
     for name in buffer_digests:
         sink.hasher.update(name.encode())

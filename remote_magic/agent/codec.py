@@ -64,18 +64,18 @@ def dumps(
     threshold: int = BLOB_THRESHOLD,
     referenced_modules: set[str] | None = None,
     pickled: set[int] | None = None,
+    order_unused: Iterable[str] = (),
 ) -> tuple[bytes, list[memoryview]]:
     """Pickle ``values``; return the in-band bytes and the out-of-band buffers.
 
-    ``notebook_objects`` are functions and classes defined in the notebook
-    (or cell); they go with every Keras model so custom layers, losses and
-    metrics resolve when the model is loaded on the other side.
+    ``notebook_objects`` are functions and classes defined in the notebook (or cell); they go with every
+    Keras model so custom layers, losses and metrics resolve when the model is loaded on the other side.
 
-    ``referenced_modules``, when given, receives the ``__module__`` of every
-    class and function pickled (by reference or by value), the name of every
-    module object pickled, and the module of the type of every object
-    reduced: the caller finds there the local modules the other side needs.
-    ``pickled``, when given, receives the ids of the objects the pickle holds (shared ones stay shared).
+    ``referenced_modules``, when given, receives the ``__module__`` of every class and function pickled
+    (by reference or by value), the name of every module object pickled, and the module of the type of
+    every object reduced: the caller finds there the local modules the other side needs.
+    ``pickled`` receives the ids of the objects the pickle holds; ``order_unused`` names the datasets the cell
+    never trains on (no note about their frozen shuffle order).
     """
     buffers: list[memoryview] = []
 
@@ -91,6 +91,7 @@ def dumps(
     pickler.notebook_objects = list(notebook_objects)
     pickler.referenced_modules = referenced_modules
     pickler.value_names = {id(value): name for name, value in values.items()}
+    pickler.order_unused = frozenset(order_unused)
     pickler.dump(values)
     if pickled is not None:
         pickled.update(pickler.memo.copy())
@@ -166,6 +167,7 @@ def pickler_class() -> type:
             notebook_objects: list[Any]
             referenced_modules: set[str] | None
             value_names: dict[int, str]
+            order_unused: frozenset[str]
 
             def reducer_override(self, obj: Any) -> Any:
                 if self.referenced_modules is not None:
@@ -175,7 +177,8 @@ def pickler_class() -> type:
                 if _is_plain_tensor(obj):
                     return _reduce_torch_tensor(obj)
                 if _is_tf_dataset(obj):
-                    return _reduce_tf_dataset(obj, self.value_names.get(id(obj)))
+                    name = self.value_names.get(id(obj))
+                    return _reduce_tf_dataset(obj, name, order_unused=name in self.order_unused)
                 return super().reducer_override(obj)
 
         _PICKLER_CLASS = Pickler
@@ -369,29 +372,15 @@ def _loading_words() -> tuple[str, str, str]:
 # tf.data datasets -----------------------------------------------------------
 
 
-# Names of datasets the cell never trains on (``capture.validated_only``): their shuffle order does not matter.
-_ORDER_UNUSED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
-    "remote_magic_codec_order_unused", default=frozenset()
-)
-
-
-@contextlib.contextmanager
-def order_unused(names: Iterable[str]) -> Iterator[None]:
-    """Inside, a dataset sent under one of ``names`` gets no note about its frozen shuffle order."""
-    token = _ORDER_UNUSED.set(frozenset(names))
-    try:
-        yield
-    finally:
-        _ORDER_UNUSED.reset(token)
-
-
 def _is_tf_dataset(obj: Any) -> bool:
     ops = sys.modules.get("tensorflow.python.data.ops.dataset_ops")
     dataset = getattr(ops, "DatasetV2", None)
     return dataset is not None and isinstance(obj, dataset)
 
 
-def _reduce_tf_dataset(dataset: Any, name: str | None) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+def _reduce_tf_dataset(
+    dataset: Any, name: str | None, order_unused: bool = False
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     import tarfile
 
     import tensorflow as tf
@@ -414,7 +403,7 @@ def _reduce_tf_dataset(dataset: Any, name: str | None) -> tuple[Callable[..., An
             f"{called} may be infinite (it repeats forever before a step of unknown length), "
             "so it cannot be saved and sent; build it inside the cell"
         )
-    if name not in _ORDER_UNUSED.get() and _reshuffles(nodes, ops):
+    if not order_unused and _reshuffles(nodes, ops):
         _note(
             f"{called} was saved with one shuffle order: on the host every epoch sees that same order; "
             "to reshuffle each epoch, shuffle inside the cell (e.g. ds = ds.unbatch().shuffle(1000).batch(32))"

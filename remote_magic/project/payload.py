@@ -49,15 +49,18 @@ class Payload:
         self.blobs = blobs
 
 
-def pack(values: dict[str, Any], namespace: dict[str, Any], hash_buffers: bool = True) -> Payload:
+def pack(
+    values: dict[str, Any], namespace: dict[str, Any], hash_buffers: bool = True, order_unused: Iterable[str] = ()
+) -> Payload:
     """Pickle ``values``; functions and classes defined in ``namespace`` travel by value.
 
-    ``hash_buffers=False`` leaves the buffers' digests to a later ``Payload.hash()``."""
+    ``hash_buffers=False`` leaves the buffers' digests to a later ``Payload.hash()``; ``order_unused`` names the
+    datasets the cell does not train on (``codec.dumps``)."""
     notebook_objects = codec.notebook_defined(namespace)
     modules: set[str] = set()
     try:
         with codec.noting() as notes:
-            data, buffers = codec.dumps(values, notebook_objects, referenced_modules=modules)
+            data, buffers = codec.dumps(values, notebook_objects, referenced_modules=modules, order_unused=order_unused)
     except Exception as exc:  # noqa: BLE001  (name the culprit, whatever the pickler raised)
         name, reason = codec.first_unpicklable(values, notebook_objects)
         if name is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import project
-from ..agent import codec, protocol
+from ..agent import protocol
 from ..agent.protocol import GpuRequest
 from ..errors import RemoteMagicError
 from ..project import ProjectFile, capture, payload
@@ -110,8 +110,8 @@ def prepare(
     """
     names = capture.analyze(source)
     inputs = capture.select_inputs(names, namespace, set(hidden) | protocol.RUNNER_NAMES)
-    with codec.order_unused(capture.validated_only(source)):  # no shuffle-order note for validation data
-        packed = payload.pack({n: namespace[n] for n in inputs}, namespace, hash_buffers)
+    validation_only = capture.validated_only(source)  # no shuffle-order note for validation data
+    packed = payload.pack({n: namespace[n] for n in inputs}, namespace, hash_buffers, validation_only)
     wanted = outputs if outputs is not None else capture.default_outputs(names)
     submission = Submission(source, inputs, wanted, packed, name, changed_inputs=outputs is None)
     if files or ship_modules or extra_modules:
