@@ -65,6 +65,12 @@ def test_the_running_cell_injects_its_own_outputs_at_once(shell, injector) -> No
     assert shell.user_ns["went_in"] is True and shell.user_ns["seen"] == 3
 
 
+def test_the_running_cell_s_own_outputs_win_over_older_values_waiting_for_its_end(shell, injector) -> None:
+    """A detached job that ended during a blocking cell is older than that cell's result: ``own`` stays the cell's."""
+    _cell(shell, "from_a_thread(injector, {'own': 'older job', 'late': 1})\ninjector({'own': 'this cell'})\n")
+    assert shell.user_ns["own"] == "this cell" and shell.user_ns["late"] == 1
+
+
 class _SlowValues(Mapping[str, int]):
     """Values that take a while to copy in: a cell starting meanwhile must wait for all of them."""
 

@@ -189,6 +189,26 @@ def test_a_200_mb_global_read_by_a_custom_loss_is_not_downloaded_back(ip, capsys
     assert np.shares_memory(loss.__globals__["TABLE"], ip.user_ns["TABLE"])  # no second copy in memory
 
 
+def test_an_equal_copy_made_on_the_host_is_not_downloaded_and_is_its_own_array(ip, capsys) -> None:
+    assert run(ip, "import numpy as np\nx = np.arange(1_000_000, dtype=np.float64)\n").success
+    client = ip.magics_manager.registry["RemoteMagics"]._client("local")
+    received = client.bytes_received
+    assert run(ip, "%%remote_train\ny = x.copy()\n").success
+    assert client.bytes_received - received < 1_000_000  # read from the kernel's own x, not the wire
+    x, y = ip.user_ns["x"], ip.user_ns["y"]
+    assert np.array_equal(x, y) and not np.shares_memory(x, y)  # a copy on the host is a copy here
+    x[0] = 123.0
+    assert y[0] == 0.0
+
+
+def test_an_array_changed_here_since_it_was_sent_is_not_taken_for_the_host_s_output(ip, capsys) -> None:
+    assert run(ip, "import numpy as np\nx = np.arange(1_000_000, dtype=np.float64)\n").success
+    assert run(ip, "%%remote_train\nn = len(x)\n").success  # x went to the host
+    assert run(ip, "x[:] = 0\n").success  # and changed here since
+    assert run(ip, "%%remote_train\nimport numpy as np\ny = np.arange(1_000_000, dtype=np.float64)\n").success
+    assert ip.user_ns["y"][5] == 5.0 and not np.shares_memory(ip.user_ns["x"], ip.user_ns["y"])
+
+
 # ---------------------------------------------------------------- changes.py on its own
 
 
@@ -205,7 +225,7 @@ def test_an_unwritten_mapped_array_is_known_by_its_blob_and_a_write_is_seen(tmp_
     data = np.arange(1 << 20, dtype=np.float64).tobytes()  # 8 MiB
     mapped, name = _mapped_blob(tmp_path, data)
     array = np.frombuffer(mapped, dtype=np.float64)
-    blobs = changes.Blobs.of([mapped], [name])
+    blobs = changes.Blobs.of([mapped], [name], [str(tmp_path / "blob")])
     before = changes.fingerprints({"a": array}, ["a"], blobs)
     hashed: list[int] = []
     real_of = digests.of
@@ -217,6 +237,21 @@ def test_an_unwritten_mapped_array_is_known_by_its_blob_and_a_write_is_seen(tmp_
     array[5] = 5.0  # the same bytes again: hashed, and unchanged
     assert changes.changed_inputs(before, {"a": array}, blobs).changed == []
     assert (1 << 23) in hashed
+    del array
+    mapped.close()
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTFORK"), reason="needs Linux madvise")
+def test_a_write_to_any_part_of_a_mapping_split_in_two_is_seen(tmp_path) -> None:
+    data = np.zeros(1 << 20, dtype=np.float64).tobytes()
+    mapped, name = _mapped_blob(tmp_path, data)
+    mapped.madvise(mmap.MADV_DONTFORK, 0, 4 << 20)  # the kernel splits the mapping in two here
+    array = np.frombuffer(mapped, dtype=np.float64)
+    blobs = changes.Blobs.of([mapped], [name], [str(tmp_path / "blob")])
+    before = changes.fingerprints({"a": array}, ["a"], blobs)
+    assert changes.changed_inputs(before, {"a": array}, blobs).changed == []
+    array[-1] = 1.0  # in the second part
+    assert changes.changed_inputs(before, {"a": array}, blobs).changed == ["a"]
     del array
     mapped.close()
 

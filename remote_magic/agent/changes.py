@@ -16,9 +16,9 @@ carries the time it was saved), tf.data datasets not at all (they cannot change 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import io
+import os
 import pickle
 import sys
 from collections.abc import Iterable
@@ -37,6 +37,7 @@ class MappedBlob:
     start: int  # the mapping's address in this process
     size: int
     digest: str
+    path: str  # the blob's file: what the mapping at ``start`` must still map
 
 
 @dataclass
@@ -44,35 +45,39 @@ class Blobs:
     """The inputs' blobs as mapped at load: what lets an untouched array's digest be known without hashing it."""
 
     mapped: list[MappedBlob] = field(default_factory=list)
-    _dirty: dict[int, bool] | None = None  # mapping start -> written since mapped; read once per check
+    _written: dict[int, bool] | None = None  # mapping start -> written since mapped (or unknown); read once per check
 
     @classmethod
-    def of(cls, buffers: Iterable[Any], names: Iterable[str]) -> Blobs:
+    def of(cls, buffers: Iterable[Any], names: Iterable[str], paths: Iterable[str]) -> Blobs:
         mapped = []
-        for buffer, name in zip(buffers, names, strict=True):
+        for buffer, name, path in zip(buffers, names, paths, strict=True):
             start = address(buffer)
             if start is not None and len(buffer):
-                mapped.append(MappedBlob(start, len(buffer), name))
+                mapped.append(MappedBlob(start, len(buffer), name, os.path.realpath(path)))
         return cls(mapped)
 
     def digest(self, raw: memoryview, written: bool = True) -> str:
         """The digest of ``raw``: its blob's name when it is a whole mapping still unwritten, else hashed.
 
         ``written=False`` (just loaded: nothing could have written it yet) skips asking the kernel."""
+        return self.untouched_input(raw, written) or digests.of(raw)
+
+    def untouched_input(self, raw: memoryview, written: bool = True) -> str | None:
+        """The blob whose unwritten mapping ``raw`` is, exactly (so the value is the input itself), or None."""
         start = address(raw)
         for blob in self.mapped:
-            if blob.start == start and blob.size == raw.nbytes and not (written and self._written(blob)):
+            if blob.start == start and blob.size == raw.nbytes and not (written and self._was_written(blob)):
                 return blob.digest
-        return digests.of(raw)
+        return None
 
     def forget_writes(self) -> None:
         """Ask the kernel again at the next check (the cell may have run in between)."""
-        self._dirty = None
+        self._written = None
 
-    def _written(self, blob: MappedBlob) -> bool:
-        if self._dirty is None:
-            self._dirty = _written_mappings({b.start for b in self.mapped})
-        return self._dirty.get(blob.start, True)
+    def _was_written(self, blob: MappedBlob) -> bool:
+        if self._written is None:
+            self._written = _written_mappings(self.mapped)
+        return self._written.get(blob.start, True)
 
 
 def address(buffer: Any) -> int | None:
@@ -86,28 +91,34 @@ def address(buffer: Any) -> int | None:
         return None
 
 
-def _written_mappings(starts: set[int]) -> dict[int, bool]:
-    """For each mapping starting at one of ``starts``: whether any of its pages was written (copied on write).
+def _written_mappings(blobs: list[MappedBlob]) -> dict[int, bool]:
+    """For each blob's mapping (by start): whether any page of it was written, or it is not known to be its file.
 
     A private file mapping's written pages become anonymous memory, which ``smaps`` counts (``Anonymous``,
-    or ``Swap`` once swapped out).  Without ``/proc`` nothing is known, and every buffer is hashed."""
-    found: dict[int, bool] = {}
-    current: int | None = None
+    or ``Swap`` once swapped out).  A mapping may have been split in parts (``madvise``, ``mlock`` of a part):
+    every part within the blob's range counts, and each must still map the blob's file (the address may have
+    been reused by another mapping).  Without ``/proc`` nothing is known, and every buffer is hashed."""
+    clean = {blob.start: False for blob in blobs}  # its first part was seen mapping its file, none written since
+    inside: list[MappedBlob] = []
     try:
-        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
             for line in f:
-                head = line.split(None, 1)[0] if line.strip() else ""
-                if "-" in head and not head.endswith(":"):
-                    start = int(head.split("-", 1)[0], 16)
-                    current = start if start in starts else None
-                    if current is not None:
-                        found[current] = False
-                elif current is not None and head in ("Anonymous:", "Swap:"):
-                    if int(line.split()[1]) > 0:
-                        found[current] = True
-    except (OSError, ValueError):
+                fields = line.split(None, 5)
+                if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                    start = int(fields[0].split("-", 1)[0], 16)
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    inside = [b for b in blobs if b.start <= start < b.start + b.size]
+                    for blob in inside:
+                        if path != blob.path:
+                            clean[blob.start] = False
+                        elif start == blob.start:
+                            clean[blob.start] = True
+                elif inside and fields[0] in ("Anonymous:", "Swap:") and int(fields[1]) > 0:
+                    for blob in inside:
+                        clean[blob.start] = False
+    except (OSError, ValueError, IndexError):
         return {}
-    return found
+    return {start: not is_clean for start, is_clean in clean.items()}
 
 
 class _FingerprintSink(io.RawIOBase):
@@ -217,11 +228,8 @@ def _fingerprint_pickler() -> type:
 
 
 def _keras_state(model: Any) -> tuple[Any, ...]:
-    """What a Keras model's training or recompiling changes: its config, variables and optimizer (by identity:
-    a new ``compile`` replaces it) with the optimizer's variables (its step count, its moments)."""
-    config = None
-    with contextlib.suppress(Exception):  # a subclassed model without get_config: its variables still count
-        config = repr(model.get_config())
+    """What a Keras model's training or recompiling changes: its config and variables, its optimizer's config and
+    variables (its step count, its moments) and what ``compile`` was given (a recompile with other settings)."""
     optimizer = getattr(model, "optimizer", None)
     variables = list(model.variables) + list(getattr(optimizer, "variables", None) or [])
     values = []
@@ -229,8 +237,17 @@ def _keras_state(model: Any) -> tuple[Any, ...]:
         array = variable.numpy()
         data = array.data if array.flags.c_contiguous else array.tobytes()
         values.append((getattr(variable, "path", None), str(array.dtype), array.shape, digests.of(data)))
-    compiled = getattr(model, "_compile_config", None)
-    return (type(model).__qualname__, config, id(optimizer), id(compiled), model.trainable, values)
+    compiled = getattr(getattr(model, "_compile_config", None), "config", None)
+    configs = (_config(model), type(optimizer).__qualname__, _config(optimizer), repr(compiled))
+    return (type(model).__qualname__, configs, model.trainable, values)
+
+
+def _config(obj: Any) -> str | None:
+    """A Keras object's config as text; None without one (a subclassed model: its variables still count)."""
+    try:
+        return repr(obj.get_config())
+    except Exception:  # noqa: BLE001
+        return None
 
 
 @dataclass

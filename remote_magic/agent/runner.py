@@ -237,6 +237,7 @@ class _Run:
         with codec.noting() as notes:
             namespace, self.inputs = values.load_inputs(self.root, self.path, self.spec)
             self.namespace.update(namespace)
+            del namespace  # a cell that deletes an input frees it
         self._warn(notes)
         if self.spec.get("changed_inputs"):  # the inputs that come back are those whose content the cell changes
             candidates = [n for n in self.spec.get("inputs", []) if n not in self.spec.get("outputs", [])]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import changes, codec, disk, protocol
+from . import digest as digests
 from .store import blobs
 
 
@@ -33,7 +34,7 @@ def load_inputs(root: str, path: str, spec: dict[str, Any]) -> tuple[dict[str, A
     values = codec.loads(data, buffers, receiver="host")
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     namespace.update(values)
-    return namespace, Inputs(changes.Blobs.of(buffers, names))
+    return namespace, Inputs(changes.Blobs.of(buffers, names, [blobs.blob_path(root, name) for name in names]))
 
 
 def write_outputs(
@@ -44,7 +45,8 @@ def write_outputs(
     for name, reason in chosen.unknown.items():
         emit(
             protocol.WARNING,
-            message=f"could not tell whether the cell changed {name!r} ({reason}): name it in --out to bring it back",
+            message=f"could not tell whether the cell changed {name!r} ({reason}), so it was left out; if it did, "
+            "name it in --out to bring it back",
         )
     values, why = chosen.values, chosen.why
     notebook_objects = codec.notebook_defined(namespace)
@@ -67,9 +69,12 @@ def write_outputs(
             break
         values.update({n: namespace[n] for n in shared})  # then the kernel's copies stay one object too
         why.update(dict.fromkeys(shared, "shared"))
+    # An input's own array, never written: known by its blob, not hashed, and the kernel may use its own copy.
+    as_is = [inputs.blobs.untouched_input(buf) for buf in buffers]
     with blobs.blob_lock(root, exclusive=False):  # gc waits, and then sees the list below
-        names = [inputs.blobs.digest(buf) for buf in buffers]  # an untouched input array: known, not hashed
+        names = [known or digests.of(buf) for known, buf in zip(as_is, buffers, strict=True)]
         disk.atomic_write(os.path.join(path, protocol.OUTPUT_BLOBS_FILE), json.dumps(names).encode())
         stored = [blobs.write_blob(root, buf, name) for buf, name in zip(buffers, names, strict=True)]
     disk.atomic_write(os.path.join(path, protocol.OUTPUTS_FILE), data)
-    return {"outputs": list(values), "why": why, "blobs": stored, "skipped": skipped, "pickle_bytes": len(data)}
+    manifest = {"outputs": list(values), "why": why, "blobs": stored, "skipped": skipped, "pickle_bytes": len(data)}
+    return {**manifest, "inputs_as_is": sorted({known for known in as_is if known})}

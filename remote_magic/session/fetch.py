@@ -47,24 +47,24 @@ def fetch_outputs(
     progress: upload.Progress | None = None,
     *,
     sent: SentBuffers | None = SENT,
-    verify_sent: bool = True,
 ) -> payload.Values:
     """Load the job's outputs (with the notes their loading made).
 
-    A blob this kernel sent as an input and still holds is not downloaded: the value shares the kernel's
-    memory (``sent``; checked against its digest first unless ``verify_sent`` is False, where no cell ran
-    since the send).  Else it comes from the local cache when an earlier fetch stored it, else from the host.
+    A blob this kernel sent as an input and still holds, unchanged, is not downloaded (``sent``): an output
+    that is the input itself, never written on the host (``inputs_as_is``), shares the kernel's memory, as it
+    shared the input's there; another with the same bytes (``y = x.copy()``) gets a copy of them.  Else the
+    blob comes from the local cache when an earlier fetch stored it, else from the host.
     """
     data = client.outputs(job_id)
     blobs = done.get("blobs", [])
-    found = [sent.find(blob, size, verify=verify_sent) if sent is not None else None for blob, size in blobs]
-    report = upload.TransferProgress(
-        sum(size for (_, size), have in zip(blobs, found, strict=True) if have is None), progress
-    )
+    same_object = set(done.get("inputs_as_is", []))
+    found = [sent.find(blob, size) if sent is not None else None for blob, size in blobs]
+    downloads = sum(size for (_, size), have in zip(blobs, found, strict=True) if have is None)
+    report = upload.TransferProgress(downloads, progress)
     buffers: list[Any] = []
     for (blob, size), have in zip(blobs, found, strict=True):
         if have is not None:
-            buffers.append(have)
+            buffers.append(have if blob in same_object else bytearray(have))
             continue
         buffers.append(fetch_blob(client, blob, size, cache, report.within))
         report.add(size)

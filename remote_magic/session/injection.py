@@ -55,6 +55,8 @@ class Injector:
                 self._waiting.append(values)
                 return False
             self.shell.user_ns.update(values)
+            if self._waiting:  # what waits came earlier: the names given now win over it at the cell's end
+                self._waiting = [{k: v for k, v in older.items() if k not in values} for older in self._waiting]
             return True
 
     def _cell_starts(self, info: Any = None) -> None:

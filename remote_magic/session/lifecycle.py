@@ -83,7 +83,7 @@ class JobLifecycle:
             self.follow_in_background(client, job_id, panel, inject, from_seq=panel.view.next_seq, fetch=fetch)
             return
         try:
-            self.end_job(client, job_id, panel, final, inject, fetch, blocking=True)
+            self.end_job(client, job_id, panel, final, inject, fetch)
         finally:
             panel.finish()
 
@@ -114,12 +114,8 @@ class JobLifecycle:
         final: dict[str, Any],
         inject: bool,
         fetch: FileFetch | None = None,
-        blocking: bool = False,
     ) -> None:
-        """The job ended: raise what went wrong, or inject its outputs; its files come back in either case.
-
-        ``blocking``: the cell that sent the inputs is still the one running, so no notebook code changed them
-        since: an output the kernel sent is taken from its arrays without hashing them again."""
+        """The job ended: raise what went wrong, or inject its outputs; its files come back in either case."""
         raise_for_final(final, job_id, client.host, self.hints)
         if final.get("stopped"):
             panel.note(f"stopped at epoch {panel.view.epoch} of {panel.view.epochs or '?'}")
@@ -129,7 +125,7 @@ class JobLifecycle:
                 return
             try:
                 progress = shown_progress(panel.progress, "downloading outputs")
-                values = fetch_outputs(client, job_id, final, self.cache(), progress, verify_sent=not blocking)
+                values = fetch_outputs(client, job_id, final, self.cache(), progress)
             except KeyboardInterrupt:
                 later = f"; {self.hints.fetch(job_id, client.host, fetch.patterns)}" if fetch is not None else ""
                 fetch = None  # stopped: no GiBs of files either

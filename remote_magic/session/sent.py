@@ -7,9 +7,8 @@ by weak reference (a sent array the notebook dropped is not kept alive), and the
 shares the kernel's memory instead.
 
 Between the send and the injection the notebook may have changed the array in place (a detached
-job runs while cells do): unless the caller knows no cell ran since (a blocking cell), the bytes are
-hashed again first, which costs less than downloading them (about 0.6 s per GiB) and nothing on the
-wire.
+job runs while cells do, an earlier cell sent it): the bytes are hashed again first, which costs less
+than downloading them (about 0.6 s per GiB) and nothing on the wire.
 """
 
 from __future__ import annotations
@@ -41,11 +40,8 @@ class SentBuffers:
             for digest in [d for d, (ref, _) in self._sent.items() if ref() is None]:
                 del self._sent[digest]
 
-    def find(self, digest: str, size: int, *, verify: bool = True) -> memoryview | None:
-        """The kernel's own bytes for this blob, when the object that held them still does; else None.
-
-        ``verify=False`` only where no code of the notebook ran since the send (the cell that sent it
-        is still the one running)."""
+    def find(self, digest: str, size: int) -> memoryview | None:
+        """The kernel's own bytes for this blob, when the object that held them still holds exactly them; else None."""
         with self._lock:
             entry = self._sent.get(digests.normal(digest))
         owner = entry[0]() if entry is not None else None
@@ -55,7 +51,7 @@ class SentBuffers:
             view = pickle.PickleBuffer(owner).raw()
         except (BufferError, TypeError, ValueError):  # no longer contiguous, or no longer a buffer
             return None
-        if view.nbytes != size or (verify and digests.normal(digests.of(view)) != digests.normal(digest)):
+        if view.nbytes != size or digests.normal(digests.of(view)) != digests.normal(digest):
             return None
         return view
 
