@@ -264,9 +264,9 @@ class RemoteMagics(Magics):
             fetch.layout_cwd = submission.cwd
         if args.detach:
             print(
-                f"job {job_id} submitted to host {client.host}; it runs on. "
-                f"`%remote_status --host {client.host}` lists it, "
-                f"`%remote_attach {job_id} --host {client.host}` follows it and brings its outputs back."
+                f"job {job_id} submitted to host {client.host}; it runs on.\n"
+                f"  to list it:         %remote_status --host {client.host}\n"
+                f"  to follow it again: %remote_attach {job_id} --host {client.host}  (brings its outputs back)"
             )
             if not self._kernel_stays_alive():
                 return

@@ -95,6 +95,29 @@ weights_before = [w.copy() for w in model.get_weights()]
 
 
 @pytest.fixture(scope="session")
+def lab(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """One JupyterLab for the session, whose server and kernels reach the hosts with the tests' settings;
+    yields its URL and token (its root folder holds a copy of the quickstart notebook)."""
+    from lab import jupyter_lab
+
+    with jupyter_lab(tmp_path_factory.mktemp("lab"), dict(os.environ)) as started:
+        yield started
+
+
+@pytest.fixture
+def page():  # type: ignore[no-untyped-def]
+    """A fresh page in Debian's chromium (headless, 1400 x 1000), closed after the test."""
+    from lab import CHROMIUM, CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        yield context.new_page()
+        browser.close()
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A real single-node Slurm (4 SIMULATED GPUs) with fresh state and spool, once per session, stopped by pid.
 

@@ -139,3 +139,18 @@ def test_host_without_that_python_says_how_to_point_at_one(ip) -> None:
 def test_bad_out_name_is_a_usage_error(ip) -> None:
     result = run(ip, "%%remote_train --out 'model,2x'\ny = 1\n")
     assert str(result.error_in_exec).endswith("not a name: '2x'")
+
+
+def test_a_traceback_through_a_function_from_an_earlier_cell_names_that_cell_as_ipython_does(ip) -> None:
+    """Issue 21: the frame read ``File "<ipython-input-...>", line 3`` (``/tmp/ipykernel_.../N.py`` in a kernel) with
+    no source, where IPython says ``Cell In[2], line 3`` and shows the line."""
+    assert run(ip, "def shares(values):\n    total = sum(values)\n    return [v / total for v in values]\n").success
+    filename = ip.user_ns["shares"].__code__.co_filename
+    label = " ".join(ip.compile.format_code_name(filename))
+    assert label.startswith("Cell In[")
+    result = run(ip, "%%remote_train\nparts = shares([0, 0])\n")
+    error = result.error_in_exec
+    assert isinstance(error, RemoteExecutionError) and error.exc_type == "ZeroDivisionError"
+    assert f"{label}, line 3, in shares" in error.remote_traceback, error.remote_traceback
+    assert "return [v / total for v in values]" in error.remote_traceback
+    assert filename not in error.remote_traceback and "<dynamic-code>" not in error.remote_traceback

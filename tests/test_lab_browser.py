@@ -12,14 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,20 +23,12 @@ import fake_nvidia_smi as fake
 import pytest
 from conftest import run
 from host_processes import kill_processes_under
-from sshd import free_port
+from lab import CHROMIUM, QUICKSTART, jupyter_lab
 from test_lifecycle import _submitted_job_id
 from test_server import submit_job, wait_for_state
 
 from remote_magic import session
 from remote_magic.registry import Registry
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "notebooks" / "01_quickstart.ipynb"
-# As the machine notes say: without the background-networking flags chromium keeps calling out.
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 LIVE_CELL = (
     "%%remote_train --name browser-live\n"
@@ -51,60 +39,6 @@ LIVE_CELL = (
 )
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
-
-
-@contextmanager
-def _jupyter_lab(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[str, str]]:
-    """`jupyter lab` on 127.0.0.1 with a token, serving a copy of the quickstart; yields its URL and token."""
-    root = tmp_path / "root"
-    root.mkdir()
-    shutil.copy(QUICKSTART, root / QUICKSTART.name)
-    port, token = free_port(), secrets.token_hex(16)
-    env = {**env, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
-    env.pop("REMOTE_MAGIC_PANEL", None)
-    log = open(tmp_path / "lab.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-         "--ServerApp.open_browser=False", "--allow-root", "--LabApp.news_url=None",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.3)
-    try:
-        yield base, token
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
-@pytest.fixture
-def lab(tmp_path):
-    """JupyterLab whose server and kernels reach the hosts with the tests' settings."""
-    with _jupyter_lab(tmp_path, dict(os.environ)) as started:
-        yield started
-
-
-@pytest.fixture
-def page(tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        yield context.new_page()
-        browser.close()
 
 
 def test_pip_install_enables_the_lab_and_server_extensions() -> None:
@@ -161,7 +95,7 @@ def test_quickstart_panel_and_sidebar_in_jupyterlab(lab, page, ip, tmp_path, cap
     assert live.first.locator(".widget-progress, .widget-hprogress").count() >= 2
     _screenshot(page, live.first, tmp_path / "live-panel.png")
     live.first.locator("button", has_text="Stop").click()
-    stopped = page.locator(".remote-magic-panel", has_text="stopped at epoch")
+    stopped = page.locator(".remote-magic-panel", has_text="stopped at step")
     stopped.wait_for(timeout=60_000)
     assert "stopped" in stopped.inner_text()
 
@@ -239,7 +173,7 @@ def gpu_lab(tmp_path, monkeypatch) -> Iterator[GpuLab]:
     env = {**os.environ, "JUPYTER_CONFIG_PATH": os.pathsep.join([str(config), *([extra] if extra else [])])}
     connections = session.Connections({"local": {"root": str(root)}})
     try:
-        with _jupyter_lab(tmp_path, env) as (base, token):
+        with jupyter_lab(tmp_path, env) as (base, token):
             yield GpuLab(base, token, connections)
     finally:
         connections.close()

@@ -119,4 +119,6 @@ def test_detached_job_followed_in_the_background_respects_no_inject(ip, capsys) 
         magics.follow_detached = False
     out = capsys.readouterr().out
     assert ip.user_ns.get("first") == 1 and "second" not in ip.user_ns
-    assert "injected: first (assigned)" in out and "outputs not injected, as asked: `%remote_attach" in out
+    # Ended between cells, it went in at once; during the next cell, it waited for that cell's end.
+    assert "injected: first (assigned)" in out or "outputs ready: first; they enter the namespace" in out, out
+    assert "outputs not injected, as asked: `%remote_attach" in out

@@ -9,6 +9,7 @@ test sshd on a host without GPUs.  Cells other than the Keras one log with
 from __future__ import annotations
 
 import _thread
+import html
 import json
 import re
 import sys
@@ -62,8 +63,8 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
 def _table_lines(out: str, sweep_id: str) -> list[str]:
     """The rows of the finished table the text panel printed (after its title line)."""
     lines = out.splitlines()
-    title = max(i for i, line in enumerate(lines) if line.startswith(f"[remote_train] sweep {sweep_id}"))
-    assert lines[title + 1].split()[:3] == ["trial", "lr", "units"], lines[title + 1]
+    title = max(i for i, line in enumerate(lines) if line.startswith("[remote_train] sweep ") and sweep_id in line)
+    assert lines[title + 1].split()[:4] == ["trial", "rank", "lr", "units"], lines[title + 1]
     return [line for line in lines[title + 2 :] if line[:1].isdigit()]
 
 
@@ -238,20 +239,28 @@ def _click_when_trial_0_ended(kernel, data: Path, flag: Path) -> None:  # type: 
             if not records or not any(data.glob(f"**/jobs/{records[0].job_id}/summary.json")):
                 continue
             seen = len(kernel.messages)
-            try:
-                button = kernel.button_comm("#0")
-            except LookupError:
+            button = _row_button(kernel, 0)
+            if button is None:
                 continue  # the panel draws trial 0's row at its next redraw: look again
             kernel.click(button)
             while time.monotonic() < deadline:
                 said = " ".join(json.dumps(m["content"]) for m in kernel.messages[seen:])
-                if "injected trial 0" in said:
-                    return
+                if "injected trial 0" in said or "outputs ready: picked" in said:
+                    return  # injected, or waiting for the cell's end (values from a click never land mid-cell)
                 if "has not ended" in said:
                     break
                 time.sleep(0.05)
     finally:
         flag.write_text("go")  # only now may trial 1 end: a click served while the cell still ran
+
+
+def _row_button(kernel, number: int) -> str | None:  # type: ignore[no-untyped-def]
+    """The comm id of the newest button that is trial ``number``'s row (its hover text names the trial)."""
+    for msg in reversed(kernel.messages):
+        state = msg["content"].get("data", {}).get("state", {}) if msg["msg_type"] == "comm_open" else {}
+        if state.get("_model_name") == "ButtonModel" and state.get("tooltip", "").startswith(f"trial {number} ("):
+            return msg["content"]["comm_id"]
+    return None
 
 
 def test_in_a_jupyter_kernel_a_click_on_a_row_injects_that_trial_while_the_others_run(tmp_path) -> None:
@@ -277,7 +286,7 @@ def test_in_a_jupyter_kernel_a_click_on_a_row_injects_that_trial_while_the_other
         final = [m for m in kernel.messages if m["msg_type"] == "update_display_data"][-1]["content"]["data"]
         assert "application/vnd.jupyter.widget-view+json" not in final  # the static copy, no widget
         assert final["text/html"].count('data-series="#') == 2
-        assert "injected trial 0 (scale=1.0): picked" in final["text/html"]
+        assert "outputs ready: picked; they enter the namespace when the running cell ends" in final["text/html"]
     finally:
         kernel.shutdown()
 
@@ -348,43 +357,99 @@ def test_ranking_results_with_pandas_and_the_static_panel(monkeypatch) -> None:
 
     text = render_sweep_text(sweep)
     table = [line.split() for line in text.splitlines()[2:]]
-    assert [row[0] for row in table] == ["1", "0", "2"]  # best first
+    assert [row[:2] for row in table] == [["0", "2"], ["1", "1"], ["2", "3"]]  # trial order, the rank a column
+    assert table[1][2] == "best"
     page = render_sweep_html(sweep, ["a note"])
     assert page.count("<tr") == 4 and "a note" in page
     assert len(re_series(page)) == 3 and "font-weight:bold" in page
 
 
 def re_series(page: str) -> list[str]:
-    return re.findall(r'data-series="(#\d+)"', page)
+    return re.findall(r'data-series="(#\d+)[^"]*"', page)
 
 
-def test_the_widget_panel_orders_rows_and_a_click_injects_that_trial(tmp_path) -> None:
+class _Lifecycle:
+    """What ``SweepRun.pick`` needs of the session: an injector into a kernel's namespace."""
+
+    def __init__(self, namespace: dict) -> None:
+        self.inject = types.SimpleNamespace(shell=types.SimpleNamespace(user_ns=namespace))
+
+    def inject_noting(self, values: dict, note, injected: str) -> None:  # type: ignore[no-untyped-def]
+        self.inject.shell.user_ns.update(values)
+        note(injected)
+
+
+def _row_texts(panel: SweepWidgetPanel) -> list[str]:
+    return [button.description.replace("\u00a0", " ") for button in panel.table.children[1:]]
+
+
+def test_rows_keep_their_place_as_the_ranking_changes_and_a_click_says_what_it_replaced() -> None:
+    """Issue 21: rows re-ranked under the pointer, only a small ``#n`` button took a click, and the click
+    silently replaced ``model`` and pushed the panel down by a line."""
     sweep = _fake_sweep({0: [0.9], 1: [0.1]})
     panel = SweepWidgetPanel(sweep)
-    picked = []
+    picked: list[Trial] = []
     panel.set_actions(lambda: None, lambda: None, picked.append)
     panel.trial_event(sweep.trials[0], {"type": "epoch"})
-    width = len(panel._columns)
-    assert len(panel.grid.children) == 3 * width
-    first_row_button = panel.grid.children[width]
-    assert first_row_button.description == "#1"  # the best trial's row first
-    first_row_button.click()
+    rows = list(panel.table.children[1:])
+    assert [r.split()[:2] for r in _row_texts(panel)] == [["0", "2"], ["1", "1"]]  # trial order; trial 1 ranks first
+    assert [b.style.font_weight for b in rows] == ["normal", "bold"]  # the best row stands out
+
+    sweep.trials[0].apply({"seq": 2, "t": 102.0, "type": "epoch", "epoch": 2, "epochs": 3,
+                           "logs": {"loss": 0.1, "val_loss": 0.01, "val_accuracy": 0.99}})  # fmt: skip
+    panel.trial_event(sweep.trials[0], {"type": "epoch"})
+    assert list(panel.table.children[1:]) == rows  # the same row widgets in the same places
+    assert [r.split()[:3] for r in _row_texts(panel)] == [["0", "1", "best"], ["1", "2", "0.1"]]
+    assert [b.style.font_weight for b in rows] == ["bold", "normal"]
+
+    rows[1].click()  # anywhere on the row: the row is the button
     assert picked == [sweep.trials[1]]
-    assert len(re_series(panel.chart.value)) == 2
-    panel.finish()
-
-    class Lifecycle:
-        def __init__(self) -> None:
-            self.injected: dict = {}
-
-        def inject(self, values: dict) -> None:
-            self.injected.update(values)
 
     sweep.trials[1].final = {"type": "done"}
-    sweep.trials[1].outputs = {"model": "trained"}
-    lifecycle = Lifecycle()
-    SweepRun(None, sweep, panel, lifecycle).pick(sweep.trials[1])  # type: ignore[arg-type]
-    assert lifecycle.injected == {"model": "trained"} and "injected trial 1 (lr=0.1): model" in panel.notes[-1]
+    sweep.trials[1].outputs = {"model": "trained", "history": "its history"}
+    layout = (list(panel.box.children), panel.header.value, panel.pick_line.layout.height)
+    run = SweepRun(None, sweep, panel, _Lifecycle({"model": "mine"}))  # type: ignore[arg-type]
+    panel.set_actions(lambda: None, lambda: None, run.pick)
+    rows[1].click()
+    said = "injected trial 1 (lr=0.1): model, history (replaced the kernel's model)"
+    assert said in html.unescape(panel.pick_line.value) and said in panel.notes[-1]
+    assert (list(panel.box.children), panel.header.value, panel.pick_line.layout.height) == layout  # nothing moved
+    panel.finish()
+
+
+def test_the_legend_names_parameters_the_chart_spreads_a_wide_range_and_long_reasons_wait_for_hover() -> None:
+    """Issue 21: a linear axis from 13 to 0.02 flattened the best trials, the legend said ``#0…#2``, and a
+    long queued reason pushed the metric columns off screen."""
+    sweep = _fake_sweep({0: [13.0, 6.0], 1: [0.5, 0.02], 2: [0.9, 0.3]})
+    chart = sweep_panel.overlay_chart(sweep)
+    assert re.findall(r'data-series="([^"]+)"', chart) == ["#0 lr=1", "#1 lr=0.1", "#2 lr=0.01"]
+    assert all(f">#{n} lr={lr}<" in chart for n, lr in ((0, "1"), (1, "0.1"), (2, "0.01")))  # drawn in the legend
+
+    def last_y(name: str) -> float:
+        points = re.search(rf'data-series="{name} [^"]*" points="([^"]+)"', chart).group(1)
+        return float(points.split()[-1].split(",")[1])
+
+    assert abs(last_y("#2") - last_y("#1")) > 30  # 0.3 and 0.02: apart on screen (a linear axis puts them 3 px apart)
+
+    reason = "waiting for 2 GPUs: 0,1 by job 20261127-103000-1a2b3c, 3 by another process (pid 4242)"
+    waiting = Trial(3, {"lr": 0.5}, job_id="job3")
+    waiting.apply({"seq": 0, "t": 100.0, "type": "queued", "reason": reason, "position": 2})
+    sweep.trials.append(waiting)
+    page = render_sweep_html(sweep)
+    assert ">queued #2</td>" in page and f"title='queued #2: {reason}'" in page
+    panel = SweepWidgetPanel(sweep)
+    row = panel.pick_buttons[3]
+    assert "queued #2" in row.description.replace("\u00a0", " ") and reason not in row.description
+    assert reason in row.tooltip
+    assert len(_row_texts(panel)[-1]) < 100  # the metric columns stay in view
+    panel.finish()
+
+
+def test_two_unnamed_sweeps_are_titled_by_their_grid_and_start_time() -> None:
+    early = Sweep("sweep-20261127-140500-abcdef", "gpu1", [Trial(0, {"lr": 0.1, "batch": 8})])
+    late = Sweep("sweep-20261127-161000-fedcba", "gpu1", [Trial(i, {"units": i}) for i in range(12)])
+    assert sweep_panel.sweep_title(early).startswith("sweep lr × batch · 1 trial · 14:05 · host gpu1")
+    assert sweep_panel.sweep_title(late).startswith("sweep units · 12 trials · 16:10 · ")
 
 
 def test_registry_records_carry_the_sweep_and_old_records_still_read(tmp_path: Path) -> None:

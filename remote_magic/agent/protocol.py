@@ -145,12 +145,13 @@ def newer_schema_problem(schema: object, job_id: str) -> str | None:
 # gpus: a count or "all", gpu_ids: exact GPUs (the host's queue gives them); busy_gpu_memory: MiB a foreign
 # process may use on a GPU that still counts as free; queue: the host's GPU queue folder when its users share
 # one (host setting); sweep: {"id", "trial", "parallel", "params"} of a sweep's
-# trial (the host runs at most ``parallel`` trials of one sweep at once).
+# trial (the host runs at most ``parallel`` trials of one sweep at once); cells: {label: [source, "name:first line"...]}
+# of the notebook cells whose functions travel pickled, so a traceback through them reads ``Cell In[2], line 7``.
 SPEC_KEYS = frozenset(
     {
         "source", "name", "inputs", "outputs", "checkpoint_every", "warm", "blobs", "client",
         "workdir", "files", "modules", "cwd", "env", "backend", "gpus", "gpu_ids", "busy_gpu_memory", "queue",
-        "sweep", "slurm", "changed_inputs",
+        "sweep", "slurm", "changed_inputs", "cells",
     }
 )  # fmt: skip
 

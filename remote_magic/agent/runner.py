@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import linecache
 import os
 import platform
 import signal
@@ -26,12 +25,11 @@ from collections.abc import Callable
 from importlib import metadata, util
 from typing import Any
 
-from . import callbacks, changes, codec, disk, jobs, procs, protocol, values
+from . import callbacks, cells, changes, codec, disk, jobs, procs, protocol, values
 from .launch import gpus
 from .launch.base import InJob
 from .store import fetch, layout
 
-CELL_FILENAME = "<remote_train cell>"
 _VERSION_PACKAGES = ("cloudpickle", "numpy", "keras", "tensorflow", "torch", "jax", "zstandard")
 # Import name -> the distributions that may provide it.
 _DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos")}
@@ -225,7 +223,7 @@ class _Run:
             files = {}
             with contextlib.suppress(Exception):
                 files = self.wind_up()
-            self.emit(protocol.ERROR, **describe_exception(exc, self.spec["source"], self.phase), **files)
+            self.emit(protocol.ERROR, **cells.describe_exception(exc, self.spec["source"], self.phase), **files)
             return 1
 
     def _run_phases(self, hooks: callbacks.TrainingHooks) -> None:
@@ -246,7 +244,7 @@ class _Run:
         callbacks.watch_keras(hooks)
         self.phase = "cell"
         with contextlib.suppress(StopRequested):  # a loop stopped on request: what it has so far comes back
-            _run_cell(self.spec["source"], self.namespace)
+            cells.run_cell(self.spec["source"], self.namespace, self.spec.get("cells"))
         self.out.close_line()
         self.err.close_line()
         self.phase = "outputs"
@@ -289,7 +287,7 @@ def _follow(root: str, path: str, job: InJob) -> int:
     namespace, _ = values.load_inputs(root, path, spec)
     namespace["remote_log"] = lambda *args, **kwargs: None  # the leader's rows are the panel's
     try:
-        _run_cell(spec["source"], namespace)
+        cells.run_cell(spec["source"], namespace, spec.get("cells"))
     except BaseException:  # noqa: BLE001  (reported in the launcher's log; the launcher ends the other tasks)
         traceback.print_exc()
         return 1
@@ -398,57 +396,3 @@ def _resume_point(path: str, warn: Callable[[list[str]], None]) -> callbacks.Res
         return saved[meta.get("name") or next(iter(saved))]
 
     return callbacks.Resume(int(meta["epoch"]), load, history)
-
-
-def _run_cell(source: str, namespace: dict[str, Any]) -> None:
-    # Registering the source lets tracebacks show the cell's own lines.
-    linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
-    code = compile(source, CELL_FILENAME, "exec")
-    exec(code, namespace)
-
-
-_PHASE_WORDS = {
-    "files": "placing the job's files on the host failed",
-    "inputs": "loading the cell's inputs on the host failed",
-    "outputs": "the cell ran, but saving what it assigned failed",
-}
-
-
-def describe_exception(exc: BaseException, source: str, phase: str = "cell") -> dict[str, Any]:
-    """The error event: the traceback from the cell's frame on, with its line.
-
-    Outside the cell (placing files, loading inputs) the traceback would show
-    only the agent's own code, so the event says what failed instead; a
-    module the host lacks is named (``missing_module``) so the client can say
-    which local file it is and how to send it.
-    """
-    fields: dict[str, Any] = {"phase": phase}
-    if isinstance(exc, ModuleNotFoundError) and exc.name:
-        fields["missing_module"] = exc.name
-    if phase in ("files", "inputs"):
-        return {
-            "exc_type": type(exc).__name__,
-            "message": f"{_PHASE_WORDS[phase]}: {type(exc).__name__}: {exc}",
-            "traceback": "",
-            "cell_line": None,
-            **fields,
-        }
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
-        tb = tb.tb_next
-    if tb is None:  # raised outside the cell (loading inputs, writing outputs)
-        tb = exc.__traceback__
-    cell_line = None
-    walk = tb
-    while walk is not None:
-        if walk.tb_frame.f_code.co_filename == CELL_FILENAME:
-            cell_line = walk.tb_lineno
-        walk = walk.tb_next
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return {
-        "exc_type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": text,
-        "cell_line": cell_line,
-        **fields,
-    }

@@ -12,6 +12,10 @@ from typing import Any
 from ..agent import protocol
 
 OUTPUT_LINES_KEPT = 200
+# Events that only a cell already running sends (the runner has imported what it needs).
+_SIGNS_OF_LIFE = frozenset(
+    {protocol.TRAIN_BEGIN, protocol.BATCH, protocol.EPOCH, protocol.STDOUT, protocol.STDERR, protocol.WARNING}
+)
 OUTPUT_LINE_CHARS = 10_000  # one line longer than this is cut, so a few huge lines cannot fill the kernel
 FILES_SHOWN = 20
 
@@ -45,10 +49,15 @@ class JobView:
     position: int | None = None
     gpu_now: list[dict[str, Any]] = field(default_factory=list)  # the last sample of the job's GPUs
     gpu_peak: dict[str, int] = field(default_factory=dict)  # GPU index -> peak MiB used, when the job ended
+    # Whether the cell has shown a sign of life since ``started``: until then the host's runner is still starting
+    # (importing TensorFlow can take seconds), and the panel says so rather than "running" with nothing.
+    runner_ready: bool = False
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         self.next_seq = event["seq"] + 1
+        if kind in _SIGNS_OF_LIFE:
+            self.runner_ready = True
         if kind == protocol.QUEUED:
             self.reason, self.position = event.get("reason") or "", event.get("position")
         elif kind == protocol.GPU:
@@ -57,6 +66,7 @@ class JobView:
             self.progress, self.reason = "", ""
             self.state = protocol.STATE_RUNNING
             self.started = event["t"]
+            self.runner_ready = False
             self.device = describe_device(event.get("device"))
             slurm = event.get("slurm")
             if slurm:  # where Slurm put it: the node, and the cluster's own job id
@@ -112,13 +122,19 @@ class JobView:
             parts.append(self.name)
         if self.device:
             parts.append(self.device)
-        parts.append(self.state)
+        parts.append(self.shown_state())
         if self.elapsed is not None:
             parts.append(format_seconds(self.elapsed))
         eta = self.eta()
         if eta is not None:
             parts.append(f"ETA {format_seconds(eta)}")
         return " · ".join(parts)
+
+    def shown_state(self) -> str:
+        """The state as the header says it: "starting runner" between ``started`` and the cell's first sign of life."""
+        if self.state == protocol.STATE_RUNNING and not self.runner_ready:
+            return "starting runner"
+        return self.state
 
     def output_tail(self, lines: int, chars: int | None = None) -> tuple[list[str], int]:
         """The last ``lines`` output lines (no more than ``chars`` of them), and how many earlier ones are not in it."""

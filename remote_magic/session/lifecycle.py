@@ -118,7 +118,7 @@ class JobLifecycle:
         """The job ended: raise what went wrong, or inject its outputs; its files come back in either case."""
         raise_for_final(final, job_id, client.host, self.hints)
         if final.get("stopped"):
-            panel.note(f"stopped at epoch {panel.view.epoch} of {panel.view.epochs or '?'}")
+            panel.note(f"stopped at {panel.view.unit} {panel.view.epoch} of {panel.view.epochs or '?'}")
         try:
             if not inject:
                 panel.note(f"finished; outputs not injected, as asked: {self.hints.attach(job_id, client.host)}")

@@ -7,6 +7,7 @@ with a host; ``submit`` then uploads only what the host lacks and creates the jo
 
 from __future__ import annotations
 
+import linecache
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Submission:
     slurm: dict[str, Any] | None = None  # on a Slurm host: the job's sbatch options (SlurmSettings.job_options)
     sweep: dict[str, Any] | None = None  # a sweep's trial: {"id", "trial", "parallel", "params"} (protocol.SPEC_KEYS)
     imports: list[str] = field(default_factory=list)  # top-level modules the cell and the pickle need
+    cells: dict[str, list[str]] = field(default_factory=dict)  # {label: [source, code key...]} (protocol.SPEC_KEYS)
     # imported only somewhere in the local modules sent (maybe optional, or in a file the cell never uses)
     module_imports: list[str] = field(default_factory=list)
 
@@ -76,6 +78,7 @@ class Submission:
             "queue": self.queue,
             "sweep": self.sweep,
             "slurm": self.slurm,
+            "cells": self.cells or None,
         }
         spec.update({key: value for key, value in optional.items() if value is not None})
         return spec
@@ -114,6 +117,7 @@ def prepare(
     packed = payload.pack({n: namespace[n] for n in inputs}, namespace, hash_buffers, validation_only)
     wanted = outputs if outputs is not None else capture.default_outputs(names)
     submission = Submission(source, inputs, wanted, packed, name, changed_inputs=outputs is None)
+    submission.cells = notebook_cells(packed.code_files)
     if files or ship_modules or extra_modules:
         hashes = hashes or project.HashCache()
     if files:
@@ -129,6 +133,33 @@ def prepare(
         n for n in _imports_of_the_job("", set(), submission.modules, local) if n not in submission.imports
     ]
     return submission
+
+
+# The cells sent for tracebacks: enough for the functions a cell calls, never a notebook's worth of megabytes.
+MAX_CELL_CHARS, MAX_CELLS_CHARS = 100_000, 1_000_000
+
+
+def notebook_cells(code_files: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{label: [source, code key...]} of the cells that defined the functions sent, for the host's tracebacks.
+
+    IPython keeps each cell's source in ``linecache`` under its code filename
+    and names the filename ``Cell In[2]`` (``shell.compile.format_code_name``);
+    the host names the frames of those functions the same way.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    namer = getattr(getattr(shell, "compile", None), "format_code_name", None)
+    cells: dict[str, list[str]] = {}
+    total = 0
+    for filename, keys in sorted(code_files.items()):
+        entry = linecache.cache.get(filename)
+        source = "".join(entry[2]) if entry else ""
+        if not source or len(source) > MAX_CELL_CHARS or total + len(source) > MAX_CELLS_CHARS:
+            continue
+        named = namer(filename) if namer is not None else None
+        cells[" ".join(named) if named else f'File "{filename}"'] = [source, *sorted(keys)]
+        total += len(source)
+    return cells
 
 
 def _imports_of_the_job(

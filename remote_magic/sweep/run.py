@@ -55,7 +55,8 @@ def submit_trials(
             }
             given = {"metric": sweep._metric, "mode": sweep._mode, "name": job_name}
             submission.sweep.update({k: v for k, v in given.items() if v})  # the sidebar ranks by them too
-            submission.name = f"{job_name or 'sweep'} #{trial.number}: {trial.label}"[:120]
+            # Unnamed, the grid and start time tell this sweep's jobs from another's (the sidebar titles by them).
+            submission.name = f"{job_name or sweep.title()} #{trial.number}: {trial.label}"[:120]
             trial.job_id = session.submit(client, submission, progress=progress)
             submitted.append(trial.job_id)
             trial.view = JobView(client.host, job_id=trial.job_id, name=submission.name)
@@ -72,6 +73,12 @@ def submit_trials(
 
 Action = Callable[[], Any] | None  # what a button does (None: the button is off)
 Pick = Callable[["Trial"], Any] | None  # what a click on a trial's row does
+
+
+def _namespace(lifecycle: Any) -> dict[str, Any]:
+    """The kernel's namespace behind the lifecycle's injector, to say which names a click replaces ({} if unknown)."""
+    names = getattr(getattr(lifecycle.inject, "shell", None), "user_ns", None)
+    return names if isinstance(names, dict) else {}
 
 
 class SweepPanel(Protocol):
@@ -205,6 +212,8 @@ class SweepRun:
             self.panel.note(f"trial {trial.number}: {exc}")
             return
         shown = session.describe_injection(list(values), (trial.final or {}).get("why"))
+        replaced = [name for name in values if name in _namespace(self.lifecycle)]
+        shown += f" (replaced the kernel's {', '.join(replaced)})" if replaced else " (new names in the kernel)"
         self.lifecycle.inject_noting(values, self.panel.note, f"injected trial {trial.number} ({trial.label}): {shown}")
 
     def _ask(self, action: Callable[[str], Any], trial: Trial) -> None:

@@ -101,6 +101,18 @@ def describe_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in params.items())
 
 
+def short_value(value: Any, width: int = 12) -> str:
+    """A parameter's value in a table cell or a legend: floats to 3 significant digits, long reprs cut."""
+    text = f"{value:.3g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def short_params(params: dict[str, Any], width: int = 40) -> str:
+    """``lr=0.01 units=8``: a trial's parameters short enough for a chart's legend."""
+    text = " ".join(f"{key}={short_value(value)}" for key, value in params.items())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def json_params(params: dict[str, Any]) -> dict[str, Any]:
     """The parameters as the spec and the registry store them: JSON values as they are, anything else as its repr.
 
@@ -305,6 +317,18 @@ class Sweep:
         with self.lock:
             chosen.outputs = outputs
         return outputs
+
+    def title(self) -> str:
+        """``sweep lr × units · 6 trials · 14:05``: tells two sweeps of one notebook apart (their ids do not, at a glance)."""
+        names = list(dict.fromkeys(key for trial in self.trials for key in trial.params))
+        parts = [
+            f"{self.name or 'sweep'} {' × '.join(names)}".rstrip(),
+            f"{len(self.trials)} trial{'' if len(self.trials) == 1 else 's'}",
+        ]
+        stamp = self.id.split("-")[2:3]  # sweep-YYYYmmdd-HHMMSS-xxxxxx: minted when the sweep was submitted
+        if stamp and len(stamp[0]) == 6 and stamp[0].isdigit():
+            parts.append(f"{stamp[0][:2]}:{stamp[0][2:4]}")
+        return " · ".join(parts)
 
     def summary(self) -> str:
         """``6 trials: 5 done, 1 error; best: trial 2 (lr=0.01, units=8), val_loss 0.4123``"""

@@ -17,85 +17,16 @@ from typing import Any
 from ..agent import protocol
 from ..session.job_view import JobView, format_seconds
 from .chart import svg_charts
+from .static_copy import (
+    format_epoch,
+    render_html,
+    render_table_html,
+    render_text,
+    where_it_was_followed,
+)
 
 # A job may print without end: the panel keeps only a tail, and the full log stays in events.jsonl on the host.
 _STDOUT_LINES_SHOWN = 12  # the live widget's log
-_STATIC_LINES_SHOWN = 50  # the saved notebook's copy
-_STATIC_CHARS_SHOWN = 20_000  # and at most this much of it, however long its lines
-
-
-def format_epoch(row: dict[str, Any], epochs: int | None, unit: str = "epoch") -> str:
-    """``Epoch 3/20 - loss: 0.4102 - 1.2s`` (``Step`` for a remote_log loop)."""
-    metrics = " - ".join(f"{k}: {v:.4f}" for k, v in row["logs"].items())
-    line = f"{unit.capitalize()} {row['epoch']}/{epochs or '?'}"
-    if metrics:
-        line += f" - {metrics}"
-    if row.get("seconds") is not None:
-        line += f" - {row['seconds']:.1f}s"
-    return line
-
-
-def render_text(view: JobView) -> str:
-    """The whole panel as text: what a saved notebook or a terminal shows."""
-    lines = [f"[remote_train] {view.title()}"]
-    lines += [format_epoch(row, view.epochs, view.unit) for row in view.rows]
-    tail, left_out = view.output_tail(_STATIC_LINES_SHOWN, _STATIC_CHARS_SHOWN)
-    if left_out:
-        lines.append(view.where_the_log_is(left_out))
-    if tail:
-        lines.append("".join(tail).rstrip("\n"))
-    lines += [f"note: {note}" for note in view.notes]
-    lines += view.gpu_lines()
-    if view.files:
-        lines.append(view.files_line())
-    if view.error:
-        lines.append(f"{view.state}: {view.error}")
-    return "\n".join(lines)
-
-
-TABLE_ROWS_SHOWN = 12  # the latest rows; the chart has them all
-_TABLE_STYLE = (
-    "<style>.remote-magic-metrics{border-collapse:collapse;font-size:12px}"
-    ".remote-magic-metrics th,.remote-magic-metrics td{padding:1px 8px;text-align:right;"
-    "border-bottom:1px solid #eee}.remote-magic-metrics th{border-bottom:1px solid #999}</style>"
-)
-
-
-def render_table_html(view: JobView, shown: int = TABLE_ROWS_SHOWN) -> str:
-    """The latest rows (a line says how many earlier ones the chart holds); a column none of them has is left out."""
-    names = view.metric_names()
-    timed = any(row.get("seconds") is not None for row in view.rows)
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in [view.unit, *names, *(["time"] if timed else [])])
-    earlier = max(len(view.rows) - shown, 0)
-    body = ""
-    if earlier:
-        body += f"<tr><td colspan='{len(names) + 1 + timed}'>… {earlier} earlier {view.unit}s in the chart</td></tr>"
-    for row in view.rows[earlier:]:
-        cells = [str(row["epoch"])] + [f"{row['logs'][n]:.4f}" if n in row["logs"] else "" for n in names]
-        if timed:
-            cells.append(format_seconds(row["seconds"]) if row.get("seconds") is not None else "")
-        body += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-    return (
-        f"{_TABLE_STYLE}<table class='remote-magic-metrics'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-    )
-
-
-def render_html(view: JobView) -> str:
-    """The static panel: what a saved notebook and nbconvert's HTML export show."""
-    notes = "".join(f"<div>note: {html.escape(n)}</div>" for n in view.notes)
-    error = f"<div><b>{html.escape(view.state)}</b>: {html.escape(view.error)}</div>" if view.error else ""
-    error = (f"<div>{html.escape(view.files_line())}</div>" if view.files else "") + error
-    error = "".join(f"<div>{html.escape(line)}</div>" for line in view.gpu_lines()) + error
-    tail, left_out = view.output_tail(_STATIC_LINES_SHOWN, _STATIC_CHARS_SHOWN)
-    output = ""
-    if left_out:
-        output = f"<div>{html.escape(view.where_the_log_is(left_out))}</div>"
-    if tail:
-        output += "<pre style='max-height:12em;overflow:auto'>" + html.escape("".join(tail)) + "</pre>"
-    return (
-        f"<div class='remote-magic-panel'><b>{html.escape(view.title())}</b>{svg_charts(view.rows, view.unit)}"
-        f"<div style='max-height:16em;overflow:auto'>{render_table_html(view)}</div>{output}{notes}{error}</div>"
-    )
 
 
 class TextPanel:
@@ -224,6 +155,7 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
     """
 
     _THROTTLED = frozenset({protocol.STDOUT, protocol.STDERR, protocol.BATCH, protocol.GPU})
+    FALLBACK_EVERY = 30.0
 
     def __init__(self, host: str) -> None:
         import ipywidgets as widgets
@@ -232,9 +164,12 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
         super().__init__(host, write=lambda text: None)
         self.header = widgets.HTML()
         self.epoch_bar = widgets.IntProgress(value=0, min=0, max=1, description="epoch", bar_style="info")
+        self.epoch_bar.add_class("remote-magic-epochs")
         self.epoch_label = widgets.Label()
         self.batch_bar = widgets.IntProgress(value=0, min=0, max=1, description="batch")
         self.batch_label = widgets.Label()
+        self.batch_row = widgets.HBox([self.batch_bar, self.batch_label])
+        self.batch_row.layout.display = "none"  # until Keras reports batches: a remote_log loop has none
         self.stop_button = widgets.Button(description="Stop", tooltip="stop after the current batch; keep the model")
         self.detach_button = widgets.Button(description="Detach", tooltip="return now; the job runs on")
         self.chart = widgets.HTML()
@@ -245,7 +180,7 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
             [
                 self.header,
                 widgets.HBox([self.epoch_bar, self.epoch_label]),
-                widgets.HBox([self.batch_bar, self.batch_label]),
+                self.batch_row,
                 widgets.HBox([self.stop_button, self.detach_button]),
                 self.chart,
                 self.table,
@@ -253,9 +188,21 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
             ]
         )
         self._click_handlers: dict[str, Callable[[Any], None]] = {}
+        self._detached = False  # the cell returned: the display is a static copy redrawn while this kernel follows
+        self._fallback_drawn: tuple[Any, ...] = ()
+        self._fallback_at = 0.0
         self._init_redraw()
+        self.display_handle = None
         self._refresh()
         self.display_handle = display(LiveBundle(self.box, StaticBundle(self.view)), display_id=True)
+        self._fallback_at = time.monotonic()
+        self._ticker = threading.Thread(target=self._tick, name="remote-magic-panel-clock", daemon=True)
+        self._ticker.start()
+
+    def start(self, job_id: str, name: str | None = None) -> None:
+        with self._lock:
+            super().start(job_id, name)
+            self._refresh()
 
     def set_actions(self, on_stop: Callable[[], Any] | None, on_detach: Callable[[], Any] | None) -> None:
         for button, action in ((self.stop_button, on_stop), (self.detach_button, on_detach)):
@@ -268,6 +215,18 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
                 button.on_click(handler)
         # Set last: changing ``disabled`` above routes the buttons' messages back to the main shell.
         serve_clicks_while_busy([self.stop_button, self.detach_button])
+        if on_stop is not None and on_detach is None:
+            self._detach_display()
+
+    def _detach_display(self) -> None:
+        """The cell has returned and this kernel follows the job in the background: show a static copy, redrawn
+        as the job goes on, instead of the widget.  A widget cannot outlive its kernel session (a restarted one
+        leaves "model not found" in the saved notebook); the copy stays true and says how to follow it again."""
+        with self._lock:
+            if self._finished or self.view.ended is not None or self._detached:
+                return
+            self._detached = True
+            self._refresh()
 
     def _act(self, action: Callable[[], Any]) -> None:
         try:
@@ -296,11 +255,23 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
     def finish(self) -> None:
         """Draw what is pending, then swap the live widget for the static copy of the finished panel."""
         self._stop_redrawing()
-        if self.display_handle is not None:
-            self.display_handle.update(StaticBundle(self.view))
+        with self._lock:
+            if self.display_handle is not None:
+                self.display_handle.update(StaticBundle(self.view))
 
-    def _refresh(self) -> None:
-        self._drawn()
+    def _tick(self) -> None:
+        """Advance the header's elapsed time every second while the job runs, also between epochs."""
+        while not self._finished and self.view.ended is None:
+            time.sleep(1.0)
+            with self._lock:
+                if self._finished or self.view.started is None or self.view.ended is not None:
+                    continue
+                if self._detached:
+                    self._refresh()
+                else:
+                    self.header.value = self._header_html()
+
+    def _header_html(self) -> str:
         view = self.view
         shown = [
             view.waiting_line(),
@@ -309,9 +280,29 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
             *view.gpu_lines(),
             view.files_line(),
         ]
-        self.header.value = f"<b>{html.escape(view.title())}</b>" + "".join(
-            f"<div>{html.escape(n)}</div>" for n in shown if n
-        )
+        return f"<b>{html.escape(view.title())}</b>" + "".join(f"<div>{html.escape(n)}</div>" for n in shown if n)
+
+    def _update_display(self) -> None:
+        """Keep what the notebook saves true: the detached copy on every redraw; the widget's fallback (shown where
+        the widget cannot be) when the state changes, and every ``FALLBACK_EVERY`` seconds (each update redraws
+        the widget in the browser, so not more often)."""
+        if self.display_handle is None or self._finished:
+            return
+        view = self.view
+        if self._detached:
+            self.display_handle.update(StaticBundle(view, live=True))
+            return
+        key = (view.job_id, view.shown_state(), len(view.notes), view.error)
+        due = view.rows and time.monotonic() - self._fallback_at >= self.FALLBACK_EVERY
+        if key != self._fallback_drawn or due:
+            self._fallback_drawn, self._fallback_at = key, time.monotonic()
+            self.display_handle.update(LiveBundle(self.box, StaticBundle(view)))
+
+    def _refresh(self) -> None:
+        self._drawn()
+        view = self.view
+        self.header.value = self._header_html()
+        self.epoch_bar.description = view.unit
         self.epoch_bar.max = max(view.epochs or 1, 1)
         self.epoch_bar.value = min(view.epoch, self.epoch_bar.max)
         self.epoch_bar.bar_style = {"done": "success", "stopped": "warning"}.get(
@@ -321,24 +312,33 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
         self.batch_bar.max = max(view.steps or 1, 1)
         self.batch_bar.value = min(view.batch, self.batch_bar.max)
         self.batch_label.value = f"{view.batch}/{view.steps}" if view.steps else ""
+        self.batch_row.layout.display = None if view.steps else "none"
         self.chart.value = svg_charts(view.rows, view.unit)
-        self.table.value = (
-            f"<div style='max-height:16em;overflow:auto'>{render_table_html(view)}</div>" if view.rows else ""
-        )
+        self.table.value = render_table_html(view)
         if view.output:
             tail, left_out = view.output_tail(_STDOUT_LINES_SHOWN)
             self.log.layout.display = None
             self.log.value = (view.where_the_log_is(left_out) + "\n" if left_out else "") + "".join(tail)
+        self._update_display()
 
 
 class StaticBundle:
     """A finished panel as text and HTML; anything with ``render_text`` and ``render_html`` renderers works."""
 
-    def __init__(self, view: Any, text: Callable[[Any], str] = render_text, page: Callable[[Any], str] = render_html):
-        self.view, self.text, self.page = view, text, page
+    def __init__(
+        self,
+        view: Any,
+        text: Callable[[Any], str] = render_text,
+        page: Callable[..., str] = render_html,
+        live: bool = False,
+    ) -> None:
+        self.view, self.text, self.page, self.live = view, text, page, live
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        return {"text/plain": self.text(self.view), "text/html": self.page(self.view)}
+        page = self.page(self.view, live=True) if self.live else self.page(self.view)
+        text = self.text(self.view)
+        where = where_it_was_followed(self.view, self.live) if isinstance(self.view, JobView) else ""
+        return {"text/plain": f"{text}\n{where}" if where else text, "text/html": page}
 
 
 class LiveBundle:

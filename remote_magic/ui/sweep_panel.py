@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 from ..agent import protocol
 from ..session.job_view import format_seconds
 from ..sweep import Action, Pick, Sweep, Trial
-from .chart import PALETTE, WIDTH, svg_chart
+from ..sweep.trials import short_params, short_value
+from .chart import PALETTE, WIDTH, format_number, svg_chart
 from .panel import (
     LiveBundle,
     StaticBundle,
@@ -44,10 +46,13 @@ def metric_text(sweep: Sweep) -> str:
 
 
 def sweep_title(sweep: Sweep) -> str:
-    """``sweep sweep-... · host gpu1 · 6 trials, 3 at a time · ranked by val_loss (min) · 2 running, 4 done · 41.0s``"""
-    parts = [f"sweep {sweep.id}", f"host {sweep.host}"]
-    at_once = f", {sweep.parallel} at a time" if sweep.parallel else ""
-    parts.append(f"{len(sweep.trials)} trials{at_once}")
+    """``sweep lr × units · 6 trials · 14:05 · host gpu1 · 3 at a time · ranked by val_loss (min) · 2 running, 4 done · 41.0s · sweep-...``
+
+    Named by its grid and start time (two sweeps of one notebook differ there), its id last: attach and cancel take it.
+    """
+    parts = [sweep.title(), f"host {sweep.host}"]
+    if sweep.parallel:
+        parts.append(f"{sweep.parallel} at a time")
     parts.append(metric_text(sweep))
     parts.append(", ".join(f"{count} {state}" for state, count in sweep.counts().items()))
     started = [t.view.started for t in sweep.trials if t.view.started is not None]
@@ -55,6 +60,7 @@ def sweep_title(sweep: Sweep) -> str:
         ends = [t.view.ended for t in sweep.trials]
         end = max(e for e in ends if e is not None) if all(e is not None for e in ends) else None
         parts.append(format_seconds((end or time.time()) - min(started)))
+    parts.append(sweep.id)
     return " · ".join(parts)
 
 
@@ -66,40 +72,79 @@ def state_text(sweep: Sweep, trial: Trial) -> str:
     return trial.state
 
 
+def short_state(sweep: Sweep, trial: Trial) -> str:
+    """``queued #2``: short enough to keep the metric columns in view; the full reason is the cell's hover text."""
+    full = state_text(sweep, trial)
+    if trial.view.waiting_line() and trial.view.position:
+        return f"{trial.state} #{trial.view.position}"
+    return full if len(full) <= STATE_WIDTH else full[: STATE_WIDTH - 1] + "…"
+
+
+STATE_WIDTH = 24
+# Columns whose values are numbers: right-aligned, as in a spreadsheet.
+_NUMERIC = frozenset({"rank", "epoch", "time"})
+
+
+def ranks(sweep: Sweep) -> dict[int, int]:
+    """Each trial's place by the metric (1 is best); trials without a value have none."""
+    metric = sweep.metric
+    return {t.number: i for i, t in enumerate((t for t in sweep.ranked() if t.last(metric) is not None), 1)}
+
+
 class Columns:
-    """The table's columns: the trial, its parameters, state, GPU, epoch, every metric logged, time."""
+    """The table's columns: the trial, its rank, its parameters, state, GPU, epoch, every metric logged, time."""
 
     def __init__(self, sweep: Sweep) -> None:
         self.params = list(dict.fromkeys(key for trial in sweep.trials for key in trial.params))
         self.metrics = sweep.metric_names()
-        self.names = ["trial", *self.params, "state", "GPU", "epoch", *self.metrics, "time"]
+        self.names = ["trial", "rank", *self.params, "state", "GPU", "epoch", *self.metrics, "time"]
+        self.numeric = [name in _NUMERIC or name in self.metrics for name in self.names]
 
 
-def cells(sweep: Sweep, trial: Trial, columns: Columns) -> list[str]:
-    """The trial's row under ``columns.names``."""
+def cells(sweep: Sweep, trial: Trial, columns: Columns, rank: int | None = None) -> list[str]:
+    """The trial's row under ``columns.names``; ``rank`` 1 reads ``1 best``."""
     view = trial.view
     last = view.rows[-1]["logs"] if view.rows else {}
     gpu = ",".join(map(str, trial.gpus)) if trial.gpus else ("CPU" if view.device == "CPU" else "")
     epoch = f"{view.epoch}/{view.epochs or '?'}" if view.epoch or view.epochs else ""
     return [
         str(trial.number),
-        *(repr(trial.params[k]) if k in trial.params else "" for k in columns.params),
-        state_text(sweep, trial),
+        "" if rank is None else ("1 best" if rank == 1 else str(rank)),
+        *(short_value(trial.params[k]) if k in trial.params else "" for k in columns.params),
+        short_state(sweep, trial),
         gpu,
         epoch,
-        *(f"{last[m]:.4f}" if isinstance(last.get(m), int | float) else "" for m in columns.metrics),
+        *(format_number(last[m]) if isinstance(last.get(m), int | float) else "" for m in columns.metrics),
         format_seconds(view.elapsed) if view.elapsed is not None else "",
     ]
 
 
+def table_rows(sweep: Sweep, columns: Columns) -> list[tuple[Trial, list[str]]]:
+    """Every trial's row in trial order: rows stay put as the ranking changes (the rank is a column)."""
+    with sweep.lock:
+        placed = ranks(sweep)
+        return [(t, cells(sweep, t, columns, placed.get(t.number))) for t in sweep.trials]
+
+
+def legend_label(trial: Trial) -> str:
+    """``#3 lr=0.01 units=8``: the curve's trial and its parameters, shortened."""
+    return f"#{trial.number} {short_params(trial.params)}".rstrip()
+
+
 def overlay_chart(sweep: Sweep) -> str:
-    """Every trial's curve of the sweep's metric on one chart, each in its row's color."""
+    """Every trial's curve of the sweep's metric on one chart, each in its row's color, named with its parameters.
+
+    chart.py picks a log axis when the values span more than 100x: the best trials' curves stay apart.
+    """
     metric = sweep.metric
     with sweep.lock:
-        series = {f"#{t.number}": t.curve(metric) for t in sweep.trials}
-    series = {name: points for name, points in series.items() if points}
-    colors = {f"#{t.number}": color_of(t) for t in sweep.trials}
-    return svg_chart(metric or "", series, colors, width=OVERLAY_WIDTH) if series else ""
+        curves = {legend_label(t): (t, t.curve(metric)) for t in sweep.trials}
+    series = {name: points for name, (_, points) in curves.items() if points}
+    if not series:
+        return ""
+    colors = {name: color_of(trial) for name, (trial, _) in curves.items()}
+    unit = next((t.view.unit for t, points in curves.values() if points and t.view.unit), "epoch")
+    return svg_chart(metric or "", series, colors, width=OVERLAY_WIDTH, unit=unit)
 
 
 def errors(sweep: Sweep) -> list[str]:
@@ -110,34 +155,39 @@ def errors(sweep: Sweep) -> list[str]:
 def render_sweep_text(sweep: Sweep, notes: list[str] | None = None) -> str:
     """The whole sweep as text: the finished panel in a terminal and in a saved notebook."""
     columns = Columns(sweep)
-    with sweep.lock:
-        table = [columns.names, *(cells(sweep, t, columns) for t in sweep.ranked())]
-    lines = [f"[remote_train] {sweep_title(sweep)}", _text_table(table), *errors(sweep)]
+    table = [columns.names, *(row for _, row in table_rows(sweep, columns))]
+    lines = [f"[remote_train] {sweep_title(sweep)}", *_text_table(table, columns.numeric).splitlines(), *errors(sweep)]
     lines += [f"note: {note}" for note in notes or []]
     return "\n".join(lines)
 
 
 def render_sweep_html(sweep: Sweep, notes: list[str] | None = None) -> str:
-    """The static panel: title, overlay chart, ranked table (best row bold), errors, notes."""
+    """The static panel: title, overlay chart, the table in trial order (best row bold), errors, notes."""
     columns = Columns(sweep)
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in columns.names)
+    align = ["right" if right else "left" for right in columns.numeric]
+    head = "".join(
+        f"<th style='text-align:{a}'>{html.escape(n)}</th>" for n, a in zip(columns.names, align, strict=True)
+    )
     body = ""
-    with sweep.lock:
-        ranked = sweep.ranked()
-        best = ranked[0] if ranked and ranked[0].last(sweep.metric) is not None else None
-        for trial in ranked:
-            row = cells(sweep, trial, columns)
-            swatch = _swatch(trial)
-            style = " style='font-weight:bold'" if trial is best else ""
-            body += f"<tr{style}><td>{swatch}{html.escape(row[0])}</td>"
-            body += "".join(f"<td>{html.escape(c)}</td>" for c in row[1:]) + "</tr>"
+    state_at = columns.names.index("state")
+    for trial, row in table_rows(sweep, columns):
+        style = " style='font-weight:bold'" if row[1] == "1 best" else ""
+        body += f"<tr{style}><td>{_swatch(trial)}{html.escape(row[0])}</td>"
+        for i, cell in enumerate(row[1:], 1):
+            full = state_text(sweep, trial) if i == state_at else cell
+            title = f" title='{html.escape(full)}'" if full != cell else ""
+            body += f"<td style='text-align:{align[i]}'{title}>{html.escape(cell)}</td>"
+        body += "</tr>"
     table = f"<table class='remote-magic-sweep'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     extra = "".join(f"<div>{html.escape(line)}</div>" for line in errors(sweep))
     extra += "".join(f"<div>note: {html.escape(n)}</div>" for n in notes or [])
     return (
-        f"<div class='remote-magic-panel'><b>{html.escape(sweep_title(sweep))}</b>{overlay_chart(sweep)}"
-        f"<div style='max-height:24em;overflow:auto'>{table}</div>{extra}</div>"
+        f"<div class='remote-magic-panel'>{_CELL_PADDING}<div><b>{html.escape(sweep_title(sweep))}</b></div>"
+        f"{overlay_chart(sweep)}<div style='max-height:24em;overflow:auto'>{table}</div>{extra}</div>"
     )
+
+
+_CELL_PADDING = "<style>.remote-magic-sweep th,.remote-magic-sweep td{padding:1px 8px}</style>"
 
 
 def _swatch(trial: Trial) -> str:
@@ -209,42 +259,60 @@ class SweepTextPanel:
 class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
     """The live sweep panel: header, Stop and Detach, the overlay chart, and the trials' table.
 
-    Each row starts with a button: a click injects that trial's outputs.
-    Rows are widgets (a grid), re-ordered as the ranking changes.
+    Each row is one button (the whole row is the click target) whose text is
+    the row's cells in a monospaced font.  Rows keep the trials' order, so the
+    row under the pointer never changes as the ranking does; the rank is a
+    column and the best row is bold.  What a click did is said on a line of
+    fixed height, so nothing moves.
     """
 
     _THROTTLED = frozenset({protocol.STDOUT, protocol.STDERR, protocol.BATCH, protocol.GPU, protocol.QUEUED})
+    _PICK_HINT = "click a trial's row to bring its outputs into the kernel"
+    _LINE = "font-family:monospace;white-space:pre;font-size:var(--jp-widgets-font-size)"
 
     def __init__(self, sweep: Sweep) -> None:
         import ipywidgets as widgets
         from IPython.display import display
 
         super().__init__(sweep, write=lambda text: None)
-        self._widgets = widgets
         self.header = widgets.HTML()
         self.stop_button = widgets.Button(description="Stop", tooltip="stop every trial after its current batch")
         self.detach_button = widgets.Button(description="Detach", tooltip="return now; the trials run on")
         self.chart = widgets.HTML()
-        self.grid = widgets.GridBox(layout=widgets.Layout(max_height="24em", overflow="auto", grid_gap="0 12px"))
+        # One line, always there: a click's result replaces its text and never pushes the table down.
+        self.pick_line = widgets.HTML(
+            f"<i>{self._PICK_HINT}</i>", layout=widgets.Layout(height="1.8em", overflow="hidden")
+        )
+        self.head = widgets.HTML(layout=widgets.Layout(margin="0"))
         self.pick_buttons = {
             t.number: widgets.Button(
-                description=f"#{t.number}",
-                tooltip=f"inject the outputs of trial {t.number} ({t.label})",
-                layout=widgets.Layout(width="auto", border_left=f"6px solid {color_of(t)}"),
+                tooltip=f"trial {t.number} ({t.label}): click to inject its outputs",
+                layout=widgets.Layout(width="max-content", margin="0", border_left=f"6px solid {color_of(t)}"),
+                style={"font_family": "monospace", "button_color": "transparent"},
             )
             for t in sweep.trials
         }
-        self._cells: dict[int, list[Any]] = {}
-        self._columns: list[str] = []
-        self._head: list[Any] = []
+        self.table = widgets.VBox(
+            [self.head, *self.pick_buttons.values()], layout=widgets.Layout(max_height="24em", overflow="auto")
+        )
+        self.footer = widgets.HTML()
         self._on_pick: Callable[[Trial], Any] | None = None
+        self._picking: int | None = None  # the thread running a click's injection: its notes go on the pick line
         self._actions: dict[str, Action] = {}
+        self._shown_notes: list[str] = []  # notes for the footer (a click's are on the pick line)
         for trial in sweep.trials:
             self.pick_buttons[trial.number].on_click(lambda _b, trial=trial: self._pick(trial))
         self.stop_button.on_click(lambda _b: self._act("stop"))
         self.detach_button.on_click(lambda _b: self._act("detach"))
         self.box = widgets.VBox(
-            [self.header, widgets.HBox([self.stop_button, self.detach_button]), self.chart, self.grid]
+            [
+                self.header,
+                widgets.HBox([self.stop_button, self.detach_button]),
+                self.chart,
+                self.pick_line,
+                self.table,
+                self.footer,
+            ]
         )
         self._init_redraw()
         self._refresh()
@@ -256,7 +324,8 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
         self._on_pick = on_pick
         self.stop_button.disabled, self.detach_button.disabled = on_stop is None, on_detach is None
         # Set last: changing ``disabled`` routes the buttons' messages back to the main shell.
-        serve_clicks_while_busy([self.stop_button, self.detach_button, *self.pick_buttons.values()])
+        if serve_clicks_while_busy([self.stop_button, self.detach_button, *self.pick_buttons.values()]):
+            _keep_in_subshell(list(self.pick_buttons.values()))
 
     def _act(self, name: str) -> None:
         action = self._actions.get(name)
@@ -265,8 +334,15 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
 
     def _pick(self, trial: Trial) -> None:
         on_pick = self._on_pick
-        if on_pick is not None:
+        if on_pick is None:
+            return
+        with self._lock:
+            self.pick_line.value = html.escape(f"loading the outputs of trial {trial.number} ({trial.label})…")
+        self._picking = threading.get_ident()
+        try:
             self._run(lambda: on_pick(trial))
+        finally:
+            self._picking = None
 
     def _run(self, action: Callable[[], Any]) -> None:
         try:
@@ -281,6 +357,10 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
     def note(self, text: str) -> None:
         with self._lock:
             self.notes.append(text)
+            if self._picking == threading.get_ident():
+                self.pick_line.value = f"<span title='{html.escape(text)}'>{html.escape(text)}</span>"
+            else:
+                self._shown_notes.append(text)
             self._refresh()
 
     def progress(self, text: str) -> None:
@@ -307,30 +387,48 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
     def _refresh(self) -> None:
         self._drawn()
         sweep = self.sweep
-        lines = [*self.notes[-3:], *errors(sweep)]
-        self.header.value = f"<b>{html.escape(sweep_title(sweep))}</b>" + "".join(
-            f"<div>{html.escape(line)}</div>" for line in lines
-        )
-        self.chart.value = overlay_chart(sweep)
+        _set(self.header, f"<b>{html.escape(sweep_title(sweep))}</b>")
+        _set(self.chart, overlay_chart(sweep))
+        lines = [*errors(sweep), *(f"note: {n}" for n in self._shown_notes[-3:])]
+        _set(self.footer, "".join(f"<div>{html.escape(line)}</div>" for line in lines))
         columns = Columns(sweep)
-        names = columns.names
-        widgets = self._widgets
-        if names != self._columns:  # a new metric appeared: one more cell per row
-            self._columns = names
-            self._cells = {t.number: [widgets.HTML() for _ in names[1:]] for t in sweep.trials}
-            self.grid.layout.grid_template_columns = " ".join(["max-content"] * len(names))
-            self._head = [widgets.HTML(f"<b>{html.escape(n)}</b>") for n in names]
-        children: list[Any] = list(self._head)
-        with sweep.lock:
-            ranked = sweep.ranked()
-            for trial in ranked:
-                row = cells(sweep, trial, columns)
-                for widget, text in zip(self._cells[trial.number], row[1:], strict=True):
-                    if widget.value != html.escape(text):
-                        widget.value = html.escape(text)
-                children += [self.pick_buttons[trial.number], *self._cells[trial.number]]
-        if tuple(children) != tuple(self.grid.children):
-            self.grid.children = tuple(children)
+        rows = table_rows(sweep, columns)
+        head, *texts = _text_table([columns.names, *(row for _, row in rows)], columns.numeric).splitlines()
+        _set(self.head, f"<div style='{self._LINE};font-weight:bold;padding:0 10px;border-left:6px solid transparent'>"
+             f"{html.escape(head)}</div>")  # fmt: skip
+        for (trial, row), text in zip(rows, texts, strict=True):
+            button = self.pick_buttons[trial.number]
+            # every row as wide as the widest; a button collapses runs of spaces, these keep the columns
+            description = text.ljust(max(map(len, texts))).replace(" ", "\u00a0")
+            tooltip = f"trial {trial.number} ({trial.label}): {state_text(sweep, trial)}; click to inject its outputs"
+            if (button.description, button.tooltip) != (description, tooltip):
+                with button.hold_sync():
+                    button.description, button.tooltip = description, tooltip
+            weight = "bold" if row[1] == "1 best" else "normal"
+            if button.style.font_weight != weight:
+                button.style.font_weight = weight
+
+
+def _keep_in_subshell(buttons: list[Any]) -> None:
+    """Serve these buttons' clicks in the subshell ``serve_clicks_while_busy`` gave them, whatever is sent later.
+
+    ipykernel 7 routes a comm's messages to the subshell that last sent on it;
+    a row's text changes with every epoch, sent from the cell's threads, so
+    without this a click lands in the busy main shell and waits for the cell
+    to end.  Another ipykernel internal (``_reply_subshell_for``): where it
+    is missing nothing changes.
+    """
+    for button in buttons:
+        comm = getattr(button, "comm", None)
+        subshell = getattr(comm, "_reply_subshell_id", None)
+        if comm is not None and subshell is not None and hasattr(comm, "_reply_subshell_for"):
+            comm._reply_subshell_for = lambda data, default, subshell=subshell: subshell
+
+
+def _set(widget: Any, value: str) -> None:
+    """Send a widget's new value only when it changed: every change is a message to the browser."""
+    if widget.value != value:
+        widget.value = value
 
 
 def make_sweep_panel(sweep: Sweep, mode: str = "auto") -> SweepTextPanel:

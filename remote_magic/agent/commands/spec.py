@@ -18,7 +18,7 @@ def spec_problem(spec: Any, root: str) -> str | None:
     """What is wrong with a submitted spec, or None."""
     if not isinstance(spec, dict):
         return "the spec is not a JSON object"
-    for check in (_form_problem, _layout_problem, _gpus_problem, _sweep_problem, _backend_problem):
+    for check in (_form_problem, _layout_problem, _gpus_problem, _sweep_problem, _backend_problem, _cells_problem):
         problem = check(spec, root)
         if problem:
             return problem
@@ -101,4 +101,28 @@ def _backend_problem(spec: dict[str, Any], root: str) -> str | None:
     backend = spec.get("backend")
     if backend is not None and not (isinstance(backend, str) and backend.isidentifier()):
         return f"backend must be a Keras backend name, not {backend!r}"
+    return None
+
+
+# Notebook cells' sources sent for tracebacks: a few small cells, never a way to store much on the host.
+MAX_CELLS, MAX_CELLS_CHARS = 200, 2_000_000
+
+
+def _cells_problem(spec: dict[str, Any], root: str) -> str | None:
+    cells = spec.get("cells")
+    if cells is None:
+        return None
+    form = (
+        isinstance(cells, dict)
+        and len(cells) <= MAX_CELLS
+        and all(
+            isinstance(label, str) and isinstance(cell, list) and cell and all(isinstance(c, str) for c in cell)
+            for label, cell in cells.items()
+        )
+    )
+    if not form:
+        return f"cells must map at most {MAX_CELLS} cell labels to [source, code key...]"
+    size = sum(len(label) + sum(map(len, cell)) for label, cell in cells.items())
+    if size > MAX_CELLS_CHARS:
+        return f"cells hold {size:,} characters; at most {MAX_CELLS_CHARS:,} are taken"
     return None
