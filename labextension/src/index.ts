@@ -2,7 +2,7 @@
  * remote_magic for JupyterLab: a "Remote training" sidebar listing every job
  * this machine submitted (grouped by host, with each host's GPUs; a sweep's
  * trials under one entry; finished jobs folded) and a status bar item counting
- * the running ones. Data comes from the server extension's REST API
+ * the running and queued ones. Data comes from the server extension's REST API
  * (/remote-magic/api), which talks to the hosts through the same session
  * layer as the magics.
  */
@@ -11,18 +11,27 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { Dialog, showDialog } from '@jupyterlab/apputils';
+import { Clipboard, Dialog, showDialog } from '@jupyterlab/apputils';
 import { URLExt } from '@jupyterlab/coreutils';
 import { NotebookActions } from '@jupyterlab/notebook';
 import { ServerConnection } from '@jupyterlab/services';
 import { IStatusBar } from '@jupyterlab/statusbar';
-import { LabIcon } from '@jupyterlab/ui-components';
+import { checkIcon, closeIcon, copyIcon, LabIcon, listIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
 const PLUGIN_ID = 'remote-magic-labextension:plugin';
 const PANEL_ID = 'remote-magic-jobs';
+// How often the list is asked for: while a job runs; while a cell that may submit one runs here (a blocking
+// cell's job then appears as soon as its kernel records it); otherwise (a job from another kernel or a terminal
+// appears; the server answers "unchanged" without asking the hosts until the registry changes).
 const POLL_MS = 3000;
+const WATCH_MS = 1000;
+const IDLE_MS = 10000;
+const COPIED_MS = 1500;
+// A cell whose end this lab never heard of (its kernel died) stops counting as running after this long.
+const WATCH_LIMIT_MS = 10 * 60 * 1000;
 const RUNNING = new Set(['queued', 'running', 'requeued']);  // requeued: back in a scheduler's queue
+const QUEUED = new Set(['queued', 'requeued']);
 // Neither running nor finished: the host did not answer, the job may still run.
 const UNKNOWN = new Set(['unreachable']);
 const FAILED = new Set(['error', 'killed']);
@@ -113,8 +122,9 @@ const ICON = new LabIcon({
 
 // State icons drawn as inline SVG (colour from CSS): glyphs such as U+23F9 are missing from the
 // browser's default fonts and show as a box.
-const stroke = (width = 1.6, color = 'currentColor') =>
-  `fill="none" stroke="${color}" stroke-width="${width}" stroke-linecap="round" stroke-linejoin="round"`;
+// The white strokes inside a filled icon (class jp-RemoteMagic-knockout) take the panel's background from CSS.
+const stroke = (width = 1.6) =>
+  `fill="none" stroke="currentColor" stroke-width="${width}" stroke-linecap="round" stroke-linejoin="round"`;
 const STATE_SVG: Record<string, string> = {
   queued: `<circle cx="8" cy="8" r="6.2" ${stroke()}/><path d="M8 4.6V8l2.4 1.6" ${stroke()}/>`,
   requeued: `<path d="M12.8 6.2A5 5 0 1 0 13 9.4" ${stroke()}/><path d="M13.2 2.8v3.6H9.6" ${stroke()}/>`,
@@ -123,12 +133,12 @@ const STATE_SVG: Record<string, string> = {
   stopped: '<rect x="3.5" y="3.5" width="9" height="9" rx="1.2" fill="currentColor"/>',
   error:
     '<circle cx="8" cy="8" r="6.8" fill="currentColor"/>' +
-    `<path d="M5.6 5.6l4.8 4.8m0-4.8l-4.8 4.8" ${stroke(1.6, '#fff')}/>`,
+    `<path class="jp-RemoteMagic-knockout" d="M5.6 5.6l4.8 4.8m0-4.8l-4.8 4.8" ${stroke(1.6)}/>`,
   cancelled: `<circle cx="8" cy="8" r="6.2" ${stroke()}/><path d="M3.8 12.2l8.4-8.4" ${stroke()}/>`,
   killed: `<path d="M3.5 3.5l9 9m0-9l-9 9" ${stroke(2.2)}/>`,
   unreachable:
     '<path d="M8 1.6l6.9 12.2H1.1z" fill="currentColor"/>' +
-    `<path d="M8 6.2v3.4M8 11.6v.1" ${stroke(1.6, '#fff')}/>`,
+    `<path class="jp-RemoteMagic-knockout" d="M8 6.2v3.4M8 11.6v.1" ${stroke(1.6)}/>`,
   gone: `<circle cx="8" cy="8" r="6.2" ${stroke()} stroke-dasharray="2.4 2.2"/>`,
   unknown: '<circle cx="8" cy="8" r="3.2" fill="currentColor"/>'
 };
@@ -203,12 +213,34 @@ function element<K extends keyof HTMLElementTagNameMap>(
   return node;
 }
 
+/** A row action as JupyterLab's Running panel draws them: an icon button, named for screen readers and on hover. */
+function iconButton(icon: LabIcon, className: string, label: string, focusKey: string): HTMLButtonElement {
+  const button = element('button', `jp-RemoteMagic-action ${className}`);
+  button.type = 'button';
+  button.title = label;
+  button.setAttribute('aria-label', label);
+  button.dataset.focusKey = focusKey;
+  button.appendChild(icon.element({ tag: 'span', className: 'jp-RemoteMagic-actionicon' }));
+  return button;
+}
+
+/** Enter and Space on ``node`` itself (not on a button inside it) do what a click does. */
+function onActivate(node: HTMLElement, act: () => void): void {
+  node.addEventListener('keydown', event => {
+    if (event.target === node && (event.key === 'Enter' || event.key === ' ')) {
+      event.preventDefault();
+      act();
+    }
+  });
+}
+
 /**
  * A fold that stays open across the refreshes that re-render the list: ``open`` holds the keys of the
  * open ones, updated on the click itself (a ``toggle`` event comes later, maybe after a re-render).
  */
 function foldable(fold: HTMLDetailsElement, summary: HTMLElement, open: Set<string>, key: string): void {
   fold.open = open.has(key);
+  summary.dataset.focusKey = `fold:${key}`;
   summary.onclick = event => {
     event.preventDefault();
     fold.open = !fold.open;
@@ -260,8 +292,14 @@ function sweepState(trials: IJob[]): string {
 class JobsPanel extends Widget {
   jobs: IJob[] = [];
   gpus = new Map<string, IHostGpus>();
-  onChange: (running: number) => void = () => undefined;
+  onChange: (running: number, queued: number) => void = () => undefined;
   private timer: number | null = null;
+  // The registry version the list was read at: while nothing runs, the server answers "unchanged" to it cheaply.
+  private registry: string | null = null;
+  // Cells (by model id) that may submit a job, running in this lab now, with when each started.
+  private watched = new Map<string, number>();
+  // Jobs whose attach command was just copied (key -> until when "Copied" shows).
+  private copied = new Map<string, number>();
   private list: HTMLDivElement;
   private status: HTMLDivElement;
   private footer: HTMLDivElement;
@@ -275,6 +313,7 @@ class JobsPanel extends Widget {
     super();
     this.id = PANEL_ID;
     this.addClass('jp-RemoteMagic-panel');
+    this.node.tabIndex = -1;  // focusable from code only: it holds the focus while the list is rebuilt
     this.title.icon = ICON;
     this.title.caption = 'Remote training';
     const header = element('div', 'jp-RemoteMagic-header');
@@ -296,29 +335,63 @@ class JobsPanel extends Widget {
     return this.jobs.filter(job => RUNNING.has(job.state)).length;
   }
 
-  /** Ask the server now (``fresh``: bypass its short cache); keep polling only while something runs. */
+  /** Running and queued jobs, counted apart (a queued job is not running yet). */
+  get counts(): { running: number; queued: number } {
+    const queued = this.jobs.filter(job => QUEUED.has(job.state)).length;
+    return { running: this.running - queued, queued };
+  }
+
+  /** A cell that may submit a job started (``true``) or ended here: poll fast while one runs. */
+  watch(cellId: string, running: boolean): void {
+    if (running) {
+      this.watched.set(cellId, Date.now());
+      void this.refresh();
+    } else {
+      this.watched.delete(cellId);
+    }
+  }
+
+  /** Ask the server now (``fresh``: bypass its short cache); poll fast while something runs, slowly otherwise. */
   async refresh(fresh = false): Promise<void> {
     if (this.timer !== null) {
       window.clearTimeout(this.timer);
       this.timer = null;
     }
-    const query = fresh ? '?fresh=1' : '';
-    const gpus = requestAPI<{ hosts: IHostGpus[] }>('gpus', {}, query).catch(() => null);
+    const active = this.running > 0;
+    // While nothing runs, the hosts are asked only once the registry changed (a kernel submitted a job).
+    const query = fresh ? '?fresh=1' : !active && this.registry ? `?unless=${encodeURIComponent(this.registry)}` : '';
+    const askGpus = () => requestAPI<{ hosts: IHostGpus[] }>('gpus', {}, fresh ? '?fresh=1' : '').catch(() => null);
+    let gpus = active || fresh ? askGpus() : null;
+    let changed = true;
     try {
-      const reply = await requestAPI<{ jobs: IJob[] }>('jobs', {}, query);
-      this.jobs = reply.jobs;
+      const reply = await requestAPI<{ jobs?: IJob[]; unchanged?: boolean; registry?: string }>('jobs', {}, query);
+      this.registry = reply.registry ?? null;
+      changed = !reply.unchanged;
+      if (reply.jobs) {
+        this.jobs = reply.jobs;
+        this.forgetVanished();
+      }
       this.status.textContent = '';
-      this.forgetVanished();
     } catch (error) {
       this.status.textContent = `Could not list jobs: ${error}`;
     }
-    const hosts = await gpus; // a server without the GPUs API, or a failed call: no GPU lines
-    this.gpus = new Map((hosts?.hosts || []).map(host => [host.host, host]));
-    await this.updateLogs();
-    this.render();
-    this.onChange(this.running);
-    if (this.running > 0) {
-      this.timer = window.setTimeout(() => void this.refresh(), POLL_MS);
+    if (changed) {
+      gpus = gpus || askGpus();
+      const hosts = await gpus; // a server without the GPUs API, or a failed call: no GPU lines
+      this.gpus = new Map((hosts?.hosts || []).map(host => [host.host, host]));
+      await this.updateLogs();
+      this.render();
+    }
+    const { running, queued } = this.counts;
+    this.onChange(running, queued);
+    for (const [cellId, started] of this.watched) {
+      if (Date.now() - started > WATCH_LIMIT_MS) {
+        this.watched.delete(cellId);
+      }
+    }
+    if (this.timer === null) {  // a refresh that overlapped this one already scheduled the next
+      const wait = this.running > 0 ? POLL_MS : this.watched.size > 0 ? WATCH_MS : IDLE_MS;
+      this.timer = window.setTimeout(() => void this.refresh(), wait);
     }
   }
 
@@ -374,7 +447,24 @@ class JobsPanel extends Widget {
     return entries;
   }
 
+  /** Re-render, keeping the keyboard focus on the same row or button (the list is rebuilt on every poll). */
   private render(): void {
+    const active = document.activeElement as HTMLElement | null;
+    const focusKey = active && this.node.contains(active) ? active.dataset.focusKey : undefined;
+    const scrolled = this.node.scrollTop;
+    if (focusKey) {
+      // Hold the focus on the panel while its old button goes: a focused node removed from the page makes
+      // JupyterLab hand the focus to the main area.
+      this.node.focus({ preventScroll: true });
+    }
+    this.renderList();
+    this.node.scrollTop = scrolled;
+    if (focusKey) {
+      this.node.querySelector<HTMLElement>(`[data-focus-key="${CSS.escape(focusKey)}"]`)?.focus({ preventScroll: true });
+    }
+  }
+
+  private renderList(): void {
     this.list.textContent = '';
     this.footer.textContent = '';
     if (this.jobs.length === 0) {
@@ -413,6 +503,7 @@ class JobsPanel extends Widget {
       );
       const restore = element('button', 'jp-RemoteMagic-restore jp-mod-styled', 'Show again');
       restore.title = 'List the cleared jobs again';
+      restore.dataset.focusKey = 'restore';
       restore.onclick = () => {
         this.cleared.clear();
         this.saveCleared();
@@ -474,6 +565,7 @@ class JobsPanel extends Widget {
     foldable(fold, summary, this.openFinished, host);
     summary.appendChild(element('span', 'jp-RemoteMagic-finishedcount', `${finished.length} finished`));
     const clear = element('button', 'jp-RemoteMagic-clear jp-mod-styled', 'Clear finished');
+    clear.dataset.focusKey = `clear:${host}`;
     clear.title = 'Hide these jobs from this list (nothing is deleted on the host)';
     clear.onclick = event => {
       event.preventDefault(); // not a toggle of the fold
@@ -543,6 +635,7 @@ class JobsPanel extends Widget {
     if (running.length > 0) {
       const actions = element('div', 'jp-RemoteMagic-actions');
       const cancel = element('button', 'jp-RemoteMagic-cancelsweep jp-mod-styled', 'Cancel sweep');
+      cancel.dataset.focusKey = `cancelsweep:${key}`;
       cancel.onclick = () => void this.cancelSweep(sweep, running);
       actions.appendChild(cancel);
       body.appendChild(actions);
@@ -553,24 +646,33 @@ class JobsPanel extends Widget {
 
   /** A job's row; ``metric``: the one its sweep ranks trials by, shown first. */
   private renderJob(job: IJob, metric?: string): HTMLElement {
+    const key = jobKey(job);
     const ended = isFinished(job) ? ' jp-RemoteMagic-ended' : '';
     const row = element('div', `jp-RemoteMagic-job jp-RemoteMagic-state-${job.state}${ended}`);
     row.dataset.jobId = job.job_id;
     row.dataset.state = job.state;
+    // Reachable by keyboard as a Running panel row: Tab to it, Enter or Space shows its log.
+    row.tabIndex = 0;
+    row.dataset.focusKey = `row:${key}`;
+    const text = job.sweep ? trialLabel(job.sweep) : jobTitle(job);
+    row.setAttribute('aria-label', `${text}, ${job.state}`);
+    onActivate(row, () => void this.toggleLog(job, row));
+    // The text on the left, the actions in a column of their own at the right: they never cover the metrics.
+    const main = element('div', 'jp-RemoteMagic-main');
+    row.appendChild(main);
     const title = element('div', 'jp-RemoteMagic-jobtitle');
     title.appendChild(stateIcon(job.state));
-    const text = job.sweep ? trialLabel(job.sweep) : jobTitle(job);
     const name = element('span', 'jp-RemoteMagic-name', text);
     name.title = `${job.sweep ? `${text}: ${jobTitle(job)}` : text}\njob ${job.job_id} on ${job.host}`;
     title.appendChild(name);
     title.appendChild(element('span', 'jp-RemoteMagic-state', job.state));
-    row.appendChild(title);
+    main.appendChild(title);
 
     if (job.epochs && !isFinished(job)) {
       const bar = element('progress', 'jp-RemoteMagic-progress');
       bar.max = job.epochs;
       bar.value = job.epoch || 0;
-      row.appendChild(bar);
+      main.appendChild(bar);
     }
     const details: string[] = [];
     const logs = job.logs || {};
@@ -592,35 +694,63 @@ class JobsPanel extends Widget {
     if (details.length > 0) {
       const line = element('div', 'jp-RemoteMagic-details', details.join(' · '));
       line.title = line.textContent || '';
-      row.appendChild(line);
+      main.appendChild(line);
     }
     const waiting = (job.state === 'queued' || job.state === 'requeued') && job.reason;
     const message = waiting ? this.queuedMessage(job) : job.message;
     if (message && !['done', 'stopped'].includes(job.state)) {
       const line = element('div', 'jp-RemoteMagic-message', message);
       line.title = message;
-      row.appendChild(line);
+      main.appendChild(line);
     }
-
-    const actions = element('div', 'jp-RemoteMagic-actions');
-    if (RUNNING.has(job.state)) {
-      const cancel = element('button', 'jp-RemoteMagic-cancel jp-mod-styled', 'Cancel');
-      cancel.onclick = () => void this.cancel(job);
-      actions.appendChild(cancel);
-    }
-    const copy = element('button', 'jp-RemoteMagic-copy jp-mod-styled', 'Copy attach');
-    copy.title = `%remote_attach ${job.job_id} --host ${job.host}`;
-    copy.onclick = () => void navigator.clipboard?.writeText(copy.title);
-    actions.appendChild(copy);
-    const log = element('button', 'jp-RemoteMagic-showlog jp-mod-styled', 'Show log');
-    log.onclick = () => void this.toggleLog(job, row);
-    actions.appendChild(log);
-    row.appendChild(actions);
-    const open = this.logs.get(jobKey(job));
+    row.appendChild(this.renderActions(job, row));
+    const open = this.logs.get(key);
     if (open) {
       row.appendChild(this.logView(open.text));
     }
     return row;
+  }
+
+  /** Copy attach, Show log and Cancel (running jobs) as icon buttons; "Copied" shows beside them for a moment. */
+  private renderActions(job: IJob, row: HTMLElement): HTMLElement {
+    const key = jobKey(job);
+    const actions = element('div', 'jp-RemoteMagic-actions');
+    const buttons = element('div', 'jp-RemoteMagic-buttons');
+    actions.appendChild(buttons);
+    const command = `%remote_attach ${job.job_id} --host ${job.host}`;
+    const copied = (this.copied.get(key) || 0) > Date.now();
+    const copy = iconButton(
+      copied ? checkIcon : copyIcon,
+      'jp-RemoteMagic-copy',
+      `Copy attach: ${command}`,
+      `copy:${key}`
+    );
+    copy.onclick = () => {
+      Clipboard.copyToSystem(command);
+      this.copied.set(key, Date.now() + COPIED_MS);
+      this.render();
+      window.setTimeout(() => {
+        this.copied.delete(key);
+        this.render();
+      }, COPIED_MS);
+    };
+    buttons.appendChild(copy);
+    const open = this.logs.has(key);
+    const log = iconButton(listIcon, 'jp-RemoteMagic-showlog', open ? 'Hide log' : 'Show log', `log:${key}`);
+    log.setAttribute('aria-pressed', String(open));
+    log.onclick = () => void this.toggleLog(job, row);
+    buttons.appendChild(log);
+    if (RUNNING.has(job.state)) {
+      const cancel = iconButton(closeIcon, 'jp-RemoteMagic-cancel', 'Cancel the job…', `cancel:${key}`);
+      cancel.onclick = () => void this.cancel(job);
+      buttons.appendChild(cancel);
+    }
+    if (copied) {  // before the buttons, on their line: nothing below moves
+      const note = element('span', 'jp-RemoteMagic-copied', 'Copied');
+      note.setAttribute('role', 'status');
+      actions.insertBefore(note, buttons);
+    }
+    return actions;
   }
 
   private queuedMessage(job: IJob): string {
@@ -705,6 +835,7 @@ class JobsPanel extends Widget {
     if (existing) {
       existing.remove();
       this.logs.delete(key);
+      this.render();
       return;
     }
     const log = { text: [] as string[], next: 0 };
@@ -714,24 +845,42 @@ class JobsPanel extends Widget {
       await this.readLog(job, log);
       this.logs.set(key, log);
       pre.replaceWith(this.logView(log.text));
+      this.render();
     } catch (error) {
       pre.textContent = `Could not read the log: ${error}`;
     }
   }
 }
 
-/** "N remote jobs running" in the status bar; hidden at zero; a click opens the sidebar. */
+/**
+ * "N remote jobs running, M queued" in the status bar, drawn as JupyterLab's own text items (same line,
+ * same hover); hidden at zero; a click, or Enter or Space, opens the sidebar.
+ */
 class RunningItem extends Widget {
+  private text: HTMLSpanElement;
+
   constructor(onClick: () => void) {
     super();
     this.addClass('jp-RemoteMagic-statusitem');
+    this.addClass('jp-mod-highlighted');
+    this.text = element('span', 'jp-StatusBar-TextItem');
+    this.node.appendChild(this.text);
+    this.node.tabIndex = 0;
+    this.node.setAttribute('role', 'button');
     this.node.onclick = onClick;
-    this.setRunning(0);
+    onActivate(this.node, onClick);
+    this.setCounts(0, 0);
   }
 
-  setRunning(running: number): void {
-    this.node.textContent = `${running} remote job${running === 1 ? '' : 's'} running`;
-    this.node.style.display = running > 0 ? '' : 'none';
+  setCounts(running: number, queued: number): void {
+    const jobs = (count: number) => `remote job${count === 1 ? '' : 's'}`;
+    this.text.textContent =
+      running > 0
+        ? `${running} ${jobs(running)} running${queued > 0 ? `, ${queued} queued` : ''}`
+        : `${queued} ${jobs(queued)} queued`;
+    const parts = [...(running > 0 ? [`${running} running`] : []), ...(queued > 0 ? [`${queued} queued`] : [])];
+    this.node.title = `${parts.join(', ')} ${jobs(running + queued)}; click to open the sidebar`;
+    this.node.style.display = running + queued > 0 ? '' : 'none';
   }
 }
 
@@ -749,10 +898,19 @@ const plugin: JupyterFrontEndPlugin<void> = {
       item = new RunningItem(() => shell.activateById(PANEL_ID));
       statusBar.registerStatusItem('remote-magic:running', { item, align: 'left', rank: 50 });
     }
-    panel.onChange = running => item?.setRunning(running);
-    // A cell that starts or attaches a job makes the list worth asking for again.
+    panel.onChange = (running, queued) => item?.setCounts(running, queued);
+    // A cell that may start or attach a job: poll fast while it runs, so that a blocking cell's job shows as soon
+    // as its kernel records it (the cell's end alone came too late), and ask again when it ends.
+    const mayStartJob = (cell: { model: { id: string; sharedModel: { getSource(): string } } }) =>
+      cell.model.sharedModel.getSource().includes('remote_');
+    NotebookActions.executionScheduled.connect((_, args) => {
+      if (mayStartJob(args.cell)) {
+        panel.watch(args.cell.model.id, true);
+      }
+    });
     NotebookActions.executed.connect((_, args) => {
-      if (args.cell.model.sharedModel.getSource().includes('remote_')) {
+      if (mayStartJob(args.cell)) {
+        panel.watch(args.cell.model.id, false);
         void panel.refresh(true);
       }
     });

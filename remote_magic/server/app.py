@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from typing import Any
 
@@ -26,6 +27,12 @@ URL_PREFIX = "/remote-magic/api"
 _JOB_URL = URL_PREFIX + r"/jobs/(?P<host>[^/]+)/(?P<job_id>" + protocol.JOB_ID_PATTERN + ")"
 # What a deployment's Authorizer is asked about: reading jobs (GET) and changing them (POST cancel).
 AUTH_RESOURCE = "remote_magic"
+# JupyterLab 4.6 creates a kernel subshell for widget comms (and deletes it with the last one); the kernel's idle
+# status for that request would read as the kernel's own, mid-cell. Statuses whose parent is one of these are
+# not the user's activity: JupyterLab's page config tells the browser to ignore them.
+SUBSHELL_MESSAGES = tuple(
+    f"{verb}_subshell_{kind}" for verb in ("create", "delete", "list") for kind in ("request", "reply")
+)
 
 
 class JobService:
@@ -35,7 +42,7 @@ class JobService:
         self.connections = connections
         self.registry = registry
         self.cache_seconds = cache_seconds
-        self._cached: tuple[float, list[dict[str, Any]]] | None = None
+        self._cached: tuple[float, str, list[dict[str, Any]]] | None = None
         self._cached_gpus: tuple[float, list[dict[str, Any]]] | None = None
         self._lock = asyncio.Lock()
         self._gpus_lock = asyncio.Lock()
@@ -43,12 +50,21 @@ class JobService:
     def _fresh(self, taken: float) -> bool:
         return time.monotonic() - taken < self.cache_seconds
 
+    def registry_version(self) -> str:
+        """Changes whenever a kernel records a job: a listing older than the registry is never reused."""
+        try:
+            info = os.stat(self.registry.path)
+        except FileNotFoundError:
+            return "none"
+        return f"{info.st_ino}-{info.st_size}-{info.st_mtime_ns}"
+
     async def jobs(self) -> list[dict[str, Any]]:
         async with self._lock:
-            if self._cached and self._fresh(self._cached[0]):
-                return self._cached[1]
+            version = await asyncio.to_thread(self.registry_version)
+            if self._cached and self._cached[1] == version and self._fresh(self._cached[0]):
+                return self._cached[2]
             rows = await asyncio.to_thread(self._list_jobs)
-            self._cached = (time.monotonic(), rows)
+            self._cached = (time.monotonic(), version, rows)
             return rows
 
     def _list_jobs(self) -> list[dict[str, Any]]:
@@ -138,9 +154,15 @@ class JobsHandler(_Handler):
     async def get(self) -> None:
         if self.get_argument("fresh", "") == "1":  # the Refresh button: ask the hosts now
             self.service.forget_cache(gpus=False)
+        # The sidebar's poll while nothing runs: the hosts are asked only once a kernel recorded a new job.
+        known = self.get_argument("unless", "")
+        version = await asyncio.to_thread(self.service.registry_version)
+        if known and known == version:
+            self.finish(json.dumps({"unchanged": True, "registry": version, "time": time.time()}))
+            return
 
         async def listing() -> dict[str, Any]:
-            return {"jobs": await self.service.jobs(), "time": time.time()}
+            return {"jobs": await self.service.jobs(), "registry": version, "time": time.time()}
 
         await self._run(listing())
 
@@ -195,6 +217,20 @@ class RemoteMagicApp(ExtensionApp):
     def initialize_settings(self) -> None:
         self.connections = session.Connections(self.hosts, self.ssh_config)
         self.settings["remote_magic_service"] = JobService(self.connections, Registry(), self.cache_seconds)
+        self._untrack_subshell_messages()
+
+    def _untrack_subshell_messages(self) -> None:
+        """Keep the kernel busy in the browser while a remote cell runs (see SUBSHELL_MESSAGES)."""
+        manager = getattr(self.serverapp, "kernel_manager", None)
+        untracked = getattr(manager, "untracked_message_types", None)
+        if manager is None or untracked is None:
+            return
+        manager.untracked_message_types = [*untracked, *(m for m in SUBSHELL_MESSAGES if m not in untracked)]
+        # JupyterLab's own extension may have copied the list into the page config already.
+        web_app = getattr(self.serverapp, "web_app", None)
+        page_config = web_app.settings.get("page_config_data", {}) if web_app is not None else {}
+        if "untracked_message_types" in page_config:
+            page_config["untracked_message_types"] = list(manager.untracked_message_types)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(
