@@ -14,10 +14,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # OpenSSH's sshd, which the tests start on 127.0.0.1, Debian's chromium for the JupyterLab
-# browser tests, and Slurm with munge for the Slurm tests, which start their own single-node
-# cluster (installed when missing and we are root).
+# browser tests, rsync for the bench's baselines through an emulated link (bench/links.py), and
+# Slurm with munge for the Slurm tests, which start their own single-node cluster (installed when
+# missing and we are root).
 system-deps:
 	@missing=""; [ -x /usr/sbin/sshd ] || missing="openssh-server"; [ -x /usr/bin/ssh ] || missing="$$missing openssh-client"; [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/rsync ] || missing="$$missing rsync"; \
 	slurm=""; [ -x /usr/sbin/slurmctld ] || slurm="slurmctld"; [ -x /usr/sbin/slurmd ] || slurm="$$slurm slurmd"; \
 	[ -x /usr/bin/sbatch ] || slurm="$$slurm slurm-client"; [ -x /usr/sbin/munged ] || slurm="$$slurm munge"; \
 	if [ -n "$$missing$$slurm" ]; then \
