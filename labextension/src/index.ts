@@ -18,6 +18,7 @@ import { ServerConnection } from '@jupyterlab/services';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { checkIcon, closeIcon, copyIcon, LabIcon, listIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
+import { widgetFallbackPlugin } from './widgetfallback';
 
 const PLUGIN_ID = 'remote-magic-labextension:plugin';
 const PANEL_ID = 'remote-magic-jobs';
@@ -918,4 +919,4 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default plugin;
+export default [plugin, widgetFallbackPlugin];

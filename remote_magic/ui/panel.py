@@ -155,7 +155,9 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
     """
 
     _THROTTLED = frozenset({protocol.STDOUT, protocol.STDERR, protocol.BATCH, protocol.GPU})
-    FALLBACK_EVERY = 30.0
+    # The widget's fallback, what a notebook saved after its kernel died shows: its progress at most this old.
+    FALLBACK_EVERY = 2.0
+    FALLBACK_IDLE = 30.0  # without progress (the clock only)
 
     def __init__(self, host: str) -> None:
         import ipywidgets as widgets
@@ -190,6 +192,7 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
         self._click_handlers: dict[str, Callable[[Any], None]] = {}
         self._detached = False  # the cell returned: the display is a static copy redrawn while this kernel follows
         self._fallback_drawn: tuple[Any, ...] = ()
+        self._fallback_progress: tuple[Any, ...] = ()
         self._fallback_at = 0.0
         self._init_redraw()
         self.display_handle = None
@@ -270,6 +273,7 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
                     self._refresh()
                 else:
                     self.header.value = self._header_html()
+                    self._update_display()  # progress drawn since the last fallback reaches it even if the job stalls
 
     def _header_html(self) -> str:
         view = self.view
@@ -284,8 +288,9 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
 
     def _update_display(self) -> None:
         """Keep what the notebook saves true: the detached copy on every redraw; the widget's fallback (shown where
-        the widget cannot be) when the state changes, and every ``FALLBACK_EVERY`` seconds (each update redraws
-        the widget in the browser, so not more often)."""
+        the widget cannot be, as after a kernel restart) when the state changes, every ``FALLBACK_EVERY`` seconds
+        while the job progresses, else every ``FALLBACK_IDLE`` (an update may redraw the widget in frontends
+        without this package's lab extension, so not more often)."""
         if self.display_handle is None or self._finished:
             return
         view = self.view
@@ -293,9 +298,11 @@ class WidgetPanel(ThrottledRedraw, TextPanel):
             self.display_handle.update(StaticBundle(view, live=True))
             return
         key = (view.job_id, view.shown_state(), len(view.notes), view.error)
-        due = view.rows and time.monotonic() - self._fallback_at >= self.FALLBACK_EVERY
+        progress = (len(view.rows), view.epoch, view.batch)
+        every = self.FALLBACK_EVERY if progress != self._fallback_progress else self.FALLBACK_IDLE
+        due = view.rows and time.monotonic() - self._fallback_at >= every
         if key != self._fallback_drawn or due:
-            self._fallback_drawn, self._fallback_at = key, time.monotonic()
+            self._fallback_drawn, self._fallback_progress, self._fallback_at = key, progress, time.monotonic()
             self.display_handle.update(LiveBundle(self.box, StaticBundle(view)))
 
     def _refresh(self) -> None:
