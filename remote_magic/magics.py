@@ -299,9 +299,11 @@ class RemoteMagics(Magics):
         run = SweepRun(client, sweep, panel.get(), self.lifecycle, inject=not args.no_inject)
         if args.detach:
             print(
-                f"sweep {sweep.id}: {len(sweep.trials)} trials submitted to host {client.host}, {sweep.parallel} at a "
-                f"time; they run on. `%remote_status --host {client.host}` lists them, "
-                f"`%remote_attach {sweep.id}` follows the sweep and brings back `{sweep.name or 'sweep'}`."
+                f"sweep {sweep.id}: {len(sweep.trials)} trials submitted to host {client.host}, "
+                f"{sweep.parallel} at a time; they run on.\n"
+                f"  to list its trials:        %remote_status {sweep.id} --host {client.host}\n"
+                f"  to follow the sweep again: %remote_attach {sweep.id} --host {client.host}"
+                f"  (brings back {sweep.name or 'sweep'})"
             )
             if self._kernel_stays_alive():
                 panel.get().start()

@@ -6,6 +6,7 @@ seconds, and the tests that look at the lab need nothing of their own from it bu
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -16,10 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from sshd import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "notebooks" / "01_quickstart.ipynb"
+# Every browser test file: ``pytestmark = needs_chromium``.
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
 # As the machine notes say: without the background-networking flags chromium keeps calling out.
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -23,7 +23,7 @@ import fake_nvidia_smi as fake
 import pytest
 from conftest import run
 from host_processes import kill_processes_under
-from lab import CHROMIUM, QUICKSTART, jupyter_lab
+from lab import QUICKSTART, jupyter_lab, needs_chromium
 from test_lifecycle import _submitted_job_id
 from test_server import submit_job, wait_for_state
 
@@ -38,7 +38,7 @@ LIVE_CELL = (
     "    remote_log(step=step, total=200, loss=1.0 / step)\n"
 )
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
+pytestmark = needs_chromium
 
 
 def test_pip_install_enables_the_lab_and_server_extensions() -> None:

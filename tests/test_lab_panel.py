@@ -7,7 +7,6 @@ notebook into the lab's root through the contents API, so the tests share nothin
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,10 +14,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-from lab import CHROMIUM
+from lab import needs_chromium
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
+pytestmark = needs_chromium
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 # 20 steps of a plain loop; the learning rate is tiny, as real ones are (2.5e-04 must not read 0.0000).

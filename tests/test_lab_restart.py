@@ -5,15 +5,13 @@ instead of "Error displaying widget: model not found" (issue 21; labextension/sr
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
-import pytest
-from lab import CHROMIUM
+from lab import needs_chromium
 from test_lab_panel import _api, _open, _restart_kernel_and_save, _run_all, _write_notebook
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
+pytestmark = needs_chromium
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 BLOCKING_CELL = (

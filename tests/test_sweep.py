@@ -64,7 +64,7 @@ def _table_lines(out: str, sweep_id: str) -> list[str]:
     """The rows of the finished table the text panel printed (after its title line)."""
     lines = out.splitlines()
     title = max(i for i, line in enumerate(lines) if line.startswith("[remote_train] sweep ") and sweep_id in line)
-    assert lines[title + 1].split()[:4] == ["trial", "rank", "lr", "units"], lines[title + 1]
+    assert lines[title + 1].split()[:4] == ["#", "rank", "lr", "units"], lines[title + 1]
     return [line for line in lines[title + 2 :] if line[:1].isdigit()]
 
 
@@ -178,7 +178,11 @@ def test_detach_follows_in_the_background_and_attach_after_a_restart_injects_the
         assert result.success, result.error_in_exec
         out = capsys.readouterr().out
         sweep_id = re.search(r"sweep (sweep-\S+): 2 trials submitted", out).group(1)
-        assert "1 at a time" in out and f"`%remote_attach {sweep_id}`" in out  # a CPU host: one at a time
+        assert "1 at a time" in out  # a CPU host: one at a time
+        # Plain text like a single job's --detach message (issue 21: it showed literal Markdown backticks).
+        assert f"\n  to list its trials:        %remote_status {sweep_id} --host local\n" in out
+        assert f"\n  to follow the sweep again: %remote_attach {sweep_id} --host local  (brings back bg)\n" in out
+        assert "`" not in out
         for follower in list(magics.background):
             follower.join(60)
     finally:
@@ -368,15 +372,20 @@ def re_series(page: str) -> list[str]:
     return re.findall(r'data-series="(#\d+)[^"]*"', page)
 
 
-class _Lifecycle:
-    """What ``SweepRun.pick`` needs of the session: an injector into a kernel's namespace."""
+class _Injector:
+    """What ``SweepRun.pick`` needs of the session: an injector into a kernel's namespace (no cell runs: at once)."""
 
     def __init__(self, namespace: dict) -> None:
-        self.inject = types.SimpleNamespace(shell=types.SimpleNamespace(user_ns=namespace))
+        self.shell = types.SimpleNamespace(user_ns=namespace)
 
-    def inject_noting(self, values: dict, note, injected: str) -> None:  # type: ignore[no-untyped-def]
-        self.inject.shell.user_ns.update(values)
-        note(injected)
+    def __call__(self, values: dict) -> bool:
+        self.shell.user_ns.update(values)
+        return True
+
+
+class _Lifecycle:
+    def __init__(self, namespace: dict) -> None:
+        self.inject = _Injector(namespace)
 
 
 def _row_texts(panel: SweepWidgetPanel) -> list[str]:

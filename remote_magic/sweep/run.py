@@ -211,10 +211,21 @@ class SweepRun:
         except RemoteMagicError as exc:
             self.panel.note(f"trial {trial.number}: {exc}")
             return
+        who = f"trial {trial.number} ({trial.label})"
+        replaced = ", ".join(name for name in values if name in _namespace(self.lifecycle))
+        # Said whether the values go in now or wait for the sweep's cell to end: which trial, and what it replaces.
+        waits = self.lifecycle.inject(values) is False
+        for line in getattr(values, "notes", []):  # e.g. tensors that were on a GPU there are on the CPU here
+            self.panel.note(line)
+        if waits:
+            then = f", replacing the kernel's {replaced}" if replaced else ""
+            self.panel.note(
+                f"{who} outputs ready: {', '.join(values)}; they enter the namespace when the running cell ends{then}"
+            )
+            return
         shown = session.describe_injection(list(values), (trial.final or {}).get("why"))
-        replaced = [name for name in values if name in _namespace(self.lifecycle)]
-        shown += f" (replaced the kernel's {', '.join(replaced)})" if replaced else " (new names in the kernel)"
-        self.lifecycle.inject_noting(values, self.panel.note, f"injected trial {trial.number} ({trial.label}): {shown}")
+        effect = f"replaced the kernel's {replaced}" if replaced else "new names in the kernel"
+        self.panel.note(f"injected {who}: {shown} ({effect})")
 
     def _ask(self, action: Callable[[str], Any], trial: Trial) -> None:
         try:

@@ -50,18 +50,24 @@ def sweep_title(sweep: Sweep) -> str:
 
     Named by its grid and start time (two sweeps of one notebook differ there), its id last: attach and cancel take it.
     """
-    parts = [sweep.title(), f"host {sweep.host}"]
+    what, progress = title_parts(sweep)
+    return " · ".join(what + progress)
+
+
+def title_parts(sweep: Sweep) -> tuple[list[str], list[str]]:
+    """The title in two parts: what the sweep is (fixed once its metric is known), and how far it got."""
+    what = [sweep.title(), f"host {sweep.host}"]
     if sweep.parallel:
-        parts.append(f"{sweep.parallel} at a time")
-    parts.append(metric_text(sweep))
-    parts.append(", ".join(f"{count} {state}" for state, count in sweep.counts().items()))
+        what.append(f"{sweep.parallel} at a time")
+    what.append(metric_text(sweep))
+    progress = [", ".join(f"{count} {state}" for state, count in sweep.counts().items())]
     started = [t.view.started for t in sweep.trials if t.view.started is not None]
     if started:
         ends = [t.view.ended for t in sweep.trials]
         end = max(e for e in ends if e is not None) if all(e is not None for e in ends) else None
-        parts.append(format_seconds((end or time.time()) - min(started)))
-    parts.append(sweep.id)
-    return " · ".join(parts)
+        progress.append(format_seconds((end or time.time()) - min(started)))
+    progress.append(sweep.id)
+    return what, progress
 
 
 def state_text(sweep: Sweep, trial: Trial) -> str:
@@ -82,7 +88,7 @@ def short_state(sweep: Sweep, trial: Trial) -> str:
 
 STATE_WIDTH = 24
 # Columns whose values are numbers: right-aligned, as in a spreadsheet.
-_NUMERIC = frozenset({"rank", "epoch", "time"})
+_NUMERIC = frozenset({"rank", "epoch", "step", "time"})
 
 
 def ranks(sweep: Sweep) -> dict[int, int]:
@@ -92,12 +98,20 @@ def ranks(sweep: Sweep) -> dict[int, int]:
 
 
 class Columns:
-    """The table's columns: the trial, its rank, its parameters, state, GPU, epoch, every metric logged, time."""
+    """The table's columns: the trial, its rank, its parameters, state, GPU, epoch, every metric logged, time.
+
+    Narrow enough for a cell beside JupyterLab's sidebar in a 900 px window: the trial's number under ``#`` (as
+    the legend names it), a GPU column only once a trial holds a GPU (on a CPU host it says "CPU" on every row),
+    the epoch column named by the unit the trials log (``step`` for a ``remote_log`` loop).
+    """
 
     def __init__(self, sweep: Sweep) -> None:
         self.params = list(dict.fromkeys(key for trial in sweep.trials for key in trial.params))
         self.metrics = sweep.metric_names()
-        self.names = ["trial", "rank", *self.params, "state", "GPU", "epoch", *self.metrics, "time"]
+        self.gpu = any(trial.gpus for trial in sweep.trials)
+        self.unit = next((t.view.unit for t in sweep.trials if t.view.rows and t.view.unit), "epoch")
+        gpu = ["GPU"] if self.gpu else []
+        self.names = ["#", "rank", *self.params, "state", *gpu, self.unit, *self.metrics, "time"]
         self.numeric = [name in _NUMERIC or name in self.metrics for name in self.names]
 
 
@@ -112,7 +126,7 @@ def cells(sweep: Sweep, trial: Trial, columns: Columns, rank: int | None = None)
         "" if rank is None else ("1 best" if rank == 1 else str(rank)),
         *(short_value(trial.params[k]) if k in trial.params else "" for k in columns.params),
         short_state(sweep, trial),
-        gpu,
+        *([gpu] if columns.gpu else []),
         epoch,
         *(format_number(last[m]) if isinstance(last.get(m), int | float) else "" for m in columns.metrics),
         format_seconds(view.elapsed) if view.elapsed is not None else "",
@@ -144,7 +158,9 @@ def overlay_chart(sweep: Sweep) -> str:
         return ""
     colors = {name: color_of(trial) for name, (trial, _) in curves.items()}
     unit = next((t.view.unit for t, points in curves.values() if points and t.view.unit), "epoch")
-    return svg_chart(metric or "", series, colors, width=OVERLAY_WIDTH, unit=unit)
+    chart = svg_chart(metric or "", series, colors, width=OVERLAY_WIDTH, unit=unit)
+    # As wide as the cell allows and no wider (a 900 px window leaves a cell about 470 px): never a scrollbar.
+    return chart.replace(' style="', ' style="max-width: 100%; height: auto; ', 1)
 
 
 def errors(sweep: Sweep) -> list[str]:
@@ -187,7 +203,8 @@ def render_sweep_html(sweep: Sweep, notes: list[str] | None = None) -> str:
     )
 
 
-_CELL_PADDING = "<style>.remote-magic-sweep th,.remote-magic-sweep td{padding:1px 8px}</style>"
+# One line per cell ("1 best" never wraps), padding narrow enough for a cell beside the sidebar at 900 px.
+_CELL_PADDING = "<style>.remote-magic-sweep th,.remote-magic-sweep td{padding:1px 6px;white-space:nowrap}</style>"
 
 
 def _swatch(trial: Trial) -> str:
@@ -269,6 +286,9 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
     _THROTTLED = frozenset({protocol.STDOUT, protocol.STDERR, protocol.BATCH, protocol.GPU, protocol.QUEUED})
     _PICK_HINT = "click a trial's row to bring its outputs into the kernel"
     _LINE = "font-family:monospace;white-space:pre;font-size:var(--jp-widgets-font-size)"
+    # A widget's HTML has the line height of a button (28 px): text that wraps would take a button's height a line.
+    _TEXT = "line-height:1.4em"
+    _ROW_PADDING = "0 4px"  # the rows' side padding (a button's is 10 px): the metric columns keep in view
 
     def __init__(self, sweep: Sweep) -> None:
         import ipywidgets as widgets
@@ -281,13 +301,15 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
         self.chart = widgets.HTML()
         # One line, always there: a click's result replaces its text and never pushes the table down.
         self.pick_line = widgets.HTML(
-            f"<i>{self._PICK_HINT}</i>", layout=widgets.Layout(height="1.8em", overflow="hidden")
+            self._pick_text(f"<i>{self._PICK_HINT}</i>"), layout=widgets.Layout(height="2.8em", overflow="hidden")
         )
         self.head = widgets.HTML(layout=widgets.Layout(margin="0"))
         self.pick_buttons = {
             t.number: widgets.Button(
                 tooltip=f"trial {t.number} ({t.label}): click to inject its outputs",
-                layout=widgets.Layout(width="max-content", margin="0", border_left=f"6px solid {color_of(t)}"),
+                layout=widgets.Layout(
+                    width="max-content", margin="0", padding=self._ROW_PADDING, border_left=f"6px solid {color_of(t)}"
+                ),
                 style={"font_family": "monospace", "button_color": "transparent"},
             )
             for t in sweep.trials
@@ -337,12 +359,31 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
         if on_pick is None:
             return
         with self._lock:
-            self.pick_line.value = html.escape(f"loading the outputs of trial {trial.number} ({trial.label})…")
+            self.pick_line.value = self._pick_text(
+                html.escape(f"loading the outputs of trial {trial.number} ({trial.label})…")
+            )
         self._picking = threading.get_ident()
         try:
             self._run(lambda: on_pick(trial))
         finally:
             self._picking = None
+
+    def _header(self) -> str:
+        """The title on two lines that never wrap (cut short, all of it on hover): as the counts and the clock
+        change, the header keeps its height and the rows below stay under the pointer.  ``contain: inline-size``:
+        a line's full length never widens the panel (it would scroll sideways in a narrow window)."""
+        full = html.escape(sweep_title(self.sweep))
+        line = (
+            f"{self._TEXT};white-space:nowrap;overflow:hidden;text-overflow:ellipsis;font-weight:bold;"
+            "contain:inline-size"
+        )
+        return "".join(f"<div style='{line}' title='{full}'>{html.escape(' · '.join(part))}</div>"
+                       for part in title_parts(self.sweep))  # fmt: skip
+
+    def _pick_text(self, shown: str, full: str = "") -> str:
+        """The pick line's text: two lines at most (its height is fixed: nothing below moves), all of it on hover."""
+        title = f" title='{html.escape(full)}'" if full else ""
+        return f"<div style='{self._TEXT};max-height:2.8em;overflow:hidden'{title}>{shown}</div>"
 
     def _run(self, action: Callable[[], Any]) -> None:
         try:
@@ -358,14 +399,14 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
         with self._lock:
             self.notes.append(text)
             if self._picking == threading.get_ident():
-                self.pick_line.value = f"<span title='{html.escape(text)}'>{html.escape(text)}</span>"
+                self.pick_line.value = self._pick_text(html.escape(text), text)
             else:
                 self._shown_notes.append(text)
             self._refresh()
 
     def progress(self, text: str) -> None:
         with self._lock:
-            self.header.value = f"<b>{html.escape(sweep_title(self.sweep))}</b><div>{html.escape(text)}</div>"
+            self.header.value = self._header() + f"<div style='{self._TEXT}'>{html.escape(text)}</div>"
 
     def start(self) -> None:
         with self._lock:
@@ -387,15 +428,15 @@ class SweepWidgetPanel(ThrottledRedraw, SweepTextPanel):
     def _refresh(self) -> None:
         self._drawn()
         sweep = self.sweep
-        _set(self.header, f"<b>{html.escape(sweep_title(sweep))}</b>")
+        _set(self.header, self._header())
         _set(self.chart, overlay_chart(sweep))
         lines = [*errors(sweep), *(f"note: {n}" for n in self._shown_notes[-3:])]
         _set(self.footer, "".join(f"<div>{html.escape(line)}</div>" for line in lines))
         columns = Columns(sweep)
         rows = table_rows(sweep, columns)
         head, *texts = _text_table([columns.names, *(row for _, row in rows)], columns.numeric).splitlines()
-        _set(self.head, f"<div style='{self._LINE};font-weight:bold;padding:0 10px;border-left:6px solid transparent'>"
-             f"{html.escape(head)}</div>")  # fmt: skip
+        _set(self.head, f"<div style='{self._LINE};font-weight:bold;padding:{self._ROW_PADDING};"
+             f"border-left:6px solid transparent'>{html.escape(head)}</div>")  # fmt: skip
         for (trial, row), text in zip(rows, texts, strict=True):
             button = self.pick_buttons[trial.number]
             # every row as wide as the widest; a button collapses runs of spaces, these keep the columns
