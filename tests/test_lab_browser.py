@@ -57,7 +57,7 @@ def _screenshot(page, locator, path: Path) -> None:
 
 def test_quickstart_panel_and_sidebar_in_jupyterlab(lab, page, ip, tmp_path, capsys) -> None:
     base, token = lab
-    page.goto(f"{base}/lab/tree/{QUICKSTART.name}?token={token}")
+    page.goto(f"{base}/lab/tree/{QUICKSTART.name}?reset&token={token}")  # not an earlier test's tabs
     page.wait_for_selector(".jp-Notebook", timeout=60_000)
     page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget", timeout=60_000)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus", timeout=60_000)
