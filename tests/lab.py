@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,11 @@ from sshd import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "notebooks" / "01_quickstart.ipynb"
+# Where browser tests save their screenshots: $REMOTE_MAGIC_SCREENSHOTS (``docs`` to refresh the README's
+# pictures), else a temporary folder, so that a test run never changes the checkout.
+SCREENSHOTS = Path(
+    os.environ.get("REMOTE_MAGIC_SCREENSHOTS") or Path(tempfile.gettempdir()) / "remote_magic-screenshots"
+)
 # Every browser test file: ``pytestmark = needs_chromium``.
 needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
 # As the machine notes say: without the background-networking flags chromium keeps calling out.

@@ -12,13 +12,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
-from lab import needs_chromium
+from lab import SCREENSHOTS, needs_chromium
 
 pytestmark = needs_chromium
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 # 20 steps of a plain loop; the learning rate is tiny, as real ones are (2.5e-04 must not read 0.0000).
 DETACHED_CELL = (
     "%%remote_train --detach --name lab-detached\n"
@@ -66,6 +64,13 @@ def _open(page, base: str, token: str, name: str) -> None:  # type: ignore[no-un
         news.first.click()
 
 
+def _start(page, base: str, token: str, name: str, sources: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Write the notebook into the lab's root, open it on a fresh workspace and run all its cells."""
+    _write_notebook(base, token, name, sources)
+    _open(page, base, token, name)
+    _run_all(page)
+
+
 def _run_all(page) -> None:  # type: ignore[no-untyped-def]
     page.evaluate("() => { void window.jupyterapp.commands.execute('notebook:run-all-cells'); }")  # not awaited
 
@@ -98,9 +103,7 @@ def test_detached_jobs_after_a_kernel_restart_reopened_and_exported(lab, page, t
     and its HTML export "job · queued" with no job id although every epoch had finished."""
     base, token = lab
     name = "detached-restart.ipynb"
-    _write_notebook(base, token, name, ["%load_ext remote_magic", DETACHED_CELL, STILL_RUNNING_CELL])
-    _open(page, base, token, name)
-    _run_all(page)
+    _start(page, base, token, name, ["%load_ext remote_magic", DETACHED_CELL, STILL_RUNNING_CELL])
     page.locator(".jp-Cell").nth(1).locator(".jp-OutputArea", has_text="injected:").wait_for(timeout=90_000)
     page.locator(".jp-Cell").nth(2).locator(".jp-OutputArea", has_text="/120 steps").wait_for(timeout=60_000)
     _restart_kernel_and_save(page)  # the first job has ended; the second runs on, followed by no kernel now
@@ -159,9 +162,7 @@ def test_a_twenty_step_table_in_full_and_the_dark_theme(lab, page) -> None:
     """Issue 21: the table was a 16em box that hid the newest rows; charts were white boxes in the dark theme."""
     base, token = lab
     name = "twenty-steps.ipynb"
-    _write_notebook(base, token, name, ["%load_ext remote_magic", BLOCKING_CELL])
-    _open(page, base, token, name)
-    _run_all(page)
+    _start(page, base, token, name, ["%load_ext remote_magic", BLOCKING_CELL])
     live = page.locator(".jp-OutputArea .widget-vbox", has=page.locator("button", has_text="Detach"))
     live.first.wait_for(timeout=60_000)
     page.wait_for_function(
@@ -171,7 +172,7 @@ def test_a_twenty_step_table_in_full_and_the_dark_theme(lab, page) -> None:
     bars = live.first.locator(".widget-progress, .widget-hprogress")
     assert sum(bar.is_visible() for bar in bars.all()) == 1  # no empty batch bar for a remote_log loop
     assert "epoch" not in live.first.locator(".remote-magic-epochs").inner_text()
-    live.first.screenshot(path=str(DOCS / "live-panel.png"))
+    live.first.screenshot(path=str(SCREENSHOTS / "live-panel.png"))
     panel = page.locator(".remote-magic-panel", has_text="injected:")
     panel.wait_for(timeout=60_000)
     rows = panel.locator("table.remote-magic-metrics tbody tr")
@@ -181,7 +182,7 @@ def test_a_twenty_step_table_in_full_and_the_dark_theme(lab, page) -> None:
     legend = panel.locator("svg[data-metric='sparse_categorical_accuracy'] .remote-magic-legend")
     title = panel.locator("svg[data-metric='sparse_categorical_accuracy'] text[font-weight='bold']")
     assert legend.count() == 0 or legend.first.bounding_box()["y"] >= title.bounding_box()["y"] + 8
-    panel.screenshot(path=str(DOCS / "panel.png"))
+    panel.screenshot(path=str(SCREENSHOTS / "panel.png"))
 
     light = panel.evaluate(_COLORS)
     page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
@@ -192,5 +193,5 @@ def test_a_twenty_step_table_in_full_and_the_dark_theme(lab, page) -> None:
     assert _luminance(dark["background"]) < 0.3, dark
     assert _luminance(dark["chartText"]) > 0.6 and _luminance(dark["tableText"]) > 0.6, dark
     assert _luminance(dark["grid"]) < 0.5, dark  # separators, not white lines
-    panel.screenshot(path=str(DOCS / "panel-dark.png"))
+    panel.screenshot(path=str(SCREENSHOTS / "panel-dark.png"))
     page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})")

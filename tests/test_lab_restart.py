@@ -9,7 +9,7 @@ import re
 import time
 
 from lab import needs_chromium
-from test_lab_panel import _api, _open, _restart_kernel_and_save, _run_all, _write_notebook
+from test_lab_panel import _api, _open, _restart_kernel_and_save, _start
 
 pytestmark = needs_chromium
 
@@ -31,9 +31,7 @@ _STEP = """() => {
 def test_a_blocking_cell_restarted_while_it_runs_reopens_as_its_last_state(lab, page) -> None:
     base, token = lab
     name = "blocking-restart.ipynb"
-    _write_notebook(base, token, name, ["%load_ext remote_magic", BLOCKING_CELL])
-    _open(page, base, token, name)
-    _run_all(page)
+    _start(page, base, token, name, ["%load_ext remote_magic", BLOCKING_CELL])
     cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
     # A live widget is still drawn as one: its buttons, not the copy.
     live = cell.locator(".widget-vbox", has=page.locator("button", has_text="Detach"))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from lab import needs_chromium
-from test_lab_panel import DOCS, _luminance, _open, _run_all, _write_notebook
+from lab import SCREENSHOTS, needs_chromium
+from test_lab_panel import _luminance, _open, _run_all, _write_notebook
 
 pytestmark = needs_chromium
 
@@ -107,7 +107,7 @@ def test_a_sweep_at_900_px_stable_rows_whole_row_click_log_chart_and_dark_theme(
         assert said.startswith("trial 0 (lr=0.3) outputs ready:") and "replacing the kernel's picked" in said, said
         assert page.evaluate(f"{_TABLE}.getBoundingClientRect().toJSON()") == table_before  # nothing moved
         assert live.evaluate(_SIDEWAYS) == []
-        live.screenshot(path=str(DOCS / "sweep-panel.png"))
+        live.screenshot(path=str(SCREENSHOTS / "sweep-panel.png"))
 
         # The dark theme while the last trials run, then on the finished panel: no light box anywhere.
         # The light theme's buttons: what the check below would see with colours that ignore the theme.
@@ -115,7 +115,7 @@ def test_a_sweep_at_900_px_stable_rows_whole_row_click_log_chart_and_dark_theme(
         _to_theme(page, "Dark")
         assert page.locator('button[title^="trial 3 "]').count() == 1, "the sweep ended before the dark theme"
         assert _light(live) == []
-        live.screenshot(path=str(DOCS / "sweep-panel-dark.png"))
+        live.screenshot(path=str(SCREENSHOTS / "sweep-panel-dark.png"))
         printed = page.locator(".jp-Notebook .jp-Cell").nth(3).locator(".jp-OutputArea", has_text="picked lr=")
         printed.wait_for(timeout=60_000)
         assert printed.inner_text().strip() == "picked lr=0.3"  # the clicked trial's outputs, not the last trial's
@@ -123,4 +123,4 @@ def test_a_sweep_at_900_px_stable_rows_whole_row_click_log_chart_and_dark_theme(
         assert _light(finished) == [] and finished.evaluate(_SIDEWAYS) == []
     finally:
         _to_theme(page, "Light")  # a lab setting: the next test and the next session start light
-    print(f"saved {DOCS / 'sweep-panel.png'} and {DOCS / 'sweep-panel-dark.png'}")
+    print(f"saved {SCREENSHOTS / 'sweep-panel.png'} and {SCREENSHOTS / 'sweep-panel-dark.png'}")
