@@ -9,6 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "remote_magic"
 # What the client side may import from the agent package: the modules shared by design.
 SHARED_AGENT_MODULES = {"remote_magic.agent.protocol", "remote_magic.agent.frames", "remote_magic.agent.codec",
+                        "remote_magic.agent.disk",
                         "remote_magic.agent.bootstrap", "remote_magic.agent.digest"}  # fmt: skip
 
 

@@ -14,13 +14,13 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from ..agent import digest as digests
+from ..agent import disk
 from ..paths import data_dir
 
 RECORD_LIMIT = 20_000
@@ -82,7 +82,8 @@ class FetchedFiles:
         with contextlib.suppress(OSError), self._locked():
             entries = {**_read(self.path), **self._new}
             newest = sorted(entries.items(), key=lambda item: item[1].written, reverse=True)[:RECORD_LIMIT]
-            _write_atomically(self.path, json.dumps({"version": 1, "files": {k: asdict(v) for k, v in newest}}))
+            record = {"version": 1, "files": {key: asdict(entry) for key, entry in newest}}
+            disk.atomic_write(self.path, json.dumps(record).encode())  # 0600, whole or not at all
             self._new.clear()
 
     @contextlib.contextmanager
@@ -122,19 +123,3 @@ def _read(path: str) -> dict[str, Written]:
             ):
                 entries[key] = Written(**{**fields, "digest": digests.normal(entry.digest)})
     return entries
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """``path`` replaced whole by ``text`` (a new 0600 file renamed over it): a crash leaves the old one."""
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
